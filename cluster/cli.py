@@ -1,0 +1,264 @@
+"""``fleet``: start, inspect and use a forward-fleet."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from workers.errors import FleetError
+from workers.ledger import format_bytes
+from workers.manifest import sha256_file
+
+from cluster.client import DEFAULT_URL, FleetClient
+from cluster.env import fleet_token, fleet_url
+
+DEMO_MODEL_DIR = Path("models")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- up / down ---------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    from cluster import fleet
+    from cluster.config import load_config
+
+    config = load_config(args.config, port=args.port, repository=args.repository)
+    if args.demo:
+        _build_demo(config)
+    address = args.address
+    started_nodes = False
+    if address is None:
+        address = fleet.start_nodes(config)
+        started_nodes = True
+    try:
+        fleet.connect(address)
+        _say(f"deploying fleet '{config.name}' (repository {config.repository}) ...")
+        fleet.deploy(config)
+    except BaseException:
+        if started_nodes:
+            fleet.stop_nodes()
+        raise
+    url = f"http://{config.host}:{config.port}"
+    _print_ready(url, config)
+    if not args.foreground:
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    _say("serving; press Ctrl-C to stop")
+    stop.wait()
+    _say("shutting down ...")
+    fleet.teardown()
+    if started_nodes:
+        fleet.stop_nodes()
+    _say("stopped")
+    return 0
+
+
+def _build_demo(config) -> None:
+    from cluster.buildfarm import build_locally, local_target
+    from cluster.demo import DEMO_MODELS, make_demo_models
+    from cluster.repository import Repository
+    from workers.build import BuildRequest
+
+    _say(f"building demo models into {DEMO_MODEL_DIR}/ ...")
+    paths = make_demo_models(DEMO_MODEL_DIR)
+    repo = Repository(config.repository)
+    for name, path in paths.items():
+        max_batch = config.models[name].max_batch if name in config.models else DEMO_MODELS[name][1]
+        request = BuildRequest(str(path), name, local_target(), max_batch=max_batch)
+        outcome = build_locally(repo, request, sha256_file(path))
+        if not outcome.ok:
+            raise FleetError(f"demo model {name} failed to build: {outcome.error}")
+
+
+def _print_ready(url: str, config) -> None:
+    print(f"\nforward-fleet '{config.name}' is serving on {url}\n")
+    print("Try:")
+    print(f"  curl -s {url}/v2/health/ready")
+    print(f"  curl -s {url}/v2/models/digits-mlp")
+    print(
+        f"  curl -s -X POST {url}/v2/models/digits-mlp/infer -H 'Content-Type: application/json' \\\n"
+        f"       -d '{{\"inputs\":[{{\"name\":\"input\",\"shape\":[1,64],\"datatype\":\"FP32\",\"data\":{[0.0] * 64}}}]}}'"
+    )
+    print("  fleet status")
+    print("  fleet infer digits-mlp --input rows.npy\n", flush=True)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from cluster import fleet
+
+    try:
+        fleet.connect(args.address or "auto")
+        fleet.teardown()
+    except FleetError as exc:
+        _say(f"no running fleet to tear down ({exc.message.splitlines()[0]})")
+    fleet.stop_nodes()
+    _say("fleet is down; Ray stopped")
+    return 0
+
+
+# ---- status / models -----------------------------------------------------------
+def _client(args) -> FleetClient:
+    return FleetClient(args.url, token=fleet_token())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _client(args).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"fleet {status['fleet']}{' (simulated)' if status['simulated'] else ''}")
+    header = f"{'NODE':<14} {'WORKER':<22} {'DEVICE':<26} {'CC':<5} {'BUDGET USED/TOTAL':<22} {'SIM':<4} LOADED"
+    print(header)
+    for node in status["nodes"]:
+        for w in node["workers"]:
+            dev = w["device"]
+            used = f"{format_bytes(w['used_bytes'])}/{format_bytes(w['budget_bytes'])}"
+            loaded = ", ".join(e["key"].split(":")[0] + ":" + e["key"].split(":")[2] for e in w["ledger"]) or "-"
+            alive = "" if w["alive"] else " (DOWN)"
+            print(
+                f"{node['node']:<14} {w['worker_id'] + alive:<22} {dev['name'][:26]:<26} "
+                f"{dev['compute_capability'] or 'cpu':<5} {used:<22} {'yes' if w['simulated'] else 'no':<4} {loaded}"
+            )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+    from cluster.repository import Repository
+
+    repo = Repository(load_config(args.config, repository=args.repository).repository)
+    arts = repo.artifacts()
+    if args.json:
+        print(json.dumps([a.manifest.to_dict() for a in arts], indent=2))
+        return 0
+    if not arts:
+        print(f"no models in {repo.root}; build one with `fleet build MODEL.onnx --name NAME`")
+        return 0
+    print(f"{'MODEL':<20} {'VER':<4} {'PRECISION':<10} {'TARGET':<40} {'FOOTPRINT':<10} ACCURACY")
+    for a in arts:
+        m = a.manifest
+        acc = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.accuracy.items()) or "-"
+        print(f"{m.model:<20} {m.version:<4} {m.precision:<10} {m.target.describe():<40} {format_bytes(m.footprint_bytes):<10} {acc}")
+    return 0
+
+
+# ---- build / infer -------------------------------------------------------------
+def cmd_build(args: argparse.Namespace) -> int:
+    from cluster.buildfarm import build_locally, local_target
+    from cluster.config import load_config
+    from cluster.repository import Repository
+    from workers.build import BuildRequest
+
+    source = Path(args.source)
+    if not source.is_file():
+        raise FleetError(f"source model {source} does not exist")
+    config = load_config(args.config, repository=args.repository)
+    repo = Repository(config.repository)
+    max_batch = args.max_batch or config.model_config_for(args.name).max_batch
+    request = BuildRequest(str(source), args.name, local_target(args.precision), version=args.version, max_batch=max_batch)
+    _say(f"building {args.name} v{args.version} ({args.precision}) from {source} for 1 target:")
+    outcome = build_locally(repo, request, sha256_file(source))
+    return 0 if outcome.ok else 1
+
+
+def _load_inputs(path: Path, input_name: str | None) -> dict[str, np.ndarray]:
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    if path.suffix == ".npy":
+        return {input_name or "input": np.load(path)}
+    raise FleetError(f"--input must be a .npy or .npz file, got {path}")
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    feeds = _load_inputs(Path(args.input), args.input_name)
+    client = _client(args)
+    outputs = client.infer(args.model, feeds, version=args.version)
+    if args.output:
+        np.savez(args.output, **outputs)
+        _say(f"wrote {', '.join(outputs)} to {args.output}")
+    served = client.last_parameters
+    _say(f"served by {served.get('fleet_worker')} on {served.get('fleet_device')}" + (" (simulated)" if served.get("simulated") else ""))
+    for name, array in outputs.items():
+        print(f"{name} {array.dtype} {list(array.shape)}:")
+        print(np.array2string(array, threshold=200, precision=5))
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleet", description="forward-fleet: serve ONNX models as TensorRT / ONNX Runtime engines on a heterogeneous Ray GPU fleet.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_url(p):
+        p.add_argument("--url", default=fleet_url(DEFAULT_URL), help="fleet HTTP endpoint (env FLEET_URL; default %(default)s)")
+
+    def with_config(p):
+        p.add_argument("--config", help="fleet config YAML (default: built-in local config)")
+        p.add_argument("--repository", help="engine repository directory (overrides the config)")
+
+    p = sub.add_parser("up", help="start Ray (or join --address), deploy the fleet, return when ready")
+    with_config(p)
+    p.add_argument("--port", type=int, help="HTTP port (default from config: 8000)")
+    p.add_argument("--address", help="join a running Ray cluster instead of starting one")
+    p.add_argument("--demo", action="store_true", help="build and serve the demo models (digits-mlp, cnn-small)")
+    p.add_argument("--foreground", action="store_true", help="keep running until Ctrl-C, then shut everything down")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop the fleet and every Ray node `fleet up` started")
+    p.add_argument("--address", help="Ray address (default: auto)")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("status", help="nodes, devices, budgets and loaded engines")
+    with_url(p)
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("models", help="list the artifacts in the repository")
+    with_config(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("build", help="build an artifact from an ONNX model into the repository")
+    with_config(p)
+    p.add_argument("source", help="source .onnx file")
+    p.add_argument("--name", required=True, help="servable model name")
+    p.add_argument("--version", default="1")
+    p.add_argument("--precision", default="float32", choices=["float32"])
+    p.add_argument("--max-batch", type=int, help="max batch (default: the model's config, else 64)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("infer", help="send one request and print the outputs")
+    with_url(p)
+    p.add_argument("model")
+    p.add_argument("--input", required=True, help=".npy (one input) or .npz (named inputs)")
+    p.add_argument("--input-name", help="input name for a .npy file (default: 'input')")
+    p.add_argument("--version")
+    p.add_argument("--output", help="write the outputs to this .npz")
+    p.set_defaults(func=cmd_infer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FleetError as exc:
+        print(f"fleet {args.command}: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Python client for a running fleet (KServe v2 over HTTP, binary by default).
+
+Raises the same exception types as the server (``workers.errors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
+import aiohttp
+import numpy as np
+import requests
+
+from workers.errors import FleetError, error_from_wire
+
+from cluster.protocol import HEADER_LENGTH, decode_response, encode_request
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _raise_for(status: int, body: bytes, error_type: str | None) -> None:
+    try:
+        import json
+
+        message = json.loads(body).get("error") or body.decode(errors="replace")
+    except (ValueError, AttributeError):
+        message = body.decode(errors="replace")[:500]
+    raise error_from_wire(status, message, error_type)
+
+
+class FleetClient:
+    """Blocking client. ``infer`` returns ``{output name: numpy array}``."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0, binary: bool = True):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.binary = binary
+        self._session = requests.Session()
+        if token:
+            self._session.headers["Authorization"] = f"Bearer {token}"
+        self.last_parameters: dict = {}
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> "FleetClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs) -> requests.Response:
+        try:
+            resp = self._session.request(method, self.url + path, timeout=self.timeout, **kwargs)
+        except requests.ConnectionError as exc:
+            raise FleetError(f"cannot reach the fleet at {self.url}: is it up (`fleet up`)? ({exc})") from None
+        if resp.status_code >= 400:
+            _raise_for(resp.status_code, resp.content, resp.headers.get("X-Fleet-Error"))
+        return resp
+
+    def infer(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        *,
+        version: str | None = None,
+        outputs: list[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        body, headers = encode_request(inputs, binary=self.binary, outputs=outputs)
+        resp = self._request("POST", _infer_path(model, version), data=body, headers=headers)
+        header, arrays = decode_response(resp.content, resp.headers.get(HEADER_LENGTH))
+        self.last_parameters = header.get("parameters", {})
+        return arrays
+
+    def infer_many(
+        self,
+        model: str,
+        batches: Iterable[dict[str, np.ndarray]],
+        *,
+        concurrency: int = 8,
+        version: str | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Pipeline many requests with at most ``concurrency`` in flight; results in order."""
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            clients = [FleetClient(self.url, timeout=self.timeout, binary=self.binary) for _ in range(concurrency)]
+            for c in clients:
+                c._session.headers.update(self._session.headers)
+            try:
+                futures = [
+                    pool.submit(clients[i % concurrency].infer, model, feeds, version=version)
+                    for i, feeds in enumerate(batches)
+                ]
+                return [f.result() for f in futures]
+            finally:
+                for c in clients:
+                    c.close()
+
+    def models(self) -> list[dict]:
+        return self._request("POST", "/v2/repository/index").json()
+
+    def model_metadata(self, model: str, version: str | None = None) -> dict:
+        path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
+        return self._request("GET", path).json()
+
+    def status(self) -> dict:
+        return self._request("GET", "/v2/fleet/status").json()
+
+    def ready(self) -> bool:
+        try:
+            return self._session.get(self.url + "/v2/health/ready", timeout=self.timeout).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def load(self, model: str) -> dict:
+        return self._request("POST", f"/v2/repository/models/{model}/load").json()
+
+    def unload(self, model: str) -> dict:
+        return self._request("POST", f"/v2/repository/models/{model}/unload").json()
+
+
+def _infer_path(model: str, version: str | None) -> str:
+    return f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+
+
+class AsyncFleetClient:
+    """asyncio variant of FleetClient (aiohttp)."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0, binary: bool = True):
+        self.url = url.rstrip("/")
+        self.binary = binary
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "AsyncFleetClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        return self._session
+
+    async def _request(self, method: str, path: str, **kwargs) -> tuple[bytes, dict]:
+        try:
+            async with self._sess().request(method, self.url + path, **kwargs) as resp:
+                body = await resp.read()
+                if resp.status >= 400:
+                    _raise_for(resp.status, body, resp.headers.get("X-Fleet-Error"))
+                return body, {k.lower(): v for k, v in resp.headers.items()}
+        except aiohttp.ClientConnectionError as exc:
+            raise FleetError(f"cannot reach the fleet at {self.url}: {exc}") from None
+
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], *, version: str | None = None) -> dict[str, np.ndarray]:
+        body, headers = encode_request(inputs, binary=self.binary)
+        content, resp_headers = await self._request("POST", _infer_path(model, version), data=body, headers=headers)
+        return decode_response(content, resp_headers.get(HEADER_LENGTH))[1]
+
+    async def infer_many(self, model: str, batches: Iterable[dict[str, np.ndarray]], *, concurrency: int = 8) -> list[dict[str, np.ndarray]]:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(feeds):
+            async with gate:
+                return await self.infer(model, feeds)
+
+        return await asyncio.gather(*(one(f) for f in batches))
+
+    async def status(self) -> dict:
+        import json
+
+        return json.loads((await self._request("GET", "/v2/fleet/status"))[0])

@@ -1,0 +1,175 @@
+"""The fleet config: one typed object, validated once, handed to every actor.
+
+Loaded from YAML (``configs/*.yaml``); every field has a default that works on
+one machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workers.devices import Device, parse_compute_capability
+from workers.errors import InvalidConfig
+from workers.targets import Runtime, parse_version
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KI": 1024, "KIB": 1024, "M": 1000**2, "MB": 1000**2,
+          "MI": 1024**2, "MIB": 1024**2, "G": 1000**3, "GB": 1000**3, "GI": 1024**3, "GIB": 1024**3,
+          "T": 1000**4, "TB": 1000**4, "TI": 1024**4, "TIB": 1024**4}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """'15GiB' -> 16106127360; plain numbers are bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (use e.g. 512MiB, 15GiB or a number of bytes)")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "").upper()])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GPUDecl(_Strict):
+    """A virtual GPU of a simulated node."""
+
+    model: str
+    compute_capability: str
+    memory: int
+    tensorrt: str | None = None  # TensorRT version this node would have
+    budget: int | None = None  # overrides memory_fraction / reserve
+
+    @field_validator("memory", "budget", mode="before")
+    @classmethod
+    def _size(cls, v):
+        return None if v is None else parse_bytes(v)
+
+    @field_validator("compute_capability", mode="before")
+    @classmethod
+    def _cc(cls, v):
+        parse_compute_capability(str(v))
+        return str(v)
+
+    @field_validator("tensorrt", mode="before")
+    @classmethod
+    def _trt(cls, v):
+        if v is not None:
+            parse_version(str(v))
+        return None if v is None else str(v)
+
+
+class NodeDecl(_Strict):
+    name: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    gpus: list[GPUDecl] = Field(default_factory=list)
+
+    def simulated_devices(self) -> tuple[Device, ...]:
+        return tuple(
+            Device(
+                name=g.model,
+                uuid=f"SIM-{self.name}-{i}",
+                kind="gpu",
+                compute_capability=g.compute_capability,
+                total_memory_bytes=g.memory,
+                simulated=True,
+            )
+            for i, g in enumerate(self.gpus)
+        )
+
+    def simulated_runtimes(self) -> tuple[Runtime, ...]:
+        versions = sorted({g.tensorrt for g in self.gpus if g.tensorrt})
+        return tuple(Runtime("tensorrt", v, "tensorrt", simulated=True) for v in versions)
+
+
+class ModelConfig(_Strict):
+    """Per-model serving options (``models:`` in the fleet config)."""
+
+    max_batch: int = Field(64, ge=1, le=1 << 20)
+    max_queue_delay_us: int = Field(500, ge=0, le=10_000_000)
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    fallback: Literal["none", "onnxruntime"] = "none"
+    preload: bool = True
+
+
+class FleetConfig(_Strict):
+    name: str = "local"
+    repository: Path = Path("repository")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    ray_port: int = Field(6379, ge=1, le=65535)
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+    # Devices: every Ray node's real GPUs (or its CPU) get workers when True;
+    # declared simulated nodes always do.
+    discover_nodes: bool = True
+    nodes: list[NodeDecl] = Field(default_factory=list)
+    memory_fraction: float = Field(0.9, gt=0, le=1)
+    reserve_bytes: int = 0
+    cpu_budget: int | None = None  # budget of a CPU device (default: fraction of RAM)
+    slots: int = Field(4, ge=1, le=256)
+    intra_op_threads: int = Field(0, ge=0)
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_request_bytes: int = 64 << 20
+    auth_token: str | None = None
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+
+    @field_validator("reserve_bytes", "max_request_bytes", "cpu_budget", mode="before")
+    @classmethod
+    def _size(cls, v):
+        return None if v is None else parse_bytes(v)
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [n.name for n in self.nodes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"node names must be unique, got {names}")
+        if not self.discover_nodes and not self.nodes:
+            raise ValueError("discover_nodes is false and no nodes are declared: the fleet would have no workers")
+        return self
+
+    @property
+    def simulated(self) -> bool:
+        return any(n.gpus for n in self.nodes)
+
+    def model_config_for(self, model: str) -> ModelConfig:
+        return self.models.get(model) or ModelConfig()
+
+    def resolved(self, base_dir: Path | None = None) -> "FleetConfig":
+        """Absolute repository path; ``FLEET_AUTH_TOKEN`` fills ``auth_token``."""
+        repo = self.repository
+        if not repo.is_absolute():
+            repo = ((base_dir or Path.cwd()) / repo).resolve()
+        token = self.auth_token or os.environ.get("FLEET_AUTH_TOKEN") or None
+        return self.model_copy(update={"repository": repo, "auth_token": token})
+
+
+def load_config(path: str | Path | None = None, **overrides) -> FleetConfig:
+    """Read a YAML config (None: the built-in local defaults), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidConfig(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise InvalidConfig(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InvalidConfig(f"config file {path} must hold a mapping at the top level")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = FleetConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidConfig(f"config {path or '(defaults)'} is invalid: {problems}") from None
+    return config.resolved()

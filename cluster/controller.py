@@ -1,0 +1,361 @@
+"""The controller: starts one worker per device, owns the inventory, loads engines.
+
+A detached async Ray actor (named ``fleet-controller``). Placement decisions
+come from the pure ``Router``; the workers' own ledgers are the truth about what
+is loaded, and the controller re-reads a worker's ledger after every change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from workers.actor import FleetWorker, WorkerSpec
+from workers.errors import (
+    ArtifactCorrupt,
+    FleetError,
+    IncompatibleArtifact,
+    ModelNotFound,
+    NoCapacity,
+    NotReady,
+)
+from workers.ledger import format_bytes
+from workers.manifest import Manifest
+from workers.targets import WorkerCaps, can_run
+
+from cluster.config import FleetConfig
+from cluster.names import NODE_LABEL
+from cluster.repository import Repository
+from cluster.router import Router, WorkerState
+
+log = logging.getLogger("forward-fleet.controller")
+
+WORKER_START_TIMEOUT_S = 120
+HEALTH_PERIOD_S = 1.0
+WORKER_MAX_CONCURRENCY = 64
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The exception a worker raised, without Ray's RayTaskError wrapper."""
+    while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+        exc = exc.cause
+    return exc
+
+
+async def call(ref):
+    """Await a Ray call, re-raising the remote exception itself."""
+    try:
+        return await ref
+    except RayTaskError as exc:
+        raise unwrap(exc) from None
+
+
+WorkerActor = ray.remote(FleetWorker)
+
+
+def worker_state(info: dict) -> WorkerState:
+    ledger = info["ledger"]
+    return WorkerState(
+        caps=WorkerCaps.from_dict(info["caps"]),
+        budget_bytes=ledger["budget_bytes"],
+        used_bytes=ledger["used_bytes"],
+        loaded=set(info["loaded"]),
+    )
+
+
+class FleetController:
+    def __init__(self, config_json: str) -> None:
+        self.config = FleetConfig.model_validate_json(config_json)
+        self.repo = Repository(self.config.repository)
+        self.router = Router()
+        self._specs: dict[str, tuple[WorkerSpec, dict]] = {}
+        self._handles: dict[str, ray.actor.ActorHandle] = {}
+        self._info: dict[str, dict] = {}
+        self._dirs: dict[str, str] = {}  # engine key -> artifact directory
+        self._manifests: list[Manifest] = []
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._epoch = 0
+        self._events: list[dict] = []
+        self._restarts = 0
+        self._health_task: asyncio.Task | None = None
+        self._started = False
+
+    # ---- start-up ----------------------------------------------------------
+    def _plan_workers(self) -> list[tuple[WorkerSpec, dict]]:
+        cfg = self.config
+        common = dict(
+            memory_fraction=cfg.memory_fraction,
+            reserve_bytes=cfg.reserve_bytes,
+            slots=cfg.slots,
+            intra_op_threads=cfg.intra_op_threads,
+        )
+        base_opts = {"num_cpus": 0, "max_concurrency": WORKER_MAX_CONCURRENCY}
+        plan = []
+        for node in cfg.nodes:
+            for i, _ in enumerate(node.gpus):
+                spec = WorkerSpec(
+                    worker_id=f"{node.name}-gpu{i}",
+                    node_name=node.name,
+                    simulated_devices=node.simulated_devices(),
+                    simulated_runtimes=node.simulated_runtimes(),
+                    simulated_budgets=tuple(g.budget for g in node.gpus),
+                    labels=dict(node.labels),
+                    **common,
+                )
+                opts = dict(base_opts, num_gpus=1, label_selector={NODE_LABEL: node.name})
+                plan.append((spec, opts))
+        if cfg.discover_nodes:
+            for node in ray.nodes():
+                if not node.get("Alive") or NODE_LABEL in (node.get("Labels") or {}):
+                    continue
+                node_id = node["NodeID"]
+                short = node.get("NodeManagerAddress", "node") + "-" + node_id[:6]
+                strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+                gpus = int(node.get("Resources", {}).get("GPU", 0))
+                for i in range(gpus):
+                    spec = WorkerSpec(worker_id=f"{short}-gpu{i}", node_name=short, **common)
+                    plan.append((spec, dict(base_opts, num_gpus=1, scheduling_strategy=strategy)))
+                if not gpus:
+                    spec = WorkerSpec(worker_id=f"{short}-cpu", node_name=short, budget_bytes=cfg.cpu_budget, **common)
+                    plan.append((spec, dict(base_opts, scheduling_strategy=strategy)))
+        return plan
+
+    async def start(self) -> dict:
+        if self._started:
+            return await self.status()
+        plan = self._plan_workers()
+        for spec, opts in plan:
+            self._specs[spec.worker_id] = (spec, opts)
+        await asyncio.gather(*(self._start_worker(spec.worker_id) for spec, _ in plan))
+        self.rescan()
+        await self._preload()
+        self._started = True
+        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+        return await self.status()
+
+    async def _start_worker(self, worker_id: str) -> None:
+        spec, opts = self._specs[worker_id]
+        handle = WorkerActor.options(**opts).remote(spec)
+        try:
+            info = await asyncio.wait_for(handle.describe.remote(), WORKER_START_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            ray.kill(handle)
+            where = f"node labelled {NODE_LABEL}={spec.node_name}" if spec.simulated_devices else spec.node_name
+            raise NotReady(
+                f"worker {worker_id} could not be placed on {where} within {WORKER_START_TIMEOUT_S} s; "
+                f"is that node up with a free GPU slot?"
+            ) from None
+        except RayTaskError as exc:
+            raise unwrap(exc) from None
+        self._handles[worker_id] = handle
+        self._info[worker_id] = info
+        self._rebuild_router()
+
+    def _rebuild_router(self) -> None:
+        states = []
+        for worker_id, info in self._info.items():
+            state = worker_state(info)
+            state.alive = info.get("alive", True)
+            states.append(state)
+        self.router.set_inventory(states, self._manifests)
+        self._epoch += 1
+
+    def rescan(self) -> dict[str, list[str]]:
+        """Re-read the repository (after builds or on a miss)."""
+        arts = self.repo.artifacts()
+        self._manifests = [a.manifest for a in arts]
+        self._dirs = {a.manifest.engine_key: str(a.directory) for a in arts}
+        self._rebuild_router()
+        return self.repo.models()
+
+    async def _preload(self) -> None:
+        for model, versions in self.router.models().items():
+            if not self.config.model_config_for(model).preload:
+                continue
+            try:
+                await self.ensure_loaded(model, versions[-1], allow_eviction=False)
+            except FleetError as exc:
+                self._event("preload-skipped", model=model, reason=exc.message)
+
+    # ---- health ------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_PERIOD_S)
+            for worker_id in list(self._handles):
+                await self._check_worker(worker_id)
+
+    async def _check_worker(self, worker_id: str) -> bool:
+        handle = self._handles.get(worker_id)
+        if handle is None:
+            return False
+        try:
+            info = await asyncio.wait_for(handle.describe.remote(), 30)
+            self._info[worker_id] = info
+            return True
+        except (RayActorError, asyncio.TimeoutError):
+            pass
+        self._event("worker-lost", worker=worker_id)
+        self._info[worker_id] = dict(self._info[worker_id], alive=False, loaded=[])
+        self._rebuild_router()
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:
+            pass
+        try:
+            await self._start_worker(worker_id)
+            self._restarts += 1
+            self._event("worker-replaced", worker=worker_id)
+        except FleetError as exc:
+            self._event("worker-replace-failed", worker=worker_id, reason=exc.message)
+        return False
+
+    async def report_dead(self, worker_id: str) -> None:
+        """The ingress saw a worker die: check and replace it now."""
+        await self._check_worker(worker_id)
+
+    # ---- inventory for the ingress -----------------------------------------
+    async def snapshot(self, since_epoch: int = -1) -> dict | None:
+        if since_epoch == self._epoch:
+            return None
+        return {
+            "epoch": self._epoch,
+            "workers": [
+                {"info": info, "alive": info.get("alive", True), "handle": self._handles.get(worker_id)}
+                for worker_id, info in self._info.items()
+            ],
+            "manifests": [m.to_dict() for m in self._manifests],
+        }
+
+    def _event(self, kind: str, **fields) -> None:
+        self._events.append({"time": time.time(), "event": kind, **fields})
+        del self._events[:-200]
+
+    # ---- loading -----------------------------------------------------------
+    async def _refresh_worker(self, worker_id: str) -> None:
+        self._info[worker_id] = await self._handles[worker_id].describe.remote()
+        self._rebuild_router()
+
+    def _resolve(self, model: str, version: str | None) -> str:
+        try:
+            return self.router.resolve(model, version)
+        except ModelNotFound:
+            self.rescan()  # a build may have published it since
+            return self.router.resolve(model, version)
+
+    async def ensure_loaded(self, model: str, version: str | None = None, allow_eviction: bool = True) -> dict:
+        """Load the model where it fits (every compatible device with room; else evict on the best one)."""
+        version = self._resolve(model, version)
+        lock = self._locks.setdefault(f"{model}:{version}", asyncio.Lock())
+        async with lock:
+            placements = self.router.placement(model, version)  # raises NoCompatibleWorker
+            # One engine of this model per worker: keep what is loaded, add where it fits.
+            loaded_on = list(dict.fromkeys(
+                c.worker_id for c in placements if c.manifest.engine_key in self.router.workers[c.worker_id].loaded
+            ))
+            problems = []
+            for choice in placements:
+                state = self.router.workers[choice.worker_id]
+                if choice.worker_id in loaded_on:
+                    continue
+                fits = state.free_bytes >= choice.manifest.footprint_bytes
+                if not fits and (loaded_on or not allow_eviction):
+                    continue
+                try:
+                    await self._handles[choice.worker_id].load.remote(
+                        choice.manifest.to_dict(), self._dirs[choice.manifest.engine_key]
+                    )
+                except RayTaskError as exc:
+                    cause = unwrap(exc)
+                    if isinstance(cause, (NoCapacity, IncompatibleArtifact, ArtifactCorrupt)):
+                        problems.append(f"{choice.worker_id}: {cause}")
+                        self._event("load-refused", worker=choice.worker_id, model=model, reason=str(cause))
+                        await self._refresh_worker(choice.worker_id)
+                        continue
+                    raise cause from None
+                except RayActorError:
+                    problems.append(f"{choice.worker_id}: worker died")
+                    await self._check_worker(choice.worker_id)
+                    continue
+                before = set(self._info[choice.worker_id]["loaded"])
+                await self._refresh_worker(choice.worker_id)
+                evicted = sorted(before - set(self._info[choice.worker_id]["loaded"]))
+                self._event("load", worker=choice.worker_id, engine=choice.manifest.engine_key, evicted=evicted)
+                loaded_on.append(choice.worker_id)
+            if not loaded_on:
+                footprint = max(m.footprint_bytes for m in self.router.manifests(model, version))
+                raise NoCapacity(
+                    f"no capacity for model '{model}' version {version} ({format_bytes(footprint)}): "
+                    f"{'; '.join(problems) or self.router.capacity_report(model, version)}"
+                )
+            return {"model": model, "version": version, "workers": loaded_on}
+
+    async def unload(self, model: str, version: str | None = None) -> list[str]:
+        """Evict the model from every worker. Returns the engine keys unloaded."""
+        keys = {m.engine_key for m in self._manifests if m.model == model and (version is None or m.version == version)}
+        if not keys and model not in self.router.models():
+            raise ModelNotFound(f"model '{model}' is not in the repository")
+        done = []
+        for worker_id, info in list(self._info.items()):
+            for key in keys & set(info.get("loaded", [])):
+                if await self._handles[worker_id].unload.remote(key):
+                    done.append(key)
+                    self._event("unload", worker=worker_id, engine=key)
+            await self._refresh_worker(worker_id)
+        return done
+
+    # ---- status ------------------------------------------------------------
+    async def status(self) -> dict:
+        nodes: dict[str, dict] = {}
+        for worker_id, info in sorted(self._info.items()):
+            caps = WorkerCaps.from_dict(info["caps"])
+            runnable = sorted(
+                {f"{m.model}:{m.version}:{m.precision}" for m in self._manifests
+                 if can_run(m, caps) and m.engine_key not in info["loaded"]}
+            )
+            node = nodes.setdefault(caps.node_id, {"node": caps.node_id, "host": info.get("host"), "workers": []})
+            node["workers"].append(
+                {
+                    "worker_id": worker_id,
+                    "alive": info.get("alive", True),
+                    "device": caps.device.to_dict(),
+                    "simulated": caps.device.simulated,
+                    "runtimes": [r.to_dict() for r in caps.runtimes],
+                    "budget_bytes": info["ledger"]["budget_bytes"],
+                    "used_bytes": info["ledger"]["used_bytes"],
+                    "ledger": info["ledger"]["entries"],
+                    "counters": info.get("counters", {}),
+                    "nvml_used_bytes": info.get("nvml_used_bytes"),
+                    "runnable_not_loaded": runnable,
+                }
+            )
+        return {
+            "fleet": self.config.name,
+            "simulated": self.config.simulated,
+            "epoch": self._epoch,
+            "restarts": self._restarts,
+            "nodes": list(nodes.values()),
+            "models": self.router.models(),
+            "events": self._events[-50:],
+        }
+
+    async def models(self) -> list[dict]:
+        return [m.to_dict() for m in self._manifests]
+
+    async def worker_handles(self) -> dict:
+        return dict(self._handles)
+
+    async def shutdown(self) -> None:
+        if self._health_task:
+            self._health_task.cancel()
+        for handle in self._handles.values():
+            try:
+                await handle.shutdown.remote()
+            except Exception:
+                pass
+            ray.kill(handle, no_restart=True)
+        self._handles.clear()

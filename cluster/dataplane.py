@@ -1,0 +1,141 @@
+"""The data plane: decode -> route -> worker -> encode, independent of the web framework.
+
+One instance lives in each ingress replica. It keeps a Router fed from the
+controller's inventory (refreshed when the controller's epoch moves) and counts
+its own outstanding requests per worker for least-outstanding routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+from ray.exceptions import RayActorError, RayTaskError
+
+from workers.engines.base import check_feeds
+from workers.errors import FleetError, NotReady, WorkerLost
+from workers.manifest import Manifest
+
+from cluster.controller import call, unwrap, worker_state
+from cluster.repository import validate_model_ref
+from cluster.router import Router
+
+REFRESH_PERIOD_S = 1.0
+
+
+class DataPlane:
+    def __init__(self, controller, clock=time.monotonic) -> None:
+        self.controller = controller
+        self.router = Router()
+        self.handles: dict = {}
+        self._epoch = -1
+        self._clock = clock
+        self._last_refresh = float("-inf")
+        self._refresh_lock = asyncio.Lock()
+
+    async def refresh(self, force: bool = False) -> None:
+        async with self._refresh_lock:
+            snap = await call(self.controller.snapshot.remote(-1 if force else self._epoch))
+            self._last_refresh = self._clock()
+            if snap is None:
+                return
+            states = []
+            for w in snap["workers"]:
+                state = worker_state(w["info"])
+                state.alive = w["alive"] and w["handle"] is not None
+                states.append(state)
+                self.handles[state.worker_id] = w["handle"]
+            self.router.set_inventory(states, [Manifest.from_dict(m) for m in snap["manifests"]])
+            self._epoch = snap["epoch"]
+
+    async def _fresh(self) -> None:
+        if self._clock() - self._last_refresh > REFRESH_PERIOD_S:
+            await self.refresh()
+
+    # ---- metadata ------------------------------------------------------------
+    async def ready(self) -> bool:
+        await self._fresh()
+        return any(w.alive for w in self.router.workers.values())
+
+    async def resolve(self, model: str, version: str | None) -> str:
+        validate_model_ref(model, version)
+        await self._fresh()
+        try:
+            return self.router.resolve(model, version)
+        except FleetError:
+            await call(self.controller.rescan.remote())
+            await self.refresh(force=True)
+            return self.router.resolve(model, version)
+
+    async def metadata(self, model: str, version: str | None) -> dict:
+        version = await self.resolve(model, version)
+        manifests = self.router.manifests(model, version)
+        first = manifests[0]
+        platform = "tensorrt_plan" if all(m.target.backend == "tensorrt" for m in manifests) else "onnxruntime_onnx"
+        return {
+            "name": model,
+            "versions": self.router.models()[model],
+            "platform": platform,
+            "inputs": [s.to_dict() for s in first.inputs],
+            "outputs": [s.to_dict() for s in first.outputs],
+            "parameters": {
+                "max_batch": first.max_batch,
+                "targets": sorted({m.target.key() for m in manifests}),
+                "precision": sorted({m.precision for m in manifests}),
+            },
+        }
+
+    async def model_ready(self, model: str, version: str | None) -> bool:
+        version = await self.resolve(model, version)
+        return self.router.choose(model, version) is not None
+
+    # ---- inference -------------------------------------------------------------
+    async def infer(self, model: str, version: str | None, feeds: dict[str, np.ndarray]) -> tuple[str, dict, dict]:
+        """Run one request. Returns (version, outputs, parameters naming who served it)."""
+        version = await self.resolve(model, version)
+        spec = self.router.manifests(model, version)[0]
+        check_feeds(spec.inputs, feeds, spec.max_batch)
+        last_error: FleetError | None = None
+        for _ in range(3):  # load on a miss, and retry once after a lost worker
+            choice = self.router.choose(model, version)
+            if choice is None:
+                await call(self.controller.ensure_loaded.remote(model, version))
+                await self.refresh(force=True)
+                choice = self.router.choose(model, version)
+                if choice is None:
+                    continue
+            worker_id = choice.worker_id
+            self.router.begin(worker_id)
+            try:
+                outputs = await self.handles[worker_id].infer.remote(choice.manifest.engine_key, feeds)
+            except RayActorError:
+                self.router.mark_dead(worker_id)
+                last_error = WorkerLost(f"worker {worker_id} died while serving '{model}'")
+                asyncio.get_running_loop().create_task(self._report_dead(worker_id))
+                continue
+            except RayTaskError as exc:
+                cause = unwrap(exc)
+                if isinstance(cause, NotReady):  # evicted since our last refresh
+                    last_error = cause
+                    await self.refresh(force=True)
+                    continue
+                raise cause from None
+            finally:
+                self.router.end(worker_id)
+            caps = self.router.workers[worker_id].caps
+            params = {
+                "fleet_worker": worker_id,
+                "fleet_device": caps.device.name,
+                "compute_capability": caps.device.compute_capability or "cpu",
+                "simulated": caps.device.simulated,
+                "fleet_target": choice.manifest.target.key(),
+            }
+            return version, outputs, params
+        raise last_error or NotReady(f"model '{model}' could not be served; try again")
+
+    async def _report_dead(self, worker_id: str) -> None:
+        try:
+            await self.controller.report_dead.remote(worker_id)
+        finally:
+            await self.refresh(force=True)

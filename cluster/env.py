@@ -1,0 +1,31 @@
+"""Environment variables forward-fleet reads, in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def ray_env() -> dict[str, str]:
+    """Environment for Ray CLI subprocesses and drivers.
+
+    Ray 2.60 turns token authentication on once ``~/.ray/auth_token`` exists; its
+    CLI clients then need ``RAY_AUTH_MODE=token``. We keep authentication on.
+    """
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "token")
+    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+def auth_token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def fleet_url(default: str = "http://127.0.0.1:8000") -> str:
+    return os.environ.get("FLEET_URL", default)
+
+
+def fleet_token() -> str | None:
+    return os.environ.get("FLEET_AUTH_TOKEN") or None

@@ -1,0 +1,148 @@
+"""Starting and stopping a fleet: Ray nodes, the controller, the HTTP ingress.
+
+``deploy`` works on any connected Ray (a test's ``ray.init()``, a
+``ray.cluster_utils.Cluster``, or a head started by ``fleet up``); the ``*_nodes``
+helpers start and stop the Ray processes that ``fleet up`` owns.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ray
+import requests
+from ray import serve
+
+from workers.errors import NotReady
+
+from cluster.config import FleetConfig
+from cluster.controller import FleetController
+from cluster.env import auth_token_path, ray_env
+from cluster.names import CONTROLLER_NAME, GPU_LABEL, NAMESPACE, NODE_LABEL, SERVE_APP_NAME
+from cluster.serve_app import build_app
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _ray_bin() -> str:
+    here = Path(sys.executable).with_name("ray")
+    return str(here) if here.exists() else (shutil.which("ray") or "ray")
+
+
+def _ray_cli(args: list[str], what: str) -> None:
+    proc = subprocess.run([_ray_bin(), *args], env=ray_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        raise NotReady(f"{what} failed (ray {' '.join(args[:2])} exited {proc.returncode}):\n{tail}")
+
+
+def node_labels(node) -> str:
+    labels = {NODE_LABEL: node.name, **node.labels}
+    if node.gpus:
+        labels.setdefault(GPU_LABEL, node.gpus[0].model.replace(" ", "-"))
+    return ",".join(f"{k}={v}" for k, v in labels.items())
+
+
+def start_nodes(config: FleetConfig) -> str:
+    """`ray start` a head on 127.0.0.1 plus one node per declared simulated node."""
+    if not auth_token_path().exists():
+        _ray_cli(["get-auth-token", "--generate"], "creating the Ray auth token")
+    address = f"127.0.0.1:{config.ray_port}"
+    t0 = time.monotonic()
+    _say(f"starting Ray head on {address} (dashboard 127.0.0.1:{config.dashboard_port}) ...")
+    _ray_cli(
+        [
+            "start", "--head", f"--port={config.ray_port}", "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={config.dashboard_port}",
+            "--disable-usage-stats",
+        ],
+        "starting the Ray head",
+    )
+    for node in config.nodes:
+        _say(f"starting simulated node {node.name} with {len(node.gpus)} GPU(s) [{node_labels(node)}] ...")
+        _ray_cli(
+            [
+                "start", f"--address={address}", "--node-ip-address=127.0.0.1", f"--num-gpus={len(node.gpus)}",
+                "--num-cpus=0", f"--labels={node_labels(node)}", "--disable-usage-stats",
+            ],
+            f"starting node {node.name}",
+        )
+    _say(f"Ray is up in {time.monotonic() - t0:.1f} s")
+    return address
+
+
+def stop_nodes() -> None:
+    """`ray stop`: ends every Ray process this host started."""
+    subprocess.run([_ray_bin(), "stop", "--force"], env=ray_env(), capture_output=True, text=True)
+
+
+def connect(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    for key, value in ray_env().items():
+        os.environ.setdefault(key, value)
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+    except ConnectionError as exc:
+        raise NotReady(
+            f"cannot reach Ray's GCS at {address or 'auto'}: {exc}. Start the fleet with `fleet up`, "
+            f"or pass the address of a running head."
+        ) from None
+
+
+def deploy(config: FleetConfig, *, wait_s: float = 120.0) -> ray.actor.ActorHandle:
+    """Start the controller (and its workers) and the HTTP ingress on a connected Ray."""
+    config.repository.mkdir(parents=True, exist_ok=True)
+    controller = ray.remote(FleetController).options(
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, get_if_exists=True,
+        max_concurrency=1000,
+    ).remote(config.model_dump_json())
+    ray.get(controller.start.remote())
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name=SERVE_APP_NAME, route_prefix="/", blocking=False)
+    wait_ready(f"http://{config.host}:{config.port}", wait_s)
+    return controller
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = requests.get(url + "/v2/health/ready", timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except requests.RequestException as exc:
+            last = str(exc)
+        time.sleep(0.25)
+    raise NotReady(f"the fleet at {url} did not become ready within {timeout_s:.0f} s ({last})")
+
+
+def teardown() -> None:
+    """Stop the ingress and the controller (its workers unload and exit with it)."""
+    try:
+        serve.delete(SERVE_APP_NAME)
+    except Exception:
+        pass
+    try:
+        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        controller = None
+    if controller is not None:
+        try:
+            ray.get(controller.shutdown.remote(), timeout=60)
+        except Exception:
+            pass
+        ray.kill(controller, no_restart=True)
+    try:
+        serve.shutdown()
+    except Exception:
+        pass

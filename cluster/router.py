@@ -1,0 +1,167 @@
+"""The router: which worker serves a request, and where a model should load.
+
+Plain Python, no Ray. Compatibility comes only from ``workers.targets.can_run``;
+the router indexes its answers so a decision is a few dictionary lookups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workers.errors import ModelNotFound, NoCompatibleWorker
+from workers.ledger import format_bytes
+from workers.manifest import Manifest
+from workers.targets import WorkerCaps, can_run
+
+from cluster.repository import version_sort_key
+
+
+@dataclass
+class WorkerState:
+    """The router's view of one worker."""
+
+    caps: WorkerCaps
+    budget_bytes: int
+    used_bytes: int = 0
+    loaded: set[str] = field(default_factory=set)  # engine keys
+    alive: bool = True
+    outstanding: int = 0  # requests this router has in flight there
+
+    @property
+    def worker_id(self) -> str:
+        return self.caps.worker_id
+
+    @property
+    def free_bytes(self) -> int:
+        return self.budget_bytes - self.used_bytes
+
+
+@dataclass(frozen=True)
+class Choice:
+    worker_id: str
+    manifest: Manifest
+
+
+class Router:
+    def __init__(self) -> None:
+        self.workers: dict[str, WorkerState] = {}
+        self._manifests: dict[str, dict[str, list[Manifest]]] = {}  # model -> version -> manifests
+        self._latest: dict[str, str] = {}
+        # (model, version) -> [(worker_id, manifest)] that can_run; computed once per inventory
+        self._compatible: dict[tuple[str, str], list[tuple[str, Manifest]]] = {}
+        self._loaded_by: dict[str, list[str]] = {}  # engine key -> worker ids holding it
+
+    # ---- inventory -------------------------------------------------------
+    def set_inventory(self, workers: list[WorkerState], manifests: list[Manifest]) -> None:
+        outstanding = {w.worker_id: w.outstanding for w in self.workers.values()}
+        self.workers = {w.worker_id: w for w in workers}
+        for w in workers:
+            w.outstanding = outstanding.get(w.worker_id, w.outstanding)
+        self._manifests = {}
+        for m in manifests:
+            self._manifests.setdefault(m.model, {}).setdefault(m.version, []).append(m)
+        self._latest = {model: max(vs, key=version_sort_key) for model, vs in self._manifests.items()}
+        self._compatible = {}
+        for model, versions in self._manifests.items():
+            for version, ms in versions.items():
+                pairs = []
+                for w in workers:
+                    for m in ms:
+                        if can_run(m, w.caps):
+                            pairs.append((w.worker_id, m))
+                self._compatible[(model, version)] = pairs
+        self._reindex_loaded()
+
+    def _reindex_loaded(self) -> None:
+        self._loaded_by = {}
+        for w in self.workers.values():
+            if w.alive:
+                for key in w.loaded:
+                    self._loaded_by.setdefault(key, []).append(w.worker_id)
+
+    def mark_loaded(self, worker_id: str, key: str, used_bytes: int | None = None) -> None:
+        w = self.workers[worker_id]
+        w.loaded.add(key)
+        if used_bytes is not None:
+            w.used_bytes = used_bytes
+        self._reindex_loaded()
+
+    def mark_dead(self, worker_id: str) -> None:
+        if worker_id in self.workers:
+            self.workers[worker_id].alive = False
+            self._reindex_loaded()
+
+    # ---- queries ---------------------------------------------------------
+    def models(self) -> dict[str, list[str]]:
+        return {m: sorted(vs, key=version_sort_key) for m, vs in self._manifests.items()}
+
+    def resolve(self, model: str, version: str | None) -> str:
+        versions = self._manifests.get(model)
+        if not versions:
+            raise ModelNotFound(f"model '{model}' is not in the repository")
+        if version is None:
+            return self._latest[model]
+        if version not in versions:
+            raise ModelNotFound(f"model '{model}' has no version '{version}' (versions: {', '.join(sorted(versions))})")
+        return version
+
+    def manifests(self, model: str, version: str) -> list[Manifest]:
+        return self._manifests.get(model, {}).get(version, [])
+
+    def compatible(self, model: str, version: str) -> list[tuple[str, Manifest]]:
+        """(worker, manifest) pairs that can_run, on live workers."""
+        return [(w, m) for w, m in self._compatible.get((model, version), []) if self.workers[w].alive]
+
+    def choose(self, model: str, version: str) -> Choice | None:
+        """Among live compatible workers holding the engine, the least outstanding; None if none holds it."""
+        best: Choice | None = None
+        best_load = None
+        for manifest in self._manifests.get(model, {}).get(version, ()):
+            for worker_id in self._loaded_by.get(manifest.engine_key, ()):
+                w = self.workers[worker_id]
+                if best_load is None or w.outstanding < best_load:
+                    if can_run(manifest, w.caps):  # cheap; keeps the rule in one place
+                        best, best_load = Choice(worker_id, manifest), w.outstanding
+        return best
+
+    def placement(self, model: str, version: str) -> list[Choice]:
+        """Where to load, best first: fits without eviction, then most free budget."""
+        pairs = self.compatible(model, version)
+        if not pairs:
+            raise self.no_compatible_worker(model, version)
+
+        def rank(pair: tuple[str, Manifest]):
+            w = self.workers[pair[0]]
+            fits = w.free_bytes >= pair[1].footprint_bytes
+            return (not fits, -(w.free_bytes - pair[1].footprint_bytes), w.outstanding, w.worker_id)
+
+        return [Choice(w, m) for w, m in sorted(pairs, key=rank)]
+
+    def no_compatible_worker(self, model: str, version: str) -> NoCompatibleWorker:
+        built = sorted({m.target.describe() for m in self.manifests(model, version)})
+        present = sorted(
+            {f"{w.caps.device.describe()} with {', '.join(r.describe() for r in w.caps.runtimes)}"
+             for w in self.workers.values() if w.alive}
+        )
+        return NoCompatibleWorker(
+            f"model '{model}' version {version} has no artifact any live worker can run; "
+            f"built targets: {'; '.join(built) or 'none'}; fleet has: {'; '.join(present) or 'no live workers'}"
+        )
+
+    def capacity_report(self, model: str, version: str) -> str:
+        parts = []
+        for worker_id, manifest in self.compatible(model, version):
+            w = self.workers[worker_id]
+            parts.append(
+                f"{worker_id} ({w.caps.device.name}): {format_bytes(w.free_bytes)} free of {format_bytes(w.budget_bytes)}"
+            )
+        return "; ".join(parts)
+
+    # ---- outstanding requests ------------------------------------------
+    def begin(self, worker_id: str) -> None:
+        self.workers[worker_id].outstanding += 1
+
+    def end(self, worker_id: str) -> None:
+        w = self.workers.get(worker_id)
+        if w is not None and w.outstanding > 0:
+            w.outstanding -= 1

@@ -1,0 +1,150 @@
+"""The HTTP entry point: KServe v2 routes on a Ray Serve ingress deployment.
+
+Routes are thin: they read bytes and headers, call the DataPlane / controller,
+and write bytes. Every FleetError becomes ``{"error": ...}`` with the status its
+class declares (one table: ``workers.errors``).
+"""
+
+
+import logging
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from workers.errors import FleetError, InvalidInput, PayloadTooLarge
+
+from cluster.config import FleetConfig
+from cluster.controller import call
+from cluster.dataplane import DataPlane
+from cluster.names import CONTROLLER_NAME, NAMESPACE
+from cluster.protocol import HEADER_LENGTH, decode_request, decompress, encode_response
+
+log = logging.getLogger("forward-fleet.http")
+SERVER_NAME = "forward-fleet"
+SERVER_VERSION = "0.1.0"
+
+app = FastAPI(title="forward-fleet", version=SERVER_VERSION, description="KServe v2 inference on a heterogeneous GPU fleet")
+
+
+def error_response(exc: FleetError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.http_status, headers={"X-Fleet-Error": type(exc).__name__})
+
+
+@app.exception_handler(FleetError)
+async def _fleet_error(_: Request, exc: FleetError) -> JSONResponse:
+    return error_response(exc)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(InvalidInput(f"invalid request: {exc.errors()}"))
+
+
+@app.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("internal error")
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class FleetIngress:
+    def __init__(self, config_json: str) -> None:
+        self.config = FleetConfig.model_validate_json(config_json)
+        self.controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        self.plane = DataPlane(self.controller)
+
+    # ---- health and metadata ---------------------------------------------------
+    @app.get("/v2/health/live")
+    async def live(self) -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready(self) -> Response:
+        ok = await self.plane.ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v2")
+    async def server_metadata(self) -> dict:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data", "model_repository"]}
+
+    @app.get("/v2/models/{model}")
+    async def model_metadata(self, model: str) -> dict:
+        return await self.plane.metadata(model, None)
+
+    @app.get("/v2/models/{model}/versions/{version}")
+    async def model_version_metadata(self, model: str, version: str) -> dict:
+        return await self.plane.metadata(model, version)
+
+    @app.get("/v2/models/{model}/ready")
+    async def model_ready(self, model: str) -> Response:
+        return await self._ready(model, None)
+
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def model_version_ready(self, model: str, version: str) -> Response:
+        return await self._ready(model, version)
+
+    async def _ready(self, model: str, version: "str | None") -> Response:
+        ok = await self.plane.model_ready(model, version)
+        return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 400)
+
+    # ---- inference -------------------------------------------------------------
+    @app.post("/v2/models/{model}/infer")
+    async def infer(self, model: str, request: Request) -> Response:
+        return await self._infer(model, None, request)
+
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer_version(self, model: str, version: str, request: Request) -> Response:
+        return await self._infer(model, version, request)
+
+    async def _infer(self, model: str, version: "str | None", request: Request) -> Response:
+        limit = self.config.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
+        body = await request.body()
+        body = decompress(body, request.headers.get("content-encoding"), limit)
+        parsed = decode_request(body, request.headers.get(HEADER_LENGTH), limit=limit)
+        served_version, outputs, params = await self.plane.infer(model, version, parsed.inputs)
+        content, headers = encode_response(model, served_version, outputs, parsed, params)
+        return Response(content=content, headers=headers)
+
+    # ---- fleet and repository ----------------------------------------------------
+    @app.get("/v2/fleet/status")
+    async def fleet_status(self) -> dict:
+        return await call(self.controller.status.remote())
+
+    @app.post("/v2/repository/index")
+    async def repository_index(self) -> list:
+        await call(self.controller.rescan.remote())
+        await self.plane.refresh(force=True)
+        index = []
+        for model, versions in self.plane.router.models().items():
+            for version in versions:
+                ready = self.plane.router.choose(model, version) is not None
+                index.append({"name": model, "version": version, "state": "READY" if ready else "UNAVAILABLE"})
+        return index
+
+    @app.post("/v2/repository/models/{model}/load")
+    async def repository_load(self, model: str) -> dict:
+        await self.plane.resolve(model, None)
+        result = await call(self.controller.ensure_loaded.remote(model, None))
+        await self.plane.refresh(force=True)
+        return result
+
+    @app.post("/v2/repository/models/{model}/unload")
+    async def repository_unload(self, model: str) -> dict:
+        await self.plane.resolve(model, None)
+        keys = await call(self.controller.unload.remote(model, None))
+        await self.plane.refresh(force=True)
+        return {"unloaded": keys}
+
+
+def build_app(config: FleetConfig):
+    return FleetIngress.options(max_ongoing_requests=config.max_ongoing_requests).bind(config.model_dump_json())
+
+
+__all__ = ["FleetIngress", "build_app"]

@@ -1,0 +1,270 @@
+"""The worker: one process, one device, the engines loaded on it.
+
+``FleetWorker`` is plain Python (unit-testable without Ray); the cluster wraps it
+with ``ray.remote`` and pins it to one device. Lifecycle verbs the controller
+calls by name: ``describe``, ``load``, ``unload``, ``infer``, ``build``,
+``health``, ``shutdown``.
+
+Concurrency: Ray runs the actor's methods on a thread pool. One lock guards the
+ledger and the engine table; an engine in use (``in_flight > 0``) is never
+evicted or unloaded, and each engine admits at most ``slots`` concurrent runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from workers.build import BuildRequest, build_artifact
+from workers.devices import Device, discover_devices, nvml_used_bytes
+from workers.engines.base import Engine, check_feeds
+from workers.engines.onnxruntime import OnnxRuntimeEngine, cuda_provider_available
+from workers.errors import IncompatibleArtifact, NotReady
+from workers.ledger import Ledger
+from workers.manifest import Manifest, verify_artifact
+from workers.targets import Runtime, WorkerCaps, can_run
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to know, decided by the controller."""
+
+    worker_id: str
+    node_name: str = "local"
+    # Declared (simulated) devices of this node, by the GPU id Ray hands out.
+    simulated_devices: tuple[Device, ...] = ()
+    simulated_runtimes: tuple[Runtime, ...] = ()
+    simulated_budgets: tuple[int | None, ...] = ()  # per declared device, overrides the fraction
+    memory_fraction: float = 0.9
+    reserve_bytes: int = 0
+    budget_bytes: int | None = None  # explicit override of fraction/reserve
+    slots: int = 4  # concurrent inferences per engine
+    intra_op_threads: int = 0
+    labels: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.slots < 1:
+            raise ValueError("slots must be >= 1")
+
+
+def _ray_gpu_index() -> int:
+    """Which of its node's GPUs Ray gave this actor (via CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    first = visible.split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
+
+
+def _resolve_device(spec: WorkerSpec) -> Device:
+    if spec.simulated_devices:
+        index = _ray_gpu_index()
+        if index >= len(spec.simulated_devices):
+            raise NotReady(
+                f"worker {spec.worker_id} got GPU id {index} but node {spec.node_name} declares "
+                f"{len(spec.simulated_devices)} GPUs"
+            )
+        return spec.simulated_devices[index]
+    return discover_devices()[0]
+
+
+def _declared_budget(spec: WorkerSpec, device: Device) -> int | None:
+    for declared, budget in zip(spec.simulated_devices, spec.simulated_budgets):
+        if declared.uuid == device.uuid:
+            return budget
+    return None
+
+
+def _local_runtimes(device: Device) -> tuple[Runtime, ...]:
+    runtimes = [Runtime("onnxruntime", ort.__version__, "cpu")]
+    if device.is_gpu and not device.simulated and cuda_provider_available():
+        runtimes.append(Runtime("onnxruntime", ort.__version__, "cuda"))
+    if device.is_gpu and not device.simulated:
+        try:
+            import tensorrt  # noqa: F401  (optional: forward-fleet[trt])
+
+            runtimes.append(Runtime("tensorrt", tensorrt.__version__, "tensorrt"))
+        except ImportError:
+            pass
+    return tuple(runtimes)
+
+
+@dataclass
+class _Loaded:
+    manifest: Manifest
+    engine: Engine
+    slots: threading.Semaphore
+    measured_bytes: int | None = None
+
+
+class FleetWorker:
+    def __init__(self, spec: WorkerSpec, clock=time.monotonic) -> None:
+        self.spec = spec
+        self.device = _resolve_device(spec)
+        runtimes = list(spec.simulated_runtimes) + list(_local_runtimes(self.device))
+        self.caps = WorkerCaps(
+            worker_id=spec.worker_id,
+            device=self.device,
+            runtimes=tuple(runtimes),
+            node_id=spec.node_name,
+            labels=dict(spec.labels),
+        )
+        declared = _declared_budget(spec, self.device)
+        if declared is not None:
+            budget = declared
+        elif spec.budget_bytes is not None:
+            budget = spec.budget_bytes
+        else:
+            budget = int(self.device.total_memory_bytes * spec.memory_fraction) - spec.reserve_bytes
+        self.ledger = Ledger(max(0, budget), clock=clock, device_name=self.device.describe())
+        self._lock = threading.Condition()
+        self._engines: dict[str, _Loaded] = {}
+        self._loading: dict[str, threading.Event] = {}
+        self.counters = {"loads": 0, "evictions": 0, "unloads": 0, "inferences": 0, "failures": 0}
+        self._baseline_used = nvml_used_bytes(self.device.uuid) if self.device.is_gpu and not self.device.simulated else None
+
+    # ---- lifecycle -------------------------------------------------------
+    def describe(self) -> dict:
+        with self._lock:
+            return {
+                "caps": self.caps.to_dict(),
+                "simulated": self.device.simulated,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "ledger": self.ledger.snapshot(),
+                "loaded": sorted(self._engines),
+                "counters": dict(self.counters),
+                "nvml_used_bytes": nvml_used_bytes(self.device.uuid) if self._baseline_used is not None else None,
+            }
+
+    def health(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        """Unload everything (contexts and engines first), waiting for in-flight work."""
+        for key in list(self._engines):
+            self.unload(key)
+
+    # ---- load / unload ---------------------------------------------------
+    def load(self, manifest_dict: dict, artifact_dir: str) -> dict:
+        """Load an artifact, evicting idle LRU engines if needed. Returns the ledger entry."""
+        manifest = Manifest.from_dict(manifest_dict)
+        verdict = can_run(manifest, self.caps)
+        if not verdict:
+            raise IncompatibleArtifact(
+                f"worker {self.spec.worker_id} on {self.device.describe()} refuses "
+                f"{manifest.model} built for {manifest.target.describe()}: {verdict.reason}"
+            )
+        key = manifest.engine_key
+        while True:
+            with self._lock:
+                if key in self._engines:
+                    self.ledger.get(key).last_used = time.monotonic()  # type: ignore[union-attr]
+                    return self.ledger.get(key).to_dict()  # type: ignore[union-attr]
+                pending = self._loading.get(key)
+                if pending is None:
+                    victims = self.ledger.plan_admission(key, manifest.footprint_bytes)
+                    evicted = [self._engines.pop(v) for v in victims]
+                    for v in victims:
+                        self.ledger.remove(v)
+                    self.ledger.add(key, manifest.footprint_bytes)  # reserve before loading
+                    self._loading[key] = threading.Event()
+                    self.counters["evictions"] += len(evicted)
+                    break
+            pending.wait()  # another thread is loading the same engine
+        try:
+            for loaded in evicted:
+                loaded.engine.deactivate()
+            before = nvml_used_bytes(self.device.uuid) if self._baseline_used is not None else None
+            engine = self._open_engine(manifest, verify_artifact(artifact_dir, manifest))
+            engine.activate()
+            measured = None
+            if before is not None:
+                after = nvml_used_bytes(self.device.uuid)
+                measured = max(0, (after or before) - before)
+            with self._lock:
+                if measured:
+                    self.ledger.update_footprint(key, max(measured, 1))
+                self._engines[key] = _Loaded(manifest, engine, threading.Semaphore(self.spec.slots), measured)
+                self.counters["loads"] += 1
+                return self.ledger.get(key).to_dict()  # type: ignore[union-attr]
+        except BaseException:
+            with self._lock:
+                self.ledger.remove(key)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(key).set()
+                self._lock.notify_all()
+
+    def _open_engine(self, manifest: Manifest, path: Path) -> Engine:
+        target = manifest.target
+        if target.backend == "tensorrt" and not target.simulated:
+            from workers.engines.tensorrt import TensorRTEngine
+
+            return TensorRTEngine(path, device_id=self.device.cuda_ordinal or 0, slots=self.spec.slots)
+        # ONNX Runtime artifacts, and simulated plans (executed by ONNX Runtime on the CPU).
+        use_cuda = target.backend == "onnxruntime" and target.provider == "cuda"
+        return OnnxRuntimeEngine(
+            path,
+            provider="cuda" if use_cuda else "cpu",
+            device_id=self.device.cuda_ordinal or 0,
+            intra_op_threads=self.spec.intra_op_threads,
+            gpu_mem_limit=manifest.footprint_bytes if use_cuda else None,
+            footprint_bytes=manifest.footprint_bytes,
+        )
+
+    def unload(self, key: str) -> bool:
+        """Unload one engine after its in-flight inferences finish. False if not loaded."""
+        with self._lock:
+            if key not in self._engines:
+                return False
+            loaded = self._engines.pop(key)  # no new inference can start on it
+            while (entry := self.ledger.get(key)) is not None and entry.in_flight:
+                self._lock.wait()
+            self.ledger.remove(key)
+            self.counters["unloads"] += 1
+        loaded.engine.deactivate()
+        return True
+
+    # ---- inference -------------------------------------------------------
+    def infer(self, key: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            loaded = self._engines.get(key)
+            if loaded is None:
+                raise NotReady(f"engine {key} is not loaded on worker {self.spec.worker_id}")
+            self.ledger.begin_use(key)
+        try:
+            check_feeds(loaded.manifest.inputs, feeds, loaded.manifest.max_batch)
+            with loaded.slots:
+                outputs = loaded.engine.infer(feeds)
+            ok = True
+            return outputs
+        except BaseException:
+            ok = False
+            raise
+        finally:
+            with self._lock:
+                self.counters["inferences" if ok else "failures"] += 1
+                self.ledger.end_use(key)
+                self._lock.notify_all()
+
+    # ---- build -----------------------------------------------------------
+    def build(self, request: BuildRequest, out_dir: str) -> dict:
+        """Build an artifact for one of this worker's targets into ``out_dir``."""
+        manifest = build_artifact(request, out_dir)
+        verdict = can_run(manifest, self.caps)
+        if not verdict:
+            raise IncompatibleArtifact(
+                f"worker {self.spec.worker_id} built {request.model} for {request.target.describe()} "
+                f"but cannot run it: {verdict.reason}"
+            )
+        return manifest.to_dict()
+

@@ -1,0 +1,1 @@
+"""Engine backends, one per file, all behind ``workers.engines.base.Engine``."""

@@ -1,0 +1,96 @@
+"""The engine interface every backend implements.
+
+Polygraphy-style: construct cheaply, ``activate()`` loads, ``infer()`` runs,
+``deactivate()`` frees; usable on its own as a context manager.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from workers.errors import InvalidInput
+from workers.tensors import TensorSpec
+
+
+class Engine(abc.ABC):
+    """One loaded model on one device."""
+
+    backend: str = ""
+
+    def __init__(self) -> None:
+        self._active = False
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @property
+    @abc.abstractmethod
+    def inputs(self) -> tuple[TensorSpec, ...]: ...
+
+    @property
+    @abc.abstractmethod
+    def outputs(self) -> tuple[TensorSpec, ...]: ...
+
+    @property
+    @abc.abstractmethod
+    def footprint_bytes(self) -> int:
+        """Bytes of device memory this engine holds while active (estimate or measured)."""
+
+    @abc.abstractmethod
+    def _activate(self) -> None: ...
+
+    @abc.abstractmethod
+    def _deactivate(self) -> None: ...
+
+    @abc.abstractmethod
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def activate(self) -> "Engine":
+        if not self._active:
+            self._activate()
+            self._active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self._active:
+            self._active = False
+            self._deactivate()
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._active:
+            raise RuntimeError(f"{type(self).__name__} is not active; call activate() first")
+        check_feeds(self.inputs, feeds)
+        return self._infer(feeds)
+
+    def __enter__(self) -> "Engine":
+        return self.activate()
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
+
+def check_feeds(specs: tuple[TensorSpec, ...], feeds: dict[str, np.ndarray], max_batch: int | None = None) -> None:
+    """Raise InvalidInput naming the first problem with ``feeds``."""
+    expected = {s.name for s in specs}
+    unknown = sorted(set(feeds) - expected)
+    if unknown:
+        raise InvalidInput(
+            f"unknown input {', '.join(repr(u) for u in unknown)}; the model's inputs are "
+            f"{', '.join(repr(s.name) for s in specs)}"
+        )
+    missing = [s.name for s in specs if s.name not in feeds]
+    if missing:
+        raise InvalidInput(f"missing input {', '.join(repr(m) for m in missing)}")
+    batch = None
+    for spec in specs:
+        array = feeds[spec.name]
+        spec.check(array, max_batch=max_batch)
+        if spec.shape and spec.shape[0] < 0:
+            if batch is not None and array.shape[0] != batch:
+                raise InvalidInput(
+                    f"input '{spec.name}': batch {array.shape[0]} differs from the other inputs' batch {batch}"
+                )
+            batch = array.shape[0]

@@ -1,0 +1,126 @@
+"""ONNX Runtime backend: CPU provider everywhere, CUDA provider with onnxruntime-gpu."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from workers.engines.base import Engine
+from workers.errors import InvalidInput
+from workers.tensors import ONNX_TYPE_TO_DATATYPE, TensorSpec
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def cuda_provider_available() -> bool:
+    return CUDA_PROVIDER in ort.get_available_providers()
+
+
+def _specs(nodes: list) -> tuple[TensorSpec, ...]:
+    specs = []
+    for node in nodes:
+        datatype = ONNX_TYPE_TO_DATATYPE.get(node.type)
+        if datatype is None:
+            raise InvalidInput(f"tensor '{node.name}' has type {node.type}, which forward-fleet cannot serve")
+        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+        specs.append(TensorSpec(node.name, datatype, shape))
+    return tuple(specs)
+
+
+def estimate_footprint(model_path: str | Path, specs: tuple[TensorSpec, ...], max_batch: int) -> int:
+    """Weights plus IO at max batch, doubled for activations, plus the arena's slack.
+
+    Only an estimate for the ledger until a real GPU measures the load (NVML delta).
+    """
+    weights = os.path.getsize(model_path)
+    io = 0
+    for spec in specs:
+        elems = 1
+        for d in spec.shape:
+            elems *= max_batch if d < 0 else d
+        io += elems * max(spec.numpy_dtype.itemsize, 8 if spec.datatype == "BYTES" else 1)
+    return int(weights + 4 * io + (16 << 20))
+
+
+class OnnxRuntimeEngine(Engine):
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        provider: str = "cpu",
+        device_id: int = 0,
+        intra_op_threads: int = 0,
+        gpu_mem_limit: int | None = None,
+        footprint_bytes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if provider not in ("cpu", "cuda"):
+            raise ValueError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
+        self.model_path = Path(model_path)
+        self.provider = provider
+        self.device_id = device_id
+        self.intra_op_threads = intra_op_threads
+        self.gpu_mem_limit = gpu_mem_limit
+        self._footprint = footprint_bytes
+        self._session: ort.InferenceSession | None = None
+        self._inputs: tuple[TensorSpec, ...] = ()
+        self._outputs: tuple[TensorSpec, ...] = ()
+        self._output_names: list[str] = []
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self._outputs
+
+    @property
+    def footprint_bytes(self) -> int:
+        if self._footprint is None:
+            self._footprint = estimate_footprint(self.model_path, self._inputs + self._outputs, 64)
+        return self._footprint
+
+    def _providers(self) -> list:
+        if self.provider == "cpu":
+            return [CPU_PROVIDER]
+        if not cuda_provider_available():
+            raise RuntimeError(
+                "ONNX Runtime's CUDA provider is not available in this process; install "
+                "forward-fleet[gpu] (onnxruntime-gpu) or build the model for the CPU"
+            )
+        options = {"device_id": self.device_id, "arena_extend_strategy": "kSameAsRequested"}
+        if self.gpu_mem_limit:
+            options["gpu_mem_limit"] = int(self.gpu_mem_limit)
+        return [(CUDA_PROVIDER, options)]
+
+    def _activate(self) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=self._providers())
+        if self.provider == "cuda" and CUDA_PROVIDER not in session.get_providers():
+            raise RuntimeError(f"ONNX Runtime could not create a CUDA session for {self.model_path.name}")
+        self._session = session
+        self._inputs = _specs(session.get_inputs())
+        self._outputs = _specs(session.get_outputs())
+        self._output_names = [o.name for o in self._outputs]
+
+    def _deactivate(self) -> None:
+        self._session = None
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self._session is not None
+        results = self._session.run(self._output_names, feeds)
+        return dict(zip(self._output_names, results))
+
+
+def describe_model(model_path: str | Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Inputs and outputs of an ONNX model, as ONNX Runtime sees them (loads it on the CPU)."""
+    with OnnxRuntimeEngine(model_path, intra_op_threads=1) as engine:
+        return engine.inputs, engine.outputs
