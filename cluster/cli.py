@@ -16,7 +16,7 @@ from workers.ledger import format_bytes
 from workers.manifest import sha256_file
 
 from cluster.client import DEFAULT_URL, FleetClient
-from cluster.env import fleet_token, fleet_url
+from cluster.env import apply_ray_env, fleet_token, fleet_url
 
 DEMO_MODEL_DIR = Path("models")
 
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_ray_env()  # before anything imports Ray
     try:
         return args.func(args)
     except FleetError as exc:

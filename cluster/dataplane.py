@@ -95,7 +95,7 @@ class DataPlane:
         """Run one request. Returns (version, outputs, parameters naming who served it)."""
         version = await self.resolve(model, version)
         spec = self.router.manifests(model, version)[0]
-        check_feeds(spec.inputs, feeds, spec.max_batch)
+        check_feeds(spec.inputs, feeds)
         last_error: FleetError | None = None
         for _ in range(3):  # load on a miss, and retry once after a lost worker
             choice = self.router.choose(model, version)

@@ -19,6 +19,15 @@ def ray_env() -> dict[str, str]:
     return env
 
 
+def apply_ray_env() -> None:
+    """Put ``ray_env()``'s defaults into this process before Ray is imported.
+
+    Ray reads ``RAY_AUTH_MODE`` when it is imported, not when ``ray.init`` runs.
+    """
+    for key, value in ray_env().items():
+        os.environ.setdefault(key, value)
+
+
 def auth_token_path() -> Path:
     return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
 

@@ -7,7 +7,6 @@ helpers start and stop the Ray processes that ``fleet up`` owns.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -86,8 +85,6 @@ def stop_nodes() -> None:
 def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
-    for key, value in ray_env().items():
-        os.environ.setdefault(key, value)
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
     except ConnectionError as exc:

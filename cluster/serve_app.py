@@ -12,6 +12,7 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from workers.errors import FleetError, InvalidInput, PayloadTooLarge
@@ -41,6 +42,12 @@ async def _fleet_error(_: Request, exc: FleetError) -> JSONResponse:
 @app.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     return error_response(InvalidInput(f"invalid request: {exc.errors()}"))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = exc.detail if exc.status_code != 404 else f"no route for {request.method} {request.url.path}"
+    return JSONResponse({"error": str(message)}, status_code=exc.status_code)
 
 
 @app.exception_handler(Exception)
@@ -99,6 +106,11 @@ class FleetIngress:
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer_version(self, model: str, version: str, request: Request) -> Response:
         return await self._infer(model, version, request)
+
+    # Model names with encoded slashes ("..%2F..%2Fetc") land here: refuse them by name.
+    @app.post("/v2/models/{model:path}/infer")
+    async def infer_bad_name(self, model: str, request: Request) -> Response:
+        return await self._infer(model, None, request)
 
     async def _infer(self, model: str, version: "str | None", request: Request) -> Response:
         limit = self.config.max_request_bytes

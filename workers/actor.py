@@ -104,6 +104,22 @@ class _Loaded:
     measured_bytes: int | None = None
 
 
+def _batch_size(feeds: dict[str, np.ndarray]) -> int:
+    return min((a.shape[0] for a in feeds.values() if a.ndim), default=1)
+
+
+def _run_in_chunks(engine: Engine, feeds: dict[str, np.ndarray], max_batch: int) -> dict[str, np.ndarray]:
+    """Run a request larger than the engine's max batch as several max-batch runs."""
+    batch = _batch_size(feeds)
+    if batch <= max_batch:
+        return engine.infer(feeds)
+    parts = [
+        engine.infer({k: v[start : start + max_batch] for k, v in feeds.items()})
+        for start in range(0, batch, max_batch)
+    ]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
 class FleetWorker:
     def __init__(self, spec: WorkerSpec, clock=time.monotonic) -> None:
         self.spec = spec
@@ -242,9 +258,9 @@ class FleetWorker:
                 raise NotReady(f"engine {key} is not loaded on worker {self.spec.worker_id}")
             self.ledger.begin_use(key)
         try:
-            check_feeds(loaded.manifest.inputs, feeds, loaded.manifest.max_batch)
+            check_feeds(loaded.manifest.inputs, feeds)
             with loaded.slots:
-                outputs = loaded.engine.infer(feeds)
+                outputs = _run_in_chunks(loaded.engine, feeds, loaded.manifest.max_batch)
             ok = True
             return outputs
         except BaseException:

@@ -1,0 +1,129 @@
+"""The `fleet` CLI as a user runs it: up (real `ray start`), status, infer, models, down."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from cluster.demo import train_digits_mlp
+from tests.integration.fleet_fixtures import free_port
+
+pytestmark = pytest.mark.integration
+FLEET = [sys.executable, "-m", "cluster.cli"]
+
+
+def run(args, cwd, timeout=120):
+    return subprocess.run(FLEET + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def foreground_fleet(tmp_path_factory):
+    work = tmp_path_factory.mktemp("cli")
+    port = free_port()
+    config = work / "fleet.yaml"
+    config.write_text(
+        f"name: cli-test\nrepository: {work / 'repo'}\nport: {port}\nray_port: {free_port()}\n"
+        f"dashboard_port: {free_port()}\ncpu_budget: 2GiB\nmodels:\n  digits-mlp:\n    max_batch: 256\n"
+    )
+    log = open(work / "up.log", "w")
+    proc = subprocess.Popen(FLEET + ["up", "--config", str(config), "--demo", "--foreground"], cwd=work,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"fleet up exited {proc.returncode}:\n{(work / 'up.log').read_text()[-3000:]}")
+        try:
+            if requests.get(url + "/v2/health/ready", timeout=2).status_code == 200 and "Try:" in (work / "up.log").read_text():
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("fleet up did not become ready:\n" + (work / "up.log").read_text()[-3000:])
+    yield work, url, config, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
+    log.close()
+
+
+def test_up_prints_ready_to_paste_requests(foreground_fleet):
+    work, url, _, _ = foreground_fleet
+    text = (work / "up.log").read_text()
+    assert f"curl -s -X POST {url}/v2/models/digits-mlp/infer" in text
+    assert (work / "models" / "digits-mlp.onnx").exists() and (work / "models" / "cnn-small.onnx").exists()
+
+
+def test_curl_request_matches_scikit_learn(foreground_fleet, digits_test):
+    _, url, _, _ = foreground_fleet
+    X = digits_test[0][:8]
+    import json
+
+    body = json.dumps({"inputs": [{"name": "input", "shape": [8, 64], "datatype": "FP32", "data": X.tolist()}]})
+    out = subprocess.run(["curl", "-s", "-X", "POST", f"{url}/v2/models/digits-mlp/infer", "-H",
+                          "Content-Type: application/json", "-d", body], capture_output=True, text=True, timeout=30)
+    labels = next(o for o in json.loads(out.stdout)["outputs"] if o["name"] == "label")["data"]
+    assert labels == train_digits_mlp().predict(X).tolist()
+
+
+def test_status_shows_cpu_device_budget_and_engines(foreground_fleet):
+    work, url, _, _ = foreground_fleet
+    result = run(["status", "--url", url], work)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "fleet cli-test"
+    row = lines[2]
+    assert "CPU" in row and "cpu" in row and "/2.0 GiB" in row
+    assert "digits-mlp:float32" in row and "cnn-small:float32" in row
+
+
+def test_fleet_infer_equals_onnxruntime_directly(foreground_fleet, digits_test):
+    import onnxruntime as ort
+
+    work, url, _, _ = foreground_fleet
+    X = digits_test[0][:16]
+    np.save(work / "rows.npy", X)
+    result = run(["infer", "digits-mlp", "--input", str(work / "rows.npy"), "--output", str(work / "out.npz"), "--url", url], work)
+    assert result.returncode == 0, result.stderr
+    assert "served by" in result.stderr
+    expected = ort.InferenceSession(str(work / "repo" / "digits-mlp" / "1" / "float32" / "onnxruntime-cpu" / "model.onnx")).run(None, {"input": X})
+    with np.load(work / "out.npz") as got:
+        np.testing.assert_array_equal(got["label"], expected[0])
+        np.testing.assert_array_equal(got["probabilities"], expected[1])
+
+
+def test_models_lists_the_repository(foreground_fleet):
+    work, _, config, _ = foreground_fleet
+    result = run(["models", "--config", str(config)], work)
+    assert result.returncode == 0
+    assert "digits-mlp" in result.stdout and "cnn-small" in result.stdout and "ONNX Runtime cpu" in result.stdout
+
+
+def test_errors_are_clear_and_exit_nonzero(foreground_fleet):
+    work, url, _, _ = foreground_fleet
+    np.save(work / "bad.npy", np.zeros((1, 3), np.float32))
+    result = run(["infer", "digits-mlp", "--input", str(work / "bad.npy"), "--url", url], work)
+    assert result.returncode == 2 and "dimension 1 is 3, expected 64" in result.stderr
+    result = run(["status", "--url", "http://127.0.0.1:9"], work)
+    assert result.returncode == 2 and "cannot reach the fleet" in result.stderr
+
+
+def test_ctrl_c_shuts_everything_down(foreground_fleet):
+    work, url, _, proc = foreground_fleet
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(90) == 0
+    assert "stopped" in (work / "up.log").read_text()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/v2/health/live", timeout=2)

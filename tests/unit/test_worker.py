@@ -1,0 +1,148 @@
+"""FleetWorker without Ray: real ONNX Runtime, real files, real threads."""
+
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from cluster.buildfarm import build_locally, local_target
+from cluster.repository import Repository
+from workers.actor import FleetWorker, WorkerSpec
+from workers.build import BuildRequest
+from workers.devices import Device
+from workers.errors import ArtifactCorrupt, IncompatibleArtifact, InvalidInput, NoCapacity, NotReady
+from workers.manifest import sha256_file
+from workers.targets import Runtime, Target
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, demo_models):
+    repo = Repository(tmp_path_factory.mktemp("repo"))
+    for name, path in demo_models.items():
+        build_locally(repo, BuildRequest(str(path), name, local_target(), max_batch=64), sha256_file(path))
+    return repo
+
+
+def art(repo, model):
+    (a,) = repo.artifacts(model)
+    return a
+
+
+def test_load_infer_matches_onnxruntime(repo, demo_models, digits_test):
+    worker = FleetWorker(WorkerSpec("w"))
+    a = art(repo, "digits-mlp")
+    worker.load(a.manifest.to_dict(), str(a.directory))
+    X = digits_test[0][:8]
+    out = worker.infer(a.manifest.engine_key, {"input": X})
+    ref = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})
+    np.testing.assert_array_equal(out["label"], ref[0])
+    np.testing.assert_allclose(out["probabilities"], ref[1], rtol=1e-6)
+    info = worker.describe()
+    assert info["loaded"] == [a.manifest.engine_key]
+    assert info["ledger"]["used_bytes"] == a.manifest.footprint_bytes
+    assert worker.unload(a.manifest.engine_key) and worker.describe()["ledger"]["used_bytes"] == 0
+    with pytest.raises(NotReady, match="not loaded"):
+        worker.infer(a.manifest.engine_key, {"input": X})
+
+
+def test_bad_feeds_are_refused_by_name(repo):
+    worker = FleetWorker(WorkerSpec("w"))
+    a = art(repo, "digits-mlp")
+    key = a.manifest.engine_key
+    worker.load(a.manifest.to_dict(), str(a.directory))
+    with pytest.raises(InvalidInput, match="unknown input 'x'"):
+        worker.infer(key, {"x": np.zeros((1, 64), np.float32)})
+    with pytest.raises(InvalidInput, match=r"dimension 1 is 63, expected 64"):
+        worker.infer(key, {"input": np.zeros((1, 63), np.float32)})
+    with pytest.raises(InvalidInput, match="datatype FP64 does not match the model's FP32"):
+        worker.infer(key, {"input": np.zeros((1, 64))})
+    with pytest.raises(InvalidInput, match="rank 1"):
+        worker.infer(key, {"input": np.zeros(64, np.float32)})
+    assert worker.describe()["counters"]["failures"] == 4
+
+
+def test_request_over_max_batch_is_split(repo, demo_models, digits_test):
+    worker = FleetWorker(WorkerSpec("w"))
+    a = art(repo, "digits-mlp")
+    assert a.manifest.max_batch == 64
+    worker.load(a.manifest.to_dict(), str(a.directory))
+    X = digits_test[0][:150]
+    out = worker.infer(a.manifest.engine_key, {"input": X})
+    ref = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})
+    np.testing.assert_array_equal(out["label"], ref[0])
+    assert out["probabilities"].shape == (150, 10)
+
+
+def test_concurrent_inference_is_correct(repo, digits_test):
+    worker = FleetWorker(WorkerSpec("w", slots=4))
+    a = art(repo, "digits-mlp")
+    worker.load(a.manifest.to_dict(), str(a.directory))
+    X = digits_test[0]
+    expected = worker.infer(a.manifest.engine_key, {"input": X})["label"]
+    errors = []
+
+    def run(offset):
+        for i in range(25):
+            row = (offset * 25 + i) % len(X)
+            got = worker.infer(a.manifest.engine_key, {"input": X[row : row + 1]})["label"][0]
+            if got != expected[row]:
+                errors.append((row, got))
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert worker.describe()["counters"]["inferences"] == 16 * 25 + 1
+
+
+def test_budget_evicts_lru_idle_and_refuses_what_never_fits(repo):
+    cnn, mlp = art(repo, "cnn-small"), art(repo, "digits-mlp")
+    budget = max(cnn.manifest.footprint_bytes, mlp.manifest.footprint_bytes) + 1000
+    worker = FleetWorker(WorkerSpec("w", budget_bytes=budget))
+    worker.load(cnn.manifest.to_dict(), str(cnn.directory))
+    worker.load(mlp.manifest.to_dict(), str(mlp.directory))  # does not fit beside cnn: evicts it
+    info = worker.describe()
+    assert info["loaded"] == [mlp.manifest.engine_key]
+    assert info["counters"]["evictions"] == 1
+    assert info["ledger"]["used_bytes"] <= budget
+    tiny = FleetWorker(WorkerSpec("tiny", budget_bytes=1000))
+    with pytest.raises(NoCapacity, match="more than the whole budget"):
+        tiny.load(mlp.manifest.to_dict(), str(mlp.directory))
+    assert tiny.describe()["ledger"]["used_bytes"] == 0
+
+
+def test_unload_waits_for_in_flight_inference(repo, digits_test):
+    worker = FleetWorker(WorkerSpec("w"))
+    a = art(repo, "cnn-small")
+    key = a.manifest.engine_key
+    worker.load(a.manifest.to_dict(), str(a.directory))
+    batch = np.random.default_rng(0).standard_normal((64, 3, 64, 64)).astype(np.float32)
+    results = []
+    infer = threading.Thread(target=lambda: results.append(worker.infer(key, {"input": batch})))
+    infer.start()
+    while not worker.ledger.get(key).in_flight:
+        pass
+    worker.unload(key)  # must wait for the inference, not break it
+    infer.join()
+    assert results and results[0]["logits"].shape == (64, 10)
+
+
+def test_worker_refuses_wrong_target_and_corrupt_artifacts(repo, tmp_path):
+    a = art(repo, "digits-mlp")
+    t4 = Device("Tesla T4", "SIM-0", "gpu", "7.5", 15 << 30, simulated=True)
+    p4 = Device("Tesla P4", "SIM-1", "gpu", "6.1", 8 << 30, simulated=True)
+    plan_t4 = a.manifest.to_dict() | {"target": Target("tensorrt", "10.16.1", "7.5", provider="tensorrt", simulated=True).to_dict()}
+    worker = FleetWorker(WorkerSpec("p4", simulated_devices=(p4,), simulated_runtimes=(Runtime("tensorrt", "8.6.1", "tensorrt", simulated=True),)))
+    with pytest.raises(IncompatibleArtifact, match="refuses digits-mlp built for 7.5 .*device has 6.1"):
+        worker.load(plan_t4, str(a.directory))
+    del t4
+    # corrupt copy: sha256 mismatch is refused before ONNX Runtime sees the bytes
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    data = (a.directory / "model.onnx").read_bytes()
+    (broken / "model.onnx").write_bytes(data[:-10] + b"0123456789")
+    with pytest.raises(ArtifactCorrupt, match="does not match the manifest"):
+        FleetWorker(WorkerSpec("w")).load(a.manifest.to_dict(), str(broken))

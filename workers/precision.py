@@ -1,0 +1,543 @@
+"""Precision preparation shared by every backend: float16 models, INT8 calibration, accuracy checks.
+
+The four modes users know from Tencent Forward:
+
+- ``float32``: the source model as it is.
+- ``float16``: an FP16 ONNX model (``convert_float16``); TensorRT 10+ builds it as a
+  strongly typed network, ONNX Runtime runs it as it is.
+- ``int8_calib``: ``calibrate`` the source on user data and keep the result
+  (``write_calibration``): tensor ranges (JSON), a Q/DQ ONNX model with symmetric
+  scales (zero points 0, as TensorRT requires) and a TensorRT calibration cache.
+- ``int8``: built from a stored calibration (``read_calibration``).
+
+Every build compares its artifact with the float32 reference (``compare_outputs``)
+and fails when the loss is over the mode's threshold (``check_accuracy``).
+
+Pure functions, no Ray, no TensorRT: they run on any worker or on the controller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import re
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from workers.errors import BuildError, InvalidConfig, InvalidInput
+from workers.tensors import TensorSpec
+
+CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
+DEFAULT_CALIBRATION_METHOD = "entropy"
+# Rows per calibration batch when the data is one big array: bounds the calibrator's memory.
+DEFAULT_CALIBRATION_BATCH = 64
+INT8_MAX = 127  # symmetric INT8: scale = amax / 127, zero point 0
+
+# Files of one stored calibration (see write_calibration).
+RANGES_FILE = "ranges.json"
+QDQ_MODEL_FILE = "model.qdq.onnx"
+TRT_CACHE_FILE = "calibration.cache"
+CALIBRATION_FILES = (RANGES_FILE, QDQ_MODEL_FILE, TRT_CACHE_FILE)
+
+# The TensorRT release whose header a freshly written cache carries; a build re-renders
+# the header for its own TensorRT (trt_calibration_cache), which rejects a foreign one.
+DEFAULT_CACHE_TRT_VERSION = "10.16.1"
+
+# Accuracy thresholds per mode (issue 4). int8 is judged by top-1 agreement where the
+# model has a classifier output; without one, by relative L2 error.
+FLOAT32_MAX_REL_L2 = 1e-4
+FLOAT16_MAX_REL_L2 = 1e-2
+INT8_MIN_TOP1_AGREEMENT = 0.97
+INT8_MAX_REL_L2_WITHOUT_CLASSIFIER = 5e-2
+
+
+# --------------------------------------------------------------------------- float16
+
+
+def convert_float16(src_path: str | Path, dst_path: str | Path) -> Path:
+    """Write an FP16 copy of ``src_path`` (inputs and outputs stay float32) and check it loads.
+
+    Uses ONNX Runtime's converter: onnxconverter-common's produced models ONNX Runtime
+    refuses ("Type parameter (T) of Optype (MatMul) bound to different types"), so
+    whatever the converter, the result is loaded before anyone stores it.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    src, dst = Path(src_path), Path(dst_path)
+    try:
+        model = onnx.load(src)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ... here
+        raise BuildError(f"cannot read ONNX model {src}: {exc}") from exc
+    try:
+        converted = convert_float_to_float16(model, keep_io_types=True)
+    except Exception as exc:
+        raise BuildError(f"ONNX Runtime's float16 converter failed on {src.name}: {exc}") from exc
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(converted, dst)
+    try:
+        _cpu_session(dst)
+    except Exception as exc:
+        raise BuildError(
+            f"the float16 model converted from {src.name} does not load in ONNX Runtime: {exc}; "
+            f"build float32, or exclude the failing operator from the conversion"
+        ) from exc
+    return dst
+
+
+def _cpu_session(model: str | Path | bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def run_model(model: str | Path | bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All outputs of ``model`` on ``feeds``, with ONNX Runtime on the CPU (reference runs)."""
+    session = _cpu_session(model)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+# --------------------------------------------------------------------------- calibration data
+
+_ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def load_calibration_data(
+    source: str | Path,
+    input_specs: Sequence[TensorSpec],
+    batch_size: int = DEFAULT_CALIBRATION_BATCH,
+) -> list[dict[str, np.ndarray]]:
+    """Calibration batches (feed dicts) from a ``.npz``, a directory of ``.npy``, or ``module:function``.
+
+    - ``.npz``: one array per input, keyed by input name (any key for a one-input model);
+    - directory: one ``<input name>.npy`` per input (any single file for a one-input model);
+    - ``module:function``: called with no arguments, returns an iterable of feed dicts.
+
+    Arrays are checked against ``input_specs``; a wrong shape raises InvalidInput naming
+    the input and both shapes. Float data is cast to the input's float type (``np.save``
+    writes float64 by default). Whole arrays are split into ``batch_size`` rows.
+    """
+    specs = tuple(input_specs)
+    if not specs:
+        raise InvalidInput("the model has no inputs to calibrate")
+    path = Path(source)
+    if path.is_file() and path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        batches = _split(_match_inputs(arrays, specs, path.name), specs, batch_size, path.name)
+    elif path.is_dir():
+        arrays = {p.stem: np.load(p, allow_pickle=False) for p in sorted(path.glob("*.npy"))}
+        batches = _split(_match_inputs(arrays, specs, f"directory {path}"), specs, batch_size, f"directory {path}")
+    elif path.exists():
+        raise InvalidInput(f"calibration data {path} is neither a .npz file nor a directory of .npy files")
+    elif _ENTRY_POINT.match(str(source)):
+        feeds = [_checked_feed(feed, specs, f"{source} batch {i}") for i, feed in enumerate(_call_entry_point(str(source)))]
+        batches = _rebatch(feeds, specs, batch_size, str(source))
+    else:
+        raise InvalidInput(
+            f"calibration data {source} not found: give a .npz, a directory of .npy files, "
+            f"or a generator entry point 'module:function'"
+        )
+    if not batches:
+        raise InvalidInput(f"calibration data {source} holds no samples")
+    return batches
+
+
+def _match_inputs(arrays: dict[str, np.ndarray], specs: tuple[TensorSpec, ...], where: str) -> dict[str, np.ndarray]:
+    names = [s.name for s in specs]
+    if len(specs) == 1 and len(arrays) == 1:
+        return {names[0]: next(iter(arrays.values()))}
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise InvalidInput(
+            f"calibration data {where} has no array for input {', '.join(repr(m) for m in missing)}; "
+            f"it holds {sorted(arrays) or 'nothing'}, the model's inputs are {names}"
+        )
+    return {n: arrays[n] for n in names}
+
+
+def _checked_feed(feed: Any, specs: tuple[TensorSpec, ...], where: str) -> dict[str, np.ndarray]:
+    if not isinstance(feed, dict):
+        raise InvalidInput(f"calibration data {where} is a {type(feed).__name__}, expected a dict of input name -> array")
+    unknown = sorted(set(feed) - {s.name for s in specs})
+    if unknown:
+        raise InvalidInput(f"calibration data {where} has unknown input(s) {unknown}; the model's inputs are {[s.name for s in specs]}")
+    checked = {}
+    for spec in specs:
+        if spec.name not in feed:
+            raise InvalidInput(f"calibration data {where} has no array for input '{spec.name}'")
+        checked[spec.name] = _checked_array(np.asarray(feed[spec.name]), spec, where)
+    return checked
+
+
+def _checked_array(array: np.ndarray, spec: TensorSpec, where: str) -> np.ndarray:
+    if array.dtype.kind == "f" and spec.numpy_dtype.kind == "f":
+        array = array.astype(spec.numpy_dtype, copy=False)
+    try:
+        spec.check(array)
+    except InvalidInput as exc:
+        raise InvalidInput(f"calibration data {where}: {exc.message}") from None
+    return np.ascontiguousarray(array)
+
+
+def _split(
+    arrays: dict[str, np.ndarray], specs: tuple[TensorSpec, ...], batch_size: int, where: str
+) -> list[dict[str, np.ndarray]]:
+    """Equal-sized batches of ``batch_size`` rows; the last one is filled up from the first rows.
+
+    Equal sizes because ONNX Runtime's histogram calibrators (entropy, percentile) stack
+    each tensor's batches into one array and fail on a short last batch.
+    """
+    checked = {s.name: _checked_array(arrays[s.name], s, where) for s in specs}
+    batched = [s.name for s in specs if s.shape and s.shape[0] < 0]
+    if not batched:
+        return [checked]  # fixed-shape model: the data is one sample
+    counts = {n: checked[n].shape[0] for n in batched}
+    if len(set(counts.values())) != 1:
+        raise InvalidInput(f"calibration data {where}: the inputs have different numbers of rows {counts}")
+    total = counts[batched[0]]
+    if total == 0:
+        return []
+    step = max(1, min(int(batch_size), total))
+    rows = np.arange(math.ceil(total / step) * step) % total
+    return [
+        {n: (a[rows[start : start + step]] if n in batched else a) for n, a in checked.items()}
+        for start in range(0, len(rows), step)
+    ]
+
+
+def _rebatch(
+    feeds: list[dict[str, np.ndarray]], specs: tuple[TensorSpec, ...], batch_size: int, where: str
+) -> list[dict[str, np.ndarray]]:
+    """A generator's feeds, re-cut into equal batches when every input has a batch axis."""
+    if not feeds or not all(s.shape and s.shape[0] < 0 for s in specs):
+        return feeds
+    joined = {s.name: np.concatenate([f[s.name] for f in feeds]) for s in specs}
+    return _split(joined, specs, batch_size, where)
+
+
+def _call_entry_point(entry_point: str) -> Iterable[Any]:
+    module_name, _, function_name = entry_point.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidInput(f"calibration generator {entry_point}: cannot import {module_name}: {exc}") from exc
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise InvalidInput(f"calibration generator {entry_point}: {module_name} has no function {function_name}")
+    return function()  # type: ignore[no-any-return]
+
+
+def calibration_data_sha256(batches: Sequence[dict[str, np.ndarray]]) -> str:
+    """Stable digest of the calibration data: batch order, input names, dtypes, shapes, bytes."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            array = np.ascontiguousarray(batch[name])
+            header = f"{name}|{array.dtype.str}|{','.join(map(str, array.shape))}|"
+            digest.update(header.encode())
+            digest.update(array.tobytes())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def calibration_key(source_sha256: str, data_sha256: str, method: str) -> str:
+    """Where a calibration is stored: found by the source model's sha256, never by model name."""
+    check_calibration_method(method)
+    for label, value in (("source", source_sha256), ("calibration data", data_sha256)):
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError(f"{label} sha256 must be 64 lowercase hex digits, got {value!r}")
+    return f"{source_sha256}-{data_sha256[:16]}-{method}"
+
+
+def parse_calibration_key(key: str) -> tuple[str, str, str]:
+    """(source sha256, calibration-data sha256 prefix, method) of a key from calibration_key."""
+    match = re.fullmatch(r"([0-9a-f]{64})-([0-9a-f]{16})-([a-z]+)", key)
+    if not match or match.group(3) not in CALIBRATION_METHODS:
+        raise ValueError(f"not a calibration key: {key!r}")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def check_calibration_method(method: str) -> str:
+    if method not in CALIBRATION_METHODS:
+        raise InvalidConfig(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    return method
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """What ``int8_calib`` keeps and ``int8`` builds from."""
+
+    amax: dict[str, float]  # activation tensor -> absolute max (symmetric range)
+    qdq_model: bytes  # serialized Q/DQ ONNX model, zero points all 0
+    method: str = DEFAULT_CALIBRATION_METHOD
+
+    def trt_cache(self, trt_version: str = DEFAULT_CACHE_TRT_VERSION) -> str:
+        return trt_calibration_cache(self.amax, trt_version)
+
+
+class _FeedReader:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of feed dicts."""
+
+    def __init__(self, batches: Sequence[dict[str, np.ndarray]]) -> None:
+        self._batches = list(batches)
+        self._iter: Iterator[dict[str, np.ndarray]] = iter(self._batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def rewind(self) -> None:
+        self._iter = iter(self._batches)
+
+
+def calibrate(
+    src_path: str | Path,
+    calib_feeds: Sequence[dict[str, np.ndarray]],
+    method: str = DEFAULT_CALIBRATION_METHOD,
+) -> CalibrationResult:
+    """Calibrate with ONNX Runtime's static quantizer: symmetric QInt8 activations and weights, Q/DQ format.
+
+    Symmetric scales give zero points of 0, which TensorRT requires of Q/DQ models; the
+    ranges are read back from the Q/DQ model, so the JSON, the model and the TensorRT
+    cache can never disagree.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    check_calibration_method(method)
+    if not calib_feeds:
+        raise InvalidInput("no calibration data: give at least one batch")
+    ort_method = {
+        "entropy": CalibrationMethod.Entropy,
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
+
+    class Reader(_FeedReader, CalibrationDataReader):
+        pass
+
+    src = Path(src_path)
+    with tempfile.TemporaryDirectory(prefix="fleet-calib-") as tmp:
+        out = Path(tmp) / QDQ_MODEL_FILE
+        try:
+            quantize_static(
+                str(src),
+                str(out),
+                Reader(calib_feeds),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=ort_method,
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            )
+        except InvalidInput:
+            raise
+        except Exception as exc:  # the calibrator raises ValueError, RuntimeError, ORT errors ...
+            raise BuildError(f"INT8 calibration ({method}) of {src.name} failed: {exc}") from exc
+        qdq_bytes = out.read_bytes()
+    amax = activation_ranges(onnx.load_from_string(qdq_bytes))
+    if not amax:
+        raise BuildError(f"INT8 calibration of {src.name} quantized no activation: no operator it can quantize")
+    try:
+        _cpu_session(qdq_bytes)
+    except Exception as exc:
+        raise BuildError(f"the Q/DQ model calibrated from {src.name} does not load in ONNX Runtime: {exc}") from exc
+    return CalibrationResult(amax=amax, qdq_model=qdq_bytes, method=method)
+
+
+def activation_ranges(qdq_model: onnx.ModelProto) -> dict[str, float]:
+    """{activation tensor: amax} from the QuantizeLinear nodes of a symmetric Q/DQ model."""
+    initializers = {init.name: init for init in qdq_model.graph.initializer}
+    ranges: dict[str, float] = {}
+    for node in qdq_model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in initializers:
+            continue  # weights are stored already quantized, not as activations
+        scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
+        if len(node.input) > 2 and node.input[2]:
+            zero_point = numpy_helper.to_array(initializers[node.input[2]])
+            if np.any(zero_point != 0):
+                raise BuildError(
+                    f"Q/DQ model has a non-zero zero point on '{node.input[0]}'; TensorRT needs "
+                    f"symmetric quantization (ActivationSymmetric/WeightSymmetric)"
+                )
+        if scale.size != 1:
+            continue  # per-channel scales belong to weights, not activations
+        ranges[node.input[0]] = float(scale.reshape(()) * INT8_MAX)
+    return ranges
+
+
+def trt_version_tag(trt_version: str) -> str:
+    """TensorRT's NV_TENSORRT_VERSION, as calibration cache headers carry it.
+
+    8.x: major*1000 + minor*100 + patch ("8.6.1" -> 8601); 10 and later:
+    major*10000 + minor*100 + patch ("10.16.1" -> 101601).
+    """
+    parts = [int(p) for p in re.findall(r"\d+", trt_version)[:3]]
+    if len(parts) < 2:
+        raise ValueError(f"not a TensorRT version: {trt_version!r}")
+    major, minor, patch = (parts + [0, 0])[:3]
+    return str(major * (1000 if major < 10 else 10000) + minor * 100 + patch)
+
+
+def trt_calibration_cache(amax: dict[str, float], trt_version: str = DEFAULT_CACHE_TRT_VERSION) -> str:
+    """TensorRT's native calibration cache: a header, then ``name: <big-endian float32 scale, hex>``.
+
+    The header always names EntropyCalibration2 whatever method computed the ranges:
+    the cache is read back by an IInt8EntropyCalibrator2, and TensorRT refuses a cache
+    whose header names another algorithm or another TensorRT version.
+    """
+    lines = [f"TRT-{trt_version_tag(trt_version)}-EntropyCalibration2"]
+    for name in sorted(amax):
+        if "\n" in name or ": " in name:
+            raise BuildError(f"tensor name {name!r} cannot be written to a TensorRT calibration cache")
+        scale = float(amax[name]) / INT8_MAX
+        lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_trt_calibration_cache(text: str) -> tuple[str, dict[str, float]]:
+    """(header, {tensor: scale}) of a TensorRT calibration cache."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or not re.fullmatch(r"TRT-\d+-\w+", lines[0]):
+        raise BuildError("calibration cache has no 'TRT-<version>-<algorithm>' header")
+    scales = {}
+    for line in lines[1:]:
+        name, sep, hex_scale = line.rpartition(": ")
+        if not sep or not re.fullmatch(r"[0-9a-fA-F]{1,8}", hex_scale):
+            raise BuildError(f"calibration cache line {line!r} is not 'name: <hex float32>'")
+        scales[name] = struct.unpack(">f", bytes.fromhex(hex_scale.zfill(8)))[0]
+    return lines[0], scales
+
+
+def write_calibration(result: CalibrationResult, directory: str | Path, trt_version: str = DEFAULT_CACHE_TRT_VERSION) -> Path:
+    """Write ranges.json, model.qdq.onnx and calibration.cache into ``directory``."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RANGES_FILE).write_text(json.dumps(result.amax, indent=2, sort_keys=True))
+    (out / QDQ_MODEL_FILE).write_bytes(result.qdq_model)
+    (out / TRT_CACHE_FILE).write_text(result.trt_cache(trt_version))
+    return out
+
+
+def read_calibration(directory: str | Path, method: str = DEFAULT_CALIBRATION_METHOD) -> CalibrationResult:
+    """The calibration stored by write_calibration; BuildError naming what is missing or wrong."""
+    where = Path(directory)
+    missing = [name for name in CALIBRATION_FILES if not (where / name).is_file()]
+    if missing:
+        raise BuildError(
+            f"calibration in {where} is incomplete (missing {', '.join(missing)}); "
+            f"run `fleet build ... --precision int8_calib` again"
+        )
+    try:
+        raw = json.loads((where / RANGES_FILE).read_text())
+        amax = {str(k): float(v) for k, v in raw.items()}
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise BuildError(f"{where / RANGES_FILE} is not a JSON object of tensor -> amax: {exc}") from exc
+    if any(not math.isfinite(v) or v < 0 for v in amax.values()):
+        raise BuildError(f"{where / RANGES_FILE} has a negative or non-finite range")
+    return CalibrationResult(amax=amax, qdq_model=(where / QDQ_MODEL_FILE).read_bytes(), method=method)
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, Any]:
+    """How far ``candidate`` is from the float32 ``reference``, per output and overall.
+
+    Float outputs: max absolute error and relative L2 error (||c - r|| / ||r||);
+    2-D float outputs (classifier probabilities or logits) also top-1 agreement;
+    integer outputs (labels): the fraction that agree exactly. The overall numbers are
+    the worst over the outputs and go into the manifest.
+    """
+    missing = sorted(set(reference) - set(candidate))
+    if missing:
+        raise BuildError(f"the candidate artifact does not produce output(s) {missing}")
+    per_output: dict[str, dict[str, float]] = {}
+    for name in sorted(reference):
+        ref, cand = np.asarray(reference[name]), np.asarray(candidate[name])
+        if ref.shape != cand.shape:
+            raise BuildError(f"output '{name}': shape {list(cand.shape)} differs from the reference's {list(ref.shape)}")
+        metrics: dict[str, float] = {}
+        if ref.dtype.kind == "f":
+            r, c = ref.astype(np.float64), cand.astype(np.float64)
+            diff = c - r
+            metrics["max_abs_error"] = float(np.max(np.abs(diff))) if diff.size else 0.0
+            norm = float(np.linalg.norm(r))
+            metrics["rel_l2_error"] = float(np.linalg.norm(diff)) / norm if norm > 0 else float(np.linalg.norm(diff))
+            if ref.ndim == 2 and ref.shape[1] > 1:
+                metrics["top1_agreement"] = float(np.mean(np.argmax(r, axis=1) == np.argmax(c, axis=1)))
+        elif ref.dtype.kind in "iub":
+            metrics["exact_agreement"] = float(np.mean(ref == cand)) if ref.size else 1.0
+        else:
+            metrics["exact_agreement"] = float(np.mean(ref == cand)) if ref.size else 1.0
+        per_output[name] = metrics
+    summary: dict[str, Any] = {"outputs": per_output}
+    for key, worst in (("max_abs_error", max), ("rel_l2_error", max), ("top1_agreement", min), ("exact_agreement", min)):
+        values = [m[key] for m in per_output.values() if key in m]
+        if values:
+            summary[key] = worst(values)
+    samples = {int(np.asarray(a).shape[0]) for a in reference.values() if np.asarray(a).ndim}
+    if len(samples) == 1:
+        summary["samples"] = samples.pop()
+    return summary
+
+
+def accuracy_threshold(precision: str, metrics: dict[str, Any]) -> tuple[str, str, float]:
+    """(metric, 'max' | 'min', bound) that ``precision`` is judged by, given what ``metrics`` holds."""
+    if precision == "float32":
+        return "rel_l2_error", "max", FLOAT32_MAX_REL_L2
+    if precision == "float16":
+        return "rel_l2_error", "max", FLOAT16_MAX_REL_L2
+    if precision in ("int8", "int8_calib"):
+        if "top1_agreement" in metrics:
+            return "top1_agreement", "min", INT8_MIN_TOP1_AGREEMENT
+        return "rel_l2_error", "max", INT8_MAX_REL_L2_WITHOUT_CLASSIFIER
+    raise InvalidConfig(f"unknown precision {precision!r}")
+
+
+def check_accuracy(precision: str, metrics: dict[str, Any], accept_loss: bool = False) -> dict[str, Any]:
+    """Raise BuildError when ``metrics`` (from compare_outputs) break the mode's threshold.
+
+    Returns what was checked, for the manifest: metric, bound, value, passed, accepted.
+    """
+    metric, kind, bound = accuracy_threshold(precision, metrics)
+    if metric not in metrics:
+        raise BuildError(f"cannot check {precision} accuracy: the comparison has no {metric} (no float output?)")
+    value = float(metrics[metric])
+    passed = value <= bound if kind == "max" else value >= bound
+    verdict = {"metric": metric, "bound": bound, "kind": kind, "value": value, "passed": passed, "accepted_loss": False}
+    if passed:
+        return verdict
+    if accept_loss:
+        verdict["accepted_loss"] = True
+        return verdict
+    relation = "over the maximum" if kind == "max" else "under the minimum"
+    raise BuildError(
+        f"{precision} artifact loses too much accuracy: {metric} {value:.6g} is {relation} {bound:g} "
+        f"against float32 on {metrics.get('samples', 'the held-out')} samples; build another precision, "
+        f"or pass --accept-accuracy-loss to keep it anyway"
+    )
