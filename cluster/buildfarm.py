@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import onnxruntime as ort
 
 from workers.build import BuildRequest, build_artifact
-from workers.errors import FleetError
-from workers.targets import Target
+from workers.errors import FleetError, InvalidInput
+from workers.targets import Target, WorkerCaps
 
 from cluster.repository import Repository, StoredArtifact
 
@@ -48,7 +48,8 @@ def find_cached(repo: Repository, request: BuildRequest, source_sha256: str) -> 
     return None
 
 
-def build_locally(repo: Repository, request: BuildRequest, source_sha256: str, progress=sys.stderr) -> BuildOutcome:
+def build_locally(repo: Repository, request: BuildRequest, source_sha256: str, progress=None) -> BuildOutcome:
+    progress = progress or sys.stderr
     t0 = time.monotonic()
     cached = find_cached(repo, request, source_sha256)
     if cached is not None:
@@ -68,3 +69,146 @@ def build_locally(repo: Repository, request: BuildRequest, source_sha256: str, p
     seconds = time.monotonic() - t0
     print(f"  {request.target.describe()}: built in {seconds:.1f} s -> {stored.directory}", file=progress, flush=True)
     return BuildOutcome(request.target, stored, seconds=seconds)
+
+
+# ---- the build farm: one artifact per distinct target, built where it runs ----------
+
+@dataclass(frozen=True)
+class PlannedBuild:
+    target: Target
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class SkippedTarget:
+    what: str
+    reason: str
+
+
+def preferred_target(caps: WorkerCaps, precision: str) -> Target:
+    """The best artifact a worker can build for itself: TensorRT, else ORT CUDA, else ORT CPU."""
+    device = caps.device
+    by_backend = {(r.backend, r.provider): r for r in caps.runtimes}
+    trt = next((r for r in caps.runtimes if r.backend == "tensorrt" and not r.lean), None)
+    if trt is not None and device.compute_capability:
+        return Target("tensorrt", trt.version, device.compute_capability, provider="tensorrt",
+                      precision=precision, simulated=trt.simulated)
+    cuda = by_backend.get(("onnxruntime", "cuda"))
+    if cuda is not None:
+        return Target("onnxruntime", cuda.version, provider="cuda", precision=precision)
+    cpu = by_backend[("onnxruntime", "cpu")]
+    return Target("onnxruntime", cpu.version, provider="cpu", precision=precision)
+
+
+def _matches(selector: str, caps: WorkerCaps) -> bool:
+    device = caps.device
+    if selector.lower() == "cpu":
+        return not device.is_gpu
+    if device.compute_capability and selector == device.compute_capability:
+        return True
+    words = device.name.upper().replace("-", " ").split()
+    return selector.upper() in words or selector.upper() == device.name.upper()
+
+
+def plan_builds(workers: list[WorkerCaps], targets: str, precision: str) -> tuple[list[PlannedBuild], list[SkippedTarget]]:
+    """Which targets to build, each on a worker that has it.
+
+    ``targets``: ``auto`` (every distinct target in the fleet) or a comma-separated list
+    of compute capabilities ("7.5"), GPU model names ("T4", "V100") or ``cpu``.
+    """
+    explicit = targets.strip().lower() != "auto"
+    selectors = [s.strip() for s in targets.split(",") if s.strip()] if explicit else []
+    if explicit and not selectors:
+        raise InvalidInput("--targets is empty; use auto or e.g. 7.5,T4,cpu")
+    chosen: dict[str, PlannedBuild] = {}
+    skipped: list[SkippedTarget] = []
+    for selector in selectors or ["auto"]:
+        matched = [w for w in workers if selector == "auto" or _matches(selector, w)]
+        if not matched:
+            names = sorted({f"{w.device.name} ({w.device.compute_capability or 'cpu'})" for w in workers})
+            skipped.append(SkippedTarget(selector, f"no worker in the fleet matches it; the fleet has {', '.join(names)}"))
+            continue
+        for caps in matched:
+            if selector.lower() == "cpu":
+                target = Target("onnxruntime", next(r.version for r in caps.runtimes if r.backend == "onnxruntime"), precision=precision)
+            else:
+                target = preferred_target(caps, precision)
+            if precision == "float16" and caps.device.is_gpu and not caps.device.has_fast_fp16 and not explicit:
+                skipped.append(SkippedTarget(
+                    f"{caps.device.name} ({caps.device.compute_capability})",
+                    f"{caps.device.describe()} has no fast FP16; name it in --targets to build float16 anyway",
+                ))
+                continue
+            chosen.setdefault(target.key(), PlannedBuild(target, caps.worker_id))
+    unique_skips = list({(s.what, s.reason): s for s in skipped}.values())
+    return list(chosen.values()), unique_skips
+
+
+def build_on_fleet(
+    repo: Repository,
+    controller,
+    source: Path,
+    *,
+    model: str,
+    version: str = "1",
+    targets: str = "auto",
+    precision: str = "float32",
+    max_batch: int = 64,
+    options: dict | None = None,
+    progress=None,
+) -> list[BuildOutcome]:
+    """Build on the workers in parallel, publish each artifact, report every target."""
+    progress = progress or sys.stderr
+    import ray
+
+    from workers.manifest import sha256_file
+
+    handles = ray.get(controller.worker_handles.remote())
+    status = ray.get(controller.status.remote())
+    caps = [WorkerCaps.from_dict({"worker_id": w["worker_id"], "node_id": n["node"], "device": w["device"], "runtimes": w["runtimes"]})
+            for n in status["nodes"] for w in n["workers"] if w["alive"]]
+    planned, skipped = plan_builds(caps, targets, precision)
+    source_sha = sha256_file(source)
+    say = lambda msg: print(msg, file=progress, flush=True)  # noqa: E731
+    say(f"building {model} v{version} ({precision}) from {source.name} for {len(planned)} target(s):")
+    for s in skipped:
+        say(f"  {s.what}: skipped: {s.reason}")
+    outcomes: list[BuildOutcome] = []
+    pending = {}
+    source_ref = ray.put(source.read_bytes()) if planned else None
+    for plan in planned:
+        request = BuildRequest(str(source), model, plan.target, version=version, max_batch=max_batch, options=dict(options or {}))
+        cached = find_cached(repo, request, source_sha)
+        if cached is not None:
+            say(f"  {plan.target.describe()}: cached ({cached.directory})")
+            outcomes.append(BuildOutcome(plan.target, cached, cached=True))
+            continue
+        staging = repo.new_staging_dir()
+        ref = handles[plan.worker_id].build_from_bytes.remote(source_ref, request, str(staging))
+        pending[ref] = (plan, staging, time.monotonic())
+        say(f"  {plan.target.describe()}: building on {plan.worker_id} ...")
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        plan, staging, t0 = pending.pop(done[0])
+        try:
+            ray.get(done[0])
+            stored = repo.publish(staging)
+        except Exception as exc:  # one failing target never stops the others
+            from cluster.controller import unwrap
+
+            cause = unwrap(exc)
+            message = cause.message if isinstance(cause, FleetError) else f"{type(cause).__name__}: {cause}"
+            repo.discard(staging)
+            say(f"  {plan.target.describe()}: FAILED on {plan.worker_id}: {message}")
+            outcomes.append(BuildOutcome(plan.target, error=message, seconds=time.monotonic() - t0))
+            continue
+        seconds = time.monotonic() - t0
+        say(f"  {plan.target.describe()}: built on {plan.worker_id} in {seconds:.1f} s")
+        outcomes.append(BuildOutcome(plan.target, stored, seconds=seconds))
+    outcomes += [BuildOutcome(Target("onnxruntime", "0"), error=f"{s.what}: {s.reason}") for s in skipped]
+    ray.get(controller.rescan.remote())
+    built = sum(1 for o in outcomes if o.ok and not o.cached)
+    cached_n = sum(1 for o in outcomes if o.cached)
+    failed = sum(1 for o in outcomes if not o.ok)
+    say(f"done: {built} built, {cached_n} cached, {failed} failed or skipped")
+    return outcomes

@@ -19,6 +19,9 @@ from cluster.client import DEFAULT_URL, FleetClient
 from cluster.env import apply_ray_env, fleet_token, fleet_url
 
 DEMO_MODEL_DIR = Path("models")
+# First row of the digits test split (a 2; pixel values 0-16 scaled to [0, 1] like the training data).
+_SAMPLE_PIXELS = [0, 0, 7, 16, 14, 3, 0, 0, 0, 0, 9, 14, 11, 15, 0, 0, 0, 0, 1, 5, 0, 15, 5, 0, 0, 0, 0, 0, 0, 16, 5, 0, 0, 0, 0, 0, 3, 16, 4, 0, 0, 0, 0, 1, 12, 14, 1, 0, 0, 0, 5, 12, 16, 16, 14, 1, 0, 0, 8, 16, 14, 10, 13, 3]
+SAMPLE_DIGIT = [round(v / 16, 4) for v in _SAMPLE_PIXELS]
 
 
 def _say(msg: str) -> None:
@@ -31,7 +34,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from cluster.config import load_config
 
     config = load_config(args.config, port=args.port, repository=args.repository)
-    if args.demo:
+    if args.demo and not config.simulated:
         _build_demo(config)
     address = args.address
     started_nodes = False
@@ -41,9 +44,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         fleet.connect(address)
         _say(f"deploying fleet '{config.name}' (repository {config.repository}) ...")
-        fleet.deploy(config)
+        controller = fleet.deploy(config)
+        if args.demo and config.simulated:  # build the demo for the declared GPUs' targets
+            _build_demo_on_fleet(config, controller)
     except BaseException:
         if started_nodes:
+            fleet.disconnect()
             fleet.stop_nodes()
         raise
     url = f"http://{config.host}:{config.port}"
@@ -57,6 +63,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     stop.wait()
     _say("shutting down ...")
     fleet.teardown()
+    fleet.disconnect()
     if started_nodes:
         fleet.stop_nodes()
     _say("stopped")
@@ -80,6 +87,19 @@ def _build_demo(config) -> None:
             raise FleetError(f"demo model {name} failed to build: {outcome.error}")
 
 
+def _build_demo_on_fleet(config, controller) -> None:
+    from cluster.buildfarm import build_on_fleet
+    from cluster.demo import DEMO_MODELS, make_demo_models
+    from cluster.repository import Repository
+
+    paths = make_demo_models(DEMO_MODEL_DIR)
+    for name, path in paths.items():
+        max_batch = config.models[name].max_batch if name in config.models else DEMO_MODELS[name][1]
+        outcomes = build_on_fleet(Repository(config.repository), controller, path, model=name, max_batch=max_batch)
+        if not any(o.ok for o in outcomes):
+            raise FleetError(f"demo model {name} failed to build on every target")
+
+
 def _print_ready(url: str, config) -> None:
     print(f"\nforward-fleet '{config.name}' is serving on {url}\n")
     print("Try:")
@@ -87,7 +107,7 @@ def _print_ready(url: str, config) -> None:
     print(f"  curl -s {url}/v2/models/digits-mlp")
     print(
         f"  curl -s -X POST {url}/v2/models/digits-mlp/infer -H 'Content-Type: application/json' \\\n"
-        f"       -d '{{\"inputs\":[{{\"name\":\"input\",\"shape\":[1,64],\"datatype\":\"FP32\",\"data\":{[0.0] * 64}}}]}}'"
+        f"       -d '{{\"inputs\":[{{\"name\":\"input\",\"shape\":[1,64],\"datatype\":\"FP32\",\"data\":{json.dumps(SAMPLE_DIGIT)}}}]}}'"
     )
     print("  fleet status")
     print("  fleet infer digits-mlp --input rows.npy\n", flush=True)
@@ -101,6 +121,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         fleet.teardown()
     except FleetError as exc:
         _say(f"no running fleet to tear down ({exc.message.splitlines()[0]})")
+    fleet.disconnect()
     fleet.stop_nodes()
     _say("fleet is down; Ray stopped")
     return 0
@@ -154,8 +175,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 # ---- build / infer -------------------------------------------------------------
 def cmd_build(args: argparse.Namespace) -> int:
-    from cluster.buildfarm import build_locally, local_target
-    from cluster.config import load_config
+    from cluster.buildfarm import build_locally, build_on_fleet, local_target
+    from cluster.config import load_config, parse_bytes
     from cluster.repository import Repository
     from workers.build import BuildRequest
 
@@ -165,10 +186,25 @@ def cmd_build(args: argparse.Namespace) -> int:
     config = load_config(args.config, repository=args.repository)
     repo = Repository(config.repository)
     max_batch = args.max_batch or config.model_config_for(args.name).max_batch
-    request = BuildRequest(str(source), args.name, local_target(args.precision), version=args.version, max_batch=max_batch)
-    _say(f"building {args.name} v{args.version} ({args.precision}) from {source} for 1 target:")
-    outcome = build_locally(repo, request, sha256_file(source))
-    return 0 if outcome.ok else 1
+    options = {"footprint_bytes": parse_bytes(args.footprint)} if args.footprint else {}
+    controller = None
+    if not args.local:
+        from cluster import fleet
+
+        controller = fleet.running_controller(args.address)
+        if controller is None and args.targets not in (None, "cpu"):
+            raise FleetError(
+                f"--targets {args.targets} builds on the fleet's workers, but no fleet is running; "
+                f"start one with `fleet up --config ...` (or use --local for a CPU artifact)"
+            )
+    if controller is None:
+        request = BuildRequest(str(source), args.name, local_target(args.precision), version=args.version,
+                               max_batch=max_batch, options=options)
+        _say(f"building {args.name} v{args.version} ({args.precision}) from {source} on this machine for 1 target:")
+        return 0 if build_locally(repo, request, sha256_file(source)).ok else 1
+    outcomes = build_on_fleet(repo, controller, source, model=args.name, version=args.version, targets=args.targets or "auto",
+                              precision=args.precision, max_batch=max_batch, options=options)
+    return 0 if outcomes and all(o.ok for o in outcomes) else 1
 
 
 def _load_inputs(path: Path, input_name: str | None) -> dict[str, np.ndarray]:
@@ -236,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1")
     p.add_argument("--precision", default="float32", choices=["float32"])
     p.add_argument("--max-batch", type=int, help="max batch (default: the model's config, else 64)")
+    p.add_argument("--targets", help="auto (every target in the running fleet) or a list: compute capabilities, "
+                   "GPU model names, cpu (e.g. 7.5,V100); default: auto with a running fleet, else this machine's CPU")
+    p.add_argument("--footprint", help="device memory to reserve per loaded engine (e.g. 2GiB); default: estimated")
+    p.add_argument("--local", action="store_true", help="build on this machine even if a fleet is running")
+    p.add_argument("--address", help="Ray address of the running fleet (default: auto)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("infer", help="send one request and print the outputs")

@@ -94,6 +94,27 @@ def connect(address: str | None) -> None:
         ) from None
 
 
+def disconnect() -> None:
+    """Leave Ray before its nodes stop, so the driver sees no raylet die under it."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def running_controller(address: str | None = None):
+    """The controller of a running fleet (connecting to Ray if needed), or None."""
+    if not ray.is_initialized():
+        if address is None and not Path("/tmp/ray/ray_current_cluster").exists():
+            return None
+        try:
+            connect(address or "auto")
+        except NotReady:
+            return None
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
 def deploy(config: FleetConfig, *, wait_s: float = 120.0) -> ray.actor.ActorHandle:
     """Start the controller (and its workers) and the HTTP ingress on a connected Ray."""
     config.repository.mkdir(parents=True, exist_ok=True)

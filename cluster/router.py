@@ -50,6 +50,7 @@ class Router:
         # (model, version) -> [(worker_id, manifest)] that can_run; computed once per inventory
         self._compatible: dict[tuple[str, str], list[tuple[str, Manifest]]] = {}
         self._loaded_by: dict[str, list[str]] = {}  # engine key -> worker ids holding it
+        self._turn = 0
 
     # ---- inventory -------------------------------------------------------
     def set_inventory(self, workers: list[WorkerState], manifests: list[Manifest]) -> None:
@@ -113,16 +114,24 @@ class Router:
         return [(w, m) for w, m in self._compatible.get((model, version), []) if self.workers[w].alive]
 
     def choose(self, model: str, version: str) -> Choice | None:
-        """Among live compatible workers holding the engine, the least outstanding; None if none holds it."""
-        best: Choice | None = None
+        """Among live compatible workers holding the engine, the least outstanding
+        (ties take turns); None if no worker holds it."""
+        best: list[Choice] = []
         best_load = None
         for manifest in self._manifests.get(model, {}).get(version, ()):
             for worker_id in self._loaded_by.get(manifest.engine_key, ()):
                 w = self.workers[worker_id]
+                if best_load is not None and w.outstanding > best_load:
+                    continue
+                if not can_run(manifest, w.caps):  # cheap; keeps the rule in one place
+                    continue
                 if best_load is None or w.outstanding < best_load:
-                    if can_run(manifest, w.caps):  # cheap; keeps the rule in one place
-                        best, best_load = Choice(worker_id, manifest), w.outstanding
-        return best
+                    best, best_load = [], w.outstanding
+                best.append(Choice(worker_id, manifest))
+        if not best:
+            return None
+        self._turn += 1
+        return best[self._turn % len(best)]
 
     def placement(self, model: str, version: str) -> list[Choice]:
         """Where to load, best first: fits without eviction, then most free budget."""

@@ -12,8 +12,10 @@ evicted or unloaded, and each engine admits at most ``slots`` concurrent runs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -273,8 +275,20 @@ class FleetWorker:
                 self._lock.notify_all()
 
     # ---- build -----------------------------------------------------------
+    def build_from_bytes(self, source: bytes, request: BuildRequest, out_dir: str) -> dict:
+        """Build from a source model shipped as bytes (the driver may be on another host)."""
+        with tempfile.TemporaryDirectory(prefix="fleet-build-") as tmp:
+            path = Path(tmp) / "source.onnx"
+            path.write_bytes(source)
+            return self.build(dataclasses.replace(request, source_path=str(path)), out_dir)
+
     def build(self, request: BuildRequest, out_dir: str) -> dict:
         """Build an artifact for one of this worker's targets into ``out_dir``."""
+        verdict = can_run(request.target, self.caps)
+        if not verdict:
+            raise IncompatibleArtifact(
+                f"worker {self.spec.worker_id} cannot build for {request.target.describe()}: {verdict.reason}"
+            )
         manifest = build_artifact(request, out_dir)
         verdict = can_run(manifest, self.caps)
         if not verdict:

@@ -63,6 +63,15 @@ def test_up_prints_ready_to_paste_requests(foreground_fleet):
     work, url, _, _ = foreground_fleet
     text = (work / "up.log").read_text()
     assert f"curl -s -X POST {url}/v2/models/digits-mlp/infer" in text
+    # paste the printed example into a shell, as a user would
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "curl -s -X POST" in line)
+    command = lines[start].rstrip("\\") + lines[start + 1]
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+    import json
+
+    labels = next(o for o in json.loads(out.stdout)["outputs"] if o["name"] == "label")["data"]
+    assert labels == [2]
     assert (work / "models" / "digits-mlp.onnx").exists() and (work / "models" / "cnn-small.onnx").exists()
 
 

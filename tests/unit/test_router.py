@@ -52,6 +52,14 @@ def test_choose_least_outstanding_among_holders(fleet):
     assert router.choose("only75", "1").worker_id == "t4-b"
 
 
+def test_ties_take_turns(fleet):
+    router, m75 = fleet
+    router.mark_loaded("t4-a", m75.engine_key)
+    router.mark_loaded("t4-b", m75.engine_key)
+    picks = {router.choose("only75", "1").worker_id for _ in range(4)}
+    assert picks == {"t4-a", "t4-b"}
+
+
 def test_no_compatible_worker_names_built_and_present_targets(fleet):
     router, _ = fleet
     with pytest.raises(NoCompatibleWorker) as err:

@@ -1,0 +1,247 @@
+"""The simulated heterogeneous fleet: 2x T4, 1x P4, 1x V100 as labelled Ray nodes.
+
+Real Ray nodes (ray.cluster_utils.Cluster), real workers taking the declared GPU
+identities, real builds on those workers, real HTTP; execution is ONNX Runtime on
+the CPU, which everything reports as `simulated`.
+"""
+
+import collections
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+import requests
+import yaml
+from ray.cluster_utils import Cluster
+
+from cluster.buildfarm import build_on_fleet
+from cluster.client import FleetClient
+from cluster.config import load_config
+from cluster.names import CONTROLLER_NAME, NAMESPACE, NODE_LABEL
+from cluster.repository import Repository
+from tests.integration.fleet_fixtures import running_fleet
+from workers.errors import NoCapacity, NoCompatibleWorker
+
+pytestmark = pytest.mark.integration
+BUDGET = 100 << 20  # per simulated GPU, small so that evictions happen
+T4S = {"t4-node-gpu0", "t4-node-gpu1"}
+ALL = T4S | {"p4-node-gpu0", "v100-node-gpu0"}
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory, demo_models):
+    work = tmp_path_factory.mktemp("sim")
+    data = yaml.safe_load(open("configs/hetero-sim.yaml"))
+    for node in data["nodes"]:
+        for gpu in node["gpus"]:
+            gpu["budget"] = BUDGET
+    config_path = work / "hetero-sim.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    config = load_config(config_path)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    for node in config.nodes:
+        cluster.add_node(num_cpus=0, num_gpus=len(node.gpus), labels={NODE_LABEL: node.name, **node.labels})
+    try:
+        with running_fleet(str(config_path), work / "repo", cluster_address=cluster.address) as (cfg, url):
+            controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+            yield {"url": url, "repo": Repository(cfg.repository), "controller": controller, "models": demo_models}
+    finally:
+        cluster.shutdown()
+
+
+def build(sim, name, targets, **kw):
+    return build_on_fleet(sim["repo"], sim["controller"], sim["models"]["digits-mlp"], model=name, targets=targets, **kw)
+
+
+def status(sim):
+    return requests.get(sim["url"] + "/v2/fleet/status", timeout=30).json()
+
+
+def workers(sim):
+    return {w["worker_id"]: w for n in status(sim)["nodes"] for w in n["workers"]}
+
+
+def test_workers_take_the_declared_identities(sim):
+    ws = workers(sim)
+    assert set(ws) == ALL
+    assert {w["device"]["name"] for w in ws.values()} == {"Tesla T4", "Tesla P4", "Tesla V100-SXM2-16GB"}
+    assert all(w["simulated"] for w in ws.values())
+    assert ws["p4-node-gpu0"]["device"]["compute_capability"] == "6.1"
+    assert {r["version"] for r in ws["v100-node-gpu0"]["runtimes"] if r["backend"] == "tensorrt"} == {"10.4.0"}
+    assert ws["t4-node-gpu0"]["device"]["uuid"] != ws["t4-node-gpu1"]["device"]["uuid"]
+    assert all(w["budget_bytes"] == BUDGET for w in ws.values())
+
+
+def test_build_farm_builds_each_target_once_and_caches(sim, capsys):
+    outcomes = build(sim, "digits-all", "auto")
+    assert sorted(o.target.key() for o in outcomes) == [
+        "tensorrt-10.16.1-sm75-sim", "tensorrt-10.4.0-sm70-sim", "tensorrt-8.6.1-sm61-sim"]
+    assert all(o.ok and not o.cached for o in outcomes)
+    err = capsys.readouterr().err
+    assert "building on t4-node" in err and "built on p4-node-gpu0" in err and "done: 3 built" in err
+    again = build(sim, "digits-all", "auto")
+    assert all(o.cached for o in again)
+    assert "done: 0 built, 3 cached" in capsys.readouterr().err
+
+
+def test_one_failing_target_does_not_stop_the_others(sim, capsys):
+    outcomes = build(sim, "digits-t4-p4", "T4,6.1,A100")
+    ok = sorted(o.target.key() for o in outcomes if o.ok)
+    assert ok == ["tensorrt-10.16.1-sm75-sim", "tensorrt-8.6.1-sm61-sim"]
+    failed = [o for o in outcomes if not o.ok]
+    assert len(failed) == 1 and "A100: no worker in the fleet matches it" in failed[0].error
+    assert "A100: skipped" in capsys.readouterr().err
+
+
+def served_by(sim, model, n):
+    counts = collections.Counter()
+    X = np.zeros((1, 64), np.float32)
+    with FleetClient(sim["url"]) as client:
+        for _ in range(n):
+            client.infer(model, {"input": X})
+            counts[client.last_parameters["fleet_worker"]] += 1
+            assert client.last_parameters["simulated"] is True
+    return counts
+
+
+def concurrently(sim, model, total, threads=8):
+    counts = collections.Counter()
+    lock = threading.Lock()
+    X = np.zeros((1, 64), np.float32)
+
+    def run(n):
+        with FleetClient(sim["url"]) as client:
+            for _ in range(n):
+                client.infer(model, {"input": X})
+                with lock:
+                    counts[client.last_parameters["fleet_worker"]] += 1
+
+    ts = [threading.Thread(target=run, args=(total // threads,)) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return counts
+
+
+def test_model_built_for_75_is_served_only_by_the_t4s(sim):
+    build(sim, "only-t4", "7.5")
+    counts = concurrently(sim, "only-t4", 200)
+    assert sum(counts.values()) == 200
+    assert set(counts) == T4S, counts
+
+
+def test_model_built_for_all_targets_spreads_over_all_four(sim):
+    build(sim, "digits-all", "auto")
+    counts = concurrently(sim, "digits-all", 200)
+    assert set(counts) == ALL, counts
+
+
+def test_no_compatible_target_is_a_clear_503(sim):
+    build(sim, "only-p4", "P4")
+    with FleetClient(sim["url"]) as client:
+        client.infer("only-p4", {"input": np.zeros((1, 64), np.float32)})
+        assert client.last_parameters["fleet_worker"] == "p4-node-gpu0"
+    # the P4 dies for good: ask only what its artifact needs
+    r = requests.get(sim["url"] + "/v2/models/only-p4", timeout=10).json()
+    assert r["parameters"]["targets"] == ["tensorrt-8.6.1-sm61-sim"]
+
+
+def test_loading_more_than_fits_evicts_and_never_overfills(sim):
+    names = [f"evict-{c}" for c in "abcdef"]
+    for name in names:
+        build(sim, name, "T4", options={"footprint_bytes": 40 << 20})
+    X = np.zeros((1, 64), np.float32)
+    with FleetClient(sim["url"]) as client:
+        for name in names * 2:
+            client.infer(name, {"input": X})
+            for w in workers(sim).values():
+                used = sum(e["footprint_bytes"] for e in w["ledger"])
+                assert used == w["used_bytes"] <= w["budget_bytes"], w
+    evictions = sum(w["counters"]["evictions"] for w in workers(sim).values() if w["worker_id"] in T4S)
+    assert evictions > 0
+
+
+def test_model_larger_than_every_budget_gets_503_and_disturbs_nothing(sim):
+    build(sim, "too-big", "auto", options={"footprint_bytes": 1 << 40})
+    before = {k: sorted(e["key"] for e in w["ledger"]) for k, w in workers(sim).items()}
+    resp = requests.post(sim["url"] + "/v2/models/too-big/infer",
+                         json={"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}, timeout=60)
+    assert resp.status_code == 503
+    msg = resp.json()["error"]
+    assert "no capacity for model 'too-big'" in msg and "1.0 TiB" in msg and "more than the whole budget" in msg
+    assert resp.headers["X-Fleet-Error"] == NoCapacity.__name__
+    after = {k: sorted(e["key"] for e in w["ledger"]) for k, w in workers(sim).items()}
+    assert after == before
+    with FleetClient(sim["url"]) as client:
+        with pytest.raises(NoCapacity):
+            client.infer("too-big", {"input": np.zeros((1, 64), np.float32)})
+
+
+def test_model_with_no_runnable_artifact_names_built_and_present_targets(sim):
+    from workers.build import BuildRequest, build_artifact
+    from workers.targets import Target
+
+    staging = sim["repo"].new_staging_dir()
+    build_artifact(BuildRequest(str(sim["models"]["digits-mlp"]), "for-h100", Target("tensorrt", "10.16.1", "9.0", provider="tensorrt", simulated=True)), staging)
+    sim["repo"].publish(staging)
+    resp = requests.post(sim["url"] + "/v2/models/for-h100/infer",
+                         json={"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}, timeout=60)
+    assert resp.status_code == 503 and resp.headers["X-Fleet-Error"] == NoCompatibleWorker.__name__
+    msg = resp.json()["error"]
+    assert "built targets: 9.0 (TensorRT 10.16.1) [simulated]" in msg
+    assert "Tesla P4 (compute capability 6.1, simulated)" in msg and "Tesla T4 (compute capability 7.5, simulated)" in msg
+
+
+def test_status_lists_runnable_but_not_loaded(sim):
+    build(sim, "lazy", "V100")
+    ws = workers(sim)
+    assert "lazy:1:float32" in ws["v100-node-gpu0"]["runnable_not_loaded"]
+    assert all("lazy:1:float32" not in w["runnable_not_loaded"] for k, w in ws.items() if k != "v100-node-gpu0")
+
+
+def test_killing_a_worker_mid_traffic(sim):
+    build(sim, "only-t4", "7.5")
+    served_by(sim, "only-t4", 20)
+    handles = ray.get(sim["controller"].worker_handles.remote())
+    victim = "t4-node-gpu0"
+    errors = []
+    counts = collections.Counter()
+    stop = threading.Event()
+
+    def traffic():
+        with FleetClient(sim["url"]) as client:
+            while not stop.is_set():
+                try:
+                    client.infer("only-t4", {"input": np.zeros((1, 64), np.float32)})
+                    counts[client.last_parameters["fleet_worker"]] += 1
+                except Exception as exc:  # noqa: BLE001 - recorded and checked below
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    ray.kill(handles[victim], no_restart=True)
+    time.sleep(3.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    # every failure, if any, was a clear 503 (worker lost), never a hang or a 500
+    assert all(getattr(e, "http_status", None) == 503 for e in errors), errors
+    assert counts["t4-node-gpu1"] > 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        s = status(sim)
+        ws = {w["worker_id"]: w for n in s["nodes"] for w in n["workers"]}
+        if s["restarts"] >= 1 and ws[victim]["alive"]:
+            break
+        time.sleep(0.5)
+    assert s["restarts"] >= 1 and ws[victim]["alive"]
+    # the ledger matches what the workers really hold
+    for worker_id, handle in ray.get(sim["controller"].worker_handles.remote()).items():
+        real = ray.get(handle.describe.remote())
+        assert sorted(real["loaded"]) == sorted(e["key"] for e in ws[worker_id]["ledger"]) or worker_id == victim
+    assert served_by(sim, "only-t4", 40).keys() <= T4S
