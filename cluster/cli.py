@@ -150,6 +150,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{node['node']:<14} {w['worker_id'] + alive:<22} {dev['name'][:26]:<26} "
                 f"{dev['compute_capability'] or 'cpu':<5} {used:<22} {'yes' if w['simulated'] else 'no':<4} {loaded}"
             )
+    idle = [(w["worker_id"], w["runnable_not_loaded"]) for n in status["nodes"] for w in n["workers"] if w["runnable_not_loaded"]]
+    if idle:
+        print("\ncould also run (built, not loaded):")
+        for worker_id, models in idle:
+            print(f"  {worker_id:<22} {', '.join(models)}")
     return 0
 
 

@@ -94,6 +94,7 @@ class ModelConfig(_Strict):
     """Per-model serving options (``models:`` in the fleet config)."""
 
     max_batch: int = Field(64, ge=1, le=1 << 20)
+    dynamic_batching: bool = True
     max_queue_delay_us: int = Field(500, ge=0, le=10_000_000)
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     fallback: Literal["none", "onnxruntime"] = "none"

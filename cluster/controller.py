@@ -84,6 +84,7 @@ class FleetController:
         self._restarts = 0
         self._health_task: asyncio.Task | None = None
         self._started = False
+        self._unloaded: set[str] = set()  # models unloaded through the repository API
 
     # ---- start-up ----------------------------------------------------------
     def _plan_workers(self) -> list[tuple[WorkerSpec, dict]]:
@@ -247,9 +248,21 @@ class FleetController:
             self.rescan()  # a build may have published it since
             return self.router.resolve(model, version)
 
-    async def ensure_loaded(self, model: str, version: str | None = None, allow_eviction: bool = True) -> dict:
-        """Load the model where it fits (every compatible device with room; else evict on the best one)."""
+    async def ensure_loaded(
+        self, model: str, version: str | None = None, allow_eviction: bool = True, explicit: bool = False
+    ) -> dict:
+        """Load the model where it fits (every compatible device with room; else evict on the best one).
+
+        ``explicit`` (the repository API's load) also lifts an earlier explicit unload;
+        on-demand loads from inference do not.
+        """
         version = self._resolve(model, version)
+        if explicit:
+            self._unloaded.discard(model)
+        elif model in self._unloaded:
+            raise NotReady(
+                f"model '{model}' was unloaded; load it with POST /v2/repository/models/{model}/load"
+            )
         lock = self._locks.setdefault(f"{model}:{version}", asyncio.Lock())
         async with lock:
             placements = self.router.placement(model, version)  # raises NoCompatibleWorker
@@ -267,7 +280,7 @@ class FleetController:
                     continue
                 try:
                     await self._handles[choice.worker_id].load.remote(
-                        choice.manifest.to_dict(), self._dirs[choice.manifest.engine_key]
+                        choice.manifest.to_dict(), self._dirs[choice.manifest.engine_key], self._batching(model)
                     )
                 except RayTaskError as exc:
                     cause = unwrap(exc)
@@ -294,11 +307,17 @@ class FleetController:
                 )
             return {"model": model, "version": version, "workers": loaded_on}
 
+    def _batching(self, model: str) -> dict:
+        cfg = self.config.model_config_for(model)
+        return {"max_queue_delay_us": cfg.max_queue_delay_us, "preferred_batch_sizes": cfg.preferred_batch_sizes,
+                "enabled": cfg.dynamic_batching}
+
     async def unload(self, model: str, version: str | None = None) -> list[str]:
         """Evict the model from every worker. Returns the engine keys unloaded."""
         keys = {m.engine_key for m in self._manifests if m.model == model and (version is None or m.version == version)}
         if not keys and model not in self.router.models():
             raise ModelNotFound(f"model '{model}' is not in the repository")
+        self._unloaded.add(model)
         done = []
         for worker_id, info in list(self._info.items()):
             for key in keys & set(info.get("loaded", [])):
@@ -345,6 +364,21 @@ class FleetController:
 
     async def models(self) -> list[dict]:
         return [m.to_dict() for m in self._manifests]
+
+    async def repository_index(self) -> list[dict]:
+        """Triton's repository index: every model version with its state."""
+        self.rescan()
+        index = []
+        for model, versions in self.router.models().items():
+            for version in versions:
+                if self.router.choose(model, version) is not None:
+                    index.append({"name": model, "version": version, "state": "READY"})
+                elif model in self._unloaded:
+                    index.append({"name": model, "version": version, "state": "UNAVAILABLE", "reason": "unloaded"})
+                else:
+                    index.append({"name": model, "version": version, "state": "UNAVAILABLE",
+                                  "reason": "not loaded; loads on first request"})
+        return index
 
     async def worker_handles(self) -> dict:
         return dict(self._handles)

@@ -6,7 +6,9 @@ class declares (one table: ``workers.errors``).
 """
 
 
+import json
 import logging
+import time
 
 import ray
 from fastapi import FastAPI, Request
@@ -22,6 +24,7 @@ from cluster.controller import call
 from cluster.dataplane import DataPlane
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from cluster.protocol import HEADER_LENGTH, decode_request, decompress, encode_response
+from cluster.stats import RequestStats
 
 log = logging.getLogger("forward-fleet.http")
 SERVER_NAME = "forward-fleet"
@@ -56,6 +59,19 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
+async def _json_body(request: Request) -> dict:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return body
+
+
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class FleetIngress:
@@ -63,6 +79,7 @@ class FleetIngress:
         self.config = FleetConfig.model_validate_json(config_json)
         self.controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
         self.plane = DataPlane(self.controller)
+        self.stats = RequestStats()
 
     # ---- health and metadata ---------------------------------------------------
     @app.get("/v2/health/live")
@@ -117,11 +134,19 @@ class FleetIngress:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
-        body = await request.body()
-        body = decompress(body, request.headers.get("content-encoding"), limit)
-        parsed = decode_request(body, request.headers.get(HEADER_LENGTH), limit=limit)
-        served_version, outputs, params = await self.plane.infer(model, version, parsed.inputs)
-        content, headers = encode_response(model, served_version, outputs, parsed, params)
+        started = time.perf_counter()
+        served_version = version
+        try:
+            body = await request.body()
+            body = decompress(body, request.headers.get("content-encoding"), limit)
+            parsed = decode_request(body, request.headers.get(HEADER_LENGTH), limit=limit)
+            served_version, outputs, params = await self.plane.infer(model, version, parsed.inputs)
+            content, headers = encode_response(model, served_version, outputs, parsed, params)
+        except Exception as exc:
+            if model in self.plane.router.models():  # count only real models, not typos or attacks
+                self.stats.record(model, served_version, time.perf_counter() - started, type(exc).__name__)
+            raise
+        self.stats.record(model, served_version, time.perf_counter() - started)
         return Response(content=content, headers=headers)
 
     # ---- fleet and repository ----------------------------------------------------
@@ -130,29 +155,31 @@ class FleetIngress:
         return await call(self.controller.status.remote())
 
     @app.post("/v2/repository/index")
-    async def repository_index(self) -> list:
-        await call(self.controller.rescan.remote())
-        await self.plane.refresh(force=True)
-        index = []
-        for model, versions in self.plane.router.models().items():
-            for version in versions:
-                ready = self.plane.router.choose(model, version) is not None
-                index.append({"name": model, "version": version, "state": "READY" if ready else "UNAVAILABLE"})
+    async def repository_index(self, request: Request) -> list:
+        body = await _json_body(request)
+        index = await call(self.controller.repository_index.remote())
+        if body.get("ready"):
+            index = [m for m in index if m["state"] == "READY"]
         return index
 
     @app.post("/v2/repository/models/{model}/load")
     async def repository_load(self, model: str) -> dict:
         await self.plane.resolve(model, None)
-        result = await call(self.controller.ensure_loaded.remote(model, None))
+        await call(self.controller.ensure_loaded.remote(model, None, True, True))
         await self.plane.refresh(force=True)
-        return result
+        return {}
 
     @app.post("/v2/repository/models/{model}/unload")
     async def repository_unload(self, model: str) -> dict:
         await self.plane.resolve(model, None)
-        keys = await call(self.controller.unload.remote(model, None))
+        await call(self.controller.unload.remote(model, None))
         await self.plane.refresh(force=True)
-        return {"unloaded": keys}
+        return {}
+
+    # ---- observability -----------------------------------------------------------
+    @app.get("/v2/fleet/stats")
+    async def fleet_stats(self) -> dict:
+        return self.stats.snapshot()
 
 
 def build_app(config: FleetConfig):

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from workers.batcher import BatchingOptions, DynamicBatcher, EngineStats, batch_rows
 from workers.build import BuildRequest, build_artifact
 from workers.devices import Device, discover_devices, nvml_used_bytes
 from workers.engines.base import Engine, check_feeds
@@ -100,26 +101,46 @@ def _local_runtimes(device: Device) -> tuple[Runtime, ...]:
 
 @dataclass
 class _Loaded:
+    """One loaded engine, its dynamic batcher and its numbers."""
+
     manifest: Manifest
     engine: Engine
+    batcher: DynamicBatcher | None  # None when an input or output has no batch dimension
     slots: threading.Semaphore
+    stats: EngineStats
     measured_bytes: int | None = None
 
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One request of any size: split into max-batch chunks, each through the batcher."""
+        max_batch = self.manifest.max_batch
+        rows = batch_rows(feeds)
+        if rows > max_batch and self.batcher is not None:
+            parts = [self.batcher.submit({k: v[s : s + max_batch] for k, v in feeds.items()}) for s in range(0, rows, max_batch)]
+            return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        if self.batcher is not None:
+            return self.batcher.submit(feeds)
+        with self.slots:
+            t0 = time.perf_counter()
+            try:
+                outputs = self.engine.infer(feeds)
+            except BaseException:
+                self.stats.failure += 1
+                raise
+            self.stats.compute_us += (time.perf_counter() - t0) * 1e6
+            self.stats.success += 1
+            self.stats.exec_count += 1
+            self.stats.inference_count += rows
+            self.stats.batch_sizes[rows] += 1
+            return outputs
 
-def _batch_size(feeds: dict[str, np.ndarray]) -> int:
-    return min((a.shape[0] for a in feeds.values() if a.ndim), default=1)
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self.engine.deactivate()
 
 
-def _run_in_chunks(engine: Engine, feeds: dict[str, np.ndarray], max_batch: int) -> dict[str, np.ndarray]:
-    """Run a request larger than the engine's max batch as several max-batch runs."""
-    batch = _batch_size(feeds)
-    if batch <= max_batch:
-        return engine.infer(feeds)
-    parts = [
-        engine.infer({k: v[start : start + max_batch] for k, v in feeds.items()})
-        for start in range(0, batch, max_batch)
-    ]
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+def _batchable(manifest: Manifest) -> bool:
+    return all(s.shape and s.shape[0] < 0 for s in manifest.inputs + manifest.outputs)
 
 
 class FleetWorker:
@@ -159,6 +180,11 @@ class FleetWorker:
                 "ledger": self.ledger.snapshot(),
                 "loaded": sorted(self._engines),
                 "counters": dict(self.counters),
+                "engines": {
+                    key: {"model": l.manifest.model, "version": l.manifest.version, "precision": l.manifest.precision,
+                          "batching": l.batcher is not None, **l.stats.to_dict()}
+                    for key, l in self._engines.items()
+                },
                 "nvml_used_bytes": nvml_used_bytes(self.device.uuid) if self._baseline_used is not None else None,
             }
 
@@ -171,9 +197,11 @@ class FleetWorker:
             self.unload(key)
 
     # ---- load / unload ---------------------------------------------------
-    def load(self, manifest_dict: dict, artifact_dir: str) -> dict:
+    def load(self, manifest_dict: dict, artifact_dir: str, batching: dict | None = None) -> dict:
         """Load an artifact, evicting idle LRU engines if needed. Returns the ledger entry."""
         manifest = Manifest.from_dict(manifest_dict)
+        options = BatchingOptions.from_dict(batching or {})
+        options = dataclasses.replace(options, max_batch=manifest.max_batch)
         verdict = can_run(manifest, self.caps)
         if not verdict:
             raise IncompatibleArtifact(
@@ -199,7 +227,7 @@ class FleetWorker:
             pending.wait()  # another thread is loading the same engine
         try:
             for loaded in evicted:
-                loaded.engine.deactivate()
+                loaded.close()
             before = nvml_used_bytes(self.device.uuid) if self._baseline_used is not None else None
             engine = self._open_engine(manifest, verify_artifact(artifact_dir, manifest))
             engine.activate()
@@ -210,7 +238,11 @@ class FleetWorker:
             with self._lock:
                 if measured:
                     self.ledger.update_footprint(key, max(measured, 1))
-                self._engines[key] = _Loaded(manifest, engine, threading.Semaphore(self.spec.slots), measured)
+                stats = EngineStats()
+                batcher = None
+                if options.enabled and _batchable(manifest):
+                    batcher = DynamicBatcher(engine.infer, options, self.spec.slots, stats)
+                self._engines[key] = _Loaded(manifest, engine, batcher, threading.Semaphore(self.spec.slots), stats, measured)
                 self.counters["loads"] += 1
                 return self.ledger.get(key).to_dict()  # type: ignore[union-attr]
         except BaseException:
@@ -249,7 +281,7 @@ class FleetWorker:
                 self._lock.wait()
             self.ledger.remove(key)
             self.counters["unloads"] += 1
-        loaded.engine.deactivate()
+        loaded.close()
         return True
 
     # ---- inference -------------------------------------------------------
@@ -261,8 +293,7 @@ class FleetWorker:
             self.ledger.begin_use(key)
         try:
             check_feeds(loaded.manifest.inputs, feeds)
-            with loaded.slots:
-                outputs = _run_in_chunks(loaded.engine, feeds, loaded.manifest.max_batch)
+            outputs = loaded.run(feeds)
             ok = True
             return outputs
         except BaseException:

@@ -1,0 +1,38 @@
+"""Small ONNX models made with the onnx helper API, for protocol and datatype tests."""
+
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+
+def _save(graph, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def make_add_sub(path: Path) -> Path:
+    """Two FP32 inputs [N,4] -> sum and difference [N,4]."""
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 4])
+    nodes = [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Sub", ["a", "b"], ["diff"])]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4]) for n in ("sum", "diff")]
+    return _save(helper.make_graph(nodes, "add-sub", [a, b], outs), path)
+
+
+def make_fp16_scale(path: Path) -> Path:
+    """FP16 [N,8] -> x * 2 (FP16)."""
+    two = helper.make_tensor("two", TensorProto.FLOAT16, [], [2.0])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 8])
+    return _save(helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "fp16-scale", [x], [y], [two]), path)
+
+
+def make_int64_add(path: Path) -> Path:
+    """INT64 [N,3] -> x + 7 (INT64)."""
+    seven = helper.make_tensor("seven", TensorProto.INT64, [], [7])
+    x = helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, ["N", 3])
+    return _save(helper.make_graph([helper.make_node("Add", ["x", "seven"], ["y"])], "int64-add", [x], [y], [seven]), path)

@@ -1,0 +1,167 @@
+"""Dynamic batching for one engine: merge concurrent requests, run once, split back.
+
+Like Triton's dynamic batcher: a request waits at most ``max_queue_delay_us`` for
+others; a batch is sent as soon as it reaches ``max_batch`` rows (or a preferred
+batch size). At most ``slots`` batches run at once (one execution context each).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    max_batch: int = 64
+    max_queue_delay_us: int = 500
+    preferred_batch_sizes: tuple[int, ...] = ()
+    enabled: bool = True
+
+    def to_dict(self) -> dict:
+        return {"max_batch": self.max_batch, "max_queue_delay_us": self.max_queue_delay_us,
+                "preferred_batch_sizes": list(self.preferred_batch_sizes), "enabled": self.enabled}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BatchingOptions":
+        return cls(int(d.get("max_batch", 64)), int(d.get("max_queue_delay_us", 500)),
+                   tuple(int(x) for x in d.get("preferred_batch_sizes", ())), bool(d.get("enabled", True)))
+
+
+@dataclass
+class EngineStats:
+    """Cumulative per-engine numbers, Triton's names (``nv_inference_*``)."""
+
+    success: int = 0
+    failure: int = 0
+    inference_count: int = 0  # rows
+    exec_count: int = 0  # engine runs (batches)
+    queue_us: float = 0.0
+    compute_us: float = 0.0
+    batch_sizes: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict:
+        return {
+            "success": self.success, "failure": self.failure, "inference_count": self.inference_count,
+            "exec_count": self.exec_count, "queue_us": self.queue_us, "compute_us": self.compute_us,
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+        }
+
+
+@dataclass
+class _Pending:
+    feeds: Feeds
+    rows: int
+    future: Future
+    enqueued: float
+
+
+def batch_rows(feeds: Feeds) -> int:
+    return min((a.shape[0] for a in feeds.values() if a.ndim), default=1)
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        run: Callable[[Feeds], Feeds],
+        options: BatchingOptions,
+        slots: int,
+        stats: EngineStats | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._run = run
+        self.options = options
+        self.stats = stats or EngineStats()
+        self._clock = clock
+        self._queue: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._slots = threading.Semaphore(slots)
+        self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="batch")
+        self._stats_lock = threading.Lock()
+        self._closed = False
+        self._collector = threading.Thread(target=self._collect, name="batch-collector", daemon=True)
+        self._collector.start()
+
+    def submit(self, feeds: Feeds) -> Feeds:
+        """Run one request (at most max_batch rows) through the batcher; blocks for its outputs."""
+        pending = _Pending(feeds, batch_rows(feeds), Future(), self._clock())
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("batcher is closed")
+            self._queue.append(pending)
+            self._cond.notify()
+        return pending.future.result()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._collector.join()
+        self._pool.shutdown(wait=True)
+
+    # ---- collector thread ------------------------------------------------------
+    def _collect(self) -> None:
+        delay = self.options.max_queue_delay_us / 1e6
+        preferred = set(self.options.preferred_batch_sizes)
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._queue:
+                    return
+                deadline = self._queue[0].enqueued + delay
+                batch: list[_Pending] = []
+                rows = 0
+                while True:
+                    while self._queue and rows + self._queue[0].rows <= self.options.max_batch:
+                        item = self._queue.popleft()
+                        batch.append(item)
+                        rows += item.rows
+                    full = rows >= self.options.max_batch or (self._queue and rows + self._queue[0].rows > self.options.max_batch)
+                    remaining = deadline - self._clock()
+                    if full or rows in preferred or remaining <= 0 or self._closed:
+                        break
+                    self._cond.wait(remaining)
+            self._slots.acquire()  # while we wait for a free context, the next batch keeps filling
+            self._pool.submit(self._execute, batch)
+
+    def _execute(self, batch: list[_Pending]) -> None:
+        try:
+            started = self._clock()
+            try:
+                if len(batch) == 1:
+                    outputs = [self._run(batch[0].feeds)]
+                else:
+                    merged = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
+                    result = self._run(merged)
+                    bounds = np.cumsum([p.rows for p in batch])[:-1]
+                    split = {name: np.split(array, bounds) for name, array in result.items()}
+                    outputs = [{name: parts[i] for name, parts in split.items()} for i in range(len(batch))]
+            except BaseException as exc:  # every request of the batch gets the error
+                with self._stats_lock:
+                    self.stats.failure += len(batch)
+                for p in batch:
+                    p.future.set_exception(exc)
+                return
+            finished = self._clock()
+            with self._stats_lock:
+                s = self.stats
+                s.success += len(batch)
+                s.exec_count += 1
+                rows = sum(p.rows for p in batch)
+                s.inference_count += rows
+                s.batch_sizes[rows] += 1
+                s.compute_us += (finished - started) * 1e6
+                s.queue_us += sum((started - p.enqueued) * 1e6 for p in batch)
+            for p, out in zip(batch, outputs):
+                p.future.set_result(out)
+        finally:
+            self._slots.release()
