@@ -111,6 +111,8 @@ class DynamicBatcher:
     def _collect(self) -> None:
         delay = self.options.max_queue_delay_us / 1e6
         preferred = set(self.options.preferred_batch_sizes)
+        # Aim for the largest preferred size (Triton's rule); past the delay, take up to max_batch.
+        target = min(max(preferred), self.options.max_batch) if preferred else self.options.max_batch
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
@@ -121,15 +123,20 @@ class DynamicBatcher:
                 batch: list[_Pending] = []
                 rows = 0
                 while True:
-                    while self._queue and rows + self._queue[0].rows <= self.options.max_batch:
+                    late = self._clock() >= deadline or self._closed
+                    limit = self.options.max_batch if late else target
+                    while self._queue and rows + self._queue[0].rows <= limit:
                         item = self._queue.popleft()
                         batch.append(item)
                         rows += item.rows
-                    full = rows >= self.options.max_batch or (self._queue and rows + self._queue[0].rows > self.options.max_batch)
-                    remaining = deadline - self._clock()
-                    if full or rows in preferred or remaining <= 0 or self._closed:
+                    if not batch:  # the head request alone is larger than the target: send it
+                        item = self._queue.popleft()
+                        batch.append(item)
+                        rows += item.rows
+                    blocked = bool(self._queue) and rows + self._queue[0].rows > limit
+                    if late or rows >= limit or blocked or (rows in preferred and not self._queue):
                         break
-                    self._cond.wait(remaining)
+                    self._cond.wait(deadline - self._clock())
             self._slots.acquire()  # while we wait for a free context, the next batch keeps filling
             self._pool.submit(self._execute, batch)
 
