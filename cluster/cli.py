@@ -236,6 +236,51 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- batch jobs ----------------------------------------------------------------
+def _dashboard(args) -> str:
+    if args.address:
+        return args.address
+    from cluster.config import load_config
+
+    return f"http://127.0.0.1:{load_config(args.config).dashboard_port}"
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """`ray job submit` of cluster.batch against the running fleet, streaming its logs."""
+    import subprocess
+
+    from cluster.env import ray_env
+    from cluster.fleet import ray_cli_path
+
+    job = [sys.executable, "-m", "cluster.batch", "--model", args.model, "--input", _abs(args.input),
+           "--output", _abs(args.output), "--batch-size", str(args.batch_size)]
+    if args.version:
+        job += ["--version", args.version]
+    for column in args.input_column:
+        job += ["--input-column", column]
+    if args.output_columns:
+        job += ["--output-columns", args.output_columns]
+    cmd = [ray_cli_path(), "job", "submit", "--address", _dashboard(args)]
+    if args.working_dir:
+        cmd += ["--working-dir", args.working_dir]
+    cmd += ["--", *job]
+    _say("$ " + " ".join(cmd))
+    return subprocess.run(cmd, env=ray_env()).returncode
+
+
+def _abs(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from cluster.env import ray_env
+    from cluster.fleet import ray_cli_path
+
+    return subprocess.run([ray_cli_path(), "job", "list", "--address", _dashboard(args)], env=ray_env()).returncode
+
+
 # ---- parser --------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet", description="forward-fleet: serve ONNX models as TensorRT / ONNX Runtime engines on a heterogeneous Ray GPU fleet.")
@@ -283,6 +328,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="build on this machine even if a fleet is running")
     p.add_argument("--address", help="Ray address of the running fleet (default: auto)")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("batch", help="score a data set on the fleet (`ray job submit` of cluster.batch)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--version")
+    p.add_argument("--input", required=True, help="Parquet / .npy / .npz file or directory, or a URI Ray Data reads")
+    p.add_argument("--output", required=True, help="output directory (a rerun resumes into it)")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per output part (default %(default)s)")
+    p.add_argument("--input-column", action="append", default=[], metavar="[INPUT=]COLUMN")
+    p.add_argument("--output-columns", help="comma-separated outputs to write (default: all)")
+    p.add_argument("--working-dir", help="passed to `ray job submit --working-dir` (not needed on one machine)")
+    p.add_argument("--address", help="Ray dashboard address (default: http://127.0.0.1:<dashboard_port of --config>)")
+    p.add_argument("--config", help="fleet config (for its dashboard port)")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("jobs", help="list batch jobs (`ray job list`)")
+    p.add_argument("--address", help="Ray dashboard address")
+    p.add_argument("--config", help="fleet config (for its dashboard port)")
+    p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("infer", help="send one request and print the outputs")
     with_url(p)

@@ -348,6 +348,7 @@ class FleetController:
                     "used_bytes": info["ledger"]["used_bytes"],
                     "ledger": info["ledger"]["entries"],
                     "counters": info.get("counters", {}),
+                    "engines": info.get("engines", {}),
                     "nvml_used_bytes": info.get("nvml_used_bytes"),
                     "runnable_not_loaded": runnable,
                 }

@@ -30,13 +30,13 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _ray_bin() -> str:
+def ray_cli_path() -> str:
     here = Path(sys.executable).with_name("ray")
     return str(here) if here.exists() else (shutil.which("ray") or "ray")
 
 
 def _ray_cli(args: list[str], what: str) -> None:
-    proc = subprocess.run([_ray_bin(), *args], env=ray_env(), capture_output=True, text=True)
+    proc = subprocess.run([ray_cli_path(), *args], env=ray_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise NotReady(f"{what} failed (ray {' '.join(args[:2])} exited {proc.returncode}):\n{tail}")
@@ -79,7 +79,7 @@ def start_nodes(config: FleetConfig) -> str:
 
 def stop_nodes() -> None:
     """`ray stop`: ends every Ray process this host started."""
-    subprocess.run([_ray_bin(), "stop", "--force"], env=ray_env(), capture_output=True, text=True)
+    subprocess.run([ray_cli_path(), "stop", "--force"], env=ray_env(), capture_output=True, text=True)
 
 
 def connect(address: str | None) -> None:

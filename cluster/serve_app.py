@@ -13,7 +13,7 @@ import time
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
@@ -24,7 +24,10 @@ from cluster.controller import call
 from cluster.dataplane import DataPlane
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from cluster.protocol import HEADER_LENGTH, decode_request, decompress, encode_response
+from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from cluster.metrics import render_metrics
 from cluster.stats import RequestStats
+from cluster.status_page import STATUS_PAGE_HTML
 
 log = logging.getLogger("forward-fleet.http")
 SERVER_NAME = "forward-fleet"
@@ -180,6 +183,15 @@ class FleetIngress:
     @app.get("/v2/fleet/stats")
     async def fleet_stats(self) -> dict:
         return self.stats.snapshot()
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        status = await call(self.controller.status.remote())
+        return Response(content=render_metrics(status, self.stats.snapshot()), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/")
+    async def status_page(self) -> HTMLResponse:
+        return HTMLResponse(STATUS_PAGE_HTML)
 
 
 def build_app(config: FleetConfig):

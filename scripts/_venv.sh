@@ -15,6 +15,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing forward-fleet[${EXTRAS:-}] into .venv (first run takes a few minutes) ..." >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${EXTRAS:+[$EXTRAS]}" >&2
+  if [ "${EXTRAS:-}" = dev ]; then  # type stubs for mypy on the TensorRT backend (kept out of site-packages)
+    .venv/bin/python scripts/install_trt_stubs.py >&2
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

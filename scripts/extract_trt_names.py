@@ -49,6 +49,8 @@ class BindingWheel:
     note: str = ""
 
 
+_SAME_AS_CU13 = "tensorrt-cu13-bindings of this version exported exactly the same names (compared 2026-11-22)."
+
 WHEELS = (
     BindingWheel(
         "8.6.1",
@@ -56,8 +58,8 @@ WHEELS = (
         "tensorrt_bindings",
         "TensorRT 8.6 shipped one bindings wheel for CUDA 11 and 12 (no -cuXX suffix).",
     ),
-    BindingWheel("10.16.1.11", "tensorrt-cu12-bindings==10.16.1.11", "tensorrt_bindings"),
-    BindingWheel("11.4.0.106", "tensorrt-cu12-bindings==11.4.0.106", "tensorrt_bindings"),
+    BindingWheel("10.16.1.11", "tensorrt-cu12-bindings==10.16.1.11", "tensorrt_bindings", _SAME_AS_CU13),
+    BindingWheel("11.4.0.106", "tensorrt-cu12-bindings==11.4.0.106", "tensorrt_bindings", _SAME_AS_CU13),
     BindingWheel(
         "lean-8.6.1",
         "tensorrt-lean-bindings==8.6.1",
@@ -93,8 +95,10 @@ def public(obj):
 
 names = {"__version__"} if hasattr(module, "__version__") else set()
 for name in public(module):
-    names.add(name)
     value = getattr(module, name)
+    if inspect.ismodule(value):
+        continue  # the package's own imports (os, sys, ctypes, its libs wheel), not TensorRT API
+    names.add(name)
     if not inspect.isclass(value):
         continue
     for attr in public(value):
@@ -194,7 +198,8 @@ def write_names(wheel: BindingWheel, wheel_file: Path, version: str, names: list
         "extracted by scripts/extract_trt_names.py: the wheel's pybind11 extension loaded",
         "against stub libnvinfer*/libnvonnxparser* sonames (TensorRT's libraries are not",
         "installable here; module init calls none of them), then walked with dir():",
-        "module names, Class.attr, Class.Nested.attr.",
+        "module names, Class.attr, Class.Nested.attr (module-valued names such as os,",
+        "sys or the plugin submodule left out).",
         f"extracted: {_dt.date.today().isoformat()} with Python {sys.version.split()[0]}",
     ]
     if wheel.note:

@@ -1,10 +1,12 @@
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from cluster.env import apply_ray_env
+
+# Ray reads RAY_AUTH_MODE at import: every Ray in the tests runs with token
+# authentication on, as `fleet up` does, so child drivers and CLI calls match it.
+apply_ray_env()
 
 
 def _gpu_present() -> bool:

@@ -166,6 +166,8 @@ class FleetWorker:
         self._lock = threading.Condition()
         self._engines: dict[str, _Loaded] = {}
         self._loading: dict[str, threading.Event] = {}
+        # Per engine key, kept across evictions so exported counters never go backwards.
+        self._stats: dict[str, tuple[Manifest, EngineStats]] = {}
         self.counters = {"loads": 0, "evictions": 0, "unloads": 0, "inferences": 0, "failures": 0}
         self._baseline_used = nvml_used_bytes(self.device.uuid) if self.device.is_gpu and not self.device.simulated else None
 
@@ -181,9 +183,9 @@ class FleetWorker:
                 "loaded": sorted(self._engines),
                 "counters": dict(self.counters),
                 "engines": {
-                    key: {"model": l.manifest.model, "version": l.manifest.version, "precision": l.manifest.precision,
-                          "batching": l.batcher is not None, **l.stats.to_dict()}
-                    for key, l in self._engines.items()
+                    key: {"model": m.model, "version": m.version, "precision": m.precision, "loaded": key in self._engines,
+                          "batching": key in self._engines and self._engines[key].batcher is not None, **stats.to_dict()}
+                    for key, (m, stats) in self._stats.items()
                 },
                 "nvml_used_bytes": nvml_used_bytes(self.device.uuid) if self._baseline_used is not None else None,
             }
@@ -238,7 +240,7 @@ class FleetWorker:
             with self._lock:
                 if measured:
                     self.ledger.update_footprint(key, max(measured, 1))
-                stats = EngineStats()
+                stats = self._stats.setdefault(key, (manifest, EngineStats()))[1]
                 batcher = None
                 if options.enabled and _batchable(manifest):
                     batcher = DynamicBatcher(engine.infer, options, self.spec.slots, stats)

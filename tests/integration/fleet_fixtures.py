@@ -43,3 +43,50 @@ def running_fleet(config_path: str | None, repo_root: Path, *, cluster_address: 
     finally:
         fleet.teardown()
         ray.shutdown()
+
+
+@contextmanager
+def simulated_cluster(config_path: str | Path):
+    """A ray.cluster_utils.Cluster with one labelled node per declared node of the config."""
+    from ray.cluster_utils import Cluster
+
+    from cluster.names import NODE_LABEL
+
+    config = load_config(config_path)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    try:
+        for node in config.nodes:
+            cluster.add_node(num_cpus=0, num_gpus=len(node.gpus), labels={NODE_LABEL: node.name, **node.labels})
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def digits_rows(n: int):
+    """n rows of the digits test split, repeated, as float32 [n, 64]."""
+    import numpy as np
+
+    from cluster.demo import digits_split
+
+    X = digits_split()[1]
+    return np.tile(X, (-(-n // len(X)), 1))[:n].astype(np.float32)
+
+
+def write_parquet_rows(path: Path, X, column: str = "input") -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({column: pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), X.shape[1])})
+    pq.write_table(table, path, row_group_size=10_000)
+    return path
+
+
+def read_parts(out: Path):
+    """All part files of a batch job's output, concatenated (row_id, label)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))]
+    row_ids = np.concatenate([t["row_id"].to_numpy() for t in tables])
+    labels = np.concatenate([t["label"].to_numpy() for t in tables])
+    return row_ids, labels

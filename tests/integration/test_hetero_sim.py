@@ -6,6 +6,7 @@ the CPU, which everything reports as `simulated`.
 """
 
 import collections
+from pathlib import Path
 import threading
 import time
 
@@ -14,14 +15,12 @@ import pytest
 import ray
 import requests
 import yaml
-from ray.cluster_utils import Cluster
 
 from cluster.buildfarm import build_on_fleet
 from cluster.client import FleetClient
-from cluster.config import load_config
-from cluster.names import CONTROLLER_NAME, NAMESPACE, NODE_LABEL
+from cluster.names import CONTROLLER_NAME, NAMESPACE
 from cluster.repository import Repository
-from tests.integration.fleet_fixtures import running_fleet
+from tests.integration.fleet_fixtures import running_fleet, simulated_cluster
 from workers.errors import NoCapacity, NoCompatibleWorker
 
 pytestmark = pytest.mark.integration
@@ -39,16 +38,10 @@ def sim(tmp_path_factory, demo_models):
             gpu["budget"] = BUDGET
     config_path = work / "hetero-sim.yaml"
     config_path.write_text(yaml.safe_dump(data))
-    config = load_config(config_path)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    for node in config.nodes:
-        cluster.add_node(num_cpus=0, num_gpus=len(node.gpus), labels={NODE_LABEL: node.name, **node.labels})
-    try:
+    with simulated_cluster(config_path) as cluster:
         with running_fleet(str(config_path), work / "repo", cluster_address=cluster.address) as (cfg, url):
             controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
             yield {"url": url, "repo": Repository(cfg.repository), "controller": controller, "models": demo_models}
-    finally:
-        cluster.shutdown()
 
 
 def build(sim, name, targets, **kw):
@@ -245,3 +238,24 @@ def test_killing_a_worker_mid_traffic(sim):
         real = ray.get(handle.describe.remote())
         assert sorted(real["loaded"]) == sorted(e["key"] for e in ws[worker_id]["ledger"]) or worker_id == victim
     assert served_by(sim, "only-t4", 40).keys() <= T4S
+
+
+def test_status_page_renders_the_four_gpus_in_chromium(sim, tmp_path):
+    from tests.chromium import find_chromium, parse_dom, render_dom, screenshot
+
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed (scripts/test.sh installs the Debian package)")
+    build(sim, "digits-all", "auto")
+    served_by(sim, "digits-all", 5)  # some traffic for the models table
+    doc = parse_dom(render_dom(sim["url"] + "/"))
+    cards = {c.attrs["data-worker"]: c for c in doc.find_all(cls="device")}
+    assert set(cards) == ALL
+    for worker_id, card in cards.items():
+        (bar,) = card.find_all(cls="budget-bar")
+        assert int(bar.attrs["data-total"]) == BUDGET
+        assert 0 < int(bar.attrs["data-used"]) <= BUDGET
+        assert card.attrs["data-simulated"] == "true"
+    assert cards["p4-node-gpu0"].attrs["data-cc"] == "6.1"
+    assert "digits-all" in {tr.attrs.get("data-model") for tr in doc.by_id("models").find_all("tr")}
+    png = screenshot(sim["url"] + "/", tmp_path / "status.png")
+    assert Path(png).stat().st_size > 20_000

@@ -108,3 +108,32 @@ def test_large_request_is_split_over_max_batch(fleet_url, demo_models, digits_te
         out = client.infer("digits-mlp", {"input": X})
     expected = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})[0]
     np.testing.assert_array_equal(out["label"], expected)
+
+
+def test_metrics_parse_and_counters_move(fleet_url, digits_test):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape():
+        text = requests.get(f"{fleet_url}/metrics", timeout=30).text
+        values = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return values
+
+    def total(values, name, **labels):
+        return sum(v for (n, ls), v in values.items() if n == name and all(dict(ls).get(k) == w for k, w in labels.items()))
+
+    before = scrape()
+    for _ in range(5):
+        assert infer_json(fleet_url, "digits-mlp", digits_test[0][:3]).status_code == 200
+    infer_json(fleet_url, "digits-mlp", digits_test[0][:3], datatype="INT64")  # a failure
+    import time
+
+    time.sleep(1.5)  # worker counters reach the controller on its next health poll
+    after = scrape()
+    assert total(after, "fleet_nv_inference_request_success_total", model="digits-mlp") - total(before, "fleet_nv_inference_request_success_total", model="digits-mlp") == 5
+    assert total(after, "fleet_nv_inference_request_failure_total", model="digits-mlp") > total(before, "fleet_nv_inference_request_failure_total", model="digits-mlp")
+    assert total(after, "fleet_nv_inference_count_total", model="digits-mlp") - total(before, "fleet_nv_inference_count_total", model="digits-mlp") == 15
+    assert total(after, "fleet_gpu_budget_bytes") == 4 << 30
+    assert total(after, "fleet_gpu_ledger_bytes") > 0

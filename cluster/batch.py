@@ -1,0 +1,379 @@
+"""Offline batch inference on the fleet, submitted with ``ray job submit``.
+
+    ray job submit --address http://127.0.0.1:8265 -- python -m cluster.batch \\
+        --model digits-mlp --input rows.parquet --output out/
+
+Reads with Ray Data (Parquet, .npy, .npz, or a directory of them), cuts the rows
+into numbered parts of ``--batch-size`` rows, sends each part to a fleet worker
+that holds the model (every compatible worker takes parts as fast as it finishes
+them, so faster GPUs serve more), and writes ``part-NNNNN.parquet`` with the input
+row ids and the outputs. Each part is written once, atomically; a rerun into the
+same ``--output`` skips finished parts; a worker lost mid-part costs a retry of
+that part on another worker, never a row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from workers.errors import FleetError, InvalidInput, NoCompatibleWorker, NotReady
+from workers.manifest import Manifest
+from workers.tensors import TensorSpec
+
+from cluster.env import apply_ray_env
+
+JOB_FILE = "_job.json"
+SUMMARY_FILE = "_summary.json"
+MAX_RETRIES_PER_PART = 5
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    model: str
+    input: str
+    output: str
+    version: str | None = None
+    batch_size: int = 4096
+    input_columns: dict[str, str] = field(default_factory=dict)  # model input -> dataset column
+    output_columns: tuple[str, ...] = ()  # empty: every output
+    in_flight_per_worker: int = 2
+
+
+@dataclass
+class Summary:
+    rows: int = 0
+    rows_written: int = 0
+    parts: int = 0
+    parts_skipped: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+    rows_per_worker: Counter = field(default_factory=Counter)
+    devices: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rows_per_worker"] = dict(self.rows_per_worker)
+        d["rows_per_s"] = self.rows_written / self.seconds if self.seconds else 0.0
+        return d
+
+    def render(self) -> str:
+        lines = [
+            f"rows: {self.rows} ({self.rows_written} this run, {self.parts_skipped} of {self.parts} parts already done)",
+            f"time: {self.seconds:.1f} s, {self.to_dict()['rows_per_s']:.0f} rows/s, retries: {self.retries}",
+            "share by device:",
+        ]
+        total = sum(self.rows_per_worker.values()) or 1
+        for worker, rows in sorted(self.rows_per_worker.items()):
+            lines.append(f"  {worker:<24} {self.devices.get(worker, ''):<28} {rows:>9} rows  {100 * rows / total:5.1f} %")
+        return "\n".join(lines)
+
+
+# ---- reading ---------------------------------------------------------------------
+def read_dataset(uri: str):
+    """A Ray Dataset over Parquet, .npy, .npz, or a directory of one of them, in file order."""
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    local = Path(uri)
+    if local.is_dir():
+        kinds = {p.suffix for p in local.iterdir() if p.is_file() and not p.name.startswith((".", "_"))}
+    else:
+        kinds = {local.suffix} if "://" not in uri else {Path(uri.split("?")[0]).suffix}
+    if kinds == {".parquet"}:
+        return ray.data.read_parquet(uri)
+    if kinds == {".npy"}:
+        return ray.data.read_numpy(uri)
+    if kinds == {".npz"}:
+        files = sorted(local.glob("*.npz")) if local.is_dir() else [local]
+        tables = []
+        for f in files:
+            with np.load(f) as data:
+                tables.append(pa.table({k: ArrowTensorArray.from_numpy(data[k]) for k in data.files}))
+        return ray.data.from_arrow(tables)
+    raise InvalidInput(f"--input {uri}: expected Parquet, .npy or .npz files (found {sorted(kinds) or 'nothing'})")
+
+
+def _to_array(column, spec: TensorSpec, name: str) -> np.ndarray:
+    array = np.asarray(column)
+    if array.dtype == object:  # Parquet list columns arrive as arrays of arrays
+        try:
+            array = np.stack([np.asarray(x) for x in array])
+        except ValueError:
+            raise InvalidInput(f"column '{name}' for input '{spec.name}' has rows of different shapes") from None
+    want = spec.numpy_dtype
+    if array.dtype != want:
+        if array.dtype.kind == want.kind or (array.dtype.kind in "iu" and want.kind in "iuf"):
+            array = array.astype(want)
+        else:
+            raise InvalidInput(f"column '{name}' holds {array.dtype}, input '{spec.name}' needs {spec.datatype}")
+    expected = tuple(spec.shape[1:])
+    if array.ndim != len(spec.shape) or any(w >= 0 and h != w for h, w in zip(array.shape[1:], expected)):
+        raise InvalidInput(
+            f"column '{name}' has rows of shape {list(array.shape[1:])}, input '{spec.name}' needs {list(expected)}"
+        )
+    return np.ascontiguousarray(array)
+
+
+def column_map(job: BatchJob, spec_inputs: tuple[TensorSpec, ...], columns: list[str]) -> dict[str, str]:
+    """Model input -> dataset column, failing early and by name."""
+    mapping = dict(job.input_columns)
+    for spec in spec_inputs:
+        if spec.name in mapping:
+            continue
+        if spec.name in columns:
+            mapping[spec.name] = spec.name
+        elif len(spec_inputs) == 1 and len(columns) == 1:
+            mapping[spec.name] = columns[0]  # e.g. the 'data' column of .npy files
+        else:
+            raise InvalidInput(
+                f"input '{spec.name}' has no column in {job.input} (columns: {', '.join(columns)}); "
+                f"pass --input-column {spec.name}=COLUMN"
+            )
+    for input_name, column in mapping.items():
+        if column not in columns:
+            raise InvalidInput(f"column '{column}' (for input '{input_name}') is not in {job.input}; columns: {', '.join(columns)}")
+    return mapping
+
+
+# ---- writing ---------------------------------------------------------------------
+def part_path(out: Path, index: int) -> Path:
+    return out / f"part-{index:05d}.parquet"
+
+
+def write_part(out: Path, index: int, row_ids: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {"row_id": pa.array(row_ids, type=pa.int64())}
+    for name, array in outputs.items():
+        if array.ndim == 1:
+            columns[name] = pa.array(array)
+        else:
+            width = int(np.prod(array.shape[1:]))
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), width)
+    tmp = out / f".part-{index:05d}.parquet.tmp"
+    pq.write_table(pa.table(columns), tmp)
+    os.replace(tmp, part_path(out, index))  # atomic: a part is there whole or not at all
+
+
+def check_output_dir(out: Path, job: BatchJob, rows: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"model": job.model, "version": job.version, "input": job.input, "batch_size": job.batch_size, "rows": rows}
+    path = out / JOB_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != record:
+            raise InvalidInput(
+                f"--output {out} holds parts of a different job ({previous}); use another directory or remove it"
+            )
+    else:
+        path.write_text(json.dumps(record, indent=2))
+
+
+# ---- dispatching -------------------------------------------------------------------
+class FleetWorkers:
+    """The live workers that hold the model, fed from the controller."""
+
+    def __init__(self, controller, model: str, version: str | None) -> None:
+        self.controller = controller
+        self.model = model
+        self.version = version
+        self.workers: dict[str, tuple[object, str, str]] = {}  # id -> (handle, engine key, device)
+        self.manifest: Manifest | None = None
+
+    def refresh(self) -> None:
+        import ray
+
+        from cluster.controller import worker_state
+        from cluster.router import Router
+
+        try:
+            ray.get(self.controller.ensure_loaded.remote(self.model, self.version))
+        except Exception as exc:
+            from cluster.controller import unwrap
+
+            raise unwrap(exc) from None
+        snap = ray.get(self.controller.snapshot.remote(-1))
+        router = Router()
+        states, handles = [], {}
+        for w in snap["workers"]:
+            state = worker_state(w["info"])
+            state.alive = w["alive"] and w["handle"] is not None
+            states.append(state)
+            handles[state.worker_id] = w["handle"]
+        router.set_inventory(states, [Manifest.from_dict(m) for m in snap["manifests"]])
+        version = router.resolve(self.model, self.version)
+        self.version = version
+        self.workers = {}
+        for worker_id, manifest in router.compatible(self.model, version):
+            if manifest.engine_key in router.workers[worker_id].loaded:
+                self.manifest = manifest
+                self.workers[worker_id] = (handles[worker_id], manifest.engine_key, router.workers[worker_id].caps.device.describe())
+        if not self.workers:
+            raise NoCompatibleWorker(f"no live worker holds model '{self.model}' version {version}")
+
+
+def run_job(job: BatchJob, controller, progress=None) -> Summary:
+    import ray
+    from ray.exceptions import RayActorError
+
+    from cluster.controller import unwrap
+
+    progress = progress or sys.stderr
+    say = lambda msg: print(msg, file=progress, flush=True)  # noqa: E731
+    t0 = time.monotonic()
+    fleet = FleetWorkers(controller, job.model, job.version)
+    fleet.refresh()  # unknown model / no compatible worker fail here, before reading any data
+    manifest = fleet.manifest
+    assert manifest is not None
+    wanted = list(job.output_columns) or [o.name for o in manifest.outputs]
+    unknown = [o for o in wanted if o not in {s.name for s in manifest.outputs}]
+    if unknown:
+        raise InvalidInput(f"--output-columns {', '.join(unknown)}: the model's outputs are {', '.join(s.name for s in manifest.outputs)}")
+    ds = read_dataset(job.input)
+    columns = ds.schema().names
+    mapping = column_map(job, manifest.inputs, columns)
+    rows = ds.count()
+    out = Path(job.output)
+    check_output_dir(out, job, rows)
+    n_parts = -(-rows // job.batch_size)
+    summary = Summary(rows=rows, parts=n_parts)
+    say(f"batch: {job.model} v{fleet.version} over {rows} rows in {n_parts} parts of {job.batch_size}, "
+        f"on {len(fleet.workers)} worker(s): {', '.join(sorted(fleet.workers))}")
+    specs = {s.name: s for s in manifest.inputs}
+    in_flight: dict = {}  # ref -> (part, row_ids, feeds, worker, attempts)
+    load = Counter()
+
+    def submit(part: int, row_ids: np.ndarray, feeds: dict, attempts: int) -> None:
+        while True:
+            free = [w for w in fleet.workers if load[w] < job.in_flight_per_worker]
+            if free:
+                break
+            collect(block=True)
+        worker = min(free, key=lambda w: (load[w], -summary.rows_per_worker[w]))
+        handle, key, device = fleet.workers[worker]
+        summary.devices[worker] = device
+        ref = handle.infer.remote(key, feeds)
+        in_flight[ref] = (part, row_ids, feeds, worker, attempts)
+        load[worker] += 1
+
+    def collect(block: bool) -> None:
+        if not in_flight:
+            return
+        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=None if block else 0)
+        for ref in done:
+            part, row_ids, feeds, worker, attempts = in_flight.pop(ref)
+            load[worker] -= 1
+            try:
+                outputs = ray.get(ref)
+            except RayActorError:
+                fleet.workers.pop(worker, None)
+                summary.retries += 1
+                if attempts >= MAX_RETRIES_PER_PART:
+                    raise NotReady(f"part {part} failed {attempts} times; giving up") from None
+                say(f"  worker {worker} lost during part {part}; retrying it elsewhere")
+                try:
+                    ray.get(controller.report_dead.remote(worker))
+                except Exception:
+                    pass
+                fleet.refresh()
+                submit(part, row_ids, feeds, attempts + 1)
+                continue
+            except Exception as exc:
+                cause = unwrap(exc)
+                if isinstance(cause, NotReady):  # evicted under us: reload and retry
+                    summary.retries += 1
+                    fleet.refresh()
+                    submit(part, row_ids, feeds, attempts + 1)
+                    continue
+                raise cause from None
+            write_part(out, part, row_ids, {k: outputs[k] for k in wanted})
+            summary.rows_per_worker[worker] += len(row_ids)
+            summary.rows_written += len(row_ids)
+
+    start = 0
+    for part, batch in enumerate(ds.iter_batches(batch_size=job.batch_size, batch_format="numpy", prefetch_batches=2)):
+        n = len(next(iter(batch.values())))
+        row_ids = np.arange(start, start + n, dtype=np.int64)
+        start += n
+        if part_path(out, part).exists():
+            summary.parts_skipped += 1
+            continue
+        feeds = {name: _to_array(batch[col], specs[name], col) for name, col in mapping.items()}
+        submit(part, row_ids, feeds, 0)
+        collect(block=False)
+    while in_flight:
+        collect(block=True)
+    summary.seconds = time.monotonic() - t0
+    (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
+    say(summary.render())
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> BatchJob:
+    parser = argparse.ArgumentParser(prog="python -m cluster.batch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--version")
+    parser.add_argument("--input", required=True, help="Parquet / .npy / .npz file or directory (any URI Ray Data reads)")
+    parser.add_argument("--output", required=True, help="output directory for part-NNNNN.parquet")
+    parser.add_argument("--batch-size", type=int, default=4096, help="rows per part (default %(default)s)")
+    parser.add_argument("--input-column", action="append", default=[], metavar="[INPUT=]COLUMN",
+                        help="dataset column for a model input (repeat for several inputs)")
+    parser.add_argument("--output-columns", default="", help="comma-separated outputs to write (default: all)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    columns: dict[str, str] = {}
+    for item in args.input_column:
+        name, _, column = item.rpartition("=")
+        columns[name or "__single__"] = column
+    return BatchJob(
+        model=args.model, version=args.version, input=args.input, output=args.output, batch_size=args.batch_size,
+        input_columns=columns, output_columns=tuple(c for c in args.output_columns.split(",") if c),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    apply_ray_env()
+    job = parse_args(argv)
+    import ray
+
+    from cluster.names import CONTROLLER_NAME, NAMESPACE
+
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE, log_to_driver=False)
+    try:
+        try:
+            controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        except ValueError:
+            raise NotReady("no fleet is running on this Ray cluster; start one with `fleet up`") from None
+        if "__single__" in job.input_columns:
+            fleet = FleetWorkers(controller, job.model, job.version)
+            fleet.refresh()
+            (only,) = fleet.manifest.inputs if len(fleet.manifest.inputs) == 1 else (None,)
+            if only is None:
+                raise InvalidInput("--input-column without INPUT= needs a single-input model")
+            columns = dict(job.input_columns)
+            columns[only.name] = columns.pop("__single__")
+            job = BatchJob(**{**asdict(job), "input_columns": columns})
+        run_job(job, controller)
+        return 0
+    except FleetError as exc:
+        print(f"batch job failed: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Batch inference submitted with the real `ray job submit` CLI to a head with its dashboard on 127.0.0.1."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.integration.fleet_fixtures import digits_rows, free_port, read_parts, write_parquet_rows
+
+pytestmark = pytest.mark.integration
+ROWS = 100_000
+FLEET = [sys.executable, "-m", "cluster.cli"]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    work = tmp_path_factory.mktemp("job")
+    dashboard = free_port()
+    config = work / "fleet.yaml"
+    config.write_text(f"name: job-test\nrepository: {work / 'repo'}\nport: {free_port()}\nray_port: {free_port()}\n"
+                      f"dashboard_port: {dashboard}\ncpu_budget: 2GiB\n")
+    up = subprocess.run(FLEET + ["up", "--config", str(config), "--demo"], cwd=work, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr[-3000:]
+    try:
+        yield work, config, f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run(FLEET + ["down"], cwd=work, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_scores_100k_rows_like_onnxruntime(fleet):
+    work, _, dashboard = fleet
+    X = digits_rows(ROWS)
+    data = write_parquet_rows(work / "digits.parquet", X)
+    out = work / "out"
+    job = subprocess.run(
+        [RAY, "job", "submit", "--address", dashboard, "--", sys.executable, "-m", "cluster.batch",
+         "--model", "digits-mlp", "--input", str(data), "--output", str(out), "--batch-size", "8192"],
+        cwd=work, capture_output=True, text=True, timeout=600,
+    )
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    assert "succeeded" in job.stdout + job.stderr
+    assert f"rows: {ROWS}" in job.stdout + job.stderr  # the job's summary, streamed back
+    row_ids, labels = read_parts(out)
+    order = np.argsort(row_ids)
+    assert np.array_equal(row_ids[order], np.arange(ROWS))
+    expected = ort.InferenceSession(str(work / "models" / "digits-mlp.onnx")).run(None, {"input": X})[0]
+    np.testing.assert_array_equal(labels[order], expected)
+
+
+def test_fleet_batch_and_jobs_wrap_the_ray_cli(fleet):
+    work, config, _ = fleet
+    data = write_parquet_rows(work / "small.parquet", digits_rows(1000))
+    result = subprocess.run(FLEET + ["batch", "--config", str(config), "--model", "digits-mlp", "--input", str(data),
+                                     "--output", str(work / "small-out"), "--batch-size", "300"],
+                            cwd=work, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert len(list((work / "small-out").glob("part-*.parquet"))) == 4
+    jobs = subprocess.run(FLEET + ["jobs", "--config", str(config)], cwd=work, capture_output=True, text=True, timeout=60)
+    assert jobs.returncode == 0 and "SUCCEEDED" in jobs.stdout
+
+
+def test_unknown_model_fails_the_job_early(fleet):
+    work, config, _ = fleet
+    data = write_parquet_rows(work / "tiny.parquet", digits_rows(10))
+    result = subprocess.run(FLEET + ["batch", "--config", str(config), "--model", "no-such-model", "--input", str(data),
+                                     "--output", str(work / "none")], cwd=work, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "model 'no-such-model' is not in the repository" in result.stdout + result.stderr
+    assert not (work / "none").exists()

@@ -1,0 +1,114 @@
+"""Batch inference on the simulated fleet: sharing by architecture, lost workers, resume."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import ray
+
+from cluster.batch import BatchJob, run_job
+from cluster.buildfarm import build_on_fleet
+from cluster.names import CONTROLLER_NAME, NAMESPACE
+from cluster.repository import Repository
+from tests.integration.fleet_fixtures import digits_rows, read_parts, running_fleet, simulated_cluster, write_parquet_rows
+from workers.errors import InvalidInput, ModelNotFound
+
+pytestmark = pytest.mark.integration
+ROWS = 20_000
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory, demo_models):
+    work = tmp_path_factory.mktemp("batch-sim")
+    with simulated_cluster("configs/hetero-sim.yaml") as cluster:
+        with running_fleet("configs/hetero-sim.yaml", work / "repo", cluster_address=cluster.address) as (cfg, url):
+            controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+            build_on_fleet(Repository(cfg.repository), controller, demo_models["digits-mlp"], model="digits-t4-v100",
+                           targets="T4,V100", max_batch=256)
+            X = digits_rows(ROWS)
+            data = write_parquet_rows(work / "rows.parquet", X)
+            expected = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})[0]
+            yield {"work": work, "controller": controller, "address": cluster.address, "data": data, "expected": expected}
+
+
+def check_exactly_once(out, expected):
+    row_ids, labels = read_parts(out)
+    assert len(row_ids) == len(expected)
+    assert np.array_equal(np.sort(row_ids), np.arange(len(expected)))  # each row once
+    order = np.argsort(row_ids)
+    np.testing.assert_array_equal(labels[order], expected)
+
+
+def test_t4_and_v100_share_the_rows_and_the_p4_gets_none(sim):
+    out = sim["work"] / "out-share"
+    summary = run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out), batch_size=1000), sim["controller"])
+    check_exactly_once(out, sim["expected"])
+    by_device = {}
+    for worker, rows in summary.rows_per_worker.items():
+        by_device[summary.devices[worker].split(" (")[0]] = by_device.get(summary.devices[worker].split(" (")[0], 0) + rows
+    assert by_device.get("Tesla T4", 0) > 0 and by_device.get("Tesla V100-SXM2-16GB", 0) > 0
+    assert "Tesla P4" not in by_device
+    assert summary.rows_written == ROWS and sum(summary.rows_per_worker.values()) == ROWS
+
+
+def test_killing_a_worker_during_the_job_loses_no_row(sim):
+    out = sim["work"] / "out-kill"
+    handles = ray.get(sim["controller"].worker_handles.remote())
+
+    def killer():
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("part-*.parquet"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ray.kill(handles["t4-node-gpu0"], no_restart=True)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    summary = run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out), batch_size=500), sim["controller"])
+    t.join()
+    check_exactly_once(out, sim["expected"])
+    assert summary.rows_written == ROWS
+
+
+def test_interrupted_job_resumes_without_duplicates(sim):
+    out = sim["work"] / "out-resume"
+    env = dict(os.environ, RAY_ADDRESS=sim["address"])
+    cmd = [sys.executable, "-m", "cluster.batch", "--model", "digits-t4-v100", "--input", str(sim["data"]),
+           "--output", str(out), "--batch-size", "250"]
+    log = open(sim["work"] / "resume.log", "w")  # a file, not a pipe: Ray Data logs a lot
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("part-*.parquet"))) < 5 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, (sim["work"] / "resume.log").read_text()[-3000:]
+    proc.kill()  # interrupted mid-job
+    proc.wait()
+    log.close()
+    done_before = len(list(out.glob("part-*.parquet")))
+    assert 0 < done_before < ROWS // 250
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{done_before} of {ROWS // 250} parts already done" in rerun.stderr
+    check_exactly_once(out, sim["expected"])
+
+
+def test_clear_early_failures(sim, tmp_path):
+    with pytest.raises(ModelNotFound):
+        run_job(BatchJob("no-such-model", str(sim["data"]), str(tmp_path / "a")), sim["controller"])
+    with pytest.raises(InvalidInput, match="input 'input' has no column"):
+        bad = write_parquet_rows(tmp_path / "bad.parquet", digits_rows(10), column="pixels")
+        write_parquet_rows(tmp_path / "two.parquet", digits_rows(10))
+        import pyarrow.parquet as pq
+        import pyarrow as pa
+
+        t = pq.read_table(bad)
+        pq.write_table(t.append_column("other", pa.array(range(10))), bad)
+        run_job(BatchJob("digits-t4-v100", str(bad), str(tmp_path / "b")), sim["controller"])
+    with pytest.raises(InvalidInput, match=r"rows of shape \[32\], input 'input' needs \[64\]"):
+        narrow = write_parquet_rows(tmp_path / "narrow.parquet", digits_rows(10)[:, :32])
+        run_job(BatchJob("digits-t4-v100", str(narrow), str(tmp_path / "c")), sim["controller"])
+    assert not list((tmp_path / "c").glob("part-*"))
