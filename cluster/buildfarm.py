@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
-from workers.build import BuildRequest, build_artifact
-from workers.errors import FleetError, InvalidInput
+from workers import precision as precision_mod
+from workers.build import BuildRequest, EvalData, build_artifact
+from workers.engines.onnxruntime import describe_model
+from workers.errors import BuildError, FleetError, InvalidInput
+from workers.manifest import sha256_file
 from workers.targets import Target, WorkerCaps
 
 from cluster.repository import Repository, StoredArtifact
@@ -28,9 +34,78 @@ class BuildOutcome:
         return self.error is None
 
 
+@dataclass
+class BuildInputs:
+    """What precision preparation hands to every target's build."""
+
+    precision: str  # int8_calib has become int8 here
+    calibration: precision_mod.CalibrationResult | None = None
+    evaluation: EvalData | None = None
+    options: dict = field(default_factory=dict)  # recorded in manifests, part of the cache key
+
+
+def load_eval_data(path: str | Path, inputs) -> EvalData:
+    """Held-out samples from a .npz: one array per input (any key for one input), optional 'labels'."""
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    labels = arrays.pop("labels", None)
+    names = [s.name for s in inputs]
+    if len(names) == 1 and len(arrays) == 1:
+        arrays = {names[0]: next(iter(arrays.values()))}
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise InvalidInput(f"--eval-data {path} has no array for input(s) {missing}; it holds {sorted(arrays)}")
+    feeds = {s.name: arrays[s.name].astype(s.numpy_dtype) for s in inputs}
+    return EvalData(feeds, labels)
+
+
+def prepare_build(repo: Repository, source: Path, precision: str, *, calib_data: str | None = None,
+                  calib_method: str | None = None, eval_data: str | None = None, progress=None) -> BuildInputs:
+    """Calibrate (int8_calib), find the stored calibration (int8), load held-out samples."""
+    progress = progress or sys.stderr
+    inputs, _ = describe_model(source)
+    source_sha = sha256_file(source)
+    result = BuildInputs(precision)
+    if eval_data:
+        result.evaluation = load_eval_data(eval_data, inputs)
+        result.options["eval_data"] = sha256_file(eval_data)[:16]
+    if precision == "int8_calib":
+        if not calib_data:
+            raise InvalidInput("--precision int8_calib needs --calib-data (a .npz, a directory of .npy, or module:function)")
+        calib_method = calib_method or precision_mod.DEFAULT_CALIBRATION_METHOD
+        batches = precision_mod.load_calibration_data(calib_data, inputs)
+        print(f"calibrating {source.name} ({calib_method}) on {sum(len(next(iter(b.values()))) for b in batches)} samples ...",
+              file=progress, flush=True)
+        calibration = precision_mod.calibrate(source, batches, calib_method)
+        key = precision_mod.calibration_key(source_sha, precision_mod.calibration_data_sha256(batches), calib_method)
+        where = repo.store_calibration(key, calibration)
+        print(f"  stored calibration ({len(calibration.amax)} tensor ranges) in {where}", file=progress, flush=True)
+        result.precision = "int8"
+    elif precision == "int8":
+        calibration = repo.find_calibration(source_sha, calib_method)
+        if calibration is None:
+            raise BuildError(
+                f"int8 needs a calibration of {source.name} (sha256 {source_sha[:12]}...) and the repository has none; "
+                f"run `fleet build {source} --name NAME --precision int8_calib --calib-data DATA` first"
+            )
+    else:
+        return result
+    result.calibration = calibration
+    result.options["calibration"] = hashlib.sha256(calibration.qdq_model).hexdigest()[:16] + "-" + calibration.method
+    return result
+
+
 def local_target(precision: str = "float32") -> Target:
     """What this process can build for without a fleet: ONNX Runtime on the CPU."""
     return Target("onnxruntime", ort.__version__, provider="cpu", precision=precision)
+
+
+def _accuracy_note(manifest) -> str:
+    acc = manifest.accuracy
+    parts = [f"{k} {acc[k]:.4g}" for k in ("rel_l2_error", "top1_agreement", "test_accuracy") if k in acc]
+    fallback = manifest.build_options.get("fallback_from")
+    note = f" ({', '.join(parts)})" if parts else ""
+    return note + (f" [served by ONNX Runtime: TensorRT's parser refused it]" if fallback else "")
 
 
 def find_cached(repo: Repository, request: BuildRequest, source_sha256: str) -> StoredArtifact | None:
@@ -40,16 +115,18 @@ def find_cached(repo: Repository, request: BuildRequest, source_sha256: str) -> 
         if (
             m.version == request.version
             and m.source_sha256 == source_sha256
-            and m.target == request.target
+            and (m.target == request.target or m.build_options.get("fallback_from") == request.target.key())
             and m.max_batch == request.max_batch
-            and m.build_options == dict(request.options)
+            and {k: v for k, v in m.build_options.items() if not k.startswith("fallback_")} == dict(request.options)
         ):
             return art
     return None
 
 
-def build_locally(repo: Repository, request: BuildRequest, source_sha256: str, progress=None) -> BuildOutcome:
+def build_locally(repo: Repository, request: BuildRequest, source_sha256: str, progress=None,
+                  prepared: BuildInputs | None = None) -> BuildOutcome:
     progress = progress or sys.stderr
+    prepared = prepared or BuildInputs(request.target.precision)
     t0 = time.monotonic()
     cached = find_cached(repo, request, source_sha256)
     if cached is not None:
@@ -57,7 +134,7 @@ def build_locally(repo: Repository, request: BuildRequest, source_sha256: str, p
         return BuildOutcome(request.target, cached, cached=True)
     staging = repo.new_staging_dir()
     try:
-        build_artifact(request, staging)
+        build_artifact(request, staging, calibration=prepared.calibration, evaluation=prepared.evaluation)
         stored = repo.publish(staging)
     except FleetError as exc:
         repo.discard(staging)
@@ -67,7 +144,8 @@ def build_locally(repo: Repository, request: BuildRequest, source_sha256: str, p
         repo.discard(staging)
         raise
     seconds = time.monotonic() - t0
-    print(f"  {request.target.describe()}: built in {seconds:.1f} s -> {stored.directory}", file=progress, flush=True)
+    print(f"  {request.target.describe()}: built in {seconds:.1f} s{_accuracy_note(stored.manifest)} -> {stored.directory}",
+          file=progress, flush=True)
     return BuildOutcome(request.target, stored, seconds=seconds)
 
 
@@ -156,12 +234,17 @@ def build_on_fleet(
     max_batch: int = 64,
     options: dict | None = None,
     progress=None,
+    prepared: BuildInputs | None = None,
+    accept_accuracy_loss: bool = False,
+    fallback: str = "none",
 ) -> list[BuildOutcome]:
     """Build on the workers in parallel, publish each artifact, report every target."""
     progress = progress or sys.stderr
     import ray
 
-    from workers.manifest import sha256_file
+    prepared = prepared or BuildInputs(precision)
+    precision = prepared.precision
+    options = {**(options or {}), **prepared.options}
 
     handles = ray.get(controller.worker_handles.remote())
     status = ray.get(controller.status.remote())
@@ -177,14 +260,15 @@ def build_on_fleet(
     pending = {}
     source_ref = ray.put(source.read_bytes()) if planned else None
     for plan in planned:
-        request = BuildRequest(str(source), model, plan.target, version=version, max_batch=max_batch, options=dict(options or {}))
+        request = BuildRequest(str(source), model, plan.target, version=version, max_batch=max_batch, options=dict(options),
+                               accept_accuracy_loss=accept_accuracy_loss, fallback=fallback)
         cached = find_cached(repo, request, source_sha)
         if cached is not None:
             say(f"  {plan.target.describe()}: cached ({cached.directory})")
             outcomes.append(BuildOutcome(plan.target, cached, cached=True))
             continue
         staging = repo.new_staging_dir()
-        ref = handles[plan.worker_id].build_from_bytes.remote(source_ref, request, str(staging))
+        ref = handles[plan.worker_id].build_from_bytes.remote(source_ref, request, str(staging), prepared.calibration, prepared.evaluation)
         pending[ref] = (plan, staging, time.monotonic())
         say(f"  {plan.target.describe()}: building on {plan.worker_id} ...")
     while pending:
@@ -203,7 +287,7 @@ def build_on_fleet(
             outcomes.append(BuildOutcome(plan.target, error=message, seconds=time.monotonic() - t0))
             continue
         seconds = time.monotonic() - t0
-        say(f"  {plan.target.describe()}: built on {plan.worker_id} in {seconds:.1f} s")
+        say(f"  {plan.target.describe()}: built on {plan.worker_id} in {seconds:.1f} s{_accuracy_note(stored.manifest)}")
         outcomes.append(BuildOutcome(plan.target, stored, seconds=seconds))
     outcomes += [BuildOutcome(Target("onnxruntime", "0"), error=f"{s.what}: {s.reason}") for s in skipped]
     ray.get(controller.rescan.remote())

@@ -19,6 +19,7 @@ from cluster.client import DEFAULT_URL, FleetClient
 from cluster.env import apply_ray_env, fleet_token, fleet_url
 
 DEMO_MODEL_DIR = Path("models")
+ACCURACY_COLUMNS = ("test_accuracy", "reference_accuracy", "top1_agreement", "rel_l2_error", "max_abs_error")
 # First row of the digits test split (a 2; pixel values 0-16 scaled to [0, 1] like the training data).
 _SAMPLE_PIXELS = [0, 0, 7, 16, 14, 3, 0, 0, 0, 0, 9, 14, 11, 15, 0, 0, 0, 0, 1, 5, 0, 15, 5, 0, 0, 0, 0, 0, 0, 16, 5, 0, 0, 0, 0, 0, 3, 16, 4, 0, 0, 0, 0, 1, 12, 14, 1, 0, 0, 0, 5, 12, 16, 16, 14, 1, 0, 0, 8, 16, 14, 10, 13, 3]
 SAMPLE_DIGIT = [round(v / 16, 4) for v in _SAMPLE_PIXELS]
@@ -150,6 +151,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{node['node']:<14} {w['worker_id'] + alive:<22} {dev['name'][:26]:<26} "
                 f"{dev['compute_capability'] or 'cpu':<5} {used:<22} {'yes' if w['simulated'] else 'no':<4} {loaded}"
             )
+    for model, reason in status.get("fallbacks", {}).items():
+        print(f"\n{model}: served by ONNX Runtime (fallback), TensorRT refused it: {reason.splitlines()[0]}")
     idle = [(w["worker_id"], w["runnable_not_loaded"]) for n in status["nodes"] for w in n["workers"] if w["runnable_not_loaded"]]
     if idle:
         print("\ncould also run (built, not loaded):")
@@ -173,14 +176,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"{'MODEL':<20} {'VER':<4} {'PRECISION':<10} {'TARGET':<40} {'FOOTPRINT':<10} ACCURACY")
     for a in arts:
         m = a.manifest
-        acc = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.accuracy.items()) or "-"
-        print(f"{m.model:<20} {m.version:<4} {m.precision:<10} {m.target.describe():<40} {format_bytes(m.footprint_bytes):<10} {acc}")
+        acc = ", ".join(f"{k}={m.accuracy[k]:.4g}" for k in ACCURACY_COLUMNS if k in m.accuracy) or "-"
+        target = m.target.describe() + (" (fallback from TensorRT)" if m.build_options.get("fallback_from") else "")
+        print(f"{m.model:<20} {m.version:<4} {m.precision:<10} {target:<40} {format_bytes(m.footprint_bytes):<10} {acc}")
     return 0
 
 
 # ---- build / infer -------------------------------------------------------------
 def cmd_build(args: argparse.Namespace) -> int:
-    from cluster.buildfarm import build_locally, build_on_fleet, local_target
+    from cluster.buildfarm import build_locally, build_on_fleet, local_target, prepare_build
     from cluster.config import load_config, parse_bytes
     from cluster.repository import Repository
     from workers.build import BuildRequest
@@ -190,7 +194,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise FleetError(f"source model {source} does not exist")
     config = load_config(args.config, repository=args.repository)
     repo = Repository(config.repository)
-    max_batch = args.max_batch or config.model_config_for(args.name).max_batch
+    model_config = config.model_config_for(args.name)
+    max_batch = args.max_batch or model_config.max_batch
     options = {"footprint_bytes": parse_bytes(args.footprint)} if args.footprint else {}
     controller = None
     if not args.local:
@@ -202,13 +207,17 @@ def cmd_build(args: argparse.Namespace) -> int:
                 f"--targets {args.targets} builds on the fleet's workers, but no fleet is running; "
                 f"start one with `fleet up --config ...` (or use --local for a CPU artifact)"
             )
+    prepared = prepare_build(repo, source, args.precision, calib_data=args.calib_data, calib_method=args.calib_method,
+                             eval_data=args.eval_data)
     if controller is None:
-        request = BuildRequest(str(source), args.name, local_target(args.precision), version=args.version,
-                               max_batch=max_batch, options=options)
-        _say(f"building {args.name} v{args.version} ({args.precision}) from {source} on this machine for 1 target:")
-        return 0 if build_locally(repo, request, sha256_file(source)).ok else 1
+        request = BuildRequest(str(source), args.name, local_target(prepared.precision), version=args.version,
+                               max_batch=max_batch, options={**options, **prepared.options},
+                               accept_accuracy_loss=args.accept_accuracy_loss, fallback=model_config.fallback)
+        _say(f"building {args.name} v{args.version} ({prepared.precision}) from {source} on this machine for 1 target:")
+        return 0 if build_locally(repo, request, sha256_file(source), prepared=prepared).ok else 1
     outcomes = build_on_fleet(repo, controller, source, model=args.name, version=args.version, targets=args.targets or "auto",
-                              precision=args.precision, max_batch=max_batch, options=options)
+                              max_batch=max_batch, options=options, prepared=prepared,
+                              accept_accuracy_loss=args.accept_accuracy_loss, fallback=model_config.fallback)
     return 0 if outcomes and all(o.ok for o in outcomes) else 1
 
 
@@ -320,7 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="source .onnx file")
     p.add_argument("--name", required=True, help="servable model name")
     p.add_argument("--version", default="1")
-    p.add_argument("--precision", default="float32", choices=["float32"])
+    p.add_argument("--precision", default="float32", choices=["float32", "float16", "int8", "int8_calib"],
+                   help="int8_calib calibrates on --calib-data, stores the calibration, then builds int8; "
+                        "int8 reuses a stored calibration of the same source model")
+    p.add_argument("--calib-data", help="calibration data: .npz, a directory of .npy, or module:function")
+    p.add_argument("--calib-method", choices=["entropy", "minmax", "percentile"],
+                   help="calibration method (default: entropy for int8_calib; any stored one for int8)")
+    p.add_argument("--eval-data", help="held-out samples (.npz: inputs, optional 'labels') for the accuracy check")
+    p.add_argument("--accept-accuracy-loss", action="store_true", help="store the artifact even over the accuracy threshold")
     p.add_argument("--max-batch", type=int, help="max batch (default: the model's config, else 64)")
     p.add_argument("--targets", help="auto (every target in the running fleet) or a list: compute capabilities, "
                    "GPU model names, cpu (e.g. 7.5,V100); default: auto with a running fleet, else this machine's CPU")

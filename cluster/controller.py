@@ -360,6 +360,9 @@ class FleetController:
             "restarts": self._restarts,
             "nodes": list(nodes.values()),
             "models": self.router.models(),
+            # models TensorRT's parser refused, served by ONNX Runtime (fallback: onnxruntime)
+            "fallbacks": {f"{m.model}:{m.version}:{m.precision}": m.build_options["fallback_reason"]
+                          for m in self._manifests if m.build_options.get("fallback_reason")},
             "events": self._events[-50:],
         }
 

@@ -83,6 +83,9 @@ class DataPlane:
                 "max_batch": first.max_batch,
                 "targets": sorted({m.target.key() for m in manifests}),
                 "precision": sorted({m.precision for m in manifests}),
+                "accuracy": {m.target.key(): m.accuracy for m in manifests if m.accuracy},
+                "fallback": {m.target.key(): m.build_options["fallback_reason"] for m in manifests
+                             if m.build_options.get("fallback_reason")},
             },
         }
 

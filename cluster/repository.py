@@ -18,6 +18,7 @@ from workers.manifest import MANIFEST_NAME, Manifest, check_name, verify_artifac
 from workers.targets import PRECISIONS, parse_version
 
 STAGING = ".staging"
+CALIBRATION = "_calibration"  # int8 calibrations, by source sha256 + data sha256 + method
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Repository:
         found = []
         model_dirs = [self.root / model] if model else sorted(self.root.iterdir())
         for model_dir in model_dirs:
-            if not model_dir.is_dir() or model_dir.name.startswith("."):
+            if not model_dir.is_dir() or model_dir.name.startswith((".", "_")):
                 continue
             for manifest_path in sorted(model_dir.glob(f"*/*/*/{MANIFEST_NAME}")):
                 leaf = manifest_path.parent
@@ -120,6 +121,43 @@ class Repository:
             except ArtifactCorrupt as exc:
                 problems.append(str(exc))
         return problems
+
+    # ---- int8 calibrations -------------------------------------------------------
+    def calibration_dir(self, key: str) -> Path:
+        return self.root / CALIBRATION / key
+
+    def store_calibration(self, key: str, result) -> Path:
+        """Write a calibration (ranges, Q/DQ model, TensorRT cache) atomically under its key."""
+        from workers.precision import write_calibration
+
+        staging = self.new_staging_dir()
+        write_calibration(result, staging)
+        final = self.calibration_dir(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        return final
+
+    def find_calibration(self, source_sha256: str, method: str | None = None):
+        """The newest calibration of this source model (any data, the given method), or None."""
+        from workers.precision import parse_calibration_key, read_calibration
+
+        base = self.root / CALIBRATION
+        if not base.is_dir():
+            return None
+        found = []
+        for d in base.iterdir():
+            try:
+                src, _, m = parse_calibration_key(d.name)
+            except ValueError:
+                continue
+            if src == source_sha256 and (method is None or m == method):
+                found.append((d.stat().st_mtime, d, m))
+        if not found:
+            return None
+        _, directory, m = max(found)
+        return read_calibration(directory, m)
 
     def remove(self, model: str, version: str | None = None) -> None:
         validate_model_ref(model, version)

@@ -308,21 +308,21 @@ class FleetWorker:
                 self._lock.notify_all()
 
     # ---- build -----------------------------------------------------------
-    def build_from_bytes(self, source: bytes, request: BuildRequest, out_dir: str) -> dict:
+    def build_from_bytes(self, source: bytes, request: BuildRequest, out_dir: str, calibration=None, evaluation=None) -> dict:
         """Build from a source model shipped as bytes (the driver may be on another host)."""
         with tempfile.TemporaryDirectory(prefix="fleet-build-") as tmp:
             path = Path(tmp) / "source.onnx"
             path.write_bytes(source)
-            return self.build(dataclasses.replace(request, source_path=str(path)), out_dir)
+            return self.build(dataclasses.replace(request, source_path=str(path)), out_dir, calibration, evaluation)
 
-    def build(self, request: BuildRequest, out_dir: str) -> dict:
+    def build(self, request: BuildRequest, out_dir: str, calibration=None, evaluation=None) -> dict:
         """Build an artifact for one of this worker's targets into ``out_dir``."""
         verdict = can_run(request.target, self.caps)
         if not verdict:
             raise IncompatibleArtifact(
                 f"worker {self.spec.worker_id} cannot build for {request.target.describe()}: {verdict.reason}"
             )
-        manifest = build_artifact(request, out_dir)
+        manifest = build_artifact(request, out_dir, calibration=calibration, evaluation=evaluation)
         verdict = can_run(manifest, self.caps)
         if not verdict:
             raise IncompatibleArtifact(

@@ -3,6 +3,11 @@
 Runs where the artifact will run (a TensorRT plan must be built on its target),
 so it lives in ``workers``. It writes into a staging directory; publishing into
 the repository (atomic rename) is the cluster's job.
+
+Every build is checked against the float32 source on held-out samples (the user's
+``--eval-data`` or, without it, fixed random inputs); the numbers go into the
+manifest and a loss over the precision's threshold fails the build unless
+``accept_accuracy_loss`` is set.
 """
 
 from __future__ import annotations
@@ -12,13 +17,19 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from workers.engines.onnxruntime import describe_model, estimate_footprint
+import numpy as np
+
+from workers import precision
+from workers.engines.onnxruntime import OnnxRuntimeEngine, cuda_provider_available, describe_model, estimate_footprint
 from workers.errors import BuildError
 from workers.manifest import MANIFEST_NAME, Manifest, check_name, sha256_file
 from workers.targets import Target
+from workers.tensors import TensorSpec
 
 DEFAULT_MAX_BATCH = 64
+EVAL_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -28,38 +39,148 @@ class BuildRequest:
     target: Target
     version: str = "1"
     max_batch: int = DEFAULT_MAX_BATCH
-    options: dict = field(default_factory=dict, hash=False, compare=False)
+    options: dict = field(default_factory=dict, hash=False, compare=False)  # recorded in the manifest
+    accept_accuracy_loss: bool = False
+    fallback: str = "none"  # "onnxruntime": serve with ONNX Runtime if TensorRT's parser refuses the model
 
     def __post_init__(self) -> None:
         check_name("model name", self.model)
         check_name("model version", self.version)
         if not 1 <= self.max_batch <= 1 << 20:
             raise ValueError(f"max_batch must be between 1 and {1 << 20}, got {self.max_batch}")
+        if self.target.precision == "int8_calib":
+            raise ValueError("int8_calib calibrates and then builds int8: ask for an int8 target")
 
 
-def build_artifact(request: BuildRequest, out_dir: str | Path) -> Manifest:
+@dataclass
+class EvalData:
+    """Held-out samples: feeds, and labels where the user has them (for test accuracy)."""
+
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    @classmethod
+    def synthetic(cls, inputs: tuple[TensorSpec, ...], rows: int) -> "EvalData":
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for spec in inputs:
+            shape = tuple(rows if d < 0 else d for d in spec.shape)
+            dtype = spec.numpy_dtype
+            feeds[spec.name] = (rng.integers(0, 10, shape) if dtype.kind in "iu" else rng.standard_normal(shape)).astype(dtype)
+        return cls(feeds)
+
+
+def _prepare_onnx(source: Path, target: Target, out: Path, calibration: precision.CalibrationResult | None) -> Path:
+    """The ONNX model ONNX Runtime (or a simulated plan) will execute for this precision."""
+    artifact = out / "model.onnx"
+    if target.precision == "float32":
+        shutil.copyfile(source, artifact)
+    elif target.precision == "float16":
+        precision.convert_float16(source, artifact)
+    elif target.precision == "int8":
+        if calibration is None:
+            raise BuildError(
+                f"int8 needs the calibration of this source model (sha256 {sha256_file(source)[:12]}...), and there is "
+                f"none; run `fleet build {source.name} --name NAME --precision int8_calib --calib-data DATA` first"
+            )
+        artifact.write_bytes(calibration.qdq_model)
+    return artifact
+
+
+def _run_artifact(path: Path, target: Target, feeds: dict[str, np.ndarray], trt_api: Any) -> dict[str, np.ndarray]:
+    if target.backend == "tensorrt" and not target.simulated:
+        from workers.engines.tensorrt import TensorRTEngine
+
+        with TensorRTEngine(path, slots=1, api=trt_api) as engine:
+            return engine.infer(feeds)
+    provider = "cuda" if target.provider == "cuda" and cuda_provider_available() else "cpu"
+    with OnnxRuntimeEngine(path, provider=provider, intra_op_threads=1) as engine:
+        return engine.infer(feeds)
+
+
+def _top1(outputs: dict[str, np.ndarray]) -> np.ndarray | None:
+    for array in outputs.values():  # a label output, else the first class-score output
+        if array.dtype.kind in "iu" and array.ndim == 1:
+            return array
+    for array in outputs.values():
+        if array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1:
+            return np.argmax(array, axis=1)
+    return None
+
+
+def check_build_accuracy(source: Path, artifact: Path, request: BuildRequest, target: Target,
+                         evaluation: EvalData, trt_api: Any = None) -> dict:
+    """Compare the artifact with the float32 source; raise BuildError over the threshold."""
+    reference = precision.run_model(source, evaluation.feeds)
+    candidate = _run_artifact(artifact, target, evaluation.feeds, trt_api)
+    metrics = precision.compare_outputs(reference, candidate)
+    synthetic = evaluation.labels is None and not request.options.get("eval_data")
+    try:
+        verdict = precision.check_accuracy(target.precision, metrics, request.accept_accuracy_loss)
+    except BuildError as exc:
+        if synthetic:
+            raise BuildError(f"{exc.message} (judged on random inputs: pass --eval-data with real held-out samples)") from None
+        raise
+    record = {k: v for k, v in metrics.items() if k != "outputs"}
+    record["check"] = verdict
+    record["eval_data"] = "synthetic" if synthetic else "user"
+    if evaluation.labels is not None:
+        ref_top1, cand_top1 = _top1(reference), _top1(candidate)
+        if ref_top1 is not None and cand_top1 is not None:
+            record["reference_accuracy"] = float(np.mean(ref_top1 == evaluation.labels))
+            record["test_accuracy"] = float(np.mean(cand_top1 == evaluation.labels))
+    return record
+
+
+def build_artifact(
+    request: BuildRequest,
+    out_dir: str | Path,
+    *,
+    calibration: precision.CalibrationResult | None = None,
+    evaluation: EvalData | None = None,
+    trt_api: Any = None,
+) -> Manifest:
     """Write the artifact and its manifest.json into ``out_dir``; return the manifest."""
     target = request.target
     source = Path(request.source_path)
     if not source.is_file():
         raise BuildError(f"source model {source} does not exist")
-    if target.precision != "float32":
-        raise BuildError(f"precision {target.precision} is not supported by this build yet; use float32")
-    if target.backend == "tensorrt" and not target.simulated:
-        raise BuildError(
-            f"building a TensorRT plan for compute capability {target.compute_capability} needs "
-            f"TensorRT on this worker; it is not installed here"
-        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # ONNX Runtime artifacts (and simulated plans, which ONNX Runtime executes) are
-    # the validated source model itself.
-    artifact = out / "model.onnx"
-    shutil.copyfile(source, artifact)
     try:
-        inputs, outputs = describe_model(artifact)
+        inputs, outputs = describe_model(source)
     except Exception as exc:  # ONNX Runtime raises several unrelated types here
         raise BuildError(f"ONNX Runtime cannot load {source.name}: {exc}") from exc
+    evaluation = evaluation or EvalData.synthetic(inputs, min(EVAL_ROWS, request.max_batch))
+    options = dict(request.options)
+    if target.backend == "tensorrt" and not target.simulated:
+        from workers.engines.tensorrt import OnnxParserFailed, TrtBuildOptions, build_plan
+
+        artifact = out / "model.plan"
+        try:
+            info = build_plan(source, artifact, TrtBuildOptions(inputs=inputs, precision=target.precision, max_batch=request.max_batch,
+                                                                hardware_compatibility=target.hardware_compatibility,
+                                                                version_compatible=target.version_compatible),
+                              calibration=calibration, api=trt_api)
+        except OnnxParserFailed as exc:
+            if request.fallback != "onnxruntime":
+                raise
+            # The model config asked for it: serve this model with ONNX Runtime instead.
+            options.update(fallback_from=target.key(), fallback_reason=exc.message)
+            provider = "cuda" if cuda_provider_available() else "cpu"
+            import onnxruntime as ort
+
+            target = Target("onnxruntime", ort.__version__, provider=provider, precision=target.precision)
+            artifact = _prepare_onnx(source, target, out, calibration)
+            footprint = estimate_footprint(artifact, inputs + outputs, request.max_batch)
+        else:
+            from workers.engines.tensorrt import plan_footprint
+
+            footprint = plan_footprint(0, 1, info.plan_bytes, 0)  # the worker measures the real one on load
+    else:
+        artifact = _prepare_onnx(source, target, out, calibration)
+        footprint = estimate_footprint(artifact, inputs + outputs, request.max_batch)
+    accuracy = check_build_accuracy(source, artifact, request, target, evaluation, trt_api)
     manifest = Manifest(
         model=request.model,
         version=request.version,
@@ -70,11 +191,12 @@ def build_artifact(request: BuildRequest, out_dir: str | Path) -> Manifest:
         source_sha256=sha256_file(source),
         inputs=inputs,
         outputs=outputs,
-        footprint_bytes=int(request.options.get("footprint_bytes") or estimate_footprint(artifact, inputs + outputs, request.max_batch)),
+        footprint_bytes=int(options.get("footprint_bytes") or footprint),
         max_batch=request.max_batch,
         build_time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         build_host=socket.gethostname(),
-        build_options=dict(request.options),
+        build_options=options,
+        accuracy=accuracy,
     )
     (out / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
