@@ -99,6 +99,10 @@ class ModelConfig(_Strict):
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     fallback: Literal["none", "onnxruntime"] = "none"
     preload: bool = True
+    # Version-compatible TensorRT plans embed host code that runs in the worker: load
+    # them only from sources you trust.
+    trust_version_compatible: bool = False
+    reject_non_finite: bool = False  # 400 for NaN/Inf in float inputs
 
 
 class FleetConfig(_Strict):
@@ -119,7 +123,8 @@ class FleetConfig(_Strict):
     intra_op_threads: int = Field(0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     max_request_bytes: int = 64 << 20
-    auth_token: str | None = None
+    auth_token: str | None = None  # bearer token for repository/admin calls (env FLEET_AUTH_TOKEN)
+    auth_inference: bool = False  # require the token for inference and metadata too
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
     @field_validator("reserve_bytes", "max_request_bytes", "cpu_budget", mode="before")

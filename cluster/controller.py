@@ -85,6 +85,7 @@ class FleetController:
         self._health_task: asyncio.Task | None = None
         self._started = False
         self._unloaded: set[str] = set()  # models unloaded through the repository API
+        self._replacing: set[str] = set()  # workers being replaced in the background
 
     # ---- start-up ----------------------------------------------------------
     def _plan_workers(self) -> list[tuple[WorkerSpec, dict]]:
@@ -191,8 +192,9 @@ class FleetController:
                 await self._check_worker(worker_id)
 
     async def _check_worker(self, worker_id: str) -> bool:
+        """Describe the worker; if it is gone, mark it dead and start a replacement in the background."""
         handle = self._handles.get(worker_id)
-        if handle is None:
+        if handle is None or worker_id in self._replacing:
             return False
         try:
             info = await asyncio.wait_for(handle.describe.remote(), 30)
@@ -203,6 +205,13 @@ class FleetController:
         self._event("worker-lost", worker=worker_id)
         self._info[worker_id] = dict(self._info[worker_id], alive=False, loaded=[])
         self._rebuild_router()
+        self._replacing.add(worker_id)
+        asyncio.get_running_loop().create_task(self._replace(worker_id, handle))
+        return False
+
+    async def _replace(self, worker_id: str, handle) -> None:
+        # In the background: placing a worker on a lost node can wait a long time, and
+        # the health of the other workers must not wait with it.
         try:
             ray.kill(handle, no_restart=True)
         except Exception:
@@ -213,7 +222,8 @@ class FleetController:
             self._event("worker-replaced", worker=worker_id)
         except FleetError as exc:
             self._event("worker-replace-failed", worker=worker_id, reason=exc.message)
-        return False
+        finally:
+            self._replacing.discard(worker_id)
 
     async def report_dead(self, worker_id: str) -> None:
         """The ingress saw a worker die: check and replace it now."""
@@ -310,7 +320,7 @@ class FleetController:
     def _batching(self, model: str) -> dict:
         cfg = self.config.model_config_for(model)
         return {"max_queue_delay_us": cfg.max_queue_delay_us, "preferred_batch_sizes": cfg.preferred_batch_sizes,
-                "enabled": cfg.dynamic_batching}
+                "enabled": cfg.dynamic_batching, "trust_version_compatible": cfg.trust_version_compatible}
 
     async def unload(self, model: str, version: str | None = None) -> list[str]:
         """Evict the model from every worker. Returns the engine keys unloaded."""
@@ -350,6 +360,7 @@ class FleetController:
                     "counters": info.get("counters", {}),
                     "engines": info.get("engines", {}),
                     "nvml_used_bytes": info.get("nvml_used_bytes"),
+                    "rss_bytes": info.get("rss_bytes"),
                     "runnable_not_loaded": runnable,
                 }
             )

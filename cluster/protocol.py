@@ -243,6 +243,14 @@ def decode_request(
     )
 
 
+def check_finite(inputs: dict[str, np.ndarray]) -> None:
+    """400 for NaN or Inf in float inputs (when the model config asks for it)."""
+    for name, array in inputs.items():
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            raise InvalidInput(f"input '{name}': {bad} NaN or Inf value(s); this model's config rejects non-finite inputs")
+
+
 def _json_ready(array: np.ndarray) -> list:
     if array.dtype == np.object_ or array.dtype.kind in ("S", "U"):
         return [x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in array.reshape(-1)]

@@ -6,6 +6,7 @@ class declares (one table: ``workers.errors``).
 """
 
 
+import hmac
 import json
 import logging
 import time
@@ -17,13 +18,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from workers.errors import FleetError, InvalidInput, PayloadTooLarge
+from workers.errors import FleetError, InvalidInput, PayloadTooLarge, Unauthorized
 
 from cluster.config import FleetConfig
 from cluster.controller import call
 from cluster.dataplane import DataPlane
 from cluster.names import CONTROLLER_NAME, NAMESPACE
-from cluster.protocol import HEADER_LENGTH, decode_request, decompress, encode_response
+from cluster.protocol import HEADER_LENGTH, check_finite, decode_request, decompress, encode_response
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import render_metrics
 from cluster.stats import RequestStats
@@ -84,6 +85,16 @@ class FleetIngress:
         self.plane = DataPlane(self.controller)
         self.stats = RequestStats()
 
+    def _authorize(self, request: Request, admin: bool) -> None:
+        """Bearer token check: admin calls always (when a token is set), the rest if auth_inference."""
+        token = self.config.auth_token
+        if not token or not (admin or self.config.auth_inference):
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise Unauthorized("this call needs 'Authorization: Bearer <token>' with the fleet's auth token")
+
     # ---- health and metadata ---------------------------------------------------
     @app.get("/v2/health/live")
     async def live(self) -> dict:
@@ -99,19 +110,23 @@ class FleetIngress:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data", "model_repository"]}
 
     @app.get("/v2/models/{model}")
-    async def model_metadata(self, model: str) -> dict:
+    async def model_metadata(self, model: str, request: Request) -> dict:
+        self._authorize(request, admin=False)
         return await self.plane.metadata(model, None)
 
     @app.get("/v2/models/{model}/versions/{version}")
-    async def model_version_metadata(self, model: str, version: str) -> dict:
+    async def model_version_metadata(self, model: str, version: str, request: Request) -> dict:
+        self._authorize(request, admin=False)
         return await self.plane.metadata(model, version)
 
     @app.get("/v2/models/{model}/ready")
-    async def model_ready(self, model: str) -> Response:
+    async def model_ready(self, model: str, request: Request) -> Response:
+        self._authorize(request, admin=False)
         return await self._ready(model, None)
 
     @app.get("/v2/models/{model}/versions/{version}/ready")
-    async def model_version_ready(self, model: str, version: str) -> Response:
+    async def model_version_ready(self, model: str, version: str, request: Request) -> Response:
+        self._authorize(request, admin=False)
         return await self._ready(model, version)
 
     async def _ready(self, model: str, version: "str | None") -> Response:
@@ -133,6 +148,7 @@ class FleetIngress:
         return await self._infer(model, None, request)
 
     async def _infer(self, model: str, version: "str | None", request: Request) -> Response:
+        self._authorize(request, admin=False)
         limit = self.config.max_request_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -143,6 +159,8 @@ class FleetIngress:
             body = await request.body()
             body = decompress(body, request.headers.get("content-encoding"), limit)
             parsed = decode_request(body, request.headers.get(HEADER_LENGTH), limit=limit)
+            if self.config.model_config_for(model).reject_non_finite:
+                check_finite(parsed.inputs)
             served_version, outputs, params = await self.plane.infer(model, version, parsed.inputs)
             content, headers = encode_response(model, served_version, outputs, parsed, params)
         except Exception as exc:
@@ -154,11 +172,13 @@ class FleetIngress:
 
     # ---- fleet and repository ----------------------------------------------------
     @app.get("/v2/fleet/status")
-    async def fleet_status(self) -> dict:
+    async def fleet_status(self, request: Request) -> dict:
+        self._authorize(request, admin=False)
         return await call(self.controller.status.remote())
 
     @app.post("/v2/repository/index")
     async def repository_index(self, request: Request) -> list:
+        self._authorize(request, admin=True)
         body = await _json_body(request)
         index = await call(self.controller.repository_index.remote())
         if body.get("ready"):
@@ -166,14 +186,16 @@ class FleetIngress:
         return index
 
     @app.post("/v2/repository/models/{model}/load")
-    async def repository_load(self, model: str) -> dict:
+    async def repository_load(self, model: str, request: Request) -> dict:
+        self._authorize(request, admin=True)
         await self.plane.resolve(model, None)
         await call(self.controller.ensure_loaded.remote(model, None, True, True))
         await self.plane.refresh(force=True)
         return {}
 
     @app.post("/v2/repository/models/{model}/unload")
-    async def repository_unload(self, model: str) -> dict:
+    async def repository_unload(self, model: str, request: Request) -> dict:
+        self._authorize(request, admin=True)
         await self.plane.resolve(model, None)
         await call(self.controller.unload.remote(model, None))
         await self.plane.refresh(force=True)
@@ -181,11 +203,13 @@ class FleetIngress:
 
     # ---- observability -----------------------------------------------------------
     @app.get("/v2/fleet/stats")
-    async def fleet_stats(self) -> dict:
+    async def fleet_stats(self, request: Request) -> dict:
+        self._authorize(request, admin=False)
         return self.stats.snapshot()
 
     @app.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
+        self._authorize(request, admin=False)
         status = await call(self.controller.status.remote())
         return Response(content=render_metrics(status, self.stats.snapshot()), media_type=METRICS_CONTENT_TYPE)
 

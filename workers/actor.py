@@ -78,6 +78,15 @@ def _resolve_device(spec: WorkerSpec) -> Device:
     return discover_devices()[0]
 
 
+def _rss_bytes() -> int | None:
+    """This process's resident memory (Linux), to watch for leaks under bad input."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _declared_budget(spec: WorkerSpec, device: Device) -> int | None:
     for declared, budget in zip(spec.simulated_devices, spec.simulated_budgets):
         if declared.uuid == device.uuid:
@@ -188,6 +197,7 @@ class FleetWorker:
                     for key, (m, stats) in self._stats.items()
                 },
                 "nvml_used_bytes": nvml_used_bytes(self.device.uuid) if self._baseline_used is not None else None,
+                "rss_bytes": _rss_bytes(),
             }
 
     def health(self) -> bool:
@@ -202,6 +212,12 @@ class FleetWorker:
     def load(self, manifest_dict: dict, artifact_dir: str, batching: dict | None = None) -> dict:
         """Load an artifact, evicting idle LRU engines if needed. Returns the ledger entry."""
         manifest = Manifest.from_dict(manifest_dict)
+        if manifest.target.version_compatible and not (batching or {}).get("trust_version_compatible"):
+            raise IncompatibleArtifact(
+                f"{manifest.model} is a version-compatible TensorRT plan, which carries host code that would run in "
+                f"this worker; load it only from a trusted source by setting models.{manifest.model}."
+                f"trust_version_compatible: true in the fleet config"
+            )
         options = BatchingOptions.from_dict(batching or {})
         options = dataclasses.replace(options, max_batch=manifest.max_batch)
         verdict = can_run(manifest, self.caps)

@@ -34,7 +34,7 @@ def running_fleet(config_path: str | None, repo_root: Path, *, cluster_address: 
     """Deploy a fleet on a fresh Ray (or on ``cluster_address``); yields (config, url)."""
     config = load_config(config_path, repository=str(repo_root), port=free_port(), **overrides)
     if cluster_address is None:
-        ray.init(namespace=NAMESPACE, num_cpus=2, log_to_driver=False, include_dashboard=False)
+        ray.init(address="local", namespace=NAMESPACE, num_cpus=2, log_to_driver=False, include_dashboard=False)
     else:
         ray.init(address=cluster_address, namespace=NAMESPACE, log_to_driver=False)
     try:

@@ -124,12 +124,18 @@ def test_metrics_parse_and_counters_move(fleet_url, digits_test):
     def total(values, name, **labels):
         return sum(v for (n, ls), v in values.items() if n == name and all(dict(ls).get(k) == w for k, w in labels.items()))
 
+    import time
+
     before = scrape()
+    while True:  # let worker counters of earlier tests reach the controller (polled every second)
+        time.sleep(1.2)
+        now = scrape()
+        if total(now, "fleet_nv_inference_count_total") == total(before, "fleet_nv_inference_count_total"):
+            break
+        before = now
     for _ in range(5):
         assert infer_json(fleet_url, "digits-mlp", digits_test[0][:3]).status_code == 200
     infer_json(fleet_url, "digits-mlp", digits_test[0][:3], datatype="INT64")  # a failure
-    import time
-
     time.sleep(1.5)  # worker counters reach the controller on its next health poll
     after = scrape()
     assert total(after, "fleet_nv_inference_request_success_total", model="digits-mlp") - total(before, "fleet_nv_inference_request_success_total", model="digits-mlp") == 5
