@@ -136,10 +136,11 @@ def build_locally(repo: Repository, request: BuildRequest, source_sha256: str, p
     try:
         build_artifact(request, staging, calibration=prepared.calibration, evaluation=prepared.evaluation)
         stored = repo.publish(staging)
-    except FleetError as exc:
-        repo.discard(staging)
-        print(f"  {request.target.describe()}: FAILED: {exc.message}", file=progress, flush=True)
-        return BuildOutcome(request.target, error=exc.message, seconds=time.monotonic() - t0)
+    except (FleetError, OSError) as exc:  # OSError: disk full, file too large, permissions
+        repo.discard(staging)  # nothing half-written ever becomes visible
+        message = exc.message if isinstance(exc, FleetError) else f"could not write the artifact: {exc}"
+        print(f"  {request.target.describe()}: FAILED: {message}", file=progress, flush=True)
+        return BuildOutcome(request.target, error=message, seconds=time.monotonic() - t0)
     except BaseException:
         repo.discard(staging)
         raise

@@ -281,6 +281,7 @@ class FleetController:
                 c.worker_id for c in placements if c.manifest.engine_key in self.router.workers[c.worker_id].loaded
             ))
             problems = []
+            refusals: list[FleetError] = []
             for choice in placements:
                 state = self.router.workers[choice.worker_id]
                 if choice.worker_id in loaded_on:
@@ -296,6 +297,7 @@ class FleetController:
                     cause = unwrap(exc)
                     if isinstance(cause, (NoCapacity, IncompatibleArtifact, ArtifactCorrupt)):
                         problems.append(f"{choice.worker_id}: {cause}")
+                        refusals.append(cause)
                         self._event("load-refused", worker=choice.worker_id, model=model, reason=str(cause))
                         await self._refresh_worker(choice.worker_id)
                         continue
@@ -310,6 +312,10 @@ class FleetController:
                 self._event("load", worker=choice.worker_id, engine=choice.manifest.engine_key, evicted=evicted)
                 loaded_on.append(choice.worker_id)
             if not loaded_on:
+                kinds = {type(r) for r in refusals}
+                if refusals and kinds <= {ArtifactCorrupt, IncompatibleArtifact}:
+                    # not a capacity problem: say what is wrong with the artifacts themselves
+                    raise refusals[0].__class__(f"model '{model}' version {version} could not be loaded: {'; '.join(problems)}")
                 footprint = max(m.footprint_bytes for m in self.router.manifests(model, version))
                 raise NoCapacity(
                     f"no capacity for model '{model}' version {version} ({format_bytes(footprint)}): "

@@ -8,6 +8,7 @@ helpers start and stop the Ray processes that ``fleet up`` owns.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -82,9 +83,30 @@ def stop_nodes() -> None:
     subprocess.run([ray_cli_path(), "stop", "--force"], env=ray_env(), capture_output=True, text=True)
 
 
+def _probe_gcs(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast and clearly when nothing listens at the GCS address (ray.init would wait minutes)."""
+    if address == "auto":
+        current = Path("/tmp/ray/ray_current_cluster")
+        if not current.exists():
+            raise NotReady("no Ray cluster is running on this machine; start the fleet with `fleet up`")
+        address = current.read_text().strip()
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return  # ray:// or other schemes: let Ray judge
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise NotReady(
+            f"cannot reach Ray's GCS at {address}: {exc.strerror or exc}. Is the head running "
+            f"(`fleet up`, or `ray start --head`) and is the address right?"
+        ) from None
+
+
 def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
+    if address not in (None, "local"):
+        _probe_gcs(address)
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
     except ConnectionError as exc:

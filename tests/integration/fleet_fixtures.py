@@ -55,8 +55,10 @@ def simulated_cluster(config_path: str | Path):
     config = load_config(config_path)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     try:
+        cluster.fleet_nodes = {}  # node name -> ray Node, so a test can take one away
         for node in config.nodes:
-            cluster.add_node(num_cpus=0, num_gpus=len(node.gpus), labels={NODE_LABEL: node.name, **node.labels})
+            cluster.fleet_nodes[node.name] = cluster.add_node(
+                num_cpus=0, num_gpus=len(node.gpus), labels={NODE_LABEL: node.name, **node.labels})
         yield cluster
     finally:
         cluster.shutdown()
