@@ -24,7 +24,7 @@ HEADER_LENGTH = "inference-header-content-length"
 MAX_DIMENSION = 1 << 31
 _KIND_OK = {
     "BOOL": "b",
-    "UINT8": "u", "UINT16": "u", "UINT32": "u", "UINT64": "u",
+    "UINT8": "iu", "UINT16": "iu", "UINT32": "iu", "UINT64": "iu",
     "INT8": "iu", "INT16": "iu", "INT32": "iu", "INT64": "iu",
     "FP16": "iuf", "FP32": "iuf", "FP64": "iuf",
 }
@@ -178,7 +178,7 @@ def decode_request(
         if name in inputs:
             raise InvalidInput(f"input '{name}' appears twice")
         datatype = item.get("datatype")
-        if datatype not in DATATYPE_TO_NUMPY:
+        if not isinstance(datatype, str) or datatype not in DATATYPE_TO_NUMPY:
             raise InvalidInput(
                 f"input '{name}': datatype {datatype!r} is not a KServe v2 datatype "
                 f"({', '.join(DATATYPE_TO_NUMPY)})"

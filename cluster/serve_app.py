@@ -76,6 +76,40 @@ async def _json_body(request: Request) -> dict:
     return body
 
 
+# The KServe v2 inference request, declared for /openapi.json (the handler parses raw bytes
+# itself, so that binary bodies and exact error messages are under our control).
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32",
+                                                 "INT64", "FP16", "FP32", "FP64", "BYTES"]},
+        "parameters": {"type": "object"},
+        "data": {"type": "array"},
+    },
+}
+INFER_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {
+                "type": "object",
+                "required": ["inputs"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "inputs": {"type": "array", "items": _TENSOR, "minItems": 1},
+                    "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                                           "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}}},
+                },
+            }},
+        },
+    },
+}
+
+
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class FleetIngress:
@@ -134,16 +168,16 @@ class FleetIngress:
         return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 400)
 
     # ---- inference -------------------------------------------------------------
-    @app.post("/v2/models/{model}/infer")
+    @app.post("/v2/models/{model}/infer", openapi_extra=INFER_OPENAPI)
     async def infer(self, model: str, request: Request) -> Response:
         return await self._infer(model, None, request)
 
-    @app.post("/v2/models/{model}/versions/{version}/infer")
+    @app.post("/v2/models/{model}/versions/{version}/infer", openapi_extra=INFER_OPENAPI)
     async def infer_version(self, model: str, version: str, request: Request) -> Response:
         return await self._infer(model, version, request)
 
     # Model names with encoded slashes ("..%2F..%2Fetc") land here: refuse them by name.
-    @app.post("/v2/models/{model:path}/infer")
+    @app.post("/v2/models/{model:path}/infer", include_in_schema=False)
     async def infer_bad_name(self, model: str, request: Request) -> Response:
         return await self._infer(model, None, request)
 
