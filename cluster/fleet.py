@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -149,6 +150,26 @@ def deploy(config: FleetConfig, *, wait_s: float = 120.0) -> ray.actor.ActorHand
     serve.run(build_app(config), name=SERVE_APP_NAME, route_prefix="/", blocking=False)
     wait_ready(f"http://{config.host}:{config.port}", wait_s)
     return controller
+
+
+@contextmanager
+def simulated_cluster(config: FleetConfig):
+    """An in-process Ray cluster (ray.cluster_utils) with one labelled node per declared node.
+
+    For tests, the soak and benchmarks on one machine; ``fleet up`` uses real `ray start`
+    nodes instead. ``cluster.fleet_nodes`` maps node names to Ray nodes (to take one away).
+    """
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    try:
+        cluster.fleet_nodes = {}
+        for node in config.nodes:
+            cluster.fleet_nodes[node.name] = cluster.add_node(
+                num_cpus=0, num_gpus=len(node.gpus), labels={NODE_LABEL: node.name, **node.labels})
+        yield cluster
+    finally:
+        cluster.shutdown()
 
 
 def wait_ready(url: str, timeout_s: float) -> None:

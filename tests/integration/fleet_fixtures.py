@@ -47,21 +47,9 @@ def running_fleet(config_path: str | None, repo_root: Path, *, cluster_address: 
 
 @contextmanager
 def simulated_cluster(config_path: str | Path):
-    """A ray.cluster_utils.Cluster with one labelled node per declared node of the config."""
-    from ray.cluster_utils import Cluster
-
-    from cluster.names import NODE_LABEL
-
-    config = load_config(config_path)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    try:
-        cluster.fleet_nodes = {}  # node name -> ray Node, so a test can take one away
-        for node in config.nodes:
-            cluster.fleet_nodes[node.name] = cluster.add_node(
-                num_cpus=0, num_gpus=len(node.gpus), labels={NODE_LABEL: node.name, **node.labels})
+    """cluster.fleet.simulated_cluster for a config file."""
+    with fleet.simulated_cluster(load_config(config_path)) as cluster:
         yield cluster
-    finally:
-        cluster.shutdown()
 
 
 def digits_rows(n: int):
