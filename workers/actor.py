@@ -12,6 +12,7 @@ evicted or unloaded, and each engine admits at most ``slots`` concurrent runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -76,6 +77,27 @@ def _resolve_device(spec: WorkerSpec) -> Device:
             )
         return spec.simulated_devices[index]
     return discover_devices()[0]
+
+
+def _init_cuda_context(device: Device) -> None:
+    """Create this process's primary CUDA context on its device (cudaFree(0))."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        return
+    runtime.cudaSetDevice(device.cuda_ordinal or 0)
+    runtime.cudaFree(0)
+
+
+def _warm_up(engine: Engine, manifest: Manifest) -> None:
+    """One run at max batch with zeros (skipped for models with string inputs)."""
+    feeds = {}
+    for spec in manifest.inputs:
+        if spec.datatype == "BYTES" or any(d < 0 for d in spec.shape[1:]):
+            return
+        shape = tuple(manifest.max_batch if d < 0 else d for d in spec.shape)
+        feeds[spec.name] = np.zeros(shape, spec.numpy_dtype)
+    engine.infer(feeds)
 
 
 def _rss_bytes() -> int | None:
@@ -178,7 +200,11 @@ class FleetWorker:
         # Per engine key, kept across evictions so exported counters never go backwards.
         self._stats: dict[str, tuple[Manifest, EngineStats]] = {}
         self.counters = {"loads": 0, "evictions": 0, "unloads": 0, "inferences": 0, "failures": 0}
-        self._baseline_used = nvml_used_bytes(self.device.uuid) if self.device.is_gpu and not self.device.simulated else None
+        self._real_gpu = self.device.is_gpu and not self.device.simulated
+        if self._real_gpu:
+            _init_cuda_context(self.device)  # the context is part of the baseline, not of the first engine
+        self._baseline_used = nvml_used_bytes(self.device.uuid) if self._real_gpu else None
+        self._measure_lock = threading.Lock()  # one load at a time is measured on a real GPU
 
     # ---- lifecycle -------------------------------------------------------
     def describe(self) -> dict:
@@ -198,6 +224,7 @@ class FleetWorker:
                 },
                 "nvml_used_bytes": nvml_used_bytes(self.device.uuid) if self._baseline_used is not None else None,
                 "rss_bytes": _rss_bytes(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             }
 
     def health(self) -> bool:
@@ -243,19 +270,25 @@ class FleetWorker:
                     self.counters["evictions"] += len(evicted)
                     break
             pending.wait()  # another thread is loading the same engine
+        engine: Engine | None = None
         try:
             for loaded in evicted:
                 loaded.close()
-            before = nvml_used_bytes(self.device.uuid) if self._baseline_used is not None else None
-            engine = self._open_engine(manifest, verify_artifact(artifact_dir, manifest))
-            engine.activate()
-            measured = None
-            if before is not None:
-                after = nvml_used_bytes(self.device.uuid)
-                measured = max(0, (after or before) - before)
+            path = verify_artifact(artifact_dir, manifest)
+            with self._measure_lock if self._real_gpu else contextlib.nullcontext():
+                before = nvml_used_bytes(self.device.uuid) if self._real_gpu else None
+                with self._lock:
+                    allowed = self.ledger.free_bytes + manifest.footprint_bytes  # what is reserved plus what is free
+                engine = self._open_engine(manifest, path, allowed)
+                engine.activate()
+                _warm_up(engine, manifest)  # allocates the activations a max batch needs, so we measure them
+                measured = None
+                if before is not None:
+                    after = nvml_used_bytes(self.device.uuid)
+                    measured = max(1, (after or before) - before)
             with self._lock:
                 if measured:
-                    self.ledger.update_footprint(key, max(measured, 1))
+                    self.ledger.update_footprint(key, measured)  # NoCapacity if it really does not fit
                 stats = self._stats.setdefault(key, (manifest, EngineStats()))[1]
                 batcher = None
                 if options.enabled and _batchable(manifest):
@@ -264,6 +297,8 @@ class FleetWorker:
                 self.counters["loads"] += 1
                 return self.ledger.get(key).to_dict()  # type: ignore[union-attr]
         except BaseException:
+            if engine is not None:
+                engine.deactivate()
             with self._lock:
                 self.ledger.remove(key)
             raise
@@ -272,7 +307,7 @@ class FleetWorker:
                 self._loading.pop(key).set()
                 self._lock.notify_all()
 
-    def _open_engine(self, manifest: Manifest, path: Path) -> Engine:
+    def _open_engine(self, manifest: Manifest, path: Path, allowed_bytes: int) -> Engine:
         target = manifest.target
         if target.backend == "tensorrt" and not target.simulated:
             from workers.engines.tensorrt import TensorRTEngine
@@ -285,7 +320,7 @@ class FleetWorker:
             provider="cuda" if use_cuda else "cpu",
             device_id=self.device.cuda_ordinal or 0,
             intra_op_threads=self.spec.intra_op_threads,
-            gpu_mem_limit=manifest.footprint_bytes if use_cuda else None,
+            gpu_mem_limit=allowed_bytes if use_cuda else None,  # the arena may never outgrow the budget
             footprint_bytes=manifest.footprint_bytes,
         )
 

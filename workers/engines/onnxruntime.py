@@ -94,7 +94,9 @@ class OnnxRuntimeEngine(Engine):
                 "ONNX Runtime's CUDA provider is not available in this process; install "
                 "forward-fleet[gpu] (onnxruntime-gpu) or build the model for the CPU"
             )
-        options = {"device_id": self.device_id, "arena_extend_strategy": "kSameAsRequested"}
+        # kSameAsRequested: the arena grows only by what is asked (its size is what we measure);
+        # no TF32, so that a float32 artifact computes in float32.
+        options = {"device_id": self.device_id, "arena_extend_strategy": "kSameAsRequested", "use_tf32": 0}
         if self.gpu_mem_limit:
             options["gpu_mem_limit"] = int(self.gpu_mem_limit)
         return [(CUDA_PROVIDER, options)]
@@ -113,6 +115,11 @@ class OnnxRuntimeEngine(Engine):
 
     def _deactivate(self) -> None:
         self._session = None
+
+    @property
+    def provider_options(self) -> dict:
+        """What ONNX Runtime applied (for checks on real GPUs)."""
+        return self._session.get_provider_options() if self._session is not None else {}
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self._session is not None

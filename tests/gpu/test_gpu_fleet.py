@@ -1,0 +1,78 @@
+"""The fleet on real GPUs through Ray: one worker per GPU on the device Ray gave it, HTTP
+requests served by ONNX Runtime CUDA and spread over every GPU."""
+
+import collections
+
+import numpy as np
+import onnxruntime as ort
+import pynvml
+import pytest
+import ray
+
+from cluster import fleet
+from cluster.buildfarm import build_on_fleet
+from cluster.client import FleetClient
+from cluster.config import load_config
+from cluster.names import CONTROLLER_NAME, NAMESPACE
+from cluster.repository import Repository
+from tests.integration.fleet_fixtures import free_port
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu_fleet(tmp_path_factory, demo_models, big_mlp):
+    work = tmp_path_factory.mktemp("gpu-fleet")
+    config = load_config("configs/local.yaml", repository=str(work / "repo"), port=free_port())
+    pynvml.nvmlInit()
+    n = pynvml.nvmlDeviceGetCount()
+    pynvml.nvmlShutdown()
+    ray.init(address="local", namespace=NAMESPACE, num_gpus=n, log_to_driver=False, include_dashboard=False)
+    try:
+        fleet.deploy(config)
+        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        repo = Repository(config.repository)
+        for name, src, max_batch in (("cnn-small", demo_models["cnn-small"], 64), ("big-mlp", big_mlp, 256)):
+            outcomes = build_on_fleet(repo, controller, src, model=name, max_batch=max_batch)
+            assert outcomes and all(o.ok for o in outcomes), [o.error for o in outcomes]
+        yield {"url": f"http://127.0.0.1:{config.port}", "controller": controller, "gpus": n, "repo": repo}
+    finally:
+        fleet.teardown()
+        ray.shutdown()
+
+
+def test_one_worker_per_gpu_on_the_device_ray_assigned(gpu_fleet):
+    handles = ray.get(gpu_fleet["controller"].worker_handles.remote())
+    assert len(handles) == gpu_fleet["gpus"]
+    pynvml.nvmlInit()
+    try:
+        by_index = {i: pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(gpu_fleet["gpus"])}
+    finally:
+        pynvml.nvmlShutdown()
+    seen = set()
+    for worker_id, handle in handles.items():
+        info = ray.get(handle.describe.remote())
+        ray_gpu = int(info["cuda_visible_devices"])
+        assert info["caps"]["device"]["uuid"] == by_index[ray_gpu], (worker_id, info["caps"]["device"])
+        assert info["caps"]["device"]["compute_capability"] == "9.0" and not info["simulated"]
+        assert {r["provider"] for r in info["caps"]["runtimes"]} >= {"cpu", "cuda"}
+        seen.add(ray_gpu)
+    assert seen == set(range(gpu_fleet["gpus"]))
+
+
+def test_artifacts_are_onnxruntime_cuda(gpu_fleet):
+    (art,) = gpu_fleet["repo"].artifacts("big-mlp")
+    assert art.manifest.target.provider == "cuda" and art.manifest.accuracy["check"]["passed"]
+
+
+def test_http_answers_match_cpu_and_spread_over_gpus(gpu_fleet, demo_models):
+    x = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    want = ort.InferenceSession(str(demo_models["cnn-small"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    served = collections.Counter()
+    with FleetClient(gpu_fleet["url"]) as client:
+        for _ in range(40):
+            out = client.infer("cnn-small", {"input": x})["logits"]
+            np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+            served[client.last_parameters["fleet_worker"]] += 1
+            assert client.last_parameters["compute_capability"] == "9.0"
+    assert len(served) == gpu_fleet["gpus"], served
