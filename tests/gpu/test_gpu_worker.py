@@ -153,6 +153,7 @@ TEARDOWN = """
 import json, sys
 from workers.actor import FleetWorker, WorkerSpec
 from workers.devices import nvml_used_bytes
+from workers.manifest import Manifest
 import numpy as np
 manifest = Manifest.read(sys.argv[1])
 worker = FleetWorker(WorkerSpec("teardown", budget_bytes=8 << 30))
