@@ -95,6 +95,26 @@ def make_cnn_small(path: Path) -> Path:
     return path
 
 
+def make_big_mlp(path: Path, width: int = 4096, layers: int = 4, seed: int = 0) -> Path:
+    """A compute-heavy MLP for GPUs: `layers` x (Gemm width x width + Relu), input/output [N, width]."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "input"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(width, np.float32), f"b{i}")]
+        last = i == layers - 1
+        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], ["output" if last else f"g{i}"]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"g{i}"], [f"h{i}"]))
+            x = f"h{i}"
+    graph = helper.make_graph(nodes, "big-mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
 DEMO_MODELS = {
     "digits-mlp": (make_digits_mlp, 256),  # builder, max batch
     "cnn-small": (make_cnn_small, 64),

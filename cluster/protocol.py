@@ -275,24 +275,34 @@ def encode_response(
                 f"requested output {', '.join(repr(u) for u in unknown)} does not exist; "
                 f"the model's outputs are {', '.join(repr(n) for n in outputs)}"
             )
-    out_list = []
-    blobs = []
-    for req in wanted:
-        array = np.asarray(outputs[req.name])
-        datatype = numpy_to_datatype(array.dtype)
-        entry: dict = {"name": req.name, "datatype": datatype, "shape": list(array.shape)}
-        if req.binary or datatype == "FP16":
-            blob = encode_bytes_tensor(array) if datatype == "BYTES" else np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = _json_ready(array)
-        out_list.append(entry)
+    blobs: list[bytes] = []
+    out_list = [_tensor_entry(req.name, np.asarray(outputs[req.name]), req.binary, blobs) for req in wanted]
     body = {"model_name": model, "model_version": version, "outputs": out_list}
     if request.id is not None:
         body["id"] = request.id
     if parameters:
         body["parameters"] = parameters
+    return _with_blobs(body, blobs)
+
+
+def _tensor_entry(name: str, array: np.ndarray, binary: bool, blobs: list[bytes]) -> dict:
+    """One tensor's JSON entry; binary data (always for FP16) is appended to ``blobs``."""
+    datatype = numpy_to_datatype(array.dtype)
+    entry: dict = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+    if binary or datatype == "FP16":
+        if datatype == "BYTES":
+            blob = encode_bytes_tensor(array)
+        else:
+            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        entry["parameters"] = {"binary_data_size": len(blob)}
+        blobs.append(blob)
+    else:
+        entry["data"] = _json_ready(array)
+    return entry
+
+
+def _with_blobs(body: dict, blobs: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    """The JSON header, followed by the binary tensors if there are any."""
     header = json.dumps(body, separators=(",", ":")).encode()
     if not blobs:
         return header, {"content-type": "application/json"}
@@ -312,21 +322,13 @@ def encode_request(
 ) -> tuple[bytes, dict[str, str]]:
     """Client side: build a request body and its headers."""
     binary_output = binary if binary_output is None else binary_output
+    blobs: list[bytes] = []
     items = []
-    blobs = []
     for name, value in inputs.items():
         array = np.asarray(value)
         if array.dtype.kind == "U":
             array = array.astype(np.object_)
-        datatype = numpy_to_datatype(array.dtype)
-        item: dict = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary or datatype == "FP16":
-            blob = encode_bytes_tensor(array) if datatype == "BYTES" else np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-            item["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            item["data"] = _json_ready(array)
-        items.append(item)
+        items.append(_tensor_entry(name, array, binary, blobs))
     body: dict = {"inputs": items}
     if request_id is not None:
         body["id"] = request_id
@@ -334,13 +336,7 @@ def encode_request(
         body["outputs"] = [{"name": o, "parameters": {"binary_data": binary_output}} for o in outputs]
     else:
         body["parameters"] = {"binary_data_output": binary_output}
-    header = json.dumps(body, separators=(",", ":")).encode()
-    if not blobs:
-        return header, {"content-type": "application/json"}
-    return header + b"".join(blobs), {
-        "content-type": "application/octet-stream",
-        "inference-header-content-length": str(len(header)),
-    }
+    return _with_blobs(body, blobs)
 
 
 def decode_response(body: bytes, header_length: str | None) -> tuple[dict, dict[str, np.ndarray]]:

@@ -80,7 +80,7 @@ def test_cuda_outputs_match_cpu(model, demo_models, big_mlp, results_dir):
 @pytest.fixture(scope="module")
 def mlp_artifacts(tmp_path_factory, results_dir):
     """Eight distinct 4x4096 MLPs (256 MiB of weights each) built for ONNX Runtime CUDA."""
-    from tests.gpu.conftest import make_big_mlp
+    from cluster.demo import make_big_mlp
 
     root = tmp_path_factory.mktemp("gpu-repo")
     arts = []
