@@ -6,6 +6,7 @@ the router indexes its answers so a decision is a few dictionary lookups.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 from workers.errors import ModelNotFound, NoCompatibleWorker
@@ -14,6 +15,12 @@ from workers.manifest import Manifest
 from workers.targets import WorkerCaps, can_run
 
 from cluster.repository import version_sort_key
+
+
+def _kind(caps: WorkerCaps) -> tuple:
+    """What can_run looks at in a worker: its device's identity class and its runtimes."""
+    d = caps.device
+    return (d.kind, d.compute_capability, d.simulated, caps.runtimes)
 
 
 @dataclass
@@ -49,8 +56,9 @@ class Router:
         self._latest: dict[str, str] = {}
         # (model, version) -> [(worker_id, manifest)] that can_run; computed once per inventory
         self._compatible: dict[tuple[str, str], list[tuple[str, Manifest]]] = {}
-        self._loaded_by: dict[str, list[str]] = {}  # engine key -> worker ids holding it
+        self._holders: dict[tuple[str, str], list[Choice]] = {}
         self._turn = 0
+        self._random = random.Random(0)
 
     # ---- inventory -------------------------------------------------------
     def set_inventory(self, workers: list[WorkerState], manifests: list[Manifest]) -> None:
@@ -62,23 +70,29 @@ class Router:
         for m in manifests:
             self._manifests.setdefault(m.model, {}).setdefault(m.version, []).append(m)
         self._latest = {model: max(vs, key=version_sort_key) for model, vs in self._manifests.items()}
+        # Workers with the same device and runtimes get the same can_run answers: ask once per
+        # kind of worker (a fleet of 1,000 GPUs has a handful of kinds), not once per worker.
+        kinds: dict[tuple, list[WorkerState]] = {}
+        for w in workers:
+            kinds.setdefault(_kind(w.caps), []).append(w)
         self._compatible = {}
         for model, versions in self._manifests.items():
             for version, ms in versions.items():
                 pairs = []
-                for w in workers:
+                for members in kinds.values():
                     for m in ms:
-                        if can_run(m, w.caps):
-                            pairs.append((w.worker_id, m))
+                        if can_run(m, members[0].caps):
+                            pairs.extend((w.worker_id, m) for w in members)
                 self._compatible[(model, version)] = pairs
         self._reindex_loaded()
 
     def _reindex_loaded(self) -> None:
-        self._loaded_by = {}
-        for w in self.workers.values():
-            if w.alive:
-                for key in w.loaded:
-                    self._loaded_by.setdefault(key, []).append(w.worker_id)
+        """(model, version) -> the live compatible workers holding one of its engines."""
+        self._holders = {}
+        for (model, version), pairs in self._compatible.items():
+            holders = [Choice(wid, m) for wid, m in pairs if self.workers[wid].alive and m.engine_key in self.workers[wid].loaded]
+            if holders:
+                self._holders[(model, version)] = holders
 
     def mark_loaded(self, worker_id: str, key: str, used_bytes: int | None = None) -> None:
         w = self.workers[worker_id]
@@ -114,24 +128,28 @@ class Router:
         return [(w, m) for w, m in self._compatible.get((model, version), []) if self.workers[w].alive]
 
     def choose(self, model: str, version: str) -> Choice | None:
-        """Among live compatible workers holding the engine, the least outstanding
-        (ties take turns); None if no worker holds it."""
-        best: list[Choice] = []
-        best_load = None
-        for manifest in self._manifests.get(model, {}).get(version, ()):
-            for worker_id in self._loaded_by.get(manifest.engine_key, ()):
-                w = self.workers[worker_id]
-                if best_load is not None and w.outstanding > best_load:
-                    continue
-                if not can_run(manifest, w.caps):  # cheap; keeps the rule in one place
-                    continue
-                if best_load is None or w.outstanding < best_load:
-                    best, best_load = [], w.outstanding
-                best.append(Choice(worker_id, manifest))
-        if not best:
+        """A live compatible worker holding the engine, None if there is none.
+
+        Up to 16 holders: the least outstanding requests (ties take turns). More: the better
+        of two picked at random ("power of two choices", as Ray Serve routes), which keeps
+        a decision O(1) on large fleets with nearly the same balance.
+        """
+        holders = self._holders.get((model, version))
+        if not holders:
             return None
+        workers = self.workers
+        if len(holders) > 16:
+            a, b = self._random.sample(holders, 2)
+            return a if workers[a.worker_id].outstanding <= workers[b.worker_id].outstanding else b
         self._turn += 1
-        return best[self._turn % len(best)]
+        n = len(holders)
+        best, best_load = None, None
+        for i in range(n):
+            choice = holders[(self._turn + i) % n]
+            load = workers[choice.worker_id].outstanding
+            if best_load is None or load < best_load:
+                best, best_load = choice, load
+        return best
 
     def placement(self, model: str, version: str) -> list[Choice]:
         """Where to load, best first: fits without eviction, then most free budget."""
