@@ -122,6 +122,7 @@ class FleetConfig(_Strict):
     slots: int = Field(4, ge=1, le=256)
     intra_op_threads: int = Field(0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
+    ingress_replicas: int | None = Field(None, ge=1, le=64)  # HTTP ingress replicas; None: by CPU count
     max_request_bytes: int = 64 << 20
     auth_token: str | None = None  # bearer token for repository/admin calls (env FLEET_AUTH_TOKEN)
     auth_inference: bool = False  # require the token for inference and metadata too
@@ -144,6 +145,10 @@ class FleetConfig(_Strict):
     @property
     def simulated(self) -> bool:
         return any(n.gpus for n in self.nodes)
+
+    def ingress_replica_count(self) -> int:
+        """Two replicas beat one even on 2 cores (one decodes while the other waits on a worker)."""
+        return self.ingress_replicas or min(8, max(2, (os.cpu_count() or 2) // 4))
 
     def model_config_for(self, model: str) -> ModelConfig:
         return self.models.get(model) or ModelConfig()

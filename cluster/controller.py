@@ -32,6 +32,7 @@ from cluster.config import FleetConfig
 from cluster.names import NODE_LABEL
 from cluster.repository import Repository
 from cluster.router import Router, WorkerState
+from cluster.stats import merge
 
 log = logging.getLogger("forward-fleet.controller")
 
@@ -86,6 +87,7 @@ class FleetController:
         self._started = False
         self._unloaded: set[str] = set()  # models unloaded through the repository API
         self._replacing: set[str] = set()  # workers being replaced in the background
+        self._request_stats: dict[str, dict] = {}  # ingress replica -> its latest report
 
     # ---- start-up ----------------------------------------------------------
     def _plan_workers(self) -> list[tuple[WorkerSpec, dict]]:
@@ -382,6 +384,12 @@ class FleetController:
                           for m in self._manifests if m.build_options.get("fallback_reason")},
             "events": self._events[-50:],
         }
+
+    async def report_request_stats(self, replica: str, report: dict) -> None:
+        self._request_stats[replica] = report
+
+    async def request_stats(self) -> dict:
+        return merge(list(self._request_stats.values()))
 
     async def models(self) -> list[dict]:
         return [m.to_dict() for m in self._manifests]

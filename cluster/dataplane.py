@@ -90,6 +90,7 @@ class DataPlane:
         }
 
     async def model_ready(self, model: str, version: str | None) -> bool:
+        await self.refresh(force=True)  # another ingress replica may have loaded or unloaded it just now
         version = await self.resolve(model, version)
         return self.router.choose(model, version) is not None
 

@@ -6,10 +6,12 @@ class declares (one table: ``workers.errors``).
 """
 
 
+import asyncio
 import hmac
 import json
 import logging
 import time
+import uuid
 
 import ray
 from fastapi import FastAPI, Request
@@ -33,6 +35,7 @@ from cluster.status_page import STATUS_PAGE_HTML
 log = logging.getLogger("forward-fleet.http")
 SERVER_NAME = "forward-fleet"
 SERVER_VERSION = "0.1.0"
+STATS_REPORT_PERIOD_S = 1.0
 
 app = FastAPI(title="forward-fleet", version=SERVER_VERSION, description="KServe v2 inference on a heterogeneous GPU fleet")
 
@@ -118,6 +121,26 @@ class FleetIngress:
         self.controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
         self.plane = DataPlane(self.controller)
         self.stats = RequestStats()
+        self._replica = uuid.uuid4().hex[:8]
+        self._reporter: asyncio.Task | None = None
+
+    async def _report_stats(self) -> None:
+        # Every replica sends its numbers to the controller, which adds them up, so that
+        # /metrics and the status page show the whole fleet whichever replica answers.
+        while True:
+            try:
+                await call(self.controller.report_request_stats.remote(self._replica, self.stats.report()))
+            except Exception:  # the controller restarting must not stop the reporting
+                log.warning("could not report request stats", exc_info=True)
+            await asyncio.sleep(STATS_REPORT_PERIOD_S)
+
+    def _start_reporting(self) -> None:
+        if self._reporter is None:
+            self._reporter = asyncio.get_running_loop().create_task(self._report_stats())
+
+    async def _fleet_stats(self) -> dict:
+        await call(self.controller.report_request_stats.remote(self._replica, self.stats.report()))
+        return await call(self.controller.request_stats.remote())
 
     def _authorize(self, request: Request, admin: bool) -> None:
         """Bearer token check: admin calls always (when a token is set), the rest if auth_inference."""
@@ -182,6 +205,7 @@ class FleetIngress:
         return await self._infer(model, None, request)
 
     async def _infer(self, model: str, version: "str | None", request: Request) -> Response:
+        self._start_reporting()
         self._authorize(request, admin=False)
         limit = self.config.max_request_bytes
         declared = request.headers.get("content-length")
@@ -239,13 +263,13 @@ class FleetIngress:
     @app.get("/v2/fleet/stats")
     async def fleet_stats(self, request: Request) -> dict:
         self._authorize(request, admin=False)
-        return self.stats.snapshot()
+        return await self._fleet_stats()
 
     @app.get("/metrics")
     async def metrics(self, request: Request) -> Response:
         self._authorize(request, admin=False)
         status = await call(self.controller.status.remote())
-        return Response(content=render_metrics(status, self.stats.snapshot()), media_type=METRICS_CONTENT_TYPE)
+        return Response(content=render_metrics(status, await self._fleet_stats()), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/")
     async def status_page(self) -> HTMLResponse:
@@ -253,7 +277,9 @@ class FleetIngress:
 
 
 def build_app(config: FleetConfig):
-    return FleetIngress.options(max_ongoing_requests=config.max_ongoing_requests).bind(config.model_dump_json())
+    return FleetIngress.options(
+        max_ongoing_requests=config.max_ongoing_requests, num_replicas=config.ingress_replica_count()
+    ).bind(config.model_dump_json())
 
 
 __all__ = ["FleetIngress", "build_app"]

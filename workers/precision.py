@@ -508,6 +508,9 @@ def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.nd
 
 def accuracy_threshold(precision: str, metrics: dict[str, Any]) -> tuple[str, str, float]:
     """(metric, 'max' | 'min', bound) that ``precision`` is judged by, given what ``metrics`` holds."""
+    if "rel_l2_error" not in metrics and "exact_agreement" in metrics:
+        # integer outputs only (labels, counts): judged by how often they agree exactly
+        return "exact_agreement", "min", {"float32": 1.0, "float16": 0.99}.get(precision, INT8_MIN_TOP1_AGREEMENT)
     if precision == "float32":
         return "rel_l2_error", "max", FLOAT32_MAX_REL_L2
     if precision == "float16":
