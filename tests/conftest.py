@@ -1,8 +1,19 @@
 from pathlib import Path
 
+import os
+import tempfile
+
 import pytest
 
 from cluster.env import apply_ray_env
+
+# Serve's HAProxy keeps its config, socket and state under one directory; give this test
+# session its own, so that it never meets another Serve on the same machine.
+_haproxy = tempfile.mkdtemp(prefix="fleet-test-haproxy-")
+os.environ.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", f"{_haproxy}/haproxy.cfg")
+os.environ.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", f"{_haproxy}/admin.sock")
+os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", _haproxy)
+os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", f"{_haproxy}/server-state")
 
 # Ray reads RAY_AUTH_MODE at import: every Ray in the tests runs with token
 # authentication on, as `fleet up` does, so child drivers and CLI calls match it.
