@@ -121,9 +121,8 @@ _BUILD_COMMON = frozenset({
     "BuilderFlag.VERSION_COMPATIBLE",
     "BuilderFlag.EXCLUDE_LEAN_RUNTIME",
 })
-_BUILD_V8 = frozenset({
-    "NetworkDefinitionCreationFlag.EXPLICIT_BATCH",
-    "BuilderFlag.FP16",
+# Implicit INT8 with a calibrator: TensorRT 8.6 and 10.x only (11 builds Q/DQ models).
+_INT8_CALIBRATOR = frozenset({
     "BuilderFlag.INT8",
     "IInt8EntropyCalibrator2",
     "IInt8EntropyCalibrator2.get_batch_size",
@@ -132,15 +131,12 @@ _BUILD_V8 = frozenset({
     "IInt8EntropyCalibrator2.write_calibration_cache",
     "IBuilderConfig.int8_calibrator",
 })
-_BUILD_V10 = frozenset({
+_BUILD_V8 = _INT8_CALIBRATOR | frozenset({
+    "NetworkDefinitionCreationFlag.EXPLICIT_BATCH",
+    "BuilderFlag.FP16",
+})
+_BUILD_V10 = _INT8_CALIBRATOR | frozenset({
     "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
-    "BuilderFlag.INT8",
-    "IInt8EntropyCalibrator2",
-    "IInt8EntropyCalibrator2.get_batch_size",
-    "IInt8EntropyCalibrator2.get_batch",
-    "IInt8EntropyCalibrator2.read_calibration_cache",
-    "IInt8EntropyCalibrator2.write_calibration_cache",
-    "IBuilderConfig.int8_calibrator",
     "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY",
     "ParserError.node_name",
     "ParserError.node_operator",
