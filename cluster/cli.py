@@ -290,6 +290,21 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return subprocess.run([ray_cli_path(), "job", "list", "--address", _dashboard(args)], env=ray_env()).returncode
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """scripts/bench.py (in the source checkout): the fleet against bare ONNX Runtime, naive Serve, Triton."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+    if not script.is_file():
+        raise FleetError(f"{script} is not there: `fleet bench` runs from a source checkout of forward-fleet")
+    sys.path.insert(0, str(script.parent))
+    spec = importlib.util.spec_from_file_location("fleet_bench", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    forwarded = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    return module.main(forwarded)
+
+
 # ---- parser --------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet", description="forward-fleet: serve ONNX models as TensorRT / ONNX Runtime engines on a heterogeneous Ray GPU fleet.")
@@ -362,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray dashboard address")
     p.add_argument("--config", help="fleet config (for its dashboard port)")
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("bench", help="run scripts/bench.py (options after --, e.g. fleet bench -- --quick)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to scripts/bench.py")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("infer", help="send one request and print the outputs")
     with_url(p)

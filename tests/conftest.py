@@ -1,15 +1,28 @@
 from pathlib import Path
 
 import os
+import socket
 import tempfile
 
 import pytest
 
 from cluster.env import apply_ray_env
 
-# Serve's HAProxy keeps its config, socket and state under one directory; give this test
-# session its own, so that it never meets another Serve on the same machine.
-_haproxy = tempfile.mkdtemp(prefix="fleet-test-haproxy-")
+# Serve's HAProxy keeps its config, socket and state under one directory and listens on
+# fixed stats/metrics ports; give this test session its own, so that it never meets
+# another Serve on the same machine. Short path: HAProxy allows 97 characters for its
+# socket, and Ray adds a 56-character node id below this directory.
+_haproxy = tempfile.mkdtemp(prefix="ffh", dir="/tmp")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
+os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
 os.environ.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", f"{_haproxy}/haproxy.cfg")
 os.environ.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", f"{_haproxy}/admin.sock")
 os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", _haproxy)

