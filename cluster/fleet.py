@@ -24,7 +24,7 @@ from workers.errors import NotReady
 from cluster.config import FleetConfig
 from cluster.controller import FleetController
 from cluster.env import auth_token_path, ray_env
-from cluster.names import CONTROLLER_NAME, GPU_LABEL, NAMESPACE, NODE_LABEL, SERVE_APP_NAME
+from cluster.names import CONTROLLER_NAME, GPU_LABEL, HEAD_NODE_RESOURCE, NAMESPACE, NODE_LABEL, SERVE_APP_NAME
 from cluster.serve_app import build_app
 
 
@@ -143,7 +143,7 @@ def deploy(config: FleetConfig, *, wait_s: float = 120.0) -> ray.actor.ActorHand
     config.repository.mkdir(parents=True, exist_ok=True)
     controller = ray.remote(FleetController).options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, get_if_exists=True,
-        max_concurrency=1000,
+        max_concurrency=1000, resources=HEAD_NODE_RESOURCE,
     ).remote(config.model_dump_json())
     ray.get(controller.start.remote())
     serve.start(http_options={"host": config.host, "port": config.port})

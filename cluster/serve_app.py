@@ -25,7 +25,7 @@ from workers.errors import FleetError, InvalidInput, PayloadTooLarge, Unauthoriz
 from cluster.config import FleetConfig
 from cluster.controller import call
 from cluster.dataplane import DataPlane
-from cluster.names import CONTROLLER_NAME, NAMESPACE
+from cluster.names import CONTROLLER_NAME, HEAD_NODE_RESOURCE, NAMESPACE
 from cluster.protocol import HEADER_LENGTH, check_finite, decode_request, decompress, encode_response
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import render_metrics
@@ -113,7 +113,7 @@ INFER_OPENAPI = {
 }
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": HEAD_NODE_RESOURCE})
 @serve.ingress(app)
 class FleetIngress:
     def __init__(self, config_json: str) -> None:
