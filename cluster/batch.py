@@ -195,7 +195,7 @@ class FleetWorkers:
     def refresh(self) -> None:
         import ray
 
-        from cluster.controller import worker_state
+        from cluster.controller import apply_snapshot
         from cluster.router import Router
 
         try:
@@ -206,13 +206,7 @@ class FleetWorkers:
             raise unwrap(exc) from None
         snap = ray.get(self.controller.snapshot.remote(-1))
         router = Router()
-        states, handles = [], {}
-        for w in snap["workers"]:
-            state = worker_state(w["info"])
-            state.alive = w["alive"] and w["handle"] is not None
-            states.append(state)
-            handles[state.worker_id] = w["handle"]
-        router.set_inventory(states, [Manifest.from_dict(m) for m in snap["manifests"]])
+        handles = apply_snapshot(router, snap)
         version = router.resolve(self.model, self.version)
         self.version = version
         self.workers = {}

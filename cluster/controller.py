@@ -69,6 +69,18 @@ def worker_state(info: dict) -> WorkerState:
     )
 
 
+def apply_snapshot(router: Router, snap: dict) -> dict:
+    """Feed a controller snapshot into ``router``; returns worker id -> actor handle."""
+    states, handles = [], {}
+    for w in snap["workers"]:
+        state = worker_state(w["info"])
+        state.alive = w["alive"] and w["handle"] is not None
+        states.append(state)
+        handles[state.worker_id] = w["handle"]
+    router.set_inventory(states, [Manifest.from_dict(m) for m in snap["manifests"]])
+    return handles
+
+
 class FleetController:
     def __init__(self, config_json: str) -> None:
         self.config = FleetConfig.model_validate_json(config_json)

@@ -15,9 +15,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from workers.engines.base import check_feeds
 from workers.errors import FleetError, NotReady, WorkerLost
-from workers.manifest import Manifest
 
-from cluster.controller import call, unwrap, worker_state
+from cluster.controller import apply_snapshot, call, unwrap
 from cluster.repository import validate_model_ref
 from cluster.router import Router
 
@@ -40,13 +39,7 @@ class DataPlane:
             self._last_refresh = self._clock()
             if snap is None:
                 return
-            states = []
-            for w in snap["workers"]:
-                state = worker_state(w["info"])
-                state.alive = w["alive"] and w["handle"] is not None
-                states.append(state)
-                self.handles[state.worker_id] = w["handle"]
-            self.router.set_inventory(states, [Manifest.from_dict(m) for m in snap["manifests"]])
+            self.handles.update(apply_snapshot(self.router, snap))
             self._epoch = snap["epoch"]
 
     async def _fresh(self) -> None:
