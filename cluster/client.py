@@ -15,7 +15,7 @@ import requests
 
 from workers.errors import FleetError, error_from_wire
 
-from cluster.protocol import HEADER_LENGTH, decode_response, encode_request
+from workers.protocol import HEADER_LENGTH, decode_response, encode_request
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 

@@ -126,6 +126,10 @@ class FleetConfig(_Strict):
     max_request_bytes: int = 64 << 20
     auth_token: str | None = None  # bearer token for repository/admin calls (env FLEET_AUTH_TOKEN)
     auth_inference: bool = False  # require the token for inference and metadata too
+    # HAProxy on `port` sends inference straight to a worker holding the model (one hop);
+    # the rest goes to Ray Serve on `serve_port` (None: a free port picked at start).
+    front_door: bool = True
+    serve_port: int | None = Field(None, ge=1, le=65535)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
     @field_validator("reserve_bytes", "max_request_bytes", "cpu_budget", mode="before")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import ray
@@ -29,10 +30,11 @@ from workers.manifest import Manifest
 from workers.targets import WorkerCaps, can_run
 
 from cluster.config import FleetConfig
+from cluster.frontdoor import FrontDoor, routes_from
 from cluster.names import NODE_LABEL
 from cluster.repository import Repository
 from cluster.router import Router, WorkerState
-from cluster.stats import merge
+from workers.stats import merge
 
 log = logging.getLogger("forward-fleet.controller")
 
@@ -56,7 +58,15 @@ async def call(ref):
         raise unwrap(exc) from None
 
 
-WorkerActor = ray.remote(FleetWorker)
+class RayFleetWorker(FleetWorker):
+    """FleetWorker plus what only Ray knows: the address of the node it landed on."""
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+
+WorkerActor = ray.remote(RayFleetWorker)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def worker_state(info: dict) -> WorkerState:
@@ -100,6 +110,8 @@ class FleetController:
         self._unloaded: set[str] = set()  # models unloaded through the repository API
         self._replacing: set[str] = set()  # workers being replaced in the background
         self._request_stats: dict[str, dict] = {}  # ingress replica -> its latest report
+        self._front: FrontDoor | None = None  # HAProxy on the fleet's port, when config.serve_port is set
+        self._http: dict[str, tuple[str, int]] = {}  # worker id -> its own HTTP endpoint
 
     # ---- start-up ----------------------------------------------------------
     def _plan_workers(self) -> list[tuple[WorkerSpec, dict]]:
@@ -150,6 +162,14 @@ class FleetController:
         await asyncio.gather(*(self._start_worker(spec.worker_id) for spec, _ in plan))
         self.rescan()
         await self._preload()
+        if self.config.serve_port is not None:
+            host = self.config.host
+            self._front = FrontDoor(
+                bind=(host, self.config.port),
+                ingress=("127.0.0.1" if host in ("0.0.0.0", "::") else host, self.config.serve_port),
+                threads=max(1, min(4, (os.cpu_count() or 2) // 4)),
+            )
+            self._front.start(routes_from(self.router, self._http))
         self._started = True
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
         return await self.status()
@@ -168,9 +188,33 @@ class FleetController:
             ) from None
         except RayTaskError as exc:
             raise unwrap(exc) from None
+        if self.config.serve_port is not None:
+            address = await handle.start_http.remote(self._http_options())
+            host = address["host"]
+            if host in ("0.0.0.0", "::"):
+                host = await handle.node_ip.remote()
+            self._http[worker_id] = (host, address["port"])
         self._handles[worker_id] = handle
         self._info[worker_id] = info
         self._rebuild_router()
+
+    def _ingress_url(self) -> str:
+        host = self.config.host
+        if host in ("0.0.0.0", "::"):
+            host = ray.util.get_node_ip_address()  # the controller runs on the head node, as Serve does
+        return f"http://{host}:{self.config.serve_port}"
+
+    def _http_options(self) -> dict:
+        cfg = self.config
+        return {
+            # One-host fleets stay on loopback; on many hosts the front door reaches workers by node IP.
+            "host": "127.0.0.1" if cfg.host in LOOPBACK else "0.0.0.0",
+            "auth_token": cfg.auth_token,
+            "auth_inference": cfg.auth_inference,
+            "max_request_bytes": cfg.max_request_bytes,
+            "reject_non_finite": sorted(m for m, mc in cfg.models.items() if mc.reject_non_finite),
+            "fallback_url": self._ingress_url(),
+        }
 
     def _rebuild_router(self) -> None:
         states = []
@@ -180,6 +224,12 @@ class FleetController:
             states.append(state)
         self.router.set_inventory(states, self._manifests)
         self._epoch += 1
+        if self._front is not None:
+            try:
+                if self._front.update(routes_from(self.router, self._http)):
+                    self._event("front-door-reload", routes=len(self._front.routes))
+            except FleetError as exc:
+                self._event("front-door-reload-failed", reason=exc.message)
 
     def rescan(self) -> dict[str, list[str]]:
         """Re-read the repository (after builds or on a miss)."""
@@ -394,6 +444,7 @@ class FleetController:
             # models TensorRT's parser refused, served by ONNX Runtime (fallback: onnxruntime)
             "fallbacks": {f"{m.model}:{m.version}:{m.precision}": m.build_options["fallback_reason"]
                           for m in self._manifests if m.build_options.get("fallback_reason")},
+            "front_door": self._front.describe() if self._front is not None else None,
             "events": self._events[-50:],
         }
 
@@ -401,7 +452,12 @@ class FleetController:
         self._request_stats[replica] = report
 
     async def request_stats(self) -> dict:
-        return merge(list(self._request_stats.values()))
+        """Requests counted by the ingress replicas and by the workers' own HTTP endpoints."""
+        if self._http:
+            await asyncio.gather(*(self._check_worker(w) for w in list(self._handles)))
+        reports = list(self._request_stats.values())
+        reports += [info["request_stats"] for info in self._info.values() if info.get("request_stats")]
+        return merge(reports)
 
     async def models(self) -> list[dict]:
         return [m.to_dict() for m in self._manifests]
@@ -427,6 +483,9 @@ class FleetController:
     async def shutdown(self) -> None:
         if self._health_task:
             self._health_task.cancel()
+        if self._front is not None:
+            self._front.stop()
+            self._front = None
         for handle in self._handles.values():
             try:
                 await handle.shutdown.remote()

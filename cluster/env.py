@@ -14,11 +14,12 @@ def ray_env() -> dict[str, str]:
     """
     env = dict(os.environ)
     env.setdefault("RAY_AUTH_MODE", "token")
-    # Ray Serve's throughput-optimized mode with HAProxy in front of direct-ingress replicas:
-    # about 2.3x the requests/s of the classic Python proxy here (docs/performance.md).
-    # Set both to 0 to use the classic proxy.
+    # Ray Serve's throughput-optimized mode (direct ingress, user code on the replica's loop):
+    # several times the requests/s of the classic settings here (docs/performance.md). The
+    # fleet's own HAProxy (cluster/frontdoor.py) stands in front of Serve, so Serve's HAProxy
+    # mode (fixed host-wide ports 8404/9101 and /tmp/haproxy-serve) stays off.
     env.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    env.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    env.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "0")
     env.setdefault("ORT_DISABLE_TELEMETRY", "1")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return env

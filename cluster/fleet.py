@@ -23,6 +23,7 @@ from workers.errors import NotReady
 
 from cluster.config import FleetConfig
 from cluster.controller import FleetController
+from cluster.frontdoor import haproxy_binary
 from cluster.env import auth_token_path, ray_env
 from cluster.names import CONTROLLER_NAME, GPU_LABEL, HEAD_NODE_RESOURCE, NAMESPACE, NODE_LABEL, SERVE_APP_NAME
 from cluster.serve_app import build_app
@@ -141,13 +142,23 @@ def running_controller(address: str | None = None):
 def deploy(config: FleetConfig, *, wait_s: float = 120.0) -> ray.actor.ActorHandle:
     """Start the controller (and its workers) and the HTTP ingress on a connected Ray."""
     config.repository.mkdir(parents=True, exist_ok=True)
+    if config.front_door and config.serve_port is None and haproxy_binary() is not None:
+        config = config.model_copy(update={"serve_port": free_port(config.host)})
+    elif not config.front_door or haproxy_binary() is None:
+        config = config.model_copy(update={"serve_port": None})  # Serve itself on the fleet's port
     controller = ray.remote(FleetController).options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, get_if_exists=True,
         max_concurrency=1000, resources=HEAD_NODE_RESOURCE,
     ).remote(config.model_dump_json())
-    ray.get(controller.start.remote())
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config), name=SERVE_APP_NAME, route_prefix="/", blocking=False)
+    # Serve starts while the controller starts workers and preloads (a few seconds of cold start).
+    started = controller.start.remote()
+    try:
+        serve.start(http_options={"host": config.host, "port": config.serve_port or config.port})
+        serve.run(build_app(config), name=SERVE_APP_NAME, route_prefix="/", blocking=False)
+        ray.get(started)
+    except BaseException:
+        teardown()
+        raise
     wait_ready(f"http://{config.host}:{config.port}", wait_s)
     return controller
 
@@ -170,6 +181,13 @@ def simulated_cluster(config: FleetConfig):
         yield cluster
     finally:
         cluster.shutdown()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (for Ray Serve behind the front door)."""
+    with socket.socket() as sock:
+        sock.bind((host if host not in ("0.0.0.0", "::") else "", 0))
+        return sock.getsockname()[1]
 
 
 def wait_ready(url: str, timeout_s: float) -> None:

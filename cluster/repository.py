@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers.errors import ArtifactCorrupt, InvalidInput, ModelNotFound
-from workers.manifest import MANIFEST_NAME, Manifest, check_name, verify_artifact
+from workers.manifest import MANIFEST_NAME, Manifest, check_name, verify_artifact, version_sort_key
 from workers.targets import PRECISIONS, parse_version
 
 STAGING = ".staging"
@@ -25,13 +25,6 @@ CALIBRATION = "_calibration"  # int8 calibrations, by source sha256 + data sha25
 class StoredArtifact:
     manifest: Manifest
     directory: Path
-
-
-def version_sort_key(version: str):
-    try:
-        return (1, parse_version(version), version)
-    except ValueError:
-        return (0, (), version)
 
 
 def validate_model_ref(model: str, version: str | None = None) -> None:

@@ -14,7 +14,7 @@ from workers.ledger import format_bytes
 from workers.manifest import Manifest
 from workers.targets import WorkerCaps, can_run
 
-from cluster.repository import version_sort_key
+from workers.manifest import version_sort_key
 
 
 def _kind(caps: WorkerCaps) -> tuple:
@@ -126,6 +126,10 @@ class Router:
     def compatible(self, model: str, version: str) -> list[tuple[str, Manifest]]:
         """(worker, manifest) pairs that can_run, on live workers."""
         return [(w, m) for w, m in self._compatible.get((model, version), []) if self.workers[w].alive]
+
+    def holders(self, model: str, version: str) -> list[str]:
+        """The live compatible workers holding an engine of (model, version)."""
+        return [c.worker_id for c in self._holders.get((model, version), [])]
 
     def choose(self, model: str, version: str) -> Choice | None:
         """A live compatible worker holding the engine, None if there is none.

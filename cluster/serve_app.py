@@ -7,7 +7,6 @@ class declares (one table: ``workers.errors``).
 
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -20,16 +19,16 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from workers.errors import FleetError, InvalidInput, PayloadTooLarge, Unauthorized
+from workers.errors import FleetError, InvalidInput
 
 from cluster.config import FleetConfig
 from cluster.controller import call
 from cluster.dataplane import DataPlane
 from cluster.names import CONTROLLER_NAME, HEAD_NODE_RESOURCE, NAMESPACE
-from cluster.protocol import HEADER_LENGTH, check_finite, decode_request, decompress, encode_response
+from workers.protocol import HEADER_LENGTH, check_bearer, check_declared_length, encode_response, read_infer_request
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import render_metrics
-from cluster.stats import RequestStats
+from workers.stats import RequestStats
 from cluster.status_page import STATUS_PAGE_HTML
 
 log = logging.getLogger("forward-fleet.http")
@@ -147,10 +146,7 @@ class FleetIngress:
         token = self.config.auth_token
         if not token or not (admin or self.config.auth_inference):
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise Unauthorized("this call needs 'Authorization: Bearer <token>' with the fleet's auth token")
+        check_bearer(request.headers.get("authorization"), token)
 
     # ---- health and metadata ---------------------------------------------------
     @app.get("/v2/health/live")
@@ -208,17 +204,14 @@ class FleetIngress:
         self._start_reporting()
         self._authorize(request, admin=False)
         limit = self.config.max_request_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
+        check_declared_length(request.headers.get("content-length"), limit)
         started = time.perf_counter()
         served_version = version
         try:
-            body = await request.body()
-            body = decompress(body, request.headers.get("content-encoding"), limit)
-            parsed = decode_request(body, request.headers.get(HEADER_LENGTH), limit=limit)
-            if self.config.model_config_for(model).reject_non_finite:
-                check_finite(parsed.inputs)
+            parsed = read_infer_request(
+                await request.body(), request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH),
+                limit=limit, reject_non_finite=self.config.model_config_for(model).reject_non_finite,
+            )
             served_version, outputs, params = await self.plane.infer(model, version, parsed.inputs)
             content, headers = encode_response(model, served_version, outputs, parsed, params)
         except Exception as exc:

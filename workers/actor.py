@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import socket
 import tempfile
@@ -32,7 +33,8 @@ from workers.engines.base import Engine, check_feeds
 from workers.engines.onnxruntime import OnnxRuntimeEngine, cuda_provider_available
 from workers.errors import IncompatibleArtifact, NotReady
 from workers.ledger import Ledger
-from workers.manifest import Manifest, verify_artifact
+from workers.manifest import Manifest, verify_artifact, version_sort_key
+from workers.stats import RequestStats
 from workers.targets import Runtime, WorkerCaps, can_run
 
 
@@ -98,6 +100,14 @@ def _warm_up(engine: Engine, manifest: Manifest) -> None:
         shape = tuple(manifest.max_batch if d < 0 else d for d in spec.shape)
         feeds[spec.name] = np.zeros(shape, spec.numpy_dtype)
     engine.infer(feeds)
+
+
+def _freeze_heap() -> None:
+    """Move everything alive now (Ray, ONNX Runtime, the engines) out of the garbage collector's
+    reach: a full collection walking that heap stalled requests for tens of ms (p99 37 -> 8 ms
+    at c=32 in docs/performance.md). Ray Serve's throughput mode does the same."""
+    gc.collect()
+    gc.freeze()
 
 
 def _rss_bytes() -> int | None:
@@ -205,6 +215,8 @@ class FleetWorker:
             _init_cuda_context(self.device)  # the context is part of the baseline, not of the first engine
         self._baseline_used = nvml_used_bytes(self.device.uuid) if self._real_gpu else None
         self._measure_lock = threading.Lock()  # one load at a time is measured on a real GPU
+        self._http = None  # WorkerHttpServer once start_http ran
+        self.request_stats = RequestStats()  # requests that came in over this worker's own HTTP
 
     # ---- lifecycle -------------------------------------------------------
     def describe(self) -> dict:
@@ -225,13 +237,18 @@ class FleetWorker:
                 "nvml_used_bytes": nvml_used_bytes(self.device.uuid) if self._baseline_used is not None else None,
                 "rss_bytes": _rss_bytes(),
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "http": None if self._http is None else {"host": self._http.options.host, "port": self._http.port},
+                "request_stats": self.request_stats.report(),
             }
 
     def health(self) -> bool:
         return True
 
     def shutdown(self) -> None:
-        """Unload everything (contexts and engines first), waiting for in-flight work."""
+        """Stop serving HTTP, then unload everything (contexts and engines first), waiting for in-flight work."""
+        if self._http is not None:
+            self._http.stop()
+            self._http = None
         for key in list(self._engines):
             self.unload(key)
 
@@ -295,6 +312,7 @@ class FleetWorker:
                     batcher = DynamicBatcher(engine.infer, options, self.spec.slots, stats)
                 self._engines[key] = _Loaded(manifest, engine, batcher, threading.Semaphore(self.spec.slots), stats, measured)
                 self.counters["loads"] += 1
+                _freeze_heap()
                 return self.ledger.get(key).to_dict()  # type: ignore[union-attr]
         except BaseException:
             if engine is not None:
@@ -339,24 +357,47 @@ class FleetWorker:
 
     # ---- inference -------------------------------------------------------
     def infer(self, key: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with self._lock:
-            loaded = self._engines.get(key)
-            if loaded is None:
-                raise NotReady(f"engine {key} is not loaded on worker {self.spec.worker_id}")
-            self.ledger.begin_use(key)
+        loaded = self.begin_request(key)
+        ok = False
         try:
             check_feeds(loaded.manifest.inputs, feeds)
             outputs = loaded.run(feeds)
             ok = True
             return outputs
-        except BaseException:
-            ok = False
-            raise
         finally:
-            with self._lock:
-                self.counters["inferences" if ok else "failures"] += 1
-                self.ledger.end_use(key)
-                self._lock.notify_all()
+            self.end_request(key, ok)
+
+    def begin_request(self, key: str) -> "_Loaded":
+        """Mark the engine in use (never evicted or unloaded while in use); NotReady if not loaded."""
+        with self._lock:
+            loaded = self._engines.get(key)
+            if loaded is None:
+                raise NotReady(f"engine {key} is not loaded on worker {self.spec.worker_id}")
+            self.ledger.begin_use(key)
+            return loaded
+
+    def end_request(self, key: str, ok: bool) -> None:
+        with self._lock:
+            self.counters["inferences" if ok else "failures"] += 1
+            self.ledger.end_use(key)
+            self._lock.notify_all()
+
+    def engine_for(self, model: str, version: str | None) -> str | None:
+        """The key of the loaded engine serving (model, version); None: the latest loaded version."""
+        with self._lock:
+            found = [(l.manifest.version, key) for key, l in self._engines.items()
+                     if l.manifest.model == model and (version is None or l.manifest.version == version)]
+        return max(found, key=lambda vk: version_sort_key(vk[0]))[1] if found else None
+
+    def start_http(self, options: dict) -> dict:
+        """Serve KServe v2 inference over HTTP from this process (the fleet's one-hop path)."""
+        from workers.http import HttpOptions, WorkerHttpServer
+
+        if self._http is None:
+            self._http = WorkerHttpServer(self, HttpOptions.from_dict(options))
+            self._http.start()
+            _freeze_heap()
+        return {"host": self._http.options.host, "port": self._http.port}
 
     # ---- build -----------------------------------------------------------
     def build_from_bytes(self, source: bytes, request: BuildRequest, out_dir: str, calibration=None, evaluation=None) -> dict:

@@ -92,13 +92,20 @@ class DynamicBatcher:
 
     def submit(self, feeds: Feeds) -> Feeds:
         """Run one request (at most max_batch rows) through the batcher; blocks for its outputs."""
+        return self.submit_nowait(feeds).result()
+
+    def submit_nowait(self, feeds: Feeds) -> Future:
+        """Queue one request (at most max_batch rows); the future gets its outputs.
+
+        For callers on an event loop (the worker's HTTP server), which must not block.
+        """
         pending = _Pending(feeds, batch_rows(feeds), Future(), self._clock())
         with self._cond:
             if self._closed:
                 raise RuntimeError("batcher is closed")
             self._queue.append(pending)
             self._cond.notify()
-        return pending.future.result()
+        return pending.future
 
     def close(self) -> None:
         with self._cond:

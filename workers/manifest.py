@@ -9,13 +9,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workers.errors import ArtifactCorrupt
-from workers.targets import Target
+from workers.targets import Target, parse_version
 from workers.tensors import TensorSpec
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # Model names and versions become directory names: keep them boring.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def version_sort_key(version: str):
+    """Numeric versions ("2" < "10") after non-numeric ones; the largest is the latest."""
+    try:
+        return (1, parse_version(version), version)
+    except ValueError:
+        return (0, (), version)
 
 
 def check_name(kind: str, value: str) -> str:

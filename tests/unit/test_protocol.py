@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 
-from cluster.protocol import decode_request, decode_response, decompress, encode_request, encode_response
+from workers.protocol import decode_request, decode_response, decompress, encode_request, encode_response
 from workers.errors import InvalidInput, PayloadTooLarge
 
 

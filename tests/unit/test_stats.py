@@ -1,4 +1,4 @@
-from cluster.stats import RequestStats, merge
+from workers.stats import RequestStats, merge
 
 
 class Clock:
@@ -32,3 +32,15 @@ def test_old_latencies_leave_the_window_but_counters_stay():
     clock.t += 120
     m = merge([s.report()], now=clock.t)["models"]["m"]
     assert m["success"] == 1 and m["rate_per_s"] == 0 and m["p50_ms"] is None
+
+
+def test_rate_counts_every_request_not_just_the_latency_sample():
+    clock = Clock()
+    s = RequestStats(clock)
+    for i in range(5000):  # more than the latency sample keeps (MAX_RECENT)
+        clock.t = 1000.0 + i / 1000  # 1,000 requests a second for 5 s
+        s.record("m", "1", 0.002)
+    clock.t = 1010.0
+    m = merge([s.report()], now=clock.t)["models"]["m"]
+    assert m["rate_per_s"] == 5000 / 10
+    assert m["p50_ms"] == 2.0

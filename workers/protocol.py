@@ -9,6 +9,7 @@ out. Supports JSON and Triton's binary tensor extension
 from __future__ import annotations
 
 import gzip
+import hmac
 import json
 import math
 import struct
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from workers.errors import InvalidInput, PayloadTooLarge
+from workers.errors import InvalidInput, PayloadTooLarge, Unauthorized
 from workers.tensors import DATATYPE_TO_NUMPY, numpy_to_datatype
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -43,6 +44,29 @@ class InferRequest:
     outputs: list[RequestedOutput] | None = None  # None: all outputs
     binary_output: bool = False  # request-level binary_data_output
     parameters: dict = field(default_factory=dict)
+
+
+def check_bearer(authorization: str | None, token: str) -> None:
+    """401 unless ``authorization`` is ``Bearer <token>`` (constant-time compare)."""
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Unauthorized("this call needs 'Authorization: Bearer <token>' with the fleet's auth token")
+
+
+def check_declared_length(content_length: str | None, limit: int) -> None:
+    """413 before reading a body whose declared length is over the limit."""
+    if content_length and content_length.isdigit() and int(content_length) > limit:
+        raise PayloadTooLarge(f"request body of {content_length} bytes is over the limit of {limit} bytes")
+
+
+def read_infer_request(
+    body: bytes, content_encoding: str | None, header_length: str | None, *, limit: int, reject_non_finite: bool
+) -> "InferRequest":
+    """An infer request body as it came over HTTP -> a checked InferRequest (400/413 otherwise)."""
+    parsed = decode_request(decompress(body, content_encoding, limit), header_length, limit=limit)
+    if reject_non_finite:
+        check_finite(parsed.inputs)
+    return parsed
 
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:

@@ -1,0 +1,164 @@
+"""The worker's own HTTP endpoint, without Ray: real uvicorn, real ONNX Runtime, real sockets."""
+
+import gzip
+import http.server
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import requests
+
+from cluster.buildfarm import build_locally, local_target
+from cluster.repository import Repository
+from workers.actor import FleetWorker, WorkerSpec
+from workers.build import BuildRequest
+from workers.http import parse_infer_path
+from workers.manifest import sha256_file
+from workers.protocol import decode_response, encode_request
+
+
+class _Ingress(http.server.ThreadingHTTPServer):
+    """Stands in for the Serve ingress: records what was passed on and answers 503 JSON."""
+
+    def __init__(self) -> None:
+        self.seen: list = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.seen.append((self.path, self.headers, body))  # case-insensitive lookups
+                answer = json.dumps({"error": "model 'nope' is not in the repository"}).encode()
+                self.send_response(404)
+                self.send_header("content-type", "application/json")
+                self.send_header("x-fleet-error", "ModelNotFound")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, demo_models):
+    repo = Repository(tmp_path_factory.mktemp("repo"))
+    for name, path in demo_models.items():
+        build_locally(repo, BuildRequest(str(path), name, local_target(), max_batch=64), sha256_file(path))
+    ingress = _Ingress()
+    worker = FleetWorker(WorkerSpec("w0", budget_bytes=1 << 30))
+    for name in demo_models:
+        (a,) = repo.artifacts(name)
+        worker.load(a.manifest.to_dict(), str(a.directory))
+    address = worker.start_http({"max_request_bytes": 4 << 20, "reject_non_finite": ["digits-mlp"],
+                                 "fallback_url": f"http://127.0.0.1:{ingress.server_address[1]}"})
+    yield worker, f"http://127.0.0.1:{address['port']}", ingress
+    worker.shutdown()
+    ingress.shutdown()
+
+
+def _post(url, inputs, binary=True, **kwargs):
+    body, headers = encode_request(inputs, binary=binary)
+    return requests.post(url, data=body, headers=headers, timeout=30, **kwargs)
+
+
+def test_paths():
+    assert parse_infer_path("/v2/models/m/infer") == ("m", None)
+    assert parse_infer_path("/v2/models/m/versions/3/infer") == ("m", "3")
+    assert parse_infer_path("/v2/models/m") is None
+    assert parse_infer_path("/v2/models/m/versions/3/ready") is None
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_answers_equal_onnxruntime(served, demo_models, digits_test, binary):
+    _, url, _ = served
+    X = digits_test[0][:16]
+    r = _post(f"{url}/v2/models/digits-mlp/infer", {"input": X}, binary=binary)
+    assert r.status_code == 200, r.text
+    header, outputs = decode_response(r.content, r.headers.get("inference-header-content-length"))
+    ref = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})
+    np.testing.assert_array_equal(outputs["label"], ref[0])
+    np.testing.assert_allclose(outputs["probabilities"], ref[1], rtol=1e-6)
+    assert header["model_version"] == "1" and header["parameters"]["fleet_worker"] == "w0"
+
+
+def test_concurrent_requests_are_batched_and_correct(served, digits_test):
+    worker, url, _ = served
+    X = digits_test[0]
+    key = worker.engine_for("digits-mlp", None)
+    expected = worker.infer(key, {"input": X[:320]})["label"]
+    before = worker.describe()["engines"][key]
+
+    def one(i):
+        r = _post(f"{url}/v2/models/digits-mlp/versions/1/infer", {"input": X[i : i + 1]})
+        return decode_response(r.content, r.headers.get("inference-header-content-length"))[1]["label"][0]
+
+    with ThreadPoolExecutor(16) as pool:
+        labels = list(pool.map(one, range(320)))
+    assert labels == list(expected)
+    after = worker.describe()["engines"][key]
+    assert after["success"] - before["success"] == 320
+    assert after["exec_count"] - before["exec_count"] < 320  # requests shared engine runs
+    stats = worker.describe()["request_stats"]["models"]["digits-mlp"]
+    assert stats["success"] >= 320
+
+
+def test_bad_requests_get_their_4xx_and_the_worker_keeps_serving(served, digits_test):
+    _, url, _ = served
+    infer = f"{url}/v2/models/digits-mlp/infer"
+    r = requests.post(infer, data=b"{", timeout=10)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+    assert r.headers["x-fleet-error"] == "InvalidInput"
+    r = _post(infer, {"input": np.zeros((1, 3), np.float32)})
+    assert r.status_code == 400 and "input" in r.json()["error"]
+    r = _post(infer, {"input": np.full((1, 64), np.nan, np.float32)})  # reject_non_finite for this model
+    assert r.status_code == 400 and "finite" in r.json()["error"].lower()
+    r = requests.post(infer, data=b"x" * (5 << 20), timeout=10)
+    assert r.status_code == 413
+    r = requests.post(f"{url}/v2/models/..%2Fetc/infer", data=b"{}", timeout=10)
+    assert r.status_code in (400, 404)
+    assert requests.get(infer, timeout=10).status_code == 404
+    body, headers = encode_request({"input": digits_test[0][:2]}, binary=True)
+    r = requests.post(infer, data=gzip.compress(body), headers=dict(headers, **{"Content-Encoding": "gzip"}), timeout=10)
+    assert r.status_code == 200
+
+
+def test_a_model_not_held_here_is_passed_on_to_the_ingress(served):
+    _, url, ingress = served
+    r = requests.post(f"{url}/v2/models/nope/infer", data=b'{"inputs": []}',
+                      headers={"Content-Type": "application/json", "Authorization": "Bearer t"}, timeout=10)
+    assert r.status_code == 404 and r.json()["error"].startswith("model 'nope'")
+    assert r.headers["x-fleet-error"] == "ModelNotFound"
+    path, headers, body = ingress.seen[-1]
+    assert path == "/v2/models/nope/infer" and body == b'{"inputs": []}'
+    assert headers["Authorization"] == "Bearer t"
+
+
+def test_inference_token(tmp_path, demo_models, digits_test):
+    repo = Repository(tmp_path)
+    path = demo_models["digits-mlp"]
+    build_locally(repo, BuildRequest(str(path), "digits-mlp", local_target()), sha256_file(path))
+    (a,) = repo.artifacts("digits-mlp")
+    worker = FleetWorker(WorkerSpec("w1", budget_bytes=1 << 30))
+    worker.load(a.manifest.to_dict(), str(a.directory))
+    port = worker.start_http({"auth_token": "s3cret", "auth_inference": True})["port"]
+    try:
+        infer = f"http://127.0.0.1:{port}/v2/models/digits-mlp/infer"
+        assert _post(infer, {"input": digits_test[0][:1]}).status_code == 401
+        body, headers = encode_request({"input": digits_test[0][:1]})
+        wrong = requests.post(infer, data=body, headers=dict(headers, Authorization="Bearer guess"), timeout=10)
+        assert wrong.status_code == 401 and wrong.headers["x-fleet-error"] == "Unauthorized"
+        ok = requests.post(infer, data=body, headers=dict(headers, Authorization="Bearer s3cret"), timeout=10)
+        assert ok.status_code == 200
+    finally:
+        worker.shutdown()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=2)
