@@ -7,8 +7,8 @@ phase in its own process, fully torn down before the next):
   bare          ONNX Runtime in-process at batch 1 and max batch (the machine's limit)
   fleet-http    the fleet's KServe v2 endpoint, binary and JSON, driven by a separate
                 closed-loop load generator (wrk, else scripts/loadgen.py) at fixed concurrency
-  fleet-levers  the same fleet under Ray Serve's environment switches only (no code change):
-                direct ingress, and throughput-optimized + HAProxy
+  fleet-levers  the same fleet without its front door (HTTP through Ray Serve's ingress),
+                under each of Serve's modes: classic proxy, direct ingress, throughput-optimized + HAProxy
   fleet-client  from inside the cluster, no HTTP: through the DataPlane (route + worker
                 call, what the ingress does) and straight at the worker (as the batch job)
   naive-serve   a plain ten-minute Ray Serve deployment (one replica, ONNX Runtime, JSON),
@@ -258,12 +258,14 @@ def run_phase(name: str, args, prepared: dict, workdir: Path) -> dict:
             shipped = shipped_mode()
             table: dict[str, list[str | None]] = {
                 "fleet-http": [None],
-                "fleet-levers": [m for m in SERVE_MODES if m != shipped],
+                "fleet-levers": list(SERVE_MODES),
                 "naive-serve": ["classic-proxy", "throughput-optimized+haproxy"]}
             modes = table[name]
             kind = "naive-serve" if name == "naive-serve" else "fleet-http"
             for mode in modes:
                 mode_env = serve_env(mode, env, scratch)
+                if name == "fleet-levers":
+                    mode_env["FLEET_BENCH_FRONT_DOOR"] = "0"
                 spec = dict(base, levels=levels_for(name, args.quick), shipped=mode is None)
                 if name == "fleet-levers":
                     spec["protocols"] = ["binary"]

@@ -78,7 +78,7 @@ def prepare(workdir: Path, models: list[str]) -> dict:
     """
     from cluster.buildfarm import build_locally, local_target
     from cluster.demo import make_demo_models
-    from cluster.protocol import encode_request
+    from workers.protocol import encode_request
     from cluster.repository import Repository
     from workers.build import BuildRequest
     from workers.manifest import sha256_file

@@ -47,7 +47,7 @@ def check_answer(model: str, content: bytes, headers, prepared: dict) -> str | N
     """None when an HTTP answer holds the right outputs for the bench payload, else why not."""
     import numpy as np
 
-    from cluster.protocol import decode_response
+    from workers.protocol import decode_response
 
     try:
         lower = {k.lower(): v for k, v in dict(headers).items()}
@@ -179,10 +179,16 @@ def direct_ingress_url(app_name: str, timeout_s: float = 60) -> str | None:
     raise RuntimeError(f"no direct-ingress HTTP target for app {app_name} within {timeout_s:.0f} s")
 
 
+def front_door_on() -> bool:
+    """FLEET_BENCH_FRONT_DOOR=0 runs the fleet without its HAProxy front door (Serve on the port)."""
+    return os.environ.get("FLEET_BENCH_FRONT_DOOR", "1") == "1"
+
+
 def _fleet_config(spec: dict):
     from cluster.config import load_config
 
-    return load_config(str(CONFIG), repository=spec["prepared"]["repository"], port=free_port())
+    return load_config(str(CONFIG), repository=spec["prepared"]["repository"], port=free_port(),
+                       front_door=front_door_on())
 
 
 # ---- phase: bare ---------------------------------------------------------------------------
@@ -236,14 +242,15 @@ def phase_fleet_http(spec: dict) -> dict:
     from cluster import fleet
     from cluster.names import SERVE_APP_NAME
 
-    mode = serve_mode()
+    front = front_door_on()
+    mode = f"front door + {serve_mode()}" if front else serve_mode()
     try:
         config = _fleet_config(spec)
         t0 = time.monotonic()
         fleet.deploy(config)
         deploy_s = time.monotonic() - t0
         url = f"http://127.0.0.1:{config.port}"
-        direct = direct_ingress_url(SERVE_APP_NAME)
+        direct = None if front else direct_ingress_url(SERVE_APP_NAME)
         if direct:
             say(f"direct ingress: the ingress replica listens on {direct} (the head proxy stays on {url})")
             url = direct
