@@ -214,7 +214,7 @@ def phase_summary(doc: dict) -> str:
 
 
 # ---- chart -----------------------------------------------------------------------------
-_SHORT = {"throughput-optimized+haproxy": "HT+HAProxy"}
+_SHORT = {"throughput-optimized+haproxy": "HT+HAProxy", "front door + throughput-optimized": "front door"}
 
 
 def _label(r: dict) -> str:

@@ -162,3 +162,46 @@ def test_inference_token(tmp_path, demo_models, digits_test):
         worker.shutdown()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=2)
+
+
+def _raw(url: str, data: bytes, read_until: int, timeout: float = 10) -> bytes:
+    """Send raw bytes on one connection; read until ``read_until`` response status lines arrived."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        while answer.count(b"HTTP/1.1 ") < read_until:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+def test_http_details_pipelining_chunked_expect_and_early_413(served, digits_test):
+    _, url, _ = served
+    body, headers = encode_request({"input": digits_test[0][:1]})
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    post = (f"POST /v2/models/digits-mlp/infer HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(body)}\r\n\r\n").encode() + body
+    # two requests in one write: two answers, in order, on the same connection
+    answer = _raw(url, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n" + post, read_until=2)
+    first, second = answer.split(b"HTTP/1.1 ")[1:3]
+    assert first.startswith(b"200") and b'{"live": true}' in first
+    assert second.startswith(b"200") and b"fleet_worker" in second
+    # a chunked body (no Content-Length)
+    r = requests.post(f"{url}/v2/models/digits-mlp/infer", data=iter([body[:100], body[100:]]), headers=headers, timeout=10)
+    assert r.status_code == 200, r.text
+    # Expect: 100-continue gets its interim answer, then the real one
+    expect = post.replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n")
+    answer = _raw(url, expect, read_until=2)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200")
+    # over the limit by its declared length: 413 at once, connection closed, body never read
+    answer = _raw(url, b"POST /v2/models/digits-mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n",
+                  read_until=1)
+    assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer
+    # garbage is a 400, and the server goes on
+    assert _raw(url, b"NOT HTTP AT ALL\r\n\r\n", read_until=1).startswith(b"HTTP/1.1 400")
+    assert requests.get(f"{url}/v2/health/live", timeout=10).json() == {"live": True}
