@@ -227,9 +227,12 @@ def run_phase(name: str, args, prepared: dict, workdir: Path) -> dict:
         elif name == "profile":
             spec = dict(base, duration_s=min(6.0, max(3.0, args.duration)), profile_dir=str(workdir / "profile"))
             out["profiles"] = {}
-            for profiled in ("classic-proxy", "throughput-optimized+haproxy"):
-                res = _run_phase_process([*phases_py, "profile"], spec, serve_env(profiled, env, scratch), 300)
-                out["profiles"][profiled] = res.get("info", {})
+            # the fleet as shipped (front door), and without it in the Serve mode it shipped before
+            for label, mode, front in (("front door", None, "1"),
+                                       ("no front door, throughput-optimized+haproxy", "throughput-optimized+haproxy", "0")):
+                res = _run_phase_process([*phases_py, "profile"], spec,
+                                         dict(serve_env(mode, env, scratch), FLEET_BENCH_FRONT_DOOR=front), 300)
+                out["profiles"][label] = res.get("info", {})
         elif name == "fleet-client":
             out.update(_run_phase_process([*phases_py, "fleet-client"], dict(base, levels=levels_for(name, args.quick)),
                                           serve_env(None, env, scratch), PHASE_TIMEOUT_S))

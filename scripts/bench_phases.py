@@ -725,9 +725,9 @@ def phase_profile(spec: dict) -> dict:
 
         config = _fleet_config(spec)
         fleet.deploy(config)
-        base = direct_ingress_url(SERVE_APP_NAME) or f"http://127.0.0.1:{config.port}"
-        url = f"{base}/v2/models/digits-mlp/infer"
-        out["serve_mode"] = serve_mode()
+        direct = None if front_door_on() else direct_ingress_url(SERVE_APP_NAME)
+        url = f"{direct or f'http://127.0.0.1:{config.port}'}/v2/models/digits-mlp/infer"
+        out["serve_mode"] = f"front door + {serve_mode()}" if front_door_on() else serve_mode()
         verify_endpoint(url, "digits-mlp", "binary", spec["prepared"])
         body_info = spec["prepared"]["models"]["digits-mlp"]["bodies"]["binary"]
         body = Path(body_info["path"]).read_bytes()

@@ -103,7 +103,7 @@ def bench_bare(model_path: Path, batches: list[int], width: int, duration_s: flo
 
 
 def bench_fleet(model_path: Path, n_gpus: int, batches: list[int], width: int, duration_s: float, levels: dict,
-                tool: str, work: Path) -> list[dict]:
+                tool: str, work: Path, clients_per_gpu: int = CLIENTS_PER_GPU, http: bool = True) -> list[dict]:
     from cluster.env import apply_ray_env
 
     apply_ray_env()
@@ -134,7 +134,7 @@ def bench_fleet(model_path: Path, n_gpus: int, batches: list[int], width: int, d
         targets = sorted({o.target.describe() for o in outcomes})
         # Several client processes: one Python process serializing 4 MB requests and reading 4 MB
         # answers tops out near 500 requests/s, below what one GPU serves at batch 256.
-        clients = [_client_actor_class().remote() for _ in range(CLIENTS_PER_GPU * n_gpus)]
+        clients = [_client_actor_class().remote() for _ in range(clients_per_gpu * n_gpus)]
         url = f"http://127.0.0.1:{config.port}/v2/models/{MODEL}/infer"
         for batch in batches:
             feeds = feeds_for(batch, width)
@@ -146,13 +146,14 @@ def bench_fleet(model_path: Path, n_gpus: int, batches: list[int], width: int, d
                 latencies = [x for o in outs for x in o["latencies"]]
                 rows.append(_row("fleet-client", f"dataplane, {len(used)} client actor(s)", n_gpus, batch, c,
                                  latencies, max(o["elapsed"] for o in outs), targets))
-            body, headers = encode_request(feeds, binary=True)
-            loadgen.run(url, body, headers, concurrency=max(scale), duration_s=2, tool=tool)  # warm-up
-            for c in scale:
-                r = loadgen.run(url, body, headers, concurrency=c, duration_s=duration_s, rows_per_request=batch, tool=tool)
-                rows.append({"system": "fleet-http-binary", "variant": r.tool, "gpus": n_gpus, "batch": batch,
-                             "targets": targets, **r.to_dict()})
-            for row in rows[-2 * len(scale):]:
+            if http:
+                body, headers = encode_request(feeds, binary=True)
+                loadgen.run(url, body, headers, concurrency=max(scale), duration_s=2, tool=tool)  # warm-up
+                for c in scale:
+                    r = loadgen.run(url, body, headers, concurrency=c, duration_s=duration_s, rows_per_request=batch, tool=tool)
+                    rows.append({"system": "fleet-http-binary", "variant": r.tool, "gpus": n_gpus, "batch": batch,
+                                 "targets": targets, **r.to_dict()})
+            for row in rows[-(2 if http else 1) * len(scale):]:
                 _say(f"{row['system']:<18} gpus={n_gpus} batch={batch:<4} c={row['concurrency']:<3} "
                      f"{row['rows_per_s']:>10,.0f} rows/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms")
     finally:
@@ -193,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--loadgen", default="auto", choices=("auto", "wrk", "python"))
+    p.add_argument("--batches", default="1,256", help="comma-separated batch sizes (default 1,256)")
+    p.add_argument("--levels", default="", help="per-GPU concurrency levels for every batch, e.g. 8,16 "
+                   "(default: 1,8,32 at batch 1; 1,4,8 at larger batches)")
+    p.add_argument("--clients-per-gpu", type=int, default=CLIENTS_PER_GPU, help="client actors per GPU (fleet-client)")
+    p.add_argument("--no-http", action="store_true", help="skip fleet-http-binary")
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench-results"))
     args = p.parse_args(argv)
     try:
@@ -204,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
 
     duration = args.duration or (2.0 if args.quick else 5.0)
     n_all = min(args.gpus or len(names), len(names))
-    batches = [1, 256]
-    levels = {1: [1, 8, 32], 256: [1, 4, 8]}
+    batches = [int(b) for b in args.batches.split(",")]
+    chosen = [int(c) for c in args.levels.split(",") if c]
+    levels = {b: chosen or ([1, 8, 32] if b == 1 else [1, 4, 8]) for b in batches}
     tool = loadgen.pick_tool(args.loadgen)
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     from cluster.demo import make_big_mlp
@@ -219,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in doc["rows"]:
         _say(f"bare batch={r['batch']}: {r['rows_per_s']:,.0f} rows/s, p50 {r['p50_ms']:.2f} ms")
     for n in sorted({1, n_all}):
-        doc["rows"] += bench_fleet(model_path, n, batches, args.width, duration, levels, tool, work / f"fleet-{n}")
+        doc["rows"] += bench_fleet(model_path, n, batches, args.width, duration, levels, tool, work / f"fleet-{n}",
+                                   clients_per_gpu=args.clients_per_gpu, http=not args.no_http)
     if n_all > 1:
         def best(system: str, n: int, b: int) -> float:
             return max((r["rows_per_s"] for r in doc["rows"] if r["system"] == system and r["gpus"] == n and r["batch"] == b),
