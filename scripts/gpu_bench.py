@@ -103,7 +103,8 @@ def bench_bare(model_path: Path, batches: list[int], width: int, duration_s: flo
 
 
 def bench_fleet(model_path: Path, n_gpus: int, batches: list[int], width: int, duration_s: float, levels: dict,
-                tool: str, work: Path, clients_per_gpu: int = CLIENTS_PER_GPU, http: bool = True) -> list[dict]:
+                tool: str, work: Path, clients_per_gpu: int = CLIENTS_PER_GPU, http: bool = True,
+                ray_address: str | None = None) -> list[dict]:
     from cluster.env import apply_ray_env
 
     apply_ray_env()
@@ -121,8 +122,11 @@ def bench_fleet(model_path: Path, n_gpus: int, batches: list[int], width: int, d
 
     config = load_config(str(REPO_ROOT / "configs" / "local.yaml"), repository=str(work / "repository"),
                          port=free_port(), models={MODEL: {"max_batch": max(batches)}})
-    ray.init(address="local", namespace=NAMESPACE, num_gpus=n_gpus, num_cpus=os.cpu_count(), log_to_driver=False,
-             include_dashboard=False, logging_level=logging.ERROR)
+    if ray_address:  # a running cluster (e.g. one Ray node per GPU); it decides how many GPUs there are
+        ray.init(address=ray_address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
+    else:
+        ray.init(address="local", namespace=NAMESPACE, num_gpus=n_gpus, num_cpus=os.cpu_count(), log_to_driver=False,
+                 include_dashboard=False, logging_level=logging.ERROR)
     rows = []
     try:
         fleet.deploy(config)
@@ -199,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: 1,8,32 at batch 1; 1,4,8 at larger batches)")
     p.add_argument("--clients-per-gpu", type=int, default=CLIENTS_PER_GPU, help="client actors per GPU (fleet-client)")
     p.add_argument("--no-http", action="store_true", help="skip fleet-http-binary")
+    p.add_argument("--ray-address", help="run the fleet part on this running Ray cluster (all its GPUs) instead of "
+                   "a local Ray per GPU count")
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench-results"))
     args = p.parse_args(argv)
     try:
@@ -225,9 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     doc["rows"] += bench_bare(model_path, batches, args.width, duration)
     for r in doc["rows"]:
         _say(f"bare batch={r['batch']}: {r['rows_per_s']:,.0f} rows/s, p50 {r['p50_ms']:.2f} ms")
-    for n in sorted({1, n_all}):
+    for n in [n_all] if args.ray_address else sorted({1, n_all}):
         doc["rows"] += bench_fleet(model_path, n, batches, args.width, duration, levels, tool, work / f"fleet-{n}",
-                                   clients_per_gpu=args.clients_per_gpu, http=not args.no_http)
+                                   clients_per_gpu=args.clients_per_gpu, http=not args.no_http,
+                                   ray_address=args.ray_address)
     if n_all > 1:
         def best(system: str, n: int, b: int) -> float:
             return max((r["rows_per_s"] for r in doc["rows"] if r["system"] == system and r["gpus"] == n and r["batch"] == b),
