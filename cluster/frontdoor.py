@@ -102,6 +102,7 @@ def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[
         "    retries 2",
         "    option redispatch 1",
         "    retry-on conn-failure empty-response",
+        "    option http-buffer-request",  # a retry needs the whole request in the buffer
         *([f"    errorfile {code} {errors_dir}/e{code}.http" for code in ERRORS] if errors_dir else []),
         "",
         "frontend fleet",
