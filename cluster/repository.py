@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers.errors import ArtifactCorrupt, InvalidInput, ModelNotFound
-from workers.manifest import MANIFEST_NAME, Manifest, check_name, verify_artifact, version_sort_key
-from workers.targets import PRECISIONS, parse_version
+from workers.manifest import MANIFEST_NAME, Manifest, validate_model_ref, verify_artifact, version_sort_key
+from workers.targets import PRECISIONS
 
 STAGING = ".staging"
 CALIBRATION = "_calibration"  # int8 calibrations, by source sha256 + data sha256 + method
@@ -25,16 +25,6 @@ CALIBRATION = "_calibration"  # int8 calibrations, by source sha256 + data sha25
 class StoredArtifact:
     manifest: Manifest
     directory: Path
-
-
-def validate_model_ref(model: str, version: str | None = None) -> None:
-    """400 for names that could escape the repository (``../../etc/passwd``)."""
-    try:
-        check_name("model name", model)
-        if version is not None:
-            check_name("model version", version)
-    except ValueError as exc:
-        raise InvalidInput(str(exc)) from None
 
 
 class Repository:

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 from workers.batcher import batch_rows
 from workers.engines.base import check_feeds
-from workers.errors import FleetError, InvalidInput, NotReady, PayloadTooLarge
-from workers.manifest import check_name
+from workers.errors import FleetError, NotReady, PayloadTooLarge
+from workers.manifest import validate_model_ref
 from workers.protocol import HEADER_LENGTH, check_bearer, check_declared_length, encode_response, read_infer_request
 
 if TYPE_CHECKING:
@@ -156,12 +156,7 @@ class WorkerHttpServer:
         worker = self.worker
         key = None
         try:
-            check_name("model name", model)
-            if version is not None:
-                check_name("model version", version)
-        except ValueError as exc:
-            return _error(InvalidInput(str(exc)))
-        try:
+            validate_model_ref(model, version)
             if request.too_large:
                 check_declared_length(str(request.size), opts.max_request_bytes)
             if opts.auth_token and opts.auth_inference:

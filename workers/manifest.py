@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.errors import ArtifactCorrupt
+from workers.errors import ArtifactCorrupt, InvalidInput
 from workers.targets import Target, parse_version
 from workers.tensors import TensorSpec
 
@@ -34,6 +34,16 @@ def check_name(kind: str, value: str) -> str:
             f"(at most 128, not starting with '.' or '-', no '..')"
         )
     return value
+
+
+def validate_model_ref(model: str, version: str | None = None) -> None:
+    """400 for names that could escape the repository (``../../etc/passwd``)."""
+    try:
+        check_name("model name", model)
+        if version is not None:
+            check_name("model version", version)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
