@@ -31,7 +31,7 @@ from workers.targets import WorkerCaps, can_run
 
 from cluster.config import FleetConfig
 from cluster.frontdoor import FrontDoor, routes_from
-from cluster.names import NODE_LABEL
+from cluster.names import NODE_LABEL, is_wildcard, local_address
 from cluster.repository import Repository
 from cluster.router import Router, WorkerState
 from workers.stats import merge
@@ -166,7 +166,7 @@ class FleetController:
             host = self.config.host
             self._front = FrontDoor(
                 bind=(host, self.config.port),
-                ingress=("127.0.0.1" if host in ("0.0.0.0", "::") else host, self.config.serve_port),
+                ingress=(local_address(host), self.config.serve_port),
                 threads=max(1, min(4, (os.cpu_count() or 2) // 4)),
             )
             self._front.start(routes_from(self.router, self._http))
@@ -191,7 +191,7 @@ class FleetController:
         if self.config.serve_port is not None:
             address = await handle.start_http.remote(self._http_options())
             host = address["host"]
-            if host in ("0.0.0.0", "::"):
+            if is_wildcard(host):
                 host = await handle.node_ip.remote()
             self._http[worker_id] = (host, address["port"])
         self._handles[worker_id] = handle
@@ -200,7 +200,7 @@ class FleetController:
 
     def _ingress_url(self) -> str:
         host = self.config.host
-        if host in ("0.0.0.0", "::"):
+        if is_wildcard(host):
             host = ray.util.get_node_ip_address()  # the controller runs on the head node, as Serve does
         return f"http://{host}:{self.config.serve_port}"
 

@@ -25,7 +25,7 @@ from cluster.config import FleetConfig
 from cluster.controller import FleetController
 from cluster.frontdoor import haproxy_binary
 from cluster.env import auth_token_path, ray_env
-from cluster.names import CONTROLLER_NAME, GPU_LABEL, HEAD_NODE_RESOURCE, NAMESPACE, NODE_LABEL, SERVE_APP_NAME
+from cluster.names import CONTROLLER_NAME, GPU_LABEL, HEAD_NODE_RESOURCE, NAMESPACE, NODE_LABEL, SERVE_APP_NAME, is_wildcard
 from cluster.serve_app import build_app
 
 
@@ -142,10 +142,9 @@ def running_controller(address: str | None = None):
 def deploy(config: FleetConfig, *, wait_s: float = 120.0) -> ray.actor.ActorHandle:
     """Start the controller (and its workers) and the HTTP ingress on a connected Ray."""
     config.repository.mkdir(parents=True, exist_ok=True)
-    if config.front_door and config.serve_port is None and haproxy_binary() is not None:
-        config = config.model_copy(update={"serve_port": free_port(config.host)})
-    elif not config.front_door or haproxy_binary() is None:
-        config = config.model_copy(update={"serve_port": None})  # Serve itself on the fleet's port
+    front_door = config.front_door and haproxy_binary() is not None
+    # Behind the front door Serve gets a port of its own; without it, Serve is on the fleet's port.
+    config = config.model_copy(update={"serve_port": (config.serve_port or free_port(config.host)) if front_door else None})
     controller = ray.remote(FleetController).options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, get_if_exists=True,
         max_concurrency=1000, resources=HEAD_NODE_RESOURCE,
@@ -186,7 +185,7 @@ def simulated_cluster(config: FleetConfig):
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now (for Ray Serve behind the front door)."""
     with socket.socket() as sock:
-        sock.bind((host if host not in ("0.0.0.0", "::") else "", 0))
+        sock.bind(("" if is_wildcard(host) else host, 0))
         return sock.getsockname()[1]
 
 

@@ -9,7 +9,8 @@ and the status page. The backends list only workers the router found compatible
 HAProxy only removes the Python hops.
 
 ``render_config`` is pure; ``FrontDoor`` runs HAProxy in master-worker mode and
-reloads it (SIGUSR2: the master keeps the listening socket) when the routes change.
+reloads it through the master CLI (the master keeps the listening socket) when the
+routes change.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from workers.errors import NotReady
 
+from cluster.names import local_address
 from cluster.router import Router
 
 
@@ -204,8 +206,7 @@ class FrontDoor:
                 raise NotReady(f"HAProxy exited with {self._proc.returncode} on {self.bind[0]}:{self.bind[1]}: "
                                f"{(self.dir / 'haproxy.log').read_text()[-800:]}")
             try:
-                socket.create_connection(self.bind if self.bind[0] not in ("0.0.0.0", "::") else ("127.0.0.1", self.bind[1]),
-                                         timeout=0.5).close()
+                socket.create_connection((local_address(self.bind[0]), self.bind[1]), timeout=0.5).close()
                 return
             except OSError:
                 time.sleep(0.05)

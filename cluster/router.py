@@ -11,10 +11,8 @@ from dataclasses import dataclass, field
 
 from workers.errors import ModelNotFound, NoCompatibleWorker
 from workers.ledger import format_bytes
-from workers.manifest import Manifest
+from workers.manifest import Manifest, version_sort_key
 from workers.targets import WorkerCaps, can_run
-
-from workers.manifest import version_sort_key
 
 
 def _kind(caps: WorkerCaps) -> tuple:

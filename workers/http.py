@@ -84,7 +84,7 @@ def _error(exc: FleetError) -> tuple[int, list, bytes]:
 
 
 class WorkerHttpServer:
-    """ASGI app + uvicorn server thread for one FleetWorker."""
+    """The HTTP server (a thread with its own event loop) for one FleetWorker."""
 
     def __init__(self, worker: "FleetWorker", options: HttpOptions) -> None:
         self.worker = worker
