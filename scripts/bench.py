@@ -267,10 +267,9 @@ def run_phase(name: str, args, prepared: dict, workdir: Path) -> dict:
             kind = "naive-serve" if name == "naive-serve" else "fleet-http"
             for mode in modes:
                 mode_env = serve_env(mode, env, scratch)
-                if name == "fleet-levers":
-                    mode_env["FLEET_BENCH_FRONT_DOOR"] = "0"
                 spec = dict(base, levels=levels_for(name, args.quick), shipped=mode is None)
                 if name == "fleet-levers":
+                    mode_env["FLEET_BENCH_FRONT_DOOR"] = "0"
                     spec["protocols"] = ["binary"]
                 try:
                     try:

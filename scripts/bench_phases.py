@@ -184,6 +184,11 @@ def front_door_on() -> bool:
     return os.environ.get("FLEET_BENCH_FRONT_DOOR", "1") == "1"
 
 
+def fleet_mode() -> str:
+    """How the fleet of this phase process serves HTTP, as rows and the chart name it."""
+    return f"front door + {serve_mode()}" if front_door_on() else serve_mode()
+
+
 def _fleet_config(spec: dict):
     from cluster.config import load_config
 
@@ -243,7 +248,7 @@ def phase_fleet_http(spec: dict) -> dict:
     from cluster.names import SERVE_APP_NAME
 
     front = front_door_on()
-    mode = f"front door + {serve_mode()}" if front else serve_mode()
+    mode = fleet_mode()
     try:
         config = _fleet_config(spec)
         t0 = time.monotonic()
@@ -727,7 +732,7 @@ def phase_profile(spec: dict) -> dict:
         fleet.deploy(config)
         direct = None if front_door_on() else direct_ingress_url(SERVE_APP_NAME)
         url = f"{direct or f'http://127.0.0.1:{config.port}'}/v2/models/digits-mlp/infer"
-        out["serve_mode"] = f"front door + {serve_mode()}" if front_door_on() else serve_mode()
+        out["serve_mode"] = fleet_mode()
         verify_endpoint(url, "digits-mlp", "binary", spec["prepared"])
         body_info = spec["prepared"]["models"]["digits-mlp"]["bodies"]["binary"]
         body = Path(body_info["path"]).read_bytes()
