@@ -62,6 +62,8 @@ def routes_from(router: Router, http_addresses: dict[str, tuple[str, int]]) -> l
 
 # HAProxy's own errors, as the fleet answers errors: JSON with a type the client maps back to an
 # exception. 502 (a worker died mid-request, retries spent) and 504 become 503s: try again.
+# HAProxy closes the client's connection after such an answer, so it says so (a client that
+# reused the connection would otherwise see it closed under its next request).
 ERRORS = {
     502: ("WorkerLost", "the worker serving this model went away before answering; try again"),
     503: ("NotReady", "no worker can take this request right now; try again"),
@@ -73,7 +75,7 @@ def error_response(code: int) -> bytes:
     kind, message = ERRORS[code]
     body = ('{"error": "%s"}' % message).encode()
     head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nx-fleet-error: {kind}\r\n"
-            f"cache-control: no-cache\r\ncontent-length: {len(body)}\r\n\r\n")
+            f"cache-control: no-cache\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n")
     return head.encode() + body
 
 
@@ -100,11 +102,11 @@ def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[
         "    timeout server 300s",
         "    timeout http-request 60s",
         "    timeout queue 60s",
-        # A worker that died before answering: try the request on another one (or the ingress).
+        # A worker that refuses the connection (it died): try another holder. Connection-level
+        # retries only: HAProxy's layer-7 retries (retry-on) closed the client's connection
+        # without an answer when the last holder was gone; this way it answers 503 JSON.
         "    retries 2",
         "    option redispatch 1",
-        "    retry-on conn-failure empty-response",
-        "    option http-buffer-request",  # a retry needs the whole request in the buffer
         *([f"    errorfile {code} {errors_dir}/e{code}.http" for code in ERRORS] if errors_dir else []),
         "",
         "frontend fleet",
