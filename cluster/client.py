@@ -6,6 +6,7 @@ Raises the same exception types as the server (``workers.errors``).
 from __future__ import annotations
 
 import asyncio
+import http.client
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
@@ -30,6 +31,13 @@ def _raise_for(status: int, body: bytes, error_type: str | None) -> None:
     raise error_from_wire(status, message, error_type)
 
 
+def _closed_without_answer(exc: requests.ConnectionError) -> bool:
+    """The server closed the connection before any byte of an answer (not: refused, timed out)."""
+    reason = exc.args[0] if exc.args else None
+    return any(isinstance(a, (http.client.RemoteDisconnected, ConnectionResetError))
+               for a in (reason, *getattr(reason, "args", ())))
+
+
 class FleetClient:
     """Blocking client. ``infer`` returns ``{output name: numpy array}``."""
 
@@ -52,10 +60,18 @@ class FleetClient:
         self.close()
 
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
-        try:
-            resp = self._session.request(method, self.url + path, timeout=self.timeout, **kwargs)
-        except requests.ConnectionError as exc:
-            raise FleetError(f"cannot reach the fleet at {self.url}: is it up (`fleet up`)? ({exc})") from None
+        for attempt in (1, 2):
+            try:
+                resp = self._session.request(method, self.url + path, timeout=self.timeout, **kwargs)
+                break
+            except requests.ConnectionError as exc:
+                # A kept-alive connection that the server closed just as we reused it (the front
+                # door closes idle connections when it reloads its routes): nothing was answered,
+                # so send it again once, on a new connection. Every call of this API is idempotent
+                # (RFC 9112 9.3.1 allows the retry then).
+                if attempt == 1 and _closed_without_answer(exc):
+                    continue
+                raise FleetError(f"cannot reach the fleet at {self.url}: is it up (`fleet up`)? ({exc})") from None
         if resp.status_code >= 400:
             _raise_for(resp.status_code, resp.content, resp.headers.get("X-Fleet-Error"))
         return resp
