@@ -1,5 +1,9 @@
 """Python client for a running fleet (KServe v2 over HTTP, binary by default).
 
+On the fleet's own hosts, ``shared_memory=True`` keeps the tensors in a POSIX shared
+memory region (Triton's system shared memory extension, ``cluster/shm_arena.py``):
+only their descriptions travel over HTTP.
+
 Raises the same exception types as the server (``workers.errors``).
 """
 
@@ -14,9 +18,12 @@ import aiohttp
 import numpy as np
 import requests
 
+from workers.batcher import batch_rows
 from workers.errors import FleetError, error_from_wire
-
 from workers.protocol import HEADER_LENGTH, decode_response, encode_request
+from workers.shm import PARAM_REGION, ShmRef
+
+from cluster.shm_arena import ShmArena
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -39,18 +46,27 @@ def _closed_without_answer(exc: requests.ConnectionError) -> bool:
 
 
 class FleetClient:
-    """Blocking client. ``infer`` returns ``{output name: numpy array}``."""
+    """Blocking client. ``infer`` returns ``{output name: numpy array}``.
 
-    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0, binary: bool = True):
+    ``shared_memory=True`` (on a host of the fleet, which must allow it: ``allow_client_shm``)
+    sends tensors through a shared memory region of this client instead of the HTTP body.
+    One client is for one thread at a time (``infer_many`` makes one per thread)."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0, binary: bool = True,
+                 shared_memory: bool = False):
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.binary = binary
+        self.shared_memory = shared_memory
         self._session = requests.Session()
         if token:
             self._session.headers["Authorization"] = f"Bearer {token}"
         self.last_parameters: dict = {}
+        self._arena = ShmArena(self.register_system_shared_memory, self.unregister_system_shared_memory)
+        self._output_specs: dict[tuple[str, str | None], list[dict]] = {}
 
     def close(self) -> None:
+        self._arena.release()
         self._session.close()
 
     def __enter__(self) -> "FleetClient":
@@ -84,11 +100,52 @@ class FleetClient:
         version: str | None = None,
         outputs: list[str] | None = None,
     ) -> dict[str, np.ndarray]:
+        if self.shared_memory:
+            return self._infer_shm(model, inputs, version, outputs)
         body, headers = encode_request(inputs, binary=self.binary, outputs=outputs)
         resp = self._request("POST", _infer_path(model, version), data=body, headers=headers)
         header, arrays = decode_response(resp.content, resp.headers.get(HEADER_LENGTH))
         self.last_parameters = header.get("parameters", {})
         return arrays
+
+    def _infer_shm(self, model: str, inputs: dict[str, np.ndarray], version: str | None,
+                   outputs: list[str] | None) -> dict[str, np.ndarray]:
+        arrays = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
+        specs = self._output_specs.get((model, version))
+        if specs is None:
+            specs = self._output_specs[(model, version)] = self.model_metadata(model, version)["outputs"]
+        wanted = outputs or [s["name"] for s in specs]
+        plan = self._arena.place(arrays, [s for s in specs if s["name"] in wanted], batch_rows(arrays))
+        body, headers = encode_request({n: a for n, a in arrays.items() if n not in plan.inputs}, binary=self.binary,
+                                       outputs=wanted, shm_inputs=plan.inputs, shm_outputs=plan.outputs)
+        resp = self._request("POST", _infer_path(model, version), data=body, headers=headers)
+        header, received = decode_response(resp.content, resp.headers.get(HEADER_LENGTH))
+        self.last_parameters = header.get("parameters", {})
+        result = {}
+        for out in header.get("outputs", []):
+            params = out.get("parameters") or {}
+            if PARAM_REGION in params:
+                ref = ShmRef.from_params(params, f"output '{out['name']}'")
+                result[out["name"]] = self._arena.read(ref, out["datatype"], out["shape"])
+            else:
+                result[out["name"]] = received[out["name"]]
+        return result
+
+    # ---- system shared memory (Triton's extension; tritonclient's method names) -------
+    def register_system_shared_memory(self, name: str, key: str, byte_size: int, offset: int = 0) -> None:
+        """Register ``byte_size`` bytes at ``offset`` of the POSIX shared memory object ``key``
+        (on a host of the fleet) as region ``name``."""
+        self._request("POST", f"/v2/systemsharedmemory/region/{name}/register",
+                      json={"key": key, "offset": offset, "byte_size": byte_size})
+
+    def unregister_system_shared_memory(self, name: str | None = None) -> None:
+        """Unregister one region (None: every region of the fleet)."""
+        path = f"/v2/systemsharedmemory/region/{name}/unregister" if name else "/v2/systemsharedmemory/unregister"
+        self._request("POST", path)
+
+    def get_system_shared_memory_status(self, name: str | None = None) -> list[dict]:
+        path = f"/v2/systemsharedmemory/region/{name}/status" if name else "/v2/systemsharedmemory/status"
+        return self._request("GET", path).json()
 
     def infer_many(
         self,
@@ -100,7 +157,8 @@ class FleetClient:
     ) -> list[dict[str, np.ndarray]]:
         """Pipeline many requests with at most ``concurrency`` in flight; results in order."""
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            clients = [FleetClient(self.url, timeout=self.timeout, binary=self.binary) for _ in range(concurrency)]
+            clients = [FleetClient(self.url, timeout=self.timeout, binary=self.binary, shared_memory=self.shared_memory)
+                       for _ in range(concurrency)]
             for c in clients:
                 c._session.headers.update(self._session.headers)
             try:

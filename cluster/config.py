@@ -130,6 +130,10 @@ class FleetConfig(_Strict):
     # the rest goes to Ray Serve on `serve_port` (None: a free port picked at start).
     front_door: bool = True
     serve_port: int | None = Field(None, ge=1, le=65535)
+    # Triton's system shared memory extension: clients on a fleet host register POSIX shared
+    # memory objects and send only tensor descriptions. Off by default (Triton's
+    # --allow-client-shm): workers then read and write any object a client names.
+    allow_client_shm: bool = False
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
     @field_validator("reserve_bytes", "max_request_bytes", "cpu_budget", mode="before")

@@ -24,9 +24,11 @@ from workers.errors import (
     ModelNotFound,
     NoCapacity,
     NotReady,
+    SharedMemoryError,
 )
 from workers.ledger import format_bytes
 from workers.manifest import Manifest
+from workers.shm import RegionInfo, check_key, check_region_name
 from workers.targets import WorkerCaps, can_run
 
 from cluster.config import FleetConfig
@@ -112,6 +114,8 @@ class FleetController:
         self._request_stats: dict[str, dict] = {}  # ingress replica -> its latest report
         self._front: FrontDoor | None = None  # HAProxy on the fleet's port, when config.serve_port is set
         self._http: dict[str, tuple[str, int]] = {}  # worker id -> its own HTTP endpoint
+        # system shared memory: region name -> (what the client registered, workers that mapped it)
+        self._shm: dict[str, tuple[RegionInfo, set[str]]] = {}
 
     # ---- start-up ----------------------------------------------------------
     def _plan_workers(self) -> list[tuple[WorkerSpec, dict]]:
@@ -196,6 +200,7 @@ class FleetController:
             self._http[worker_id] = (host, address["port"])
         self._handles[worker_id] = handle
         self._info[worker_id] = info
+        await self._replay_shm(worker_id)
         self._rebuild_router()
 
     def _ingress_url(self) -> str:
@@ -304,6 +309,7 @@ class FleetController:
                 for worker_id, info in self._info.items()
             ],
             "manifests": [m.to_dict() for m in self._manifests],
+            "shm": {name: sorted(workers) for name, (_, workers) in self._shm.items()},
         }
 
     def _event(self, kind: str, **fields) -> None:
@@ -406,6 +412,64 @@ class FleetController:
                     self._event("unload", worker=worker_id, engine=key)
             await self._refresh_worker(worker_id)
         return done
+
+    # ---- system shared memory ------------------------------------------------
+    async def register_shm(self, name: str, key: str, offset: int = 0, byte_size: int = 0) -> list[str]:
+        """Register a client's region on every worker of the host that has the object.
+        Returns the workers that mapped it."""
+        if not self.config.allow_client_shm:
+            raise SharedMemoryError(
+                "system shared memory is off on this fleet: set allow_client_shm: true in the fleet config "
+                "(workers then read and write the shared memory objects clients on their hosts name)"
+            )
+        info = RegionInfo(check_region_name(name), check_key(key), offset, byte_size)
+        if name in self._shm:
+            raise SharedMemoryError(f"shared memory region '{name}' is already registered; unregister it first")
+        live = [w for w, i in self._info.items() if i.get("alive", True) and w in self._handles]
+        results = await asyncio.gather(
+            *(self._handles[w].register_shm.remote(name, key, offset, byte_size) for w in live), return_exceptions=True)
+        mapped = {w for w, r in zip(live, results) if r is True}
+        if not mapped:
+            problems = [unwrap(r) for r in results if isinstance(r, BaseException)]
+            if problems:
+                raise problems[0] if isinstance(problems[0], FleetError) else SharedMemoryError(str(problems[0]))
+            hosts = sorted({self._info[w].get("host") or "?" for w in live})
+            raise SharedMemoryError(
+                f"shared memory object '{key}' does not exist on any host of the fleet ({', '.join(hosts)}); "
+                f"system shared memory works only between processes of one host: create it there first"
+            )
+        self._shm[name] = (info, mapped)
+        self._event("shm-register", region=name, key=key, workers=sorted(mapped))
+        self._rebuild_router()  # a new epoch: ingress replicas learn who has the region
+        return sorted(mapped)
+
+    async def unregister_shm(self, name: str | None = None) -> list[str]:
+        """Unregister one region (None: all). Unknown names are not an error, as in Triton."""
+        names = list(self._shm) if name is None else [name] if name in self._shm else []
+        for n in names:
+            _, workers = self._shm.pop(n)
+            await asyncio.gather(*(self._handles[w].unregister_shm.remote(n) for w in workers if w in self._handles),
+                                 return_exceptions=True)
+            self._event("shm-unregister", region=n)
+        if names:
+            self._rebuild_router()
+        return names
+
+    async def shm_status(self, name: str | None = None) -> list[dict]:
+        if name is not None and name not in self._shm:
+            raise SharedMemoryError(f"shared memory region '{name}' is not registered")
+        return [info.to_dict() for n, (info, _) in sorted(self._shm.items()) if name in (None, n)]
+
+    async def _replay_shm(self, worker_id: str) -> None:
+        """A (re)started worker maps the regions it can, as the one it replaces had."""
+        handle = self._handles[worker_id]
+        for name, (info, workers) in self._shm.items():
+            workers.discard(worker_id)
+            try:
+                if await handle.register_shm.remote(name, info.key, info.offset, info.byte_size):
+                    workers.add(worker_id)
+            except RayTaskError as exc:
+                self._event("shm-replay-failed", worker=worker_id, region=name, reason=str(unwrap(exc)))
 
     # ---- status ------------------------------------------------------------
     async def status(self) -> dict:

@@ -14,7 +14,8 @@ import numpy as np
 from ray.exceptions import RayActorError, RayTaskError
 
 from workers.engines.base import check_feeds
-from workers.errors import FleetError, NotReady, WorkerLost
+from workers.errors import FleetError, NotReady, SharedMemoryError, WorkerLost
+from workers.protocol import InferRequest
 
 from cluster.controller import apply_snapshot, call, unwrap
 from cluster.repository import validate_model_ref
@@ -28,6 +29,7 @@ class DataPlane:
         self.controller = controller
         self.router = Router()
         self.handles: dict = {}
+        self.shm_workers: dict[str, set[str]] = {}  # shared memory region -> workers that mapped it
         self._epoch = -1
         self._clock = clock
         self._last_refresh = float("-inf")
@@ -40,6 +42,7 @@ class DataPlane:
             if snap is None:
                 return
             self.handles.update(apply_snapshot(self.router, snap))
+            self.shm_workers = {name: set(workers) for name, workers in snap.get("shm", {}).items()}
             self._epoch = snap["epoch"]
 
     async def _fresh(self) -> None:
@@ -88,24 +91,39 @@ class DataPlane:
         return self.router.choose(model, version) is not None
 
     # ---- inference -------------------------------------------------------------
-    async def infer(self, model: str, version: str | None, feeds: dict[str, np.ndarray]) -> tuple[str, dict, dict]:
-        """Run one request. Returns (version, outputs, parameters naming who served it)."""
+    async def infer(self, model: str, version: str | None, feeds: dict[str, np.ndarray],
+                    request: InferRequest | None = None, reject_non_finite: bool = False) -> tuple[str, dict, dict]:
+        """Run one request. Returns (version, outputs, parameters naming who served it).
+
+        A ``request`` naming shared memory regions goes to a worker that mapped all of them
+        (one on the client's host); its outputs in shared memory come back as ShmWritten."""
         version = await self.resolve(model, version)
-        spec = self.router.manifests(model, version)[0]
-        check_feeds(spec.inputs, feeds)
+        regions = request.regions() if request is not None else set()
+        among = await self._shm_holders(regions) if regions else None
+        if not regions:
+            check_feeds(self.router.manifests(model, version)[0].inputs, feeds)
         last_error: FleetError | None = None
         for _ in range(3):  # load on a miss, and retry once after a lost worker
-            choice = self.router.choose(model, version)
+            choice = self.router.choose(model, version, among)
             if choice is None:
                 await call(self.controller.ensure_loaded.remote(model, version))
                 await self.refresh(force=True)
-                choice = self.router.choose(model, version)
+                among = await self._shm_holders(regions) if regions else None
+                choice = self.router.choose(model, version, among)
                 if choice is None:
+                    if among is not None:
+                        last_error = NotReady(
+                            f"model '{model}' is not loaded on any worker that mapped shared memory region(s) "
+                            f"{', '.join(sorted(regions))} (workers there: {', '.join(sorted(among)) or 'none alive'})")
                     continue
             worker_id = choice.worker_id
             self.router.begin(worker_id)
             try:
-                outputs = await self.handles[worker_id].infer.remote(choice.manifest.engine_key, feeds)
+                handle, key = self.handles[worker_id], choice.manifest.engine_key
+                if regions:
+                    outputs = await handle.infer_request.remote(key, request, reject_non_finite)
+                else:
+                    outputs = await handle.infer.remote(key, feeds)
             except RayActorError:
                 self.router.mark_dead(worker_id)
                 last_error = WorkerLost(f"worker {worker_id} died while serving '{model}'")
@@ -130,6 +148,18 @@ class DataPlane:
             }
             return version, outputs, params
         raise last_error or NotReady(f"model '{model}' could not be served; try again")
+
+    async def _shm_holders(self, regions: set[str]) -> set[str]:
+        """The workers that mapped every one of ``regions``."""
+        if not regions <= self.shm_workers.keys():
+            await self.refresh(force=True)  # registered a moment ago, through another ingress replica?
+        missing = sorted(regions - self.shm_workers.keys())
+        if missing:
+            raise SharedMemoryError(
+                f"shared memory region '{missing[0]}' is not registered; register it with "
+                f"POST /v2/systemsharedmemory/region/{missing[0]}/register"
+            )
+        return set.intersection(*(self.shm_workers[r] for r in regions))
 
     async def _report_dead(self, worker_id: str) -> None:
         try:

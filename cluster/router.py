@@ -129,14 +129,17 @@ class Router:
         """The live compatible workers holding an engine of (model, version)."""
         return [c.worker_id for c in self._holders.get((model, version), [])]
 
-    def choose(self, model: str, version: str) -> Choice | None:
+    def choose(self, model: str, version: str, among: "set[str] | None" = None) -> Choice | None:
         """A live compatible worker holding the engine, None if there is none.
 
         Up to 16 holders: the least outstanding requests (ties take turns). More: the better
         of two picked at random ("power of two choices", as Ray Serve routes), which keeps
-        a decision O(1) on large fleets with nearly the same balance.
+        a decision O(1) on large fleets with nearly the same balance. ``among``: only these
+        workers (e.g. those on the host of a request's shared memory).
         """
         holders = self._holders.get((model, version))
+        if holders and among is not None:
+            holders = [c for c in holders if c.worker_id in among]
         if not holders:
             return None
         workers = self.workers

@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from workers.errors import FleetError, InvalidInput
+from workers.errors import FleetError, InvalidInput, SharedMemoryError
 
 from cluster.config import FleetConfig
 from cluster.controller import call
@@ -160,7 +160,10 @@ class FleetIngress:
 
     @app.get("/v2")
     async def server_metadata(self) -> dict:
-        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data", "model_repository"]}
+        extensions = ["binary_tensor_data", "model_repository"]
+        if self.config.allow_client_shm:
+            extensions.append("system_shared_memory")
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": extensions}
 
     @app.get("/v2/models/{model}")
     async def model_metadata(self, model: str, request: Request) -> dict:
@@ -208,11 +211,13 @@ class FleetIngress:
         started = time.perf_counter()
         served_version = version
         try:
+            reject = self.config.model_config_for(model).reject_non_finite
             parsed = read_infer_request(
                 await request.body(), request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH),
-                limit=limit, reject_non_finite=self.config.model_config_for(model).reject_non_finite,
+                limit=limit, reject_non_finite=reject,
             )
-            served_version, outputs, params = await self.plane.infer(model, version, parsed.inputs)
+            served_version, outputs, params = await self.plane.infer(
+                model, version, parsed.inputs, parsed if parsed.regions() else None, reject)
             content, headers = encode_response(model, served_version, outputs, parsed, params)
         except Exception as exc:
             if model in self.plane.router.models():  # count only real models, not typos or attacks
@@ -220,6 +225,45 @@ class FleetIngress:
             raise
         self.stats.record(model, served_version, time.perf_counter() - started)
         return Response(content=content, headers=headers)
+
+    # ---- system shared memory (Triton's extension) --------------------------------
+    @app.get("/v2/systemsharedmemory/status")
+    async def shm_status(self, request: Request) -> list:
+        self._authorize(request, admin=False)
+        return await call(self.controller.shm_status.remote())
+
+    @app.get("/v2/systemsharedmemory/region/{name}/status")
+    async def shm_region_status(self, name: str, request: Request) -> list:
+        self._authorize(request, admin=False)
+        return await call(self.controller.shm_status.remote(name))
+
+    @app.post("/v2/systemsharedmemory/region/{name}/register")
+    async def shm_register(self, name: str, request: Request) -> dict:
+        self._authorize(request, admin=True)
+        body = await _json_body(request)
+        key, offset, size = body.get("key"), body.get("offset", 0), body.get("byte_size")
+        if not isinstance(key, str):
+            raise SharedMemoryError("register needs 'key': the name of the POSIX shared memory object, e.g. '/my_input'")
+        for field, value in (("offset", offset), ("byte_size", size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SharedMemoryError(f"register needs '{field}' as a non-negative integer, got {value!r}")
+        await call(self.controller.register_shm.remote(name, key, offset, size))
+        await self.plane.refresh(force=True)
+        return {}
+
+    @app.post("/v2/systemsharedmemory/region/{name}/unregister")
+    async def shm_unregister(self, name: str, request: Request) -> dict:
+        self._authorize(request, admin=True)
+        await call(self.controller.unregister_shm.remote(name))
+        await self.plane.refresh(force=True)
+        return {}
+
+    @app.post("/v2/systemsharedmemory/unregister")
+    async def shm_unregister_all(self, request: Request) -> dict:
+        self._authorize(request, admin=True)
+        await call(self.controller.unregister_shm.remote(None))
+        await self.plane.refresh(force=True)
+        return {}
 
     # ---- fleet and repository ----------------------------------------------------
     @app.get("/v2/fleet/status")

@@ -3,7 +3,8 @@
 ``FleetWorker`` is plain Python (unit-testable without Ray); the cluster wraps it
 with ``ray.remote`` and pins it to one device. Lifecycle verbs the controller
 calls by name: ``describe``, ``load``, ``unload``, ``infer``, ``build``,
-``health``, ``shutdown``.
+``health``, ``shutdown``; and the system shared memory regions clients on this
+host registered (``register_shm``, ``unregister_shm``, ``infer_request``).
 
 Concurrency: Ray runs the actor's methods on a thread pool. One lock guards the
 ledger and the engine table; an engine in use (``in_flight > 0``) is never
@@ -28,12 +29,14 @@ import onnxruntime as ort
 
 from workers.batcher import BatchingOptions, DynamicBatcher, EngineStats, batch_rows
 from workers.build import BuildRequest, build_artifact
-from workers.devices import Device, discover_devices, nvml_used_bytes
+from workers.devices import CudaHostPinner, Device, discover_devices, nvml_used_bytes
 from workers.engines.base import Engine, check_feeds
 from workers.engines.onnxruntime import OnnxRuntimeEngine, cuda_provider_available
 from workers.errors import IncompatibleArtifact, NotReady
 from workers.ledger import Ledger
 from workers.manifest import Manifest, verify_artifact, version_sort_key
+from workers.protocol import InferRequest, ShmWritten, shm_feeds, shm_output_arrays, write_shm_outputs
+from workers.shm import RegionNotHere, SharedMemoryRegistry
 from workers.stats import RequestStats
 from workers.targets import Runtime, WorkerCaps, can_run
 
@@ -151,15 +154,16 @@ class _Loaded:
     stats: EngineStats
     measured_bytes: int | None = None
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One request of any size: split into max-batch chunks, each through the batcher."""
+    def run(self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """One request of any size: split into max-batch chunks, each through the batcher.
+        ``out``: see ``DynamicBatcher.submit_nowait`` (used only when the request is one chunk)."""
         max_batch = self.manifest.max_batch
         rows = batch_rows(feeds)
         if rows > max_batch and self.batcher is not None:
             parts = [self.batcher.submit({k: v[s : s + max_batch] for k, v in feeds.items()}) for s in range(0, rows, max_batch)]
             return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         if self.batcher is not None:
-            return self.batcher.submit(feeds)
+            return self.batcher.submit(feeds, out)
         with self.slots:
             t0 = time.perf_counter()
             try:
@@ -217,6 +221,8 @@ class FleetWorker:
         self._measure_lock = threading.Lock()  # one load at a time is measured on a real GPU
         self._http = None  # WorkerHttpServer once start_http ran
         self.request_stats = RequestStats()  # requests that came in over this worker's own HTTP
+        # regions registered by clients on this host; pinned for the GPU, so copies are DMA
+        self.shm = SharedMemoryRegistry(pinner=CudaHostPinner() if self._real_gpu else None)
 
     # ---- lifecycle -------------------------------------------------------
     def describe(self) -> dict:
@@ -239,6 +245,7 @@ class FleetWorker:
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "http": None if self._http is None else {"host": self._http.options.host, "port": self._http.port},
                 "request_stats": self.request_stats.report(),
+                "shm": self.shm.status(),
             }
 
     def health(self) -> bool:
@@ -251,6 +258,7 @@ class FleetWorker:
             self._http = None
         for key in list(self._engines):
             self.unload(key)
+        self.shm.close()
 
     # ---- load / unload ---------------------------------------------------
     def load(self, manifest_dict: dict, artifact_dir: str, batching: dict | None = None) -> dict:
@@ -377,16 +385,43 @@ class FleetWorker:
         return True
 
     # ---- inference -------------------------------------------------------
-    def infer(self, key: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, key: str, feeds: dict[str, np.ndarray], request: InferRequest | None = None) -> dict[str, np.ndarray]:
+        """Run ``feeds``; with the ``request`` they came in, outputs it wants in shared memory
+        may be written there by the engine itself."""
         loaded = self.begin_request(key)
         ok = False
         try:
             check_feeds(loaded.manifest.inputs, feeds)
-            outputs = loaded.run(feeds)
+            outputs = loaded.run(feeds, self.shm_targets(loaded, request, feeds))
             ok = True
             return outputs
         finally:
             self.end_request(key, ok)
+
+    def infer_request(self, key: str, request: InferRequest,
+                      reject_non_finite: bool = False) -> "dict[str, np.ndarray | ShmWritten]":
+        """Run a decoded KServe request whose tensors may lie in shared memory regions of this
+        host: inputs are read in place, outputs asked for in a region are written there."""
+        feeds = shm_feeds(request, self.shm, reject_non_finite)
+        return write_shm_outputs(request, self.infer(key, feeds, request), self.shm)
+
+    def shm_targets(self, loaded: "_Loaded", request: InferRequest | None, feeds: dict) -> dict[str, np.ndarray] | None:
+        """Arrays in shared memory where the engine can write ``request``'s outputs itself: only
+        through the batcher, whose models have the batch as their one dynamic dimension."""
+        if request is None or loaded.batcher is None or not any(o.shm for o in request.outputs or ()):
+            return None
+        return shm_output_arrays(request, self.shm, loaded.manifest.outputs, batch_rows(feeds)) or None
+
+    def register_shm(self, name: str, key: str, offset: int, byte_size: int) -> bool:
+        """Map a client's region; False when its object does not exist on this host."""
+        try:
+            self.shm.register(name, key, offset, byte_size)
+        except RegionNotHere:
+            return False
+        return True
+
+    def unregister_shm(self, name: str | None = None) -> list[str]:
+        return self.shm.unregister(name)
 
     def begin_request(self, key: str) -> "_Loaded":
         """Mark the engine in use (never evicted or unloaded while in use); NotReady if not loaded."""

@@ -62,6 +62,7 @@ class _Pending:
     rows: int
     future: Future
     enqueued: float
+    out: Feeds | None = None  # where the engine may write this request's outputs, if it runs alone
 
 
 def batch_rows(feeds: Feeds) -> int:
@@ -90,16 +91,18 @@ class DynamicBatcher:
         self._collector = threading.Thread(target=self._collect, name="batch-collector", daemon=True)
         self._collector.start()
 
-    def submit(self, feeds: Feeds) -> Feeds:
+    def submit(self, feeds: Feeds, out: Feeds | None = None) -> Feeds:
         """Run one request (at most max_batch rows) through the batcher; blocks for its outputs."""
-        return self.submit_nowait(feeds).result()
+        return self.submit_nowait(feeds, out).result()
 
-    def submit_nowait(self, feeds: Feeds) -> Future:
+    def submit_nowait(self, feeds: Feeds, out: Feeds | None = None) -> Future:
         """Queue one request (at most max_batch rows); the future gets its outputs.
 
         For callers on an event loop (the worker's HTTP server), which must not block.
+        ``out``: arrays the engine may write outputs into when this request runs alone
+        (``Engine.infer``'s ``out``); merged with others, its outputs are split as usual.
         """
-        pending = _Pending(feeds, batch_rows(feeds), Future(), self._clock())
+        pending = _Pending(feeds, batch_rows(feeds), Future(), self._clock(), out)
         with self._cond:
             if self._closed:
                 raise RuntimeError("batcher is closed")
@@ -152,7 +155,8 @@ class DynamicBatcher:
             started = self._clock()
             try:
                 if len(batch) == 1:
-                    outputs = [self._run(batch[0].feeds)]
+                    alone = batch[0]
+                    outputs = [self._run(alone.feeds, alone.out) if alone.out else self._run(alone.feeds)]
                 else:
                     merged = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
                     result = self._run(merged)

@@ -8,10 +8,13 @@ overrides discovery.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import socket
 from dataclasses import asdict, dataclass
+
+log = logging.getLogger("forward-fleet.devices")
 
 # Compute capabilities without fast FP16 arithmetic (Pascal consumer/Tesla P4/P40).
 _SLOW_FP16 = {(6, 1)}
@@ -176,3 +179,28 @@ def nvml_used_bytes(uuid: str) -> int | None:
         return None
     finally:
         pynvml.nvmlShutdown()
+
+
+class CudaHostPinner:
+    """Page-locks host memory for this process's CUDA device (``cudaHostRegister``): copies
+    between it and the GPU then go by DMA, with no staging through the driver's own pinned
+    buffers (and no CPU copy). Used for client shared memory regions on GPU workers."""
+
+    def pin(self, address: int, size: int) -> bool:
+        try:
+            from cuda.bindings import runtime
+        except ImportError:
+            return False
+        try:
+            (err,) = runtime.cudaHostRegister(address, size, runtime.cudaHostRegisterPortable)
+        except Exception as exc:  # a broken CUDA setup must not make the region unusable
+            err = exc
+        if err != runtime.cudaError_t.cudaSuccess:
+            log.warning("could not pin %d bytes of shared memory for the GPU (%s); copies will be staged", size, err)
+            return False
+        return True
+
+    def unpin(self, address: int) -> None:
+        from cuda.bindings import runtime
+
+        runtime.cudaHostUnregister(address)

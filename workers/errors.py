@@ -25,6 +25,10 @@ class InvalidInput(FleetError):
     http_status = 400
 
 
+class SharedMemoryError(InvalidInput):
+    """A system shared memory region that cannot be registered or used as asked."""
+
+
 class InvalidConfig(FleetError):
     """A config file, CLI option or build option is wrong."""
 
@@ -90,6 +94,7 @@ ERROR_TYPES: dict[str, type[FleetError]] = {
     for cls in (
         FleetError,
         InvalidInput,
+        SharedMemoryError,
         InvalidConfig,
         Unauthorized,
         ModelNotFound,

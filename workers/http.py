@@ -27,7 +27,16 @@ from workers.batcher import batch_rows
 from workers.engines.base import check_feeds
 from workers.errors import FleetError, NotReady, PayloadTooLarge
 from workers.manifest import validate_model_ref
-from workers.protocol import HEADER_LENGTH, check_bearer, check_declared_length, encode_response, read_infer_request
+from workers.protocol import (
+    HEADER_LENGTH,
+    InferRequest,
+    check_bearer,
+    check_declared_length,
+    encode_response,
+    read_infer_request,
+    shm_feeds,
+    write_shm_outputs,
+)
 
 if TYPE_CHECKING:
     from workers.actor import FleetWorker
@@ -164,9 +173,17 @@ class WorkerHttpServer:
             key = worker.engine_for(model, version)
             if key is None:  # evicted or never here: the ingress loads it where it fits
                 return await self._pass_on(request)
+            reject_non_finite = model in opts.reject_non_finite
             parsed = read_infer_request(request.body, headers.get("content-encoding"), headers.get(HEADER_LENGTH),
-                                        limit=opts.max_request_bytes, reject_non_finite=model in opts.reject_non_finite)
-            outputs, manifest = await self._run(key, parsed.inputs)
+                                        limit=opts.max_request_bytes, reject_non_finite=reject_non_finite)
+            regions = parsed.regions()
+            if regions - worker.shm.names():  # another host's region (or none): the ingress knows who has it
+                return await self._pass_on(request)
+            feeds = shm_feeds(parsed, worker.shm, reject_non_finite)
+            outputs, manifest = await self._run(key, feeds, parsed if regions else None)
+            if regions:  # copying megabytes into the region: off the event loop
+                outputs = await asyncio.get_running_loop().run_in_executor(
+                    None, write_shm_outputs, parsed, outputs, worker.shm)
             content, out_headers = encode_response(
                 model, manifest.version, outputs, parsed, dict(self._served_by, fleet_target=manifest.target.key()))
         except FleetError as exc:
@@ -181,15 +198,17 @@ class WorkerHttpServer:
         worker.request_stats.record(model, manifest.version, time.perf_counter() - started)
         return 200, [(k.lower().encode(), str(v).encode()) for k, v in out_headers.items()], content
 
-    async def _run(self, key: str, feeds: dict):
-        """One request through the engine's batcher, awaited without blocking the loop."""
+    async def _run(self, key: str, feeds: dict, request: "InferRequest | None" = None):
+        """One request through the engine's batcher, awaited without blocking the loop (the
+        request, when its outputs go to shared memory: the engine may write them there)."""
         worker = self.worker
         loaded = worker.begin_request(key)
         ok = False
         try:
             check_feeds(loaded.manifest.inputs, feeds)
             if loaded.batcher is not None and batch_rows(feeds) <= loaded.manifest.max_batch:
-                outputs = await asyncio.wrap_future(loaded.batcher.submit_nowait(feeds))
+                out = worker.shm_targets(loaded, request, feeds)
+                outputs = await asyncio.wrap_future(loaded.batcher.submit_nowait(feeds, out))
             else:  # larger than max batch (split into chunks), or an engine without batching
                 outputs = await asyncio.get_running_loop().run_in_executor(None, loaded.run, feeds)
             ok = True

@@ -3,7 +3,9 @@
 Knows nothing about the web framework: bytes and headers in, bytes and headers
 out. Supports JSON and Triton's binary tensor extension
 (``Inference-Header-Content-Length``, ``binary_data_size``, ``binary_data``,
-``binary_data_output``) and gzip/deflate request bodies.
+``binary_data_output``), its system shared memory extension (``shared_memory_region``,
+``shared_memory_byte_size``, ``shared_memory_offset``: the tensor's bytes stay in a
+registered region, see ``workers/shm.py``) and gzip/deflate request bodies.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from workers.errors import InvalidInput, PayloadTooLarge, Unauthorized
-from workers.tensors import DATATYPE_TO_NUMPY, numpy_to_datatype
+from workers.errors import InvalidInput, PayloadTooLarge, SharedMemoryError, Unauthorized
+from workers.shm import SharedMemoryRegistry, ShmRef
+from workers.tensors import DATATYPE_TO_NUMPY, TensorSpec, numpy_to_datatype
 
 HEADER_LENGTH = "inference-header-content-length"
 MAX_DIMENSION = 1 << 31
@@ -35,6 +38,25 @@ _KIND_OK = {
 class RequestedOutput:
     name: str
     binary: bool
+    shm: ShmRef | None = None  # written into a shared memory region instead of the answer
+
+
+@dataclass(frozen=True)
+class ShmInput:
+    """An input whose bytes lie in a shared memory region (read by the worker that has it)."""
+
+    ref: ShmRef
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShmWritten:
+    """An output the worker wrote into a shared memory region: the answer carries only this."""
+
+    ref: ShmRef
+    datatype: str
+    shape: tuple[int, ...]
 
 
 @dataclass
@@ -44,6 +66,12 @@ class InferRequest:
     outputs: list[RequestedOutput] | None = None  # None: all outputs
     binary_output: bool = False  # request-level binary_data_output
     parameters: dict = field(default_factory=dict)
+    shm_inputs: dict[str, ShmInput] = field(default_factory=dict)  # not in ``inputs`` until read
+
+    def regions(self) -> set[str]:
+        """The shared memory regions this request names (inputs and outputs)."""
+        names = {s.ref.region for s in self.shm_inputs.values()}
+        return names | {o.shm.region for o in self.outputs or () if o.shm is not None}
 
 
 def check_bearer(authorization: str | None, token: str) -> None:
@@ -192,6 +220,7 @@ def decode_request(
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("request needs a non-empty 'inputs' list")
     inputs: dict[str, np.ndarray] = {}
+    shm_inputs: dict[str, ShmInput] = {}
     offset = 0
     for i, item in enumerate(raw_inputs):
         if not isinstance(item, dict):
@@ -199,7 +228,7 @@ def decode_request(
         name = item.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidInput(f"inputs[{i}] needs a 'name'")
-        if name in inputs:
+        if name in inputs or name in shm_inputs:
             raise InvalidInput(f"input '{name}' appears twice")
         datatype = item.get("datatype")
         if not isinstance(datatype, str) or datatype not in DATATYPE_TO_NUMPY:
@@ -212,6 +241,13 @@ def decode_request(
         if not isinstance(params, dict):
             raise InvalidInput(f"input '{name}': 'parameters' must be an object")
         size = params.get("binary_data_size")
+        ref = ShmRef.from_params(params, f"input '{name}'")
+        if ref is not None:
+            if "data" in item or size is not None:
+                raise InvalidInput(f"input '{name}': names a shared memory region and also carries data")
+            _check_shm_size(name, datatype, shape, ref)
+            shm_inputs[name] = ShmInput(ref, datatype, shape)
+            continue
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")
@@ -253,7 +289,12 @@ def decode_request(
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise InvalidInput(f"outputs[{i}] needs a 'name'")
             p = item.get("parameters") or {}
-            outputs.append(RequestedOutput(item["name"], bool(p.get("binary_data", False)) if isinstance(p, dict) else False))
+            if not isinstance(p, dict):
+                raise InvalidInput(f"output '{item['name']}': 'parameters' must be an object")
+            shm = ShmRef.from_params(p, f"output '{item['name']}'")
+            if shm is not None and p.get("binary_data"):
+                raise InvalidInput(f"output '{item['name']}': asks for binary data and for a shared memory region")
+            outputs.append(RequestedOutput(item["name"], bool(p.get("binary_data", False)), shm))
     params = header.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
@@ -264,7 +305,87 @@ def decode_request(
         outputs=outputs,
         binary_output=bool(params.get("binary_data_output", False)),
         parameters=params,
+        shm_inputs=shm_inputs,
     )
+
+
+def _check_shm_size(name: str, datatype: str, shape: tuple[int, ...], ref: ShmRef) -> None:
+    if datatype == "BYTES":
+        return  # serialized strings: their length is known once read
+    expected = _element_count(shape) * DATATYPE_TO_NUMPY[datatype].itemsize
+    if ref.byte_size != expected:
+        raise InvalidInput(
+            f"input '{name}': shared_memory_byte_size {ref.byte_size} does not match shape {list(shape)} of "
+            f"{datatype} ({expected} bytes)"
+        )
+
+
+def shm_feeds(request: InferRequest, registry: SharedMemoryRegistry,
+              reject_non_finite: bool = False) -> dict[str, np.ndarray]:
+    """All inputs of ``request``, those in shared memory read in place (no copy); with
+    ``reject_non_finite``, those are checked as ``read_infer_request`` checked the others."""
+    if not request.shm_inputs:
+        return request.inputs
+    feeds = dict(request.inputs)
+    for name, item in request.shm_inputs.items():
+        buf = registry.buffer(item.ref, f"input '{name}'")
+        if item.datatype == "BYTES":
+            feeds[name] = _decode_bytes_tensor(name, bytes(buf), _element_count(item.shape)).reshape(item.shape)
+        else:
+            dtype = DATATYPE_TO_NUMPY[item.datatype].newbyteorder("<")
+            feeds[name] = np.frombuffer(buf, dtype=dtype).reshape(item.shape).astype(DATATYPE_TO_NUMPY[item.datatype],
+                                                                                 copy=False)
+    if reject_non_finite:
+        check_finite({name: feeds[name] for name in request.shm_inputs})
+    return feeds
+
+
+def shm_output_arrays(request: InferRequest, registry: SharedMemoryRegistry, specs: "tuple[TensorSpec, ...]",
+                      rows: int) -> dict[str, np.ndarray]:
+    """Arrays over the shared memory where ``request`` wants its outputs, for an engine to write
+    into: those whose shape follows from the model (``-1`` only in the first dimension, which is
+    ``rows``) and that fit. ``write_shm_outputs`` copies the others."""
+    by_name = {s.name: s for s in specs}
+    arrays = {}
+    for o in request.outputs or ():
+        spec = by_name.get(o.name)
+        if o.shm is None or spec is None or spec.datatype == "BYTES":
+            continue
+        shape = tuple(rows if (i == 0 and d < 0) else d for i, d in enumerate(spec.shape))
+        nbytes = math.prod(shape) * spec.numpy_dtype.itemsize
+        if any(d < 0 for d in shape) or nbytes > o.shm.byte_size:
+            continue
+        buf = registry.buffer(ShmRef(o.shm.region, nbytes, o.shm.offset), f"output '{o.name}'")
+        arrays[o.name] = np.frombuffer(buf, dtype=spec.numpy_dtype).reshape(shape)
+    return arrays
+
+
+def write_shm_outputs(request: InferRequest, outputs: dict[str, np.ndarray],
+                      registry: SharedMemoryRegistry) -> dict[str, "np.ndarray | ShmWritten"]:
+    """Copy the outputs that ``request`` wants in shared memory there; the rest stay as they are."""
+    wanted = {o.name: o.shm for o in request.outputs or () if o.shm is not None}
+    if not wanted:
+        return outputs
+    result: dict[str, np.ndarray | ShmWritten] = dict(outputs)
+    for name, ref in wanted.items():
+        if name not in outputs:
+            continue  # encode_response names the unknown output
+        array = np.asarray(outputs[name])
+        datatype = numpy_to_datatype(array.dtype)
+        if datatype == "BYTES":
+            data = np.frombuffer(encode_bytes_tensor(array), dtype=np.uint8)
+        else:
+            data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+        if data.size > ref.byte_size:
+            raise SharedMemoryError(
+                f"output '{name}' needs {data.size} bytes ({datatype} {list(array.shape)}); shared memory region "
+                f"'{ref.region}' was given {ref.byte_size} (shared_memory_byte_size)"
+            )
+        target = np.frombuffer(registry.buffer(ShmRef(ref.region, data.size, ref.offset), f"output '{name}'"), np.uint8)
+        if target.ctypes.data != data.ctypes.data:  # not already written there by the engine
+            target[:] = data
+        result[name] = ShmWritten(ShmRef(ref.region, data.size, ref.offset), datatype, tuple(array.shape))
+    return result
 
 
 def check_finite(inputs: dict[str, np.ndarray]) -> None:
@@ -284,11 +405,12 @@ def _json_ready(array: np.ndarray) -> list:
 def encode_response(
     model: str,
     version: str,
-    outputs: dict[str, np.ndarray],
+    outputs: "dict[str, np.ndarray | ShmWritten]",
     request: InferRequest,
     parameters: dict | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """Response body and headers; binary where the request asked for it."""
+    """Response body and headers; binary where the request asked for it (outputs already
+    written into shared memory, ``write_shm_outputs``, are only described)."""
     if request.outputs is None:
         wanted = [RequestedOutput(name, request.binary_output) for name in outputs]
     else:
@@ -300,7 +422,8 @@ def encode_response(
                 f"the model's outputs are {', '.join(repr(n) for n in outputs)}"
             )
     blobs: list[bytes] = []
-    out_list = [_tensor_entry(req.name, np.asarray(outputs[req.name]), req.binary, blobs) for req in wanted]
+    out_list = [_shm_entry(req.name, value) if isinstance(value := outputs[req.name], ShmWritten)
+                else _tensor_entry(req.name, np.asarray(value), req.binary, blobs) for req in wanted]
     body = {"model_name": model, "model_version": version, "outputs": out_list}
     if request.id is not None:
         body["id"] = request.id
@@ -325,6 +448,11 @@ def _tensor_entry(name: str, array: np.ndarray, binary: bool, blobs: list[bytes]
     return entry
 
 
+def _shm_entry(name: str, written: ShmWritten) -> dict:
+    return {"name": name, "datatype": written.datatype, "shape": list(written.shape),
+            "parameters": written.ref.to_params()}
+
+
 def _with_blobs(body: dict, blobs: list[bytes]) -> tuple[bytes, dict[str, str]]:
     """The JSON header, followed by the binary tensors if there are any."""
     header = json.dumps(body, separators=(",", ":")).encode()
@@ -343,8 +471,13 @@ def encode_request(
     outputs: list[str] | None = None,
     request_id: str | None = None,
     binary_output: bool | None = None,
+    shm_inputs: dict[str, ShmInput] | None = None,
+    shm_outputs: dict[str, ShmRef] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """Client side: build a request body and its headers."""
+    """Client side: build a request body and its headers.
+
+    ``shm_inputs`` are inputs already written into registered shared memory regions;
+    ``shm_outputs`` names outputs to be written into them (these need ``outputs``)."""
     binary_output = binary if binary_output is None else binary_output
     blobs: list[bytes] = []
     items = []
@@ -353,18 +486,25 @@ def encode_request(
         if array.dtype.kind == "U":
             array = array.astype(np.object_)
         items.append(_tensor_entry(name, array, binary, blobs))
+    for name, item in (shm_inputs or {}).items():
+        items.append({"name": name, "datatype": item.datatype, "shape": list(item.shape), "parameters": item.ref.to_params()})
     body: dict = {"inputs": items}
     if request_id is not None:
         body["id"] = request_id
+    shm_outputs = shm_outputs or {}
+    if shm_outputs and outputs is None:
+        raise ValueError("shm_outputs needs the list of outputs")
     if outputs is not None:
-        body["outputs"] = [{"name": o, "parameters": {"binary_data": binary_output}} for o in outputs]
+        body["outputs"] = [{"name": o, "parameters": shm_outputs[o].to_params() if o in shm_outputs
+                            else {"binary_data": binary_output}} for o in outputs]
     else:
         body["parameters"] = {"binary_data_output": binary_output}
     return _with_blobs(body, blobs)
 
 
 def decode_response(body: bytes, header_length: str | None) -> tuple[dict, dict[str, np.ndarray]]:
-    """Client side: the response JSON and its outputs as numpy arrays."""
+    """Client side: the response JSON and its outputs as numpy arrays (not those the server
+    wrote into shared memory: their entries in the JSON say where they are)."""
     n = int(header_length) if header_length is not None else len(body)
     header = json.loads(body[:n])
     binary = memoryview(body)[n:]
@@ -373,7 +513,10 @@ def decode_response(body: bytes, header_length: str | None) -> tuple[dict, dict[
     for out in header.get("outputs", []):
         shape = tuple(out["shape"])
         datatype = out["datatype"]
-        size = (out.get("parameters") or {}).get("binary_data_size")
+        params = out.get("parameters") or {}
+        size = params.get("binary_data_size")
+        if "shared_memory_region" in params:
+            continue
         if size is not None:
             raw = bytes(binary[offset : offset + size])
             offset += size

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(scope="module")
 def gpu_fleet(tmp_path_factory, demo_models, big_mlp):
     work = tmp_path_factory.mktemp("gpu-fleet")
-    config = load_config("configs/local.yaml", repository=str(work / "repo"), port=free_port())
+    config = load_config("configs/local.yaml", repository=str(work / "repo"), port=free_port(), allow_client_shm=True)
     pynvml.nvmlInit()
     n = pynvml.nvmlDeviceGetCount()
     pynvml.nvmlShutdown()
@@ -75,4 +75,22 @@ def test_http_answers_match_cpu_and_spread_over_gpus(gpu_fleet, demo_models):
             np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
             served[client.last_parameters["fleet_worker"]] += 1
             assert client.last_parameters["compute_capability"] == "9.0"
+    assert len(served) == gpu_fleet["gpus"], served
+
+
+def test_shared_memory_client_on_gpus_equals_http(gpu_fleet):
+    """FleetClient(shared_memory=True): the big MLP at batch 256, its 4 MB in and out through the
+    client's shared memory region and the GPU worker, equal to the same request over HTTP."""
+    x = np.random.default_rng(1).standard_normal((256, 4096)).astype(np.float32)
+    served = collections.Counter()
+    with FleetClient(gpu_fleet["url"]) as plain, FleetClient(gpu_fleet["url"], shared_memory=True) as shm:
+        want = plain.infer("big-mlp", {"input": x})
+        for _ in range(10 * gpu_fleet["gpus"]):
+            got = shm.infer("big-mlp", {"input": x})
+            np.testing.assert_allclose(got["output"], want["output"], rtol=1e-5, atol=1e-5)
+            served[shm.last_parameters["fleet_worker"]] += 1
+        # every GPU worker mapped the client's region and page-locked it (cudaHostRegister)
+        for handle in ray.get(gpu_fleet["controller"].worker_handles.remote()).values():
+            mine = [r for r in ray.get(handle.describe.remote())["shm"] if r["name"] == shm._arena.region]
+            assert mine and mine[0]["pinned"], mine
     assert len(served) == gpu_fleet["gpus"], served

@@ -1,7 +1,9 @@
 """The engine interface every backend implements.
 
 Polygraphy-style: construct cheaply, ``activate()`` loads, ``infer()`` runs,
-``deactivate()`` frees; usable on its own as a context manager.
+``deactivate()`` frees; usable on its own as a context manager. ``infer(feeds, out)``
+writes the outputs named in ``out`` into those arrays (e.g. a client's shared memory);
+a backend that can have the device write there directly overrides ``_infer_into``.
 """
 
 from __future__ import annotations
@@ -59,11 +61,27 @@ class Engine(abc.ABC):
             self._active = False
             self._deactivate()
 
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer_into(self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run, then copy into ``out``; the returned dict holds those very arrays."""
+        results = self._infer(feeds)
+        for name, target in out.items():
+            np.copyto(target, results[name], casting="no")
+            results[name] = target
+        return results
+
+    def infer(self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         if not self._active:
             raise RuntimeError(f"{type(self).__name__} is not active; call activate() first")
         check_feeds(self.inputs, feeds)
-        return self._infer(feeds)
+        if not out:
+            return self._infer(feeds)
+        by_name = {s.name: s for s in self.outputs}
+        for name, target in out.items():
+            spec = by_name.get(name)
+            if spec is None or target.dtype != spec.numpy_dtype or not target.flags.c_contiguous or not target.flags.writeable:
+                raise ValueError(f"out['{name}'] must be a writable C-contiguous {spec.numpy_dtype if spec else '?'} array "
+                                 f"for an output of {type(self).__name__}")
+        return self._infer_into(feeds, out)
 
     def __enter__(self) -> "Engine":
         return self.activate()

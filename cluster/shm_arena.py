@@ -1,0 +1,132 @@
+"""The Python client's side of system shared memory: one region per client.
+
+``FleetClient(url, shared_memory=True)`` keeps one POSIX shared memory object,
+registered with the fleet as one region, and lays each request's inputs and outputs
+out in it: the request carries only their descriptions, the worker on this host
+reads the inputs in place and writes the outputs there. The object grows (a new one,
+registered anew) when a request needs more, and is unregistered and unlinked on
+``close()``.
+
+Tensors the region cannot hold go over HTTP as before: BYTES tensors, and outputs
+whose size is not known before the answer (a dynamic dimension other than the batch).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Callable
+
+import numpy as np
+
+from workers.protocol import ShmInput
+from workers.shm import ShmRef
+from workers.tensors import DATATYPE_TO_NUMPY, numpy_to_datatype
+
+ALIGN = 64  # each tensor starts on a cache line
+MIN_BYTES = 1 << 20
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class ShmPlan:
+    """Where one request's tensors go in the region."""
+
+    inputs: dict[str, ShmInput]
+    outputs: dict[str, ShmRef]
+    byte_size: int
+
+
+def plan_request(region: str, inputs: dict[str, np.ndarray], output_specs: list[dict], rows: int) -> ShmPlan:
+    """Lay out ``inputs`` (all but BYTES) and the outputs whose size follows from the model's
+    metadata (``-1`` in the first dimension is the request's batch rows) one after another."""
+    offset = 0
+    shm_inputs = {}
+    for name, array in inputs.items():
+        datatype = numpy_to_datatype(array.dtype)
+        if datatype == "BYTES":
+            continue
+        shm_inputs[name] = ShmInput(ShmRef(region, array.nbytes, offset), datatype, tuple(array.shape))
+        offset += _aligned(array.nbytes)
+    shm_outputs = {}
+    for spec in output_specs:
+        if spec["datatype"] == "BYTES":
+            continue
+        shape = [rows if (d < 0 and i == 0) else d for i, d in enumerate(spec["shape"])]
+        if any(d < 0 for d in shape):
+            continue
+        nbytes = math.prod(shape) * DATATYPE_TO_NUMPY[spec["datatype"]].itemsize
+        shm_outputs[spec["name"]] = ShmRef(region, nbytes, offset)
+        offset += _aligned(nbytes)
+    return ShmPlan(shm_inputs, shm_outputs, offset)
+
+
+class ShmArena:
+    """This client's shared memory object and the fleet region over it."""
+
+    def __init__(self, register: Callable[[str, str, int], None], unregister: Callable[[str], None]) -> None:
+        self._register = register
+        self._unregister = unregister
+        self._shm: shared_memory.SharedMemory | None = None
+        self.region = ""
+
+    @property
+    def byte_size(self) -> int:
+        return self._shm.size if self._shm is not None else 0
+
+    def ensure(self, nbytes: int) -> str:
+        """A registered region of at least ``nbytes``; returns its name."""
+        if self._shm is not None and self._shm.size >= nbytes:
+            return self.region
+        size = max(MIN_BYTES, nbytes, 2 * self.byte_size)
+        self.release()
+        name = f"ff_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        try:
+            self._register(name, "/" + name, shm.size)
+        except BaseException:
+            shm.close()
+            shm.unlink()
+            raise
+        self._shm, self.region = shm, name
+        return name
+
+    def place(self, inputs: dict[str, np.ndarray], output_specs: list[dict], rows: int) -> ShmPlan:
+        """Plan a request in the region (grown if need be) and write its inputs there."""
+        needed = plan_request(self.region, inputs, output_specs, rows).byte_size
+        plan = plan_request(self.ensure(needed), inputs, output_specs, rows)
+        for name, item in plan.inputs.items():
+            self._write(item.ref, inputs[name])
+        return plan
+
+    def _write(self, ref: ShmRef, array: np.ndarray) -> None:
+        assert self._shm is not None
+        target = np.ndarray(array.shape, array.dtype.newbyteorder("<"), buffer=self._shm.buf, offset=ref.offset)
+        np.copyto(target, array, casting="no" if array.dtype.byteorder in "=<|" else "equiv")
+
+    def read(self, ref: ShmRef, datatype: str, shape: list[int]) -> np.ndarray:
+        """A copy of an output the server wrote (the region is reused by the next request)."""
+        assert self._shm is not None
+        dtype = DATATYPE_TO_NUMPY[datatype].newbyteorder("<")
+        view = np.ndarray(tuple(shape), dtype, buffer=self._shm.buf, offset=ref.offset)
+        return view.astype(DATATYPE_TO_NUMPY[datatype], copy=True)
+
+    def release(self) -> None:
+        """Unregister the region and unlink the object (also when the fleet is gone)."""
+        shm, self._shm = self._shm, None
+        if shm is None:
+            return
+        try:
+            self._unregister(self.region)
+        except Exception:
+            pass  # the fleet is down: the object still goes
+        finally:
+            shm.close()
+            shm.unlink()
+            self.region = ""

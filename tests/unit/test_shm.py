@@ -1,0 +1,300 @@
+"""System shared memory: the worker's registry and the protocol's shared memory tensors,
+against real POSIX shared memory objects (no Ray)."""
+
+import json
+import os
+import uuid
+from multiprocessing import shared_memory
+
+import numpy as np
+import pytest
+
+from workers.errors import InvalidInput, SharedMemoryError
+from workers.protocol import (
+    ShmInput,
+    shm_output_arrays,
+    ShmWritten,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+    shm_feeds,
+    write_shm_outputs,
+)
+from workers.shm import RegionNotHere, SharedMemoryRegistry, ShmRef
+from workers.tensors import TensorSpec
+
+
+@pytest.fixture
+def shm_object():
+    made = []
+
+    def make(size: int) -> shared_memory.SharedMemory:
+        shm = shared_memory.SharedMemory(name=f"fftest_{uuid.uuid4().hex[:10]}", create=True, size=size)
+        made.append(shm)
+        return shm
+
+    yield make
+    for shm in made:
+        shm.close()
+        shm.unlink()
+
+
+@pytest.fixture
+def registry():
+    reg = SharedMemoryRegistry()
+    yield reg
+    reg.close()
+
+
+def header_only(body: dict) -> bytes:
+    return json.dumps(body).encode()
+
+
+def test_register_status_unregister(shm_object, registry):
+    obj = shm_object(8192)
+    info = registry.register("r1", "/" + obj.name, 4096, 1024)
+    assert info.to_dict() == {"name": "r1", "key": "/" + obj.name, "offset": 4096, "byte_size": 1024}
+    assert registry.status() == [dict(info.to_dict(), pinned=False)]
+    assert registry.status("r1") == [dict(info.to_dict(), pinned=False)]
+    with pytest.raises(SharedMemoryError, match="already registered"):
+        registry.register("r1", "/" + obj.name, 0, 16)
+    assert registry.unregister("r1") == ["r1"]
+    assert registry.unregister("r1") == []  # unknown names are fine, as in Triton
+    with pytest.raises(SharedMemoryError, match="not registered"):
+        registry.status("r1")
+
+
+def test_register_refuses_what_it_cannot_map(shm_object, registry):
+    obj = shm_object(4096)
+    with pytest.raises(RegionNotHere, match="does not exist on this host"):
+        registry.register("gone", "/ff_no_such_object_" + uuid.uuid4().hex, 0, 16)
+    with pytest.raises(SharedMemoryError, match="holds 4096 bytes"):
+        registry.register("big", "/" + obj.name, 4000, 200)
+    for bad_key in ("/../etc/passwd", "a/b", "", "/" + "x" * 300):
+        with pytest.raises(SharedMemoryError, match="not a POSIX shared memory name"):
+            registry.register("k", bad_key, 0, 16)
+    with pytest.raises(SharedMemoryError, match="name"):
+        registry.register("../r", "/" + obj.name, 0, 16)
+    with pytest.raises(SharedMemoryError, match="more than 0"):
+        registry.register("zero", "/" + obj.name, 0, 0)
+    with pytest.raises(InvalidInput, match="non-negative"):
+        registry.register("neg", "/" + obj.name, -1, 16)
+    assert registry.names() == set()
+
+
+def test_links_are_not_followed(tmp_path, registry):
+    target = tmp_path / "secret"
+    target.write_bytes(b"x" * 4096)
+    link = f"fftest_link_{uuid.uuid4().hex[:8]}"
+    os.symlink(target, f"/dev/shm/{link}")
+    try:
+        with pytest.raises(SharedMemoryError, match="cannot open"):
+            registry.register("l", "/" + link, 0, 16)
+    finally:
+        os.unlink(f"/dev/shm/{link}")
+
+
+def test_inputs_are_read_in_place_and_outputs_written(shm_object, registry):
+    obj = shm_object(1 << 16)
+    registry.register("io", "/" + obj.name, 0, 1 << 16)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.ndarray(x.shape, x.dtype, buffer=obj.buf, offset=0)[:] = x
+    request = decode_request(header_only({
+        "inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP32",
+                    "parameters": {"shared_memory_region": "io", "shared_memory_byte_size": 48}}],
+        "outputs": [{"name": "y", "parameters": {"shared_memory_region": "io", "shared_memory_byte_size": 1000,
+                                                 "shared_memory_offset": 4096}},
+                    {"name": "label", "parameters": {"binary_data": True}}],
+    }))
+    assert request.inputs == {} and request.regions() == {"io"}
+    feeds = shm_feeds(request, registry)
+    np.testing.assert_array_equal(feeds["x"], x)
+    # in place: what the client writes now is what the worker sees
+    np.ndarray(x.shape, x.dtype, buffer=obj.buf, offset=0)[0, 0] = 42
+    assert feeds["x"][0, 0] == 42
+    y = (feeds["x"] * 2).astype(np.float32)
+    out = write_shm_outputs(request, {"y": y, "label": np.array([1, 2, 3])}, registry)
+    assert out["y"] == ShmWritten(ShmRef("io", 48, 4096), "FP32", (3, 4))
+    np.testing.assert_array_equal(np.ndarray((3, 4), np.float32, buffer=obj.buf, offset=4096), y)
+    body, headers = encode_response("m", "1", out, request)
+    header, arrays = decode_response(body, headers.get("inference-header-content-length"))
+    y_entry = next(o for o in header["outputs"] if o["name"] == "y")
+    assert y_entry == {"name": "y", "datatype": "FP32", "shape": [3, 4],
+                       "parameters": {"shared_memory_region": "io", "shared_memory_byte_size": 48,
+                                      "shared_memory_offset": 4096}}
+    assert set(arrays) == {"label"}  # y stays in shared memory
+    del feeds
+
+
+def test_bytes_tensors_in_shared_memory(shm_object, registry):
+    obj = shm_object(4096)
+    registry.register("s", "/" + obj.name, 0, 4096)
+    from workers.protocol import encode_bytes_tensor
+
+    raw = encode_bytes_tensor(np.array([b"ab", b"", b"xyz"], dtype=object))
+    obj.buf[:len(raw)] = raw
+    request = decode_request(header_only({
+        "inputs": [{"name": "t", "shape": [3], "datatype": "BYTES",
+                    "parameters": {"shared_memory_region": "s", "shared_memory_byte_size": len(raw)}}],
+        "outputs": [{"name": "t", "parameters": {"shared_memory_region": "s", "shared_memory_byte_size": 100,
+                                                 "shared_memory_offset": 1024}}],
+    }))
+    feeds = shm_feeds(request, registry)
+    assert list(feeds["t"]) == [b"ab", b"", b"xyz"]
+    out = write_shm_outputs(request, {"t": feeds["t"]}, registry)
+    assert out["t"].ref.byte_size == len(raw)
+    assert bytes(obj.buf[1024:1024 + len(raw)]) == raw
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"shared_memory_region": "io"}, "go together"),
+    ({"shared_memory_byte_size": 48}, "go together"),
+    ({"shared_memory_offset": 8}, "needs shared_memory_region"),
+    ({"shared_memory_region": "io", "shared_memory_byte_size": -1}, "non-negative"),
+    ({"shared_memory_region": "io", "shared_memory_byte_size": 47}, "does not match shape"),
+    ({"shared_memory_region": 7, "shared_memory_byte_size": 48}, "region name"),
+    ({"shared_memory_region": "io", "shared_memory_byte_size": 48, "binary_data_size": 48}, "also carries data"),
+])
+def test_bad_shared_memory_inputs_are_400s(params, message):
+    with pytest.raises(InvalidInput, match=message):
+        decode_request(header_only({"inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP32",
+                                                "parameters": params}]}))
+
+
+def test_region_errors_name_the_problem(shm_object, registry):
+    obj = shm_object(4096)
+    registry.register("small", "/" + obj.name, 0, 64)
+    past_end = decode_request(header_only({"inputs": [{"name": "x", "shape": [32], "datatype": "FP32", "parameters": {
+        "shared_memory_region": "small", "shared_memory_byte_size": 128}}]}))
+    with pytest.raises(SharedMemoryError, match="run past the end of shared memory region 'small'"):
+        shm_feeds(past_end, registry)
+    unknown = decode_request(header_only({"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "parameters": {
+        "shared_memory_region": "nope", "shared_memory_byte_size": 16}}]}))
+    with pytest.raises(SharedMemoryError, match="'nope' is not registered"):
+        shm_feeds(unknown, registry)
+    request = decode_request(header_only({
+        "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}],
+        "outputs": [{"name": "y", "parameters": {"shared_memory_region": "small", "shared_memory_byte_size": 8}}]}))
+    with pytest.raises(SharedMemoryError, match="output 'y' needs 40 bytes"):
+        write_shm_outputs(request, {"y": np.zeros(10, np.float32)}, registry)
+    nan = decode_request(header_only({"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "parameters": {
+        "shared_memory_region": "small", "shared_memory_byte_size": 16}}]}))
+    np.ndarray((4,), np.float32, buffer=obj.buf)[:] = [1, np.nan, 2, 3]
+    with pytest.raises(InvalidInput, match="NaN or Inf"):
+        shm_feeds(nan, registry, reject_non_finite=True)
+
+
+def test_unregister_while_an_array_points_into_the_region(shm_object, registry):
+    obj = shm_object(4096)
+    registry.register("busy", "/" + obj.name, 0, 4096)
+    view = np.frombuffer(registry.buffer(ShmRef("busy", 16, 0), "x"), np.float32)
+    registry.unregister("busy")  # no BufferError: unmapped once the array goes
+    assert view.shape == (4,)
+    del view
+
+
+def test_client_request_round_trip():
+    body, headers = encode_request(
+        {"b": np.ones((2, 2), np.float32)}, outputs=["y", "z"],
+        shm_inputs={"a": ShmInput(ShmRef("r", 32, 64), "FP32", (2, 4))},
+        shm_outputs={"y": ShmRef("r", 32, 128)})
+    request = decode_request(body, headers.get("inference-header-content-length"))
+    assert request.shm_inputs == {"a": ShmInput(ShmRef("r", 32, 64), "FP32", (2, 4))}
+    assert set(request.inputs) == {"b"}
+    assert [(o.name, o.shm, o.binary) for o in request.outputs] == [("y", ShmRef("r", 32, 128), False), ("z", None, True)]
+    with pytest.raises(ValueError, match="needs the list of outputs"):
+        encode_request({}, shm_outputs={"y": ShmRef("r", 32, 0)})
+
+
+class RecordingPinner:
+    """Stands in for cudaHostRegister (no GPU here); checks it is handed the whole live mapping."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.pinned: dict[int, int] = {}
+        self.calls: list[tuple] = []
+
+    def pin(self, address: int, size: int) -> bool:
+        import ctypes
+
+        ctypes.memset(address, 0, 1)  # the address must be mapped and writable: this would crash otherwise
+        self.calls.append(("pin", address, size))
+        if self.refuse:
+            return False
+        self.pinned[address] = size
+        return True
+
+    def unpin(self, address: int) -> None:
+        self.calls.append(("unpin", address))
+        del self.pinned[address]
+
+
+def test_regions_are_pinned_for_the_device_and_unpinned_before_unmapping(shm_object):
+    obj = shm_object(3 * 4096)
+    pinner = RecordingPinner()
+    registry = SharedMemoryRegistry(pinner=pinner)
+    registry.register("p", "/" + obj.name, 4096 + 100, 2000)
+    ((kind, address, size),) = pinner.calls
+    assert kind == "pin" and size == 100 + 2000  # from the page boundary below the offset
+    assert registry.status("p")[0]["pinned"] is True
+    # the pinned address is where the region's bytes are: write through it, read in the object
+    import ctypes
+
+    ctypes.memmove(address + 100, b"pinned", 6)
+    assert bytes(obj.buf[4096 + 100:4096 + 106]) == b"pinned"
+    registry.unregister("p")
+    assert pinner.calls[-1] == ("unpin", address) and not pinner.pinned
+    refusing = SharedMemoryRegistry(pinner=RecordingPinner(refuse=True))
+    refusing.register("q", "/" + obj.name, 0, 64)
+    assert refusing.status("q")[0]["pinned"] is False  # still usable, copies staged
+    refusing.close()
+
+
+def test_engine_writes_outputs_straight_into_shared_memory(shm_object, registry, demo_models):
+    from workers.engines.onnxruntime import OnnxRuntimeEngine
+
+    obj = shm_object(1 << 16)
+    registry.register("out", "/" + obj.name, 0, 1 << 16)
+    x = np.random.default_rng(0).random((5, 64), dtype=np.float32)
+    request = decode_request(header_only({
+        "inputs": [{"name": "input", "shape": [5, 64], "datatype": "FP32", "data": x.reshape(-1).tolist()}],
+        "outputs": [{"name": "probabilities", "parameters": {"shared_memory_region": "out",
+                                                             "shared_memory_byte_size": 200, "shared_memory_offset": 64}},
+                    {"name": "label", "parameters": {"shared_memory_region": "out", "shared_memory_byte_size": 8}}],
+    }))
+    with OnnxRuntimeEngine(demo_models["digits-mlp"]) as engine:
+        expected = engine.infer({"input": x})
+        targets = shm_output_arrays(request, registry, engine.outputs, 5)
+        # label needs 40 bytes but was given 8: left to write_shm_outputs, which says so
+        assert set(targets) == {"probabilities"}
+        got = engine.infer({"input": x}, out=targets)
+    assert got["probabilities"] is targets["probabilities"]
+    np.testing.assert_array_equal(np.ndarray((5, 10), np.float32, buffer=obj.buf, offset=64), expected["probabilities"])
+    np.testing.assert_array_equal(got["label"], expected["label"])
+    with pytest.raises(SharedMemoryError, match="output 'label' needs 40 bytes"):
+        write_shm_outputs(request, got, registry)
+    del targets, got
+
+
+def test_engine_out_must_match_the_output():
+    from workers.engines.base import Engine
+
+    class Doubler(Engine):
+        inputs = (TensorSpec("x", "FP32", (-1,)),)
+        outputs = (TensorSpec("y", "FP32", (-1,)),)
+        footprint_bytes = 0
+
+        def _activate(self): pass
+
+        def _deactivate(self): pass
+
+        def _infer(self, feeds):
+            return {"y": feeds["x"] * 2}
+
+    with Doubler() as engine:
+        out = np.zeros(3, np.float32)
+        assert engine.infer({"x": np.ones(3, np.float32)}, out={"y": out})["y"] is out
+        assert out.tolist() == [2, 2, 2]
+        with pytest.raises(ValueError, match="writable C-contiguous float32"):
+            engine.infer({"x": np.ones(3, np.float32)}, out={"y": np.zeros(3, np.float64)})

@@ -1,0 +1,228 @@
+"""System shared memory (Triton's extension): tensors that stay in host memory.
+
+A client on the same host as a worker creates a POSIX shared memory object
+(``shm_open``; on Linux a file under /dev/shm), registers a region of it under a
+name, and then names that region in a request instead of sending the tensor's bytes:
+the worker reads the inputs from it in place and writes the outputs into it. The
+request and the answer carry only their JSON header, so a 4 MB batch costs what a
+one-row request costs on the wire.
+
+Each worker process maps the regions itself: a worker on another host cannot see the
+object (``RegionNotHere``), and the controller keeps track of which workers could.
+Keys are plain names under /dev/shm (no paths, no links), opened without following
+links, so a client can name nothing but a shared memory object.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import re
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from workers.errors import InvalidInput, SharedMemoryError
+
+SHM_ROOT = Path("/dev/shm")
+_KEY = re.compile(r"^/?[A-Za-z0-9_][A-Za-z0-9_.\-]{0,239}$")
+_REGION_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+PARAM_REGION = "shared_memory_region"
+PARAM_SIZE = "shared_memory_byte_size"
+PARAM_OFFSET = "shared_memory_offset"
+
+
+class RegionNotHere(SharedMemoryError):
+    """The shared memory object does not exist on this worker's host."""
+
+
+class HostPinner(Protocol):
+    """Page-locks host memory for a device (a GPU worker's: ``workers.devices.CudaHostPinner``),
+    so that the copies between a region and the device are DMA, without staging buffers."""
+
+    def pin(self, address: int, size: int) -> bool: ...
+
+    def unpin(self, address: int) -> None: ...
+
+
+def check_region_name(name: str) -> str:
+    if not isinstance(name, str) or not _REGION_NAME.match(name):
+        raise SharedMemoryError(
+            f"shared memory region name {name!r} is not allowed: use 1-128 letters, digits, '_', '.' or '-'"
+        )
+    return name
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise SharedMemoryError(
+            f"shared memory key {key!r} is not a POSIX shared memory name (like '/my_input': one leading '/', "
+            f"then letters, digits, '_', '.' or '-')"
+        )
+    return key
+
+
+def _non_negative_int(value, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidInput(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ShmRef:
+    """Where one tensor lies: ``byte_size`` bytes at ``offset`` into a registered region."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+    def to_params(self) -> dict:
+        params: dict = {PARAM_REGION: self.region, PARAM_SIZE: self.byte_size}
+        if self.offset:
+            params[PARAM_OFFSET] = self.offset
+        return params
+
+    @classmethod
+    def from_params(cls, params: dict, what: str) -> "ShmRef | None":
+        """The shared memory parameters of one input or output; None when it names no region."""
+        region, size = params.get(PARAM_REGION), params.get(PARAM_SIZE)
+        if region is None and size is None:
+            if PARAM_OFFSET in params:
+                raise InvalidInput(f"{what}: {PARAM_OFFSET} needs {PARAM_REGION} and {PARAM_SIZE}")
+            return None
+        if region is None or size is None:
+            raise InvalidInput(f"{what}: {PARAM_REGION} and {PARAM_SIZE} go together; only one was given")
+        if not isinstance(region, str) or not region:
+            raise InvalidInput(f"{what}: {PARAM_REGION} must be a region name, got {region!r}")
+        return cls(region, _non_negative_int(size, f"{what}: {PARAM_SIZE}"),
+                   _non_negative_int(params.get(PARAM_OFFSET, 0), f"{what}: {PARAM_OFFSET}"))
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
+
+
+class _Mapped:
+    """One registered region, mapped into this process."""
+
+    def __init__(self, info: RegionInfo, root: Path, pinner: HostPinner | None = None) -> None:
+        self.info = info
+        self._pinner = pinner
+        self._pinned_at: int | None = None
+        path = root / info.key.lstrip("/")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise RegionNotHere(f"shared memory object '{info.key}' does not exist on this host") from None
+        except OSError as exc:
+            raise SharedMemoryError(f"cannot open shared memory object '{info.key}': {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SharedMemoryError(f"'{info.key}' is not a shared memory object")
+            if info.offset + info.byte_size > st.st_size:
+                raise SharedMemoryError(
+                    f"shared memory object '{info.key}' holds {st.st_size} bytes; region '{info.name}' asks for "
+                    f"{info.byte_size} bytes at offset {info.offset}"
+                )
+            # mmap's offset must be a multiple of the allocation granularity: map from the page below.
+            start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+            self._base = info.offset - start
+            self._map = mmap.mmap(fd, self._base + info.byte_size, offset=start)
+        finally:
+            os.close(fd)
+        self.view = memoryview(self._map)[self._base:self._base + info.byte_size]
+        if pinner is not None:
+            anchor = ctypes.c_char.from_buffer(self._map)
+            address = ctypes.addressof(anchor)
+            del anchor  # holds the mapping open otherwise
+            if pinner.pin(address, len(self._map)):
+                self._pinned_at = address
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned_at is not None
+
+    def close(self) -> None:
+        if self._pinner is not None and self._pinned_at is not None:
+            self._pinner.unpin(self._pinned_at)
+            self._pinned_at = None
+        try:
+            self.view.release()
+            self._map.close()
+        except BufferError:  # an array still points into it (a request in flight): unmapped when that goes
+            pass
+
+
+class SharedMemoryRegistry:
+    """The regions registered in this process, by name. Thread-safe."""
+
+    def __init__(self, root: Path = SHM_ROOT, pinner: HostPinner | None = None) -> None:
+        self.root = Path(root)
+        self.pinner = pinner
+        self._regions: dict[str, _Mapped] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, key: str, offset: int = 0, byte_size: int = 0) -> RegionInfo:
+        """Map ``byte_size`` bytes at ``offset`` of the object ``key`` as region ``name``.
+
+        RegionNotHere when the object does not exist on this host; SharedMemoryError for
+        everything else that is wrong with the request."""
+        info = RegionInfo(check_region_name(name), check_key(key), _non_negative_int(offset, "offset"),
+                          _non_negative_int(byte_size, "byte_size"))
+        if info.byte_size == 0:
+            raise SharedMemoryError(f"shared memory region '{name}': byte_size must be more than 0")
+        with self._lock:
+            if name in self._regions:
+                raise SharedMemoryError(f"shared memory region '{name}' is already registered; unregister it first")
+            self._regions[name] = _Mapped(info, self.root, self.pinner)
+        return info
+
+    def unregister(self, name: str | None = None) -> list[str]:
+        """Unmap one region (None: all of them). Unknown names are not an error, as in Triton."""
+        with self._lock:
+            names = list(self._regions) if name is None else [name] if name in self._regions else []
+            gone = [self._regions.pop(n) for n in names]
+        for mapped in gone:
+            mapped.close()
+        return names
+
+    def status(self, name: str | None = None) -> list[dict]:
+        with self._lock:
+            if name is not None and name not in self._regions:
+                raise SharedMemoryError(f"shared memory region '{name}' is not registered")
+            return [dict(m.info.to_dict(), pinned=m.pinned) for n, m in sorted(self._regions.items()) if name in (None, n)]
+
+    def names(self) -> set[str]:
+        with self._lock:
+            return set(self._regions)
+
+    def buffer(self, ref: ShmRef, what: str) -> memoryview:
+        """The bytes ``ref`` names, in place (writable)."""
+        with self._lock:
+            mapped = self._regions.get(ref.region)
+        if mapped is None:
+            raise SharedMemoryError(
+                f"{what}: shared memory region '{ref.region}' is not registered on this worker; register it with "
+                f"POST /v2/systemsharedmemory/region/{ref.region}/register"
+            )
+        size = mapped.info.byte_size
+        if ref.offset + ref.byte_size > size:
+            raise SharedMemoryError(
+                f"{what}: {ref.byte_size} bytes at offset {ref.offset} run past the end of shared memory region "
+                f"'{ref.region}' ({size} bytes)"
+            )
+        return mapped.view[ref.offset:ref.offset + ref.byte_size]
+
+    def close(self) -> None:
+        self.unregister(None)
