@@ -253,15 +253,15 @@ class FleetIngress:
 
     @app.post("/v2/systemsharedmemory/region/{name}/unregister")
     async def shm_unregister(self, name: str, request: Request) -> dict:
-        self._authorize(request, admin=True)
-        await call(self.controller.unregister_shm.remote(name))
-        await self.plane.refresh(force=True)
-        return {}
+        return await self._unregister_shm(request, name)
 
     @app.post("/v2/systemsharedmemory/unregister")
     async def shm_unregister_all(self, request: Request) -> dict:
+        return await self._unregister_shm(request, None)
+
+    async def _unregister_shm(self, request: Request, name: "str | None") -> dict:
         self._authorize(request, admin=True)
-        await call(self.controller.unregister_shm.remote(None))
+        await call(self.controller.unregister_shm.remote(name))
         await self.plane.refresh(force=True)
         return {}
 
