@@ -135,3 +135,81 @@ def wait_http(url: str, timeout_s: float, *, method: str = "GET", body: bytes | 
             last = str(exc)[:200]
         time.sleep(0.2)
     raise RuntimeError(f"{url} did not answer 2xx within {timeout_s:.0f} s ({last})")
+
+
+# ---- the Python client with system shared memory, from several processes -------------
+def _shm_client_process(url: str, model: str, feeds: dict, threads: int, duration_s: float, start, results) -> None:
+    import threading
+
+    sys_path_fix()
+    from cluster.client import FleetClient
+
+    clients = [FleetClient(url, shared_memory=True) for _ in range(threads)]
+    try:
+        for client in clients:
+            for _ in range(5):
+                client.infer(model, feeds)  # warm: metadata, region, connection
+        start.wait()
+        deadline = time.perf_counter() + duration_s
+        latencies: list[list[float]] = [[] for _ in clients]
+
+        def loop(client, out: list[float]) -> None:
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                client.infer(model, feeds)
+                out.append(time.perf_counter() - t0)
+
+        began = time.perf_counter()
+        workers = [threading.Thread(target=loop, args=(c, out)) for c, out in zip(clients, latencies)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        results.put({"latencies": [x for out in latencies for x in out], "elapsed": time.perf_counter() - began})
+    except BaseException as exc:  # the parent must hear of it, not wait forever
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+        start.abort()
+        raise
+    finally:
+        for client in clients:
+            client.close()
+
+
+def sys_path_fix() -> None:
+    """Child processes (spawned) import the project from the repository root."""
+    import sys
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+def shm_client_load(url: str, model: str, feeds: dict, concurrency: int, duration_s: float, processes: int) -> dict:
+    """Closed-loop load from ``processes`` Python processes, each running FleetClient(shared_memory=True)
+    in threads (``concurrency`` in all): what a user's own Python code on a fleet host reaches.
+    Returns {"latencies": [...], "elapsed": s} over all clients."""
+    import multiprocessing as mp
+    import threading
+
+    ctx = mp.get_context("spawn")  # never fork a process that runs Ray
+    processes = max(1, min(processes, concurrency))
+    shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
+    start, results = ctx.Barrier(processes + 1), ctx.Queue()
+    procs = [ctx.Process(target=_shm_client_process, args=(url, model, feeds, n, duration_s, start, results))
+             for n in shares]
+    for p in procs:
+        p.start()
+    try:
+        try:
+            start.wait(timeout=120)
+        except threading.BrokenBarrierError:
+            raise RuntimeError(f"shared memory client failed: {results.get(timeout=5).get('error')}") from None
+        outs = [results.get(timeout=duration_s + 120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = [o["error"] for o in outs if "error" in o]
+    if errors:
+        raise RuntimeError(f"shared memory client failed: {errors[0]}")
+    return {"latencies": [x for o in outs for x in o["latencies"]], "elapsed": max(o["elapsed"] for o in outs)}

@@ -12,7 +12,10 @@ helper API, ~268 MB of FP32 weights) it measures, at batch 1 and batch 256:
                 same session options) called in-process: the GPU's limit for this model
   fleet-client  the in-cluster Python path (no HTTP): the DataPlane (route + worker call, as
                 the ingress and the batch job use it) from up to 4 client actors per GPU
-  fleet-http    KServe v2 binary over HTTP, closed-loop load from a separate process
+  fleet-http-binary  KServe v2 binary over HTTP, closed-loop load from a separate process
+  fleet-http-shm     the Python client, FleetClient(shared_memory=True), from several
+                processes on the host: tensors in the client's shared memory region, only
+                their descriptions over HTTP (Triton's system shared memory extension)
 
 first with one GPU, then (when the host has more) with all of them, so the fleet's
 scaling over GPUs shows. Results: DIR/gpu-<timestamp>.json (DIR: $OUT if set, else
@@ -41,6 +44,7 @@ if str(HERE) not in sys.path:
 REPO_ROOT = HERE.parent
 MODEL = "big-mlp"
 CLIENTS_PER_GPU = 4
+SYSTEMS = ("fleet-client", "fleet-http-binary", "fleet-http-shm")
 
 
 class NoGpu(RuntimeError):
@@ -103,7 +107,7 @@ def bench_bare(model_path: Path, batches: list[int], width: int, duration_s: flo
 
 
 def bench_fleet(model_path: Path, n_gpus: int, batches: list[int], width: int, duration_s: float, levels: dict,
-                tool: str, work: Path, clients_per_gpu: int = CLIENTS_PER_GPU, http: bool = True,
+                tool: str, work: Path, clients_per_gpu: int = CLIENTS_PER_GPU, systems: tuple[str, ...] = SYSTEMS,
                 ray_address: str | None = None) -> list[dict]:
     from cluster.env import apply_ray_env
 
@@ -111,7 +115,7 @@ def bench_fleet(model_path: Path, n_gpus: int, batches: list[int], width: int, d
     import ray
 
     import loadgen
-    from bench_common import free_port
+    from bench_common import free_port, shm_client_load
     from bench_phases import _client_actor_class
     from cluster import fleet
     from cluster.buildfarm import build_on_fleet
@@ -121,7 +125,7 @@ def bench_fleet(model_path: Path, n_gpus: int, batches: list[int], width: int, d
     from cluster.repository import Repository
 
     config = load_config(str(REPO_ROOT / "configs" / "local.yaml"), repository=str(work / "repository"),
-                         port=free_port(), models={MODEL: {"max_batch": max(batches)}})
+                         port=free_port(), models={MODEL: {"max_batch": max(batches)}}, allow_client_shm=True)
     if ray_address:  # a running cluster (e.g. one Ray node per GPU); it decides how many GPUs there are
         ray.init(address=ray_address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
     else:
@@ -138,26 +142,34 @@ def bench_fleet(model_path: Path, n_gpus: int, batches: list[int], width: int, d
         targets = sorted({o.target.describe() for o in outcomes})
         # Several client processes: one Python process serializing 4 MB requests and reading 4 MB
         # answers tops out near 500 requests/s, below what one GPU serves at batch 256.
-        clients = [_client_actor_class().remote() for _ in range(clients_per_gpu * n_gpus)]
-        url = f"http://127.0.0.1:{config.port}/v2/models/{MODEL}/infer"
+        clients = [_client_actor_class().remote() for _ in range(clients_per_gpu * n_gpus)] \
+            if "fleet-client" in systems else []
+        base_url = f"http://127.0.0.1:{config.port}"
+        url = f"{base_url}/v2/models/{MODEL}/infer"
         for batch in batches:
             feeds = feeds_for(batch, width)
             scale = [c * n_gpus for c in levels[batch]]
-            for c in scale:
+            first = len(rows)
+            for c in scale if clients else ():
                 used = clients[:min(c, len(clients))]
                 shares = [c // len(used) + (1 if i < c % len(used) else 0) for i in range(len(used))]
                 outs = ray.get([b.run.remote("dataplane", MODEL, feeds, n, duration_s) for b, n in zip(used, shares)])
                 latencies = [x for o in outs for x in o["latencies"]]
                 rows.append(_row("fleet-client", f"dataplane, {len(used)} client actor(s)", n_gpus, batch, c,
                                  latencies, max(o["elapsed"] for o in outs), targets))
-            if http:
+            for c in scale if "fleet-http-shm" in systems else ():
+                procs = min(c, clients_per_gpu * n_gpus)
+                out = shm_client_load(base_url, MODEL, feeds, c, duration_s, procs)
+                rows.append(_row("fleet-http-shm", f"FleetClient(shared_memory=True), {procs} process(es)", n_gpus,
+                                 batch, c, out["latencies"], out["elapsed"], targets))
+            if "fleet-http-binary" in systems:
                 body, headers = encode_request(feeds, binary=True)
                 loadgen.run(url, body, headers, concurrency=max(scale), duration_s=2, tool=tool)  # warm-up
                 for c in scale:
                     r = loadgen.run(url, body, headers, concurrency=c, duration_s=duration_s, rows_per_request=batch, tool=tool)
                     rows.append({"system": "fleet-http-binary", "variant": r.tool, "gpus": n_gpus, "batch": batch,
                                  "targets": targets, **r.to_dict()})
-            for row in rows[-(2 if http else 1) * len(scale):]:
+            for row in rows[first:]:
                 _say(f"{row['system']:<18} gpus={n_gpus} batch={batch:<4} c={row['concurrency']:<3} "
                      f"{row['rows_per_s']:>10,.0f} rows/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms")
     finally:
@@ -203,10 +215,16 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: 1,8,32 at batch 1; 1,4,8 at larger batches)")
     p.add_argument("--clients-per-gpu", type=int, default=CLIENTS_PER_GPU, help="client actors per GPU (fleet-client)")
     p.add_argument("--no-http", action="store_true", help="skip fleet-http-binary")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"which fleet paths to measure, comma-separated (default: {','.join(SYSTEMS)})")
     p.add_argument("--ray-address", help="run the fleet part on this running Ray cluster (all its GPUs) instead of "
                    "a local Ray per GPU count")
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench-results"))
     args = p.parse_args(argv)
+    systems = tuple(s for s in args.systems.split(",") if s and not (args.no_http and s == "fleet-http-binary"))
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        p.error(f"unknown --systems {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
     try:
         names = require_cuda()
     except NoGpu as exc:
@@ -233,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"bare batch={r['batch']}: {r['rows_per_s']:,.0f} rows/s, p50 {r['p50_ms']:.2f} ms")
     for n in [n_all] if args.ray_address else sorted({1, n_all}):
         doc["rows"] += bench_fleet(model_path, n, batches, args.width, duration, levels, tool, work / f"fleet-{n}",
-                                   clients_per_gpu=args.clients_per_gpu, http=not args.no_http,
+                                   clients_per_gpu=args.clients_per_gpu, systems=systems,
                                    ray_address=args.ray_address)
     if n_all > 1:
         def best(system: str, n: int, b: int) -> float:
@@ -241,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                        default=0)
 
         doc["scaling"] = {f"{system} batch {b}": round(best(system, n_all, b) / best(system, 1, b), 2)
-                          for system in ("fleet-client", "fleet-http-binary") for b in batches if best(system, 1, b)}
+                          for system in systems for b in batches if best(system, 1, b)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu-{dt.datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}.json"
