@@ -402,8 +402,9 @@ class FleetWorker:
                       reject_non_finite: bool = False) -> "dict[str, np.ndarray | ShmWritten]":
         """Run a decoded KServe request whose tensors may lie in shared memory regions of this
         host: inputs are read in place, outputs asked for in a region are written there."""
-        feeds = shm_feeds(request, self.shm, reject_non_finite)
-        return write_shm_outputs(request, self.infer(key, feeds, request), self.shm)
+        with self.shm.using(request.regions()):
+            feeds = shm_feeds(request, self.shm, reject_non_finite)
+            return write_shm_outputs(request, self.infer(key, feeds, request), self.shm)
 
     def shm_targets(self, loaded: "_Loaded", request: InferRequest | None, feeds: dict) -> dict[str, np.ndarray] | None:
         """Arrays in shared memory where the engine can write ``request``'s outputs itself: only

@@ -179,11 +179,12 @@ class WorkerHttpServer:
             regions = parsed.regions()
             if regions - worker.shm.names():  # another host's region (or none): the ingress knows who has it
                 return await self._pass_on(request)
-            feeds = shm_feeds(parsed, worker.shm, reject_non_finite)
-            outputs, manifest = await self._run(key, feeds, parsed if regions else None)
-            if regions:  # copying megabytes into the region: off the event loop
-                outputs = await asyncio.get_running_loop().run_in_executor(
-                    None, write_shm_outputs, parsed, outputs, worker.shm)
+            with worker.shm.using(regions):
+                feeds = shm_feeds(parsed, worker.shm, reject_non_finite)
+                outputs, manifest = await self._run(key, feeds, parsed if regions else None)
+                if regions:  # copying megabytes into the region: off the event loop
+                    outputs = await asyncio.get_running_loop().run_in_executor(
+                        None, write_shm_outputs, parsed, outputs, worker.shm)
             content, out_headers = encode_response(
                 model, manifest.version, outputs, parsed, dict(self._served_by, fleet_target=manifest.target.key()))
         except FleetError as exc:

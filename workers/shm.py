@@ -15,6 +15,7 @@ links, so a client can name nothing but a shared memory object.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -23,7 +24,7 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 from workers.errors import InvalidInput, SharedMemoryError
 
@@ -119,6 +120,8 @@ class _Mapped:
         self.info = info
         self._pinner = pinner
         self._pinned_at: int | None = None
+        self.users = 0  # requests using it now (SharedMemoryRegistry.using)
+        self.retired = False  # unregistered while in use: closed when the last user is done
         path = root / info.key.lstrip("/")
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
@@ -189,13 +192,35 @@ class SharedMemoryRegistry:
         return info
 
     def unregister(self, name: str | None = None) -> list[str]:
-        """Unmap one region (None: all of them). Unknown names are not an error, as in Triton."""
+        """Unmap one region (None: all of them). Unknown names are not an error, as in Triton.
+        A region a request is using now is unpinned and unmapped when that request is done."""
         with self._lock:
             names = list(self._regions) if name is None else [name] if name in self._regions else []
             gone = [self._regions.pop(n) for n in names]
-        for mapped in gone:
+            for mapped in gone:
+                mapped.retired = True
+            idle = [m for m in gone if m.users == 0]
+        for mapped in idle:
             mapped.close()
         return names
+
+    @contextlib.contextmanager
+    def using(self, names: set[str]) -> Iterator[None]:
+        """Keep these regions mapped (and pinned) while one request reads and writes them:
+        an engine may be copying into them, so unregistering them must wait for it."""
+        with self._lock:
+            held = [self._regions[n] for n in names if n in self._regions]
+            for mapped in held:
+                mapped.users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for mapped in held:
+                    mapped.users -= 1
+                done = [m for m in held if m.retired and m.users == 0]
+            for mapped in done:
+                mapped.close()
 
     def status(self, name: str | None = None) -> list[dict]:
         with self._lock:

@@ -298,3 +298,20 @@ def test_engine_out_must_match_the_output():
         assert out.tolist() == [2, 2, 2]
         with pytest.raises(ValueError, match="writable C-contiguous float32"):
             engine.infer({"x": np.ones(3, np.float32)}, out={"y": np.zeros(3, np.float64)})
+
+
+def test_unregister_waits_for_the_request_using_the_region(shm_object):
+    obj = shm_object(4096)
+    pinner = RecordingPinner()
+    registry = SharedMemoryRegistry(pinner=pinner)
+    registry.register("busy", "/" + obj.name, 0, 4096)
+    with registry.using({"busy", "not-registered"}):
+        target = np.frombuffer(registry.buffer(ShmRef("busy", 16, 0), "y"), np.float32)
+        registry.unregister("busy")  # the client gave up on it mid-request
+        assert registry.names() == set() and pinner.pinned  # gone for new requests, still pinned for this one
+        target[:] = 7  # the engine's write still lands in mapped, pinned memory
+        with pytest.raises(SharedMemoryError, match="not registered"):
+            registry.buffer(ShmRef("busy", 16, 0), "y")
+    assert not pinner.pinned and pinner.calls[-1][0] == "unpin"
+    assert np.frombuffer(bytes(obj.buf[:16]), np.float32).tolist() == [7, 7, 7, 7]
+    del target
