@@ -24,7 +24,7 @@ import numpy as np
 
 from workers.protocol import ShmInput
 from workers.shm import ShmRef
-from workers.tensors import DATATYPE_TO_NUMPY, numpy_to_datatype
+from workers.tensors import DATATYPE_TO_NUMPY, batch_shape, numpy_to_datatype
 
 ALIGN = 64  # each tensor starts on a cache line
 MIN_BYTES = 1 << 20
@@ -58,8 +58,8 @@ def plan_request(region: str, inputs: dict[str, np.ndarray], output_specs: list[
     for spec in output_specs:
         if spec["datatype"] == "BYTES":
             continue
-        shape = [rows if (d < 0 and i == 0) else d for i, d in enumerate(spec["shape"])]
-        if any(d < 0 for d in shape):
+        shape = batch_shape(spec["shape"], rows)
+        if shape is None:
             continue
         nbytes = math.prod(shape) * DATATYPE_TO_NUMPY[spec["datatype"]].itemsize
         shm_outputs[spec["name"]] = ShmRef(region, nbytes, offset)

@@ -22,7 +22,7 @@ import numpy as np
 
 from workers.errors import InvalidInput, PayloadTooLarge, SharedMemoryError, Unauthorized
 from workers.shm import SharedMemoryRegistry, ShmRef
-from workers.tensors import DATATYPE_TO_NUMPY, TensorSpec, numpy_to_datatype
+from workers.tensors import DATATYPE_TO_NUMPY, TensorSpec, batch_shape, numpy_to_datatype
 
 HEADER_LENGTH = "inference-header-content-length"
 MAX_DIMENSION = 1 << 31
@@ -351,9 +351,9 @@ def shm_output_arrays(request: InferRequest, registry: SharedMemoryRegistry, spe
         spec = by_name.get(o.name)
         if o.shm is None or spec is None or spec.datatype == "BYTES":
             continue
-        shape = tuple(rows if (i == 0 and d < 0) else d for i, d in enumerate(spec.shape))
-        nbytes = math.prod(shape) * spec.numpy_dtype.itemsize
-        if any(d < 0 for d in shape) or nbytes > o.shm.byte_size:
+        shape = batch_shape(spec.shape, rows)
+        nbytes = math.prod(shape) * spec.numpy_dtype.itemsize if shape is not None else 0
+        if shape is None or nbytes > o.shm.byte_size:
             continue
         buf = registry.buffer(ShmRef(o.shm.region, nbytes, o.shm.offset), f"output '{o.name}'")
         arrays[o.name] = np.frombuffer(buf, dtype=spec.numpy_dtype).reshape(shape)

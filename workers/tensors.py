@@ -44,6 +44,13 @@ ONNX_TYPE_TO_DATATYPE: dict[str, str] = {
 }
 
 
+def batch_shape(shape: "tuple[int, ...] | list[int]", rows: int) -> tuple[int, ...] | None:
+    """A model tensor's shape for a request of ``rows`` (``-1`` first = the batch); None when
+    another dimension is dynamic too, so that only the run itself can tell."""
+    concrete = tuple(rows if (i == 0 and d < 0) else d for i, d in enumerate(shape))
+    return None if any(d < 0 for d in concrete) else concrete
+
+
 def numpy_to_datatype(dtype: np.dtype) -> str:
     dtype = np.dtype(dtype)
     if dtype.kind in ("U", "S", "O"):
