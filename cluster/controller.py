@@ -28,7 +28,7 @@ from workers.errors import (
 )
 from workers.ledger import format_bytes
 from workers.manifest import Manifest
-from workers.shm import RegionInfo, check_key, check_region_name
+from workers.shm import RegionInfo
 from workers.targets import WorkerCaps, can_run
 
 from cluster.config import FleetConfig
@@ -422,7 +422,7 @@ class FleetController:
                 "system shared memory is off on this fleet: set allow_client_shm: true in the fleet config "
                 "(workers then read and write the shared memory objects clients on their hosts name)"
             )
-        info = RegionInfo(check_region_name(name), check_key(key), offset, byte_size)
+        info = RegionInfo.checked(name, key, offset, byte_size)  # before asking every worker
         if name in self._shm:
             raise SharedMemoryError(f"shared memory region '{name}' is already registered; unregister it first")
         live = [w for w, i in self._info.items() if i.get("alive", True) and w in self._handles]

@@ -99,8 +99,9 @@ class ShmArena:
 
     def place(self, inputs: dict[str, np.ndarray], output_specs: list[dict], rows: int) -> ShmPlan:
         """Plan a request in the region (grown if need be) and write its inputs there."""
-        needed = plan_request(self.region, inputs, output_specs, rows).byte_size
-        plan = plan_request(self.ensure(needed), inputs, output_specs, rows)
+        plan = plan_request(self.region, inputs, output_specs, rows)
+        if plan.byte_size > self.byte_size or not self.region:  # a new region: plan again under its name
+            plan = plan_request(self.ensure(plan.byte_size), inputs, output_specs, rows)
         for name, item in plan.inputs.items():
             self._write(item.ref, inputs[name])
         return plan

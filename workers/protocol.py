@@ -352,8 +352,10 @@ def shm_output_arrays(request: InferRequest, registry: SharedMemoryRegistry, spe
         if o.shm is None or spec is None or spec.datatype == "BYTES":
             continue
         shape = batch_shape(spec.shape, rows)
-        nbytes = math.prod(shape) * spec.numpy_dtype.itemsize if shape is not None else 0
-        if shape is None or nbytes > o.shm.byte_size:
+        if shape is None:
+            continue
+        nbytes = math.prod(shape) * spec.numpy_dtype.itemsize
+        if nbytes > o.shm.byte_size:
             continue
         buf = registry.buffer(ShmRef(o.shm.region, nbytes, o.shm.offset), f"output '{o.name}'")
         arrays[o.name] = np.frombuffer(buf, dtype=spec.numpy_dtype).reshape(shape)
@@ -514,9 +516,9 @@ def decode_response(body: bytes, header_length: str | None) -> tuple[dict, dict[
         shape = tuple(out["shape"])
         datatype = out["datatype"]
         params = out.get("parameters") or {}
-        size = params.get("binary_data_size")
         if "shared_memory_region" in params:
             continue
+        size = params.get("binary_data_size")
         if size is not None:
             raw = bytes(binary[offset : offset + size])
             offset += size

@@ -109,6 +109,15 @@ class RegionInfo:
     offset: int
     byte_size: int
 
+    @classmethod
+    def checked(cls, name: str, key: str, offset: int, byte_size: int) -> "RegionInfo":
+        """A registration request, every field checked (SharedMemoryError / InvalidInput)."""
+        info = cls(check_region_name(name), check_key(key), _non_negative_int(offset, "offset"),
+                   _non_negative_int(byte_size, "byte_size"))
+        if info.byte_size == 0:
+            raise SharedMemoryError(f"shared memory region '{name}': byte_size must be more than 0")
+        return info
+
     def to_dict(self) -> dict:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
 
@@ -163,7 +172,7 @@ class _Mapped:
         try:
             self.view.release()
             self._map.close()
-        except BufferError:  # an array still points into it (a request in flight): unmapped when that goes
+        except BufferError:  # an array made from it is still alive: unmapped when that goes
             pass
 
 
@@ -181,10 +190,7 @@ class SharedMemoryRegistry:
 
         RegionNotHere when the object does not exist on this host; SharedMemoryError for
         everything else that is wrong with the request."""
-        info = RegionInfo(check_region_name(name), check_key(key), _non_negative_int(offset, "offset"),
-                          _non_negative_int(byte_size, "byte_size"))
-        if info.byte_size == 0:
-            raise SharedMemoryError(f"shared memory region '{name}': byte_size must be more than 0")
+        info = RegionInfo.checked(name, key, offset, byte_size)
         with self._lock:
             if name in self._regions:
                 raise SharedMemoryError(f"shared memory region '{name}' is already registered; unregister it first")
