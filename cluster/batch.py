@@ -20,16 +20,25 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from workers.errors import FleetError, InvalidInput, NoCompatibleWorker, NotReady
-from workers.manifest import Manifest
-from workers.tensors import TensorSpec
-
 from cluster.env import apply_ray_env
+
+apply_ray_env()  # this module is a job's entry point: Ray reads RAY_AUTH_MODE when it is imported, just below
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+
+from workers.errors import FleetError, InvalidInput, NoCompatibleWorker, NotReady  # noqa: E402
+from workers.kserve.codec import InferRequest  # noqa: E402
+from workers.manifest import Manifest  # noqa: E402
+from workers.tensors import TensorSpec  # noqa: E402
+
+from cluster.calls import Failure, classify, get  # noqa: E402
+from cluster.names import CONTROLLER_NAME, NAMESPACE  # noqa: E402
+from cluster.router import Router  # noqa: E402
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
@@ -183,47 +192,103 @@ def check_output_dir(out: Path, job: BatchJob, rows: int) -> None:
 
 # ---- dispatching -------------------------------------------------------------------
 class FleetWorkers:
-    """The live workers that hold the model, fed from the controller."""
+    """The live workers that hold the model, from the controller's inventory."""
 
     def __init__(self, controller, model: str, version: str | None) -> None:
         self.controller = controller
         self.model = model
         self.version = version
-        self.workers: dict[str, tuple[object, str, str]] = {}  # id -> (handle, engine key, device)
+        self.workers: dict[str, tuple[object, str]] = {}  # id -> (handle, device)
         self.manifest: Manifest | None = None
 
     def refresh(self) -> None:
-        import ray
-
-        from cluster.controller import apply_snapshot
-        from cluster.router import Router
-
-        try:
-            ray.get(self.controller.ensure_loaded.remote(self.model, self.version))
-        except Exception as exc:
-            from cluster.controller import unwrap
-
-            raise unwrap(exc) from None
-        snap = ray.get(self.controller.snapshot.remote(-1))
-        router = Router()
-        handles = apply_snapshot(router, snap)
-        version = router.resolve(self.model, self.version)
-        self.version = version
+        """Load the model where it fits (the controller decides) and take the workers holding it."""
+        placement = get(self.controller.ensure_loaded.remote(self.model, self.version))
+        inventory = get(self.controller.inventory.remote())
+        router = Router.from_inventory(inventory)
+        self.version = placement.version
         self.workers = {}
-        for worker_id, manifest in router.compatible(self.model, version):
+        for worker_id, manifest in router.compatible(self.model, placement.version):
             if manifest.engine_key in router.workers[worker_id].loaded:
                 self.manifest = manifest
-                self.workers[worker_id] = (handles[worker_id], manifest.engine_key, router.workers[worker_id].caps.device.describe())
+                self.workers[worker_id] = (inventory.handles[worker_id], router.workers[worker_id].caps.device.describe())
         if not self.workers:
-            raise NoCompatibleWorker(f"no live worker holds model '{self.model}' version {version}")
+            raise NoCompatibleWorker(f"no live worker holds model '{self.model}' version {placement.version}")
+
+
+@dataclass
+class _Part:
+    index: int
+    row_ids: np.ndarray
+    feeds: dict
+    worker: str = ""
+    attempts: int = 0
+
+
+class Dispatcher:
+    """Keeps every worker that holds the model busy with parts; retries a part whose worker
+    died or lost the engine, on whichever worker holds it then."""
+
+    def __init__(self, job: BatchJob, fleet: FleetWorkers, out: Path, wanted: list[str], summary: Summary,
+                 say: Callable[[str], None]) -> None:
+        self.job, self.fleet, self.out, self.wanted, self.summary, self.say = job, fleet, out, wanted, summary, say
+        self.in_flight: dict = {}  # ref -> _Part
+        self.load: Counter = Counter()
+
+    def submit(self, part: _Part) -> None:
+        while True:
+            free = [w for w in self.fleet.workers if self.load[w] < self.job.in_flight_per_worker]
+            if free:
+                break
+            self.collect(block=True)
+        worker = min(free, key=lambda w: (self.load[w], -self.summary.rows_per_worker[w]))
+        handle, device = self.fleet.workers[worker]
+        self.summary.devices[worker] = device
+        part.worker = worker
+        ref = handle.infer.remote(self.fleet.model, InferRequest(part.feeds), self.fleet.version)  # type: ignore[attr-defined]
+        self.in_flight[ref] = part
+        self.load[worker] += 1
+
+    def collect(self, block: bool) -> None:
+        if not self.in_flight:
+            return
+        done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=None if block else 0)
+        for ref in done:
+            part = self.in_flight.pop(ref)
+            self.load[part.worker] -= 1
+            try:
+                reply = ray.get(ref)
+            except Exception as exc:
+                self._retry(part, exc)
+                continue
+            write_part(self.out, part.index, part.row_ids, {k: reply.outputs[k] for k in self.wanted})
+            self.summary.rows_per_worker[part.worker] += len(part.row_ids)
+            self.summary.rows_written += len(part.row_ids)
+
+    def _retry(self, part: _Part, exc: BaseException) -> None:
+        failure, cause = classify(exc)
+        if failure is Failure.FINAL:
+            raise cause from None
+        self.summary.retries += 1
+        part.attempts += 1
+        if part.attempts > MAX_RETRIES_PER_PART:
+            raise NotReady(f"part {part.index} failed {part.attempts} times (last: {cause}); giving up") from None
+        if failure is Failure.WORKER_LOST:
+            self.fleet.workers.pop(part.worker, None)
+            self.say(f"  worker {part.worker} lost during part {part.index}; retrying it elsewhere")
+            try:
+                get(self.fleet.controller.report_dead.remote(part.worker))
+            except Exception:
+                pass
+        self.fleet.refresh()
+        self.submit(part)
+
+    def drain(self) -> None:
+        while self.in_flight:
+            self.collect(block=True)
 
 
 def run_job(job: BatchJob, controller, progress=None) -> Summary:
-    import ray
-    from ray.exceptions import RayActorError
-
-    from cluster.controller import unwrap
-
     progress = progress or sys.stderr
     say = lambda msg: print(msg, file=progress, flush=True)  # noqa: E731
     t0 = time.monotonic()
@@ -236,79 +301,26 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
     if unknown:
         raise InvalidInput(f"--output-columns {', '.join(unknown)}: the model's outputs are {', '.join(s.name for s in manifest.outputs)}")
     ds = read_dataset(job.input)
-    columns = ds.schema().names
-    mapping = column_map(job, manifest.inputs, columns)
+    mapping = column_map(job, manifest.inputs, ds.schema().names)
     rows = ds.count()
     out = Path(job.output)
     check_output_dir(out, job, rows)
-    n_parts = -(-rows // job.batch_size)
-    summary = Summary(rows=rows, parts=n_parts)
-    say(f"batch: {job.model} v{fleet.version} over {rows} rows in {n_parts} parts of {job.batch_size}, "
+    summary = Summary(rows=rows, parts=-(-rows // job.batch_size))
+    say(f"batch: {job.model} v{fleet.version} over {rows} rows in {summary.parts} parts of {job.batch_size}, "
         f"on {len(fleet.workers)} worker(s): {', '.join(sorted(fleet.workers))}")
     specs = {s.name: s for s in manifest.inputs}
-    in_flight: dict = {}  # ref -> (part, row_ids, feeds, worker, attempts)
-    load = Counter()
-
-    def submit(part: int, row_ids: np.ndarray, feeds: dict, attempts: int) -> None:
-        while True:
-            free = [w for w in fleet.workers if load[w] < job.in_flight_per_worker]
-            if free:
-                break
-            collect(block=True)
-        worker = min(free, key=lambda w: (load[w], -summary.rows_per_worker[w]))
-        handle, key, device = fleet.workers[worker]
-        summary.devices[worker] = device
-        ref = handle.infer.remote(key, feeds)
-        in_flight[ref] = (part, row_ids, feeds, worker, attempts)
-        load[worker] += 1
-
-    def collect(block: bool) -> None:
-        if not in_flight:
-            return
-        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=None if block else 0)
-        for ref in done:
-            part, row_ids, feeds, worker, attempts = in_flight.pop(ref)
-            load[worker] -= 1
-            try:
-                outputs = ray.get(ref)
-            except RayActorError:
-                fleet.workers.pop(worker, None)
-                summary.retries += 1
-                if attempts >= MAX_RETRIES_PER_PART:
-                    raise NotReady(f"part {part} failed {attempts} times; giving up") from None
-                say(f"  worker {worker} lost during part {part}; retrying it elsewhere")
-                try:
-                    ray.get(controller.report_dead.remote(worker))
-                except Exception:
-                    pass
-                fleet.refresh()
-                submit(part, row_ids, feeds, attempts + 1)
-                continue
-            except Exception as exc:
-                cause = unwrap(exc)
-                if isinstance(cause, NotReady):  # evicted under us: reload and retry
-                    summary.retries += 1
-                    fleet.refresh()
-                    submit(part, row_ids, feeds, attempts + 1)
-                    continue
-                raise cause from None
-            write_part(out, part, row_ids, {k: outputs[k] for k in wanted})
-            summary.rows_per_worker[worker] += len(row_ids)
-            summary.rows_written += len(row_ids)
-
+    dispatcher = Dispatcher(job, fleet, out, wanted, summary, say)
     start = 0
-    for part, batch in enumerate(ds.iter_batches(batch_size=job.batch_size, batch_format="numpy", prefetch_batches=2)):
+    for index, batch in enumerate(ds.iter_batches(batch_size=job.batch_size, batch_format="numpy", prefetch_batches=2)):
         n = len(next(iter(batch.values())))
         row_ids = np.arange(start, start + n, dtype=np.int64)
         start += n
-        if part_path(out, part).exists():
+        if part_path(out, index).exists():
             summary.parts_skipped += 1
             continue
-        feeds = {name: _to_array(batch[col], specs[name], col) for name, col in mapping.items()}
-        submit(part, row_ids, feeds, 0)
-        collect(block=False)
-    while in_flight:
-        collect(block=True)
+        dispatcher.submit(_Part(index, row_ids, {name: _to_array(batch[col], specs[name], col) for name, col in mapping.items()}))
+        dispatcher.collect(block=False)
+    dispatcher.drain()
     summary.seconds = time.monotonic() - t0
     (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
     say(summary.render())
@@ -339,12 +351,7 @@ def parse_args(argv: list[str] | None = None) -> BatchJob:
 
 
 def main(argv: list[str] | None = None) -> int:
-    apply_ray_env()
     job = parse_args(argv)
-    import ray
-
-    from cluster.names import CONTROLLER_NAME, NAMESPACE
-
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE, log_to_driver=False)
     try:
         try:

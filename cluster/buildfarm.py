@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import ray
 
 from workers import precision as precision_mod
 from workers.build import BuildRequest, EvalData, build_artifact
@@ -18,6 +19,7 @@ from workers.errors import BuildError, FleetError, InvalidInput
 from workers.manifest import sha256_file
 from workers.targets import Target, WorkerCaps
 
+from cluster.calls import get, unwrap
 from cluster.repository import Repository, StoredArtifact
 
 
@@ -105,7 +107,7 @@ def _accuracy_note(manifest) -> str:
     parts = [f"{k} {acc[k]:.4g}" for k in ("rel_l2_error", "top1_agreement", "test_accuracy") if k in acc]
     fallback = manifest.build_options.get("fallback_from")
     note = f" ({', '.join(parts)})" if parts else ""
-    return note + (f" [served by ONNX Runtime: TensorRT's parser refused it]" if fallback else "")
+    return note + (" [served by ONNX Runtime: TensorRT's parser refused it]" if fallback else "")
 
 
 def find_cached(repo: Repository, request: BuildRequest, source_sha256: str) -> StoredArtifact | None:
@@ -241,17 +243,13 @@ def build_on_fleet(
 ) -> list[BuildOutcome]:
     """Build on the workers in parallel, publish each artifact, report every target."""
     progress = progress or sys.stderr
-    import ray
-
     prepared = prepared or BuildInputs(precision)
     precision = prepared.precision
     options = {**(options or {}), **prepared.options}
 
-    handles = ray.get(controller.worker_handles.remote())
-    status = ray.get(controller.status.remote())
-    caps = [WorkerCaps.from_dict({"worker_id": w["worker_id"], "node_id": n["node"], "device": w["device"], "runtimes": w["runtimes"]})
-            for n in status["nodes"] for w in n["workers"] if w["alive"]]
-    planned, skipped = plan_builds(caps, targets, precision)
+    inventory = get(controller.inventory.remote())
+    handles = inventory.handles
+    planned, skipped = plan_builds([w.info.caps for w in inventory.live_workers()], targets, precision)
     source_sha = sha256_file(source)
     say = lambda msg: print(msg, file=progress, flush=True)  # noqa: E731
     say(f"building {model} v{version} ({precision}) from {source.name} for {len(planned)} target(s):")
@@ -279,8 +277,6 @@ def build_on_fleet(
             ray.get(done[0])
             stored = repo.publish(staging)
         except Exception as exc:  # one failing target never stops the others
-            from cluster.controller import unwrap
-
             cause = unwrap(exc)
             message = cause.message if isinstance(cause, FleetError) else f"{type(cause).__name__}: {cause}"
             repo.discard(staging)
@@ -291,7 +287,7 @@ def build_on_fleet(
         say(f"  {plan.target.describe()}: built on {plan.worker_id} in {seconds:.1f} s{_accuracy_note(stored.manifest)}")
         outcomes.append(BuildOutcome(plan.target, stored, seconds=seconds))
     outcomes += [BuildOutcome(Target("onnxruntime", "0"), error=f"{s.what}: {s.reason}") for s in skipped]
-    ray.get(controller.rescan.remote())
+    get(controller.rescan.remote())
     built = sum(1 for o in outcomes if o.ok and not o.cached)
     cached_n = sum(1 for o in outcomes if o.cached)
     failed = sum(1 for o in outcomes if not o.ok)

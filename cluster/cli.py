@@ -16,6 +16,7 @@ from workers.ledger import format_bytes
 from workers.manifest import sha256_file
 
 from cluster.client import DEFAULT_URL, FleetClient
+from cluster.console import say
 from cluster.env import apply_ray_env, fleet_token, fleet_url
 
 DEMO_MODEL_DIR = Path("models")
@@ -25,13 +26,9 @@ _SAMPLE_PIXELS = [0, 0, 7, 16, 14, 3, 0, 0, 0, 0, 9, 14, 11, 15, 0, 0, 0, 0, 1, 
 SAMPLE_DIGIT = [round(v / 16, 4) for v in _SAMPLE_PIXELS]
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ---- up / down ---------------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
-    from cluster import fleet
+    from cluster import deploy, nodes
     from cluster.config import load_config
 
     config = load_config(args.config, port=args.port, repository=args.repository)
@@ -40,18 +37,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     address = args.address
     started_nodes = False
     if address is None:
-        address = fleet.start_nodes(config)
+        address = nodes.start_nodes(config)
         started_nodes = True
     try:
-        fleet.connect(address)
-        _say(f"deploying fleet '{config.name}' (repository {config.repository}) ...")
-        controller = fleet.deploy(config)
+        nodes.connect(address)
+        say(f"deploying fleet '{config.name}' (repository {config.repository}) ...")
+        controller = deploy.deploy(config)
         if args.demo and config.simulated:  # build the demo for the declared GPUs' targets
             _build_demo_on_fleet(config, controller)
     except BaseException:
         if started_nodes:
-            fleet.disconnect()
-            fleet.stop_nodes()
+            nodes.disconnect()
+            nodes.stop_nodes()
         raise
     url = f"http://{config.host}:{config.port}"
     _print_ready(url, config)
@@ -60,14 +57,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    _say("serving; press Ctrl-C to stop")
+    say("serving; press Ctrl-C to stop")
     stop.wait()
-    _say("shutting down ...")
-    fleet.teardown()
-    fleet.disconnect()
+    say("shutting down ...")
+    deploy.teardown()
+    nodes.disconnect()
     if started_nodes:
-        fleet.stop_nodes()
-    _say("stopped")
+        nodes.stop_nodes()
+    say("stopped")
     return 0
 
 
@@ -77,7 +74,7 @@ def _build_demo(config) -> None:
     from cluster.repository import Repository
     from workers.build import BuildRequest
 
-    _say(f"building demo models into {DEMO_MODEL_DIR}/ ...")
+    say(f"building demo models into {DEMO_MODEL_DIR}/ ...")
     paths = make_demo_models(DEMO_MODEL_DIR)
     repo = Repository(config.repository)
     for name, path in paths.items():
@@ -115,16 +112,16 @@ def _print_ready(url: str, config) -> None:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from cluster import fleet
+    from cluster import deploy, nodes
 
     try:
-        fleet.connect(args.address or "auto")
-        fleet.teardown()
+        nodes.connect(args.address or "auto")
+        deploy.teardown()
     except FleetError as exc:
-        _say(f"no running fleet to tear down ({exc.message.splitlines()[0]})")
-    fleet.disconnect()
-    fleet.stop_nodes()
-    _say("fleet is down; Ray stopped")
+        say(f"no running fleet to tear down ({exc.message.splitlines()[0]})")
+    nodes.disconnect()
+    nodes.stop_nodes()
+    say("fleet is down; Ray stopped")
     return 0
 
 
@@ -199,9 +196,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     options = {"footprint_bytes": parse_bytes(args.footprint)} if args.footprint else {}
     controller = None
     if not args.local:
-        from cluster import fleet
+        from cluster import deploy, nodes
 
-        controller = fleet.running_controller(args.address)
+        controller = nodes.running_controller(args.address)
         if controller is None and args.targets not in (None, "cpu"):
             raise FleetError(
                 f"--targets {args.targets} builds on the fleet's workers, but no fleet is running; "
@@ -213,7 +210,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         request = BuildRequest(str(source), args.name, local_target(prepared.precision), version=args.version,
                                max_batch=max_batch, options={**options, **prepared.options},
                                accept_accuracy_loss=args.accept_accuracy_loss, fallback=model_config.fallback)
-        _say(f"building {args.name} v{args.version} ({prepared.precision}) from {source} on this machine for 1 target:")
+        say(f"building {args.name} v{args.version} ({prepared.precision}) from {source} on this machine for 1 target:")
         return 0 if build_locally(repo, request, sha256_file(source), prepared=prepared).ok else 1
     outcomes = build_on_fleet(repo, controller, source, model=args.name, version=args.version, targets=args.targets or "auto",
                               max_batch=max_batch, options=options, prepared=prepared,
@@ -236,9 +233,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
     outputs = client.infer(args.model, feeds, version=args.version)
     if args.output:
         np.savez(args.output, **outputs)
-        _say(f"wrote {', '.join(outputs)} to {args.output}")
+        say(f"wrote {', '.join(outputs)} to {args.output}")
     served = client.last_parameters
-    _say(f"served by {served.get('fleet_worker')} on {served.get('fleet_device')}" + (" (simulated)" if served.get("simulated") else ""))
+    say(f"served by {served.get('fleet_worker')} on {served.get('fleet_device')}" + (" (simulated)" if served.get("simulated") else ""))
     for name, array in outputs.items():
         print(f"{name} {array.dtype} {list(array.shape)}:")
         print(np.array2string(array, threshold=200, precision=5))
@@ -259,7 +256,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     import subprocess
 
     from cluster.env import ray_env
-    from cluster.fleet import ray_cli_path
+    from cluster.nodes import ray_cli_path
 
     job = [sys.executable, "-m", "cluster.batch", "--model", args.model, "--input", _abs(args.input),
            "--output", _abs(args.output), "--batch-size", str(args.batch_size)]
@@ -273,7 +270,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.working_dir:
         cmd += ["--working-dir", args.working_dir]
     cmd += ["--", *job]
-    _say("$ " + " ".join(cmd))
+    say("$ " + " ".join(cmd))
     return subprocess.run(cmd, env=ray_env()).returncode
 
 
@@ -285,40 +282,32 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     import subprocess
 
     from cluster.env import ray_env
-    from cluster.fleet import ray_cli_path
+    from cluster.nodes import ray_cli_path
 
     return subprocess.run([ray_cli_path(), "job", "list", "--address", _dashboard(args)], env=ray_env()).returncode
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """scripts/bench.py (in the source checkout): the fleet against bare ONNX Runtime, naive Serve, Triton."""
-    import importlib.util
+    """The benchmarks (``benchmarks`` package): the fleet against bare ONNX Runtime, naive Serve, Triton."""
+    from benchmarks.cli import main as bench_main
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
-    if not script.is_file():
-        raise FleetError(f"{script} is not there: `fleet bench` runs from a source checkout of forward-fleet")
-    sys.path.insert(0, str(script.parent))
-    spec = importlib.util.spec_from_file_location("fleet_bench", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
     forwarded = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
-    return module.main(forwarded)
+    return bench_main(forwarded)
 
 
 # ---- parser --------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleet", description="forward-fleet: serve ONNX models as TensorRT / ONNX Runtime engines on a heterogeneous Ray GPU fleet.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _with_url(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=fleet_url(DEFAULT_URL), help="fleet HTTP endpoint (env FLEET_URL; default %(default)s)")
 
-    def with_url(p):
-        p.add_argument("--url", default=fleet_url(DEFAULT_URL), help="fleet HTTP endpoint (env FLEET_URL; default %(default)s)")
 
-    def with_config(p):
-        p.add_argument("--config", help="fleet config YAML (default: built-in local config)")
-        p.add_argument("--repository", help="engine repository directory (overrides the config)")
+def _with_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="fleet config YAML (default: built-in local config)")
+    p.add_argument("--repository", help="engine repository directory (overrides the config)")
 
+
+def _add_lifecycle_commands(sub) -> None:
     p = sub.add_parser("up", help="start Ray (or join --address), deploy the fleet, return when ready")
-    with_config(p)
+    _with_config(p)
     p.add_argument("--port", type=int, help="HTTP port (default from config: 8000)")
     p.add_argument("--address", help="join a running Ray cluster instead of starting one")
     p.add_argument("--demo", action="store_true", help="build and serve the demo models (digits-mlp, cnn-small)")
@@ -329,18 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray address (default: auto)")
     p.set_defaults(func=cmd_down)
 
+
+def _add_inspection_commands(sub) -> None:
     p = sub.add_parser("status", help="nodes, devices, budgets and loaded engines")
-    with_url(p)
+    _with_url(p)
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("models", help="list the artifacts in the repository")
-    with_config(p)
+    _with_config(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
+
+def _add_build_command(sub) -> None:
     p = sub.add_parser("build", help="build an artifact from an ONNX model into the repository")
-    with_config(p)
+    _with_config(p)
     p.add_argument("source", help="source .onnx file")
     p.add_argument("--name", required=True, help="servable model name")
     p.add_argument("--version", default="1")
@@ -360,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray address of the running fleet (default: auto)")
     p.set_defaults(func=cmd_build)
 
+
+def _add_serving_commands(sub) -> None:
     p = sub.add_parser("batch", help="score a data set on the fleet (`ray job submit` of cluster.batch)")
     p.add_argument("--model", required=True)
     p.add_argument("--version")
@@ -378,18 +373,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="fleet config (for its dashboard port)")
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("bench", help="run scripts/bench.py (options after --, e.g. fleet bench -- --quick)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to scripts/bench.py")
+    p = sub.add_parser("bench", help="run the benchmarks (options after --, e.g. fleet bench -- --quick)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the benchmarks (see fleet bench -- --help)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("infer", help="send one request and print the outputs")
-    with_url(p)
+    _with_url(p)
     p.add_argument("model")
     p.add_argument("--input", required=True, help=".npy (one input) or .npz (named inputs)")
     p.add_argument("--input-name", help="input name for a .npy file (default: 'input')")
     p.add_argument("--version")
     p.add_argument("--output", help="write the outputs to this .npz")
     p.set_defaults(func=cmd_infer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleet", description="forward-fleet: serve ONNX models as TensorRT / ONNX "
+                                     "Runtime engines on a heterogeneous Ray GPU fleet.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_lifecycle_commands(sub)
+    _add_inspection_commands(sub)
+    _add_build_command(sub)
+    _add_serving_commands(sub)
     return parser
 
 

@@ -18,10 +18,12 @@ import aiohttp
 import numpy as np
 import requests
 
-from workers.batcher import batch_rows
 from workers.errors import FleetError, error_from_wire
-from workers.protocol import HEADER_LENGTH, decode_response, encode_request
+from workers.kserve.client_codec import decode_response, encode_request
+from workers.kserve.codec import HEADER_LENGTH
+from workers.kserve.handler import ERROR_TYPE_HEADER
 from workers.shm import PARAM_REGION, ShmRef
+from workers.tensors import batch_rows
 
 from cluster.shm_arena import ShmArena
 
@@ -89,7 +91,7 @@ class FleetClient:
                     continue
                 raise FleetError(f"cannot reach the fleet at {self.url}: is it up (`fleet up`)? ({exc})") from None
         if resp.status_code >= 400:
-            _raise_for(resp.status_code, resp.content, resp.headers.get("X-Fleet-Error"))
+            _raise_for(resp.status_code, resp.content, resp.headers.get(ERROR_TYPE_HEADER))
         return resp
 
     def infer(
@@ -229,7 +231,7 @@ class AsyncFleetClient:
             async with self._sess().request(method, self.url + path, **kwargs) as resp:
                 body = await resp.read()
                 if resp.status >= 400:
-                    _raise_for(resp.status, body, resp.headers.get("X-Fleet-Error"))
+                    _raise_for(resp.status, body, resp.headers.get(ERROR_TYPE_HEADER))
                 return body, {k.lower(): v for k, v in resp.headers.items()}
         except aiohttp.ClientConnectionError as exc:
             raise FleetError(f"cannot reach the fleet at {self.url}: {exc}") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from workers.devices import Device, parse_compute_capability
 from workers.errors import InvalidConfig
+from workers.messages import LoadOptions
 from workers.targets import Runtime, parse_version
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -103,6 +105,10 @@ class ModelConfig(_Strict):
     # them only from sources you trust.
     trust_version_compatible: bool = False
     reject_non_finite: bool = False  # 400 for NaN/Inf in float inputs
+
+    def load_options(self) -> LoadOptions:
+        return LoadOptions(self.dynamic_batching, self.max_queue_delay_us, tuple(self.preferred_batch_sizes),
+                           self.trust_version_compatible, self.reject_non_finite)
 
 
 class FleetConfig(_Strict):
@@ -192,3 +198,11 @@ def load_config(path: str | Path | None = None, **overrides) -> FleetConfig:
         )
         raise InvalidConfig(f"config {path or '(defaults)'} is invalid: {problems}") from None
     return config.resolved()
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the fleet listens, as ``deploy`` resolved it from the config and the machine."""
+
+    front_door: bool  # HAProxy on the fleet's port sends inference straight to the workers
+    serve_port: int  # Ray Serve's port (the fleet's port itself when there is no front door)

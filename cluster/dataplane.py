@@ -1,8 +1,10 @@
-"""The data plane: decode -> route -> worker -> encode, independent of the web framework.
+"""The data plane of the Serve ingress: route a decoded request to a worker, independent of the web framework.
 
 One instance lives in each ingress replica. It keeps a Router fed from the
-controller's inventory (refreshed when the controller's epoch moves) and counts
-its own outstanding requests per worker for least-outstanding routing.
+controller's inventory (refreshed when the controller's epoch moves; the artifacts
+only when the repository changed) and counts its own outstanding requests per worker
+for least-outstanding routing. On a miss it asks the controller to load the model and
+routes by the placement the controller returns.
 """
 
 from __future__ import annotations
@@ -10,18 +12,18 @@ from __future__ import annotations
 import asyncio
 import time
 
-import numpy as np
-from ray.exceptions import RayActorError, RayTaskError
-
 from workers.engines.base import check_feeds
 from workers.errors import FleetError, NotReady, SharedMemoryError, WorkerLost
-from workers.protocol import InferRequest
+from workers.kserve.codec import InferRequest
+from workers.kserve.handler import Served, served_by
+from workers.manifest import validate_model_ref
 
-from cluster.controller import apply_snapshot, call, unwrap
-from cluster.repository import validate_model_ref
-from cluster.router import Router
+from cluster.calls import Failure, call, classify
+from cluster.inventory import Placement
+from cluster.router import Choice, Router
 
 REFRESH_PERIOD_S = 1.0
+ATTEMPTS = 3  # a load on a miss, and a retry after a lost worker or an engine evicted under us
 
 
 class DataPlane:
@@ -29,21 +31,23 @@ class DataPlane:
         self.controller = controller
         self.router = Router()
         self.handles: dict = {}
-        self.shm_workers: dict[str, set[str]] = {}  # shared memory region -> workers that mapped it
+        self.shm_workers: dict[str, frozenset[str]] = {}  # shared memory region -> workers that mapped it
         self._epoch = -1
+        self._generation = -1
         self._clock = clock
         self._last_refresh = float("-inf")
         self._refresh_lock = asyncio.Lock()
 
     async def refresh(self, force: bool = False) -> None:
         async with self._refresh_lock:
-            snap = await call(self.controller.snapshot.remote(-1 if force else self._epoch))
+            inventory = await call(self.controller.inventory.remote(-1 if force else self._epoch, self._generation))
             self._last_refresh = self._clock()
-            if snap is None:
+            if inventory is None:
                 return
-            self.handles.update(apply_snapshot(self.router, snap))
-            self.shm_workers = {name: set(workers) for name, workers in snap.get("shm", {}).items()}
-            self._epoch = snap["epoch"]
+            self.router.apply(inventory)
+            self.handles = dict(inventory.handles)
+            self.shm_workers = dict(inventory.shm)
+            self._epoch, self._generation = inventory.epoch, inventory.manifest_generation
 
     async def _fresh(self) -> None:
         if self._clock() - self._last_refresh > REFRESH_PERIOD_S:
@@ -88,27 +92,34 @@ class DataPlane:
     async def model_ready(self, model: str, version: str | None) -> bool:
         await self.refresh(force=True)  # another ingress replica may have loaded or unloaded it just now
         version = await self.resolve(model, version)
-        return self.router.choose(model, version) is not None
+        return bool(self.router.holders(model, version))
+
+    # ---- loading -----------------------------------------------------------------
+    async def load(self, model: str, version: str | None = None, *, explicit: bool = False) -> Placement:
+        """Have the controller load the model; route by the placement it returns at once."""
+        placement = await call(self.controller.ensure_loaded.remote(model, version, explicit=explicit))
+        if set(placement.engines) - self.handles.keys() or not set(placement.engines) <= self.router.workers.keys():
+            await self.refresh(force=True)  # a worker we have not met yet
+        else:
+            self.router.apply_placement(placement)
+        return placement
 
     # ---- inference -------------------------------------------------------------
-    async def infer(self, model: str, version: str | None, feeds: dict[str, np.ndarray],
-                    request: InferRequest | None = None, reject_non_finite: bool = False) -> tuple[str, dict, dict]:
-        """Run one request. Returns (version, outputs, parameters naming who served it).
+    async def serve(self, model: str, version: str | None, request: InferRequest) -> Served:
+        """Serve one decoded request on a worker that holds the model (loading it on a miss).
 
-        A ``request`` naming shared memory regions goes to a worker that mapped all of them
-        (one on the client's host); its outputs in shared memory come back as ShmWritten."""
+        A request naming shared memory regions goes to a worker that mapped all of them (one on
+        the client's host); its outputs in shared memory come back as ShmWritten."""
         version = await self.resolve(model, version)
-        regions = request.regions() if request is not None else set()
+        regions = request.regions()
         among = await self._shm_holders(regions) if regions else None
-        if not regions:
-            check_feeds(self.router.manifests(model, version)[0].inputs, feeds)
         last_error: FleetError | None = None
-        for _ in range(3):  # load on a miss, and retry once after a lost worker
+        for _ in range(ATTEMPTS):
             choice = self.router.choose(model, version, among)
             if choice is None:
-                await call(self.controller.ensure_loaded.remote(model, version))
-                await self.refresh(force=True)
-                among = await self._shm_holders(regions) if regions else None
+                if not regions:  # bad input fails before anything loads for it
+                    check_feeds(self.router.manifests(model, version)[0].inputs, request.inputs)
+                await self.load(model, version)
                 choice = self.router.choose(model, version, among)
                 if choice is None:
                     if among is not None:
@@ -116,38 +127,31 @@ class DataPlane:
                             f"model '{model}' is not loaded on any worker that mapped shared memory region(s) "
                             f"{', '.join(sorted(regions))} (workers there: {', '.join(sorted(among)) or 'none alive'})")
                     continue
-            worker_id = choice.worker_id
-            self.router.begin(worker_id)
             try:
-                handle, key = self.handles[worker_id], choice.manifest.engine_key
-                if regions:
-                    outputs = await handle.infer_request.remote(key, request, reject_non_finite)
-                else:
-                    outputs = await handle.infer.remote(key, feeds)
-            except RayActorError:
-                self.router.mark_dead(worker_id)
-                last_error = WorkerLost(f"worker {worker_id} died while serving '{model}'")
-                asyncio.get_running_loop().create_task(self._report_dead(worker_id))
-                continue
-            except RayTaskError as exc:
-                cause = unwrap(exc)
-                if isinstance(cause, NotReady):  # evicted since our last refresh
-                    last_error = cause
-                    await self.refresh(force=True)
-                    continue
-                raise cause from None
-            finally:
-                self.router.end(worker_id)
-            caps = self.router.workers[worker_id].caps
-            params = {
-                "fleet_worker": worker_id,
-                "fleet_device": caps.device.name,
-                "compute_capability": caps.device.compute_capability or "cpu",
-                "simulated": caps.device.simulated,
-                "fleet_target": choice.manifest.target.key(),
-            }
-            return version, outputs, params
+                return await self._call(choice, model, version, request)
+            except _Retry as retry:
+                last_error = retry.error
         raise last_error or NotReady(f"model '{model}' could not be served; try again")
+
+    async def _call(self, choice: Choice, model: str, version: str, request: InferRequest) -> Served:
+        worker_id = choice.worker_id
+        self.router.begin(worker_id)
+        try:
+            reply = await self.handles[worker_id].infer.remote(model, request, version)
+        except Exception as exc:
+            failure, cause = classify(exc)
+            if failure is Failure.WORKER_LOST:
+                self.router.mark_dead(worker_id)
+                asyncio.get_running_loop().create_task(self._report_dead(worker_id))
+                raise _Retry(WorkerLost(f"worker {worker_id} died while serving '{model}'")) from None
+            if failure is Failure.ENGINE_GONE:  # evicted since our last refresh
+                await self.refresh(force=True)
+                raise _Retry(cause) from None
+            raise cause from None
+        finally:
+            self.router.end(worker_id)
+        device = self.router.workers[worker_id].caps.device
+        return Served(reply.version, reply.outputs, served_by(worker_id, device, reply.target_key))
 
     async def _shm_holders(self, regions: set[str]) -> set[str]:
         """The workers that mapped every one of ``regions``."""
@@ -159,10 +163,18 @@ class DataPlane:
                 f"shared memory region '{missing[0]}' is not registered; register it with "
                 f"POST /v2/systemsharedmemory/region/{missing[0]}/register"
             )
-        return set.intersection(*(self.shm_workers[r] for r in regions))
+        return set.intersection(*(set(self.shm_workers[r]) for r in regions))
 
     async def _report_dead(self, worker_id: str) -> None:
         try:
             await self.controller.report_dead.remote(worker_id)
         finally:
             await self.refresh(force=True)
+
+
+class _Retry(Exception):
+    """A worker call failed in a way another attempt may not."""
+
+    def __init__(self, error: FleetError) -> None:
+        super().__init__(error.message)
+        self.error = error

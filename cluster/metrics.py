@@ -119,6 +119,15 @@ def render_metrics(status: Mapping, stats: Mapping) -> str:
     """
     reg = _Registry()
     # Families are declared up front so the output order is stable.
+    families = _declare_families(reg)
+    _add_request_stats(families, stats)
+    for node in status.get("nodes") or []:
+        for w in node.get("workers") or []:
+            _add_worker(families, w)
+    return reg.render()
+
+
+def _declare_families(reg: _Registry) -> dict[str, _Family]:
     success = reg.family("fleet_nv_inference_request_success", "counter",
                          "Number of successful inference requests received by the fleet's HTTP ingress")
     failure = reg.family("fleet_nv_inference_request_failure", "counter",
@@ -143,57 +152,57 @@ def render_metrics(status: Mapping, stats: Mapping) -> str:
     total = reg.family("fleet_gpu_memory_total_bytes", "gauge", "Total memory of the device")
     used = reg.family("fleet_gpu_memory_used_bytes", "gauge", "Device memory in use as reported by NVML (real GPUs only)")
     up = reg.family("fleet_worker_up", "gauge", "1 when the worker answers its health check, else 0")
+    return dict(success=success, failure=failure, duration=duration, count=count, exec_count=exec_count, queue=queue,
+                compute=compute, batch=batch, loads=loads, evictions=evictions, unloads=unloads, budget=budget,
+                ledger=ledger, total=total, used=used, up=up)
 
-    # From the HTTP ingress.
+
+def _add_request_stats(f: dict[str, _Family], stats: Mapping) -> None:
+    """Requests counted at the HTTP entry points (the front door's workers and the ingress)."""
     for model, m in sorted((stats.get("models") or {}).items()):
         version = str(m.get("version", ""))
-        success.add(m.get("success", 0), model=model, version=version)
+        f["success"].add(m.get("success", 0), model=model, version=version)
         by_reason = m.get("failure_by_reason") or {}
         for reason, n in sorted(by_reason.items()):
-            failure.add(n, model=model, version=version, reason=reason)
+            f["failure"].add(n, model=model, version=version, reason=reason)
         # Failures the ingress did not classify still count, under "Other".
         unclassified = (_number(m.get("failure")) or 0) - sum(_number(n) or 0 for n in by_reason.values())
         if unclassified > 0:
-            failure.add(unclassified, model=model, version=version, reason="Other")
-        duration.add(m.get("request_duration_us_sum"), model=model, version=version)
+            f["failure"].add(unclassified, model=model, version=version, reason="Other")
+        f["duration"].add(m.get("request_duration_us_sum"), model=model, version=version)
 
-    # From the workers.
-    for node in status.get("nodes") or []:
-        for w in node.get("workers") or []:
-            worker = str(w.get("worker_id", ""))
-            up.set(1 if w.get("alive", True) else 0, worker=worker)
 
-            counters = w.get("counters") or {}
-            loads.add(counters.get("loads"), worker=worker)
-            evictions.add(counters.get("evictions"), worker=worker)
-            unloads.add(counters.get("unloads"), worker=worker)
-
-            device = w.get("device") or {}
-            dev = {
-                "worker": worker,
-                "device": str(device.get("name", "")),
-                "uuid": str(device.get("uuid", "")),
-                "simulated": "true" if w.get("simulated", device.get("simulated", False)) else "false",
-            }
-            budget.set(w.get("budget_bytes"), **dev)
-            ledger.set(w.get("used_bytes"), **dev)
-            total.set(device.get("total_memory_bytes"), **dev)
-            used.set(w.get("nvml_used_bytes"), **dev)  # skipped when None (simulated or CPU)
-
-            for key, e in sorted((w.get("engines") or {}).items()):
-                parts = key.split(":")
-                labels = {
-                    "model": str(e.get("model") or parts[0]),
-                    "version": str(e.get("version") or (parts[1] if len(parts) > 1 else "")),
-                    "worker": worker,
-                }
-                count.add(e.get("inference_count"), **labels)
-                exec_count.add(e.get("exec_count"), **labels)
-                queue.add(e.get("queue_us"), **labels)
-                compute.add(e.get("compute_us"), **labels)
-                _add_batch_histogram(batch, e.get("batch_sizes") or {}, labels)
-
-    return reg.render()
+def _add_worker(f: dict[str, _Family], w: Mapping) -> None:
+    """One worker of the status document: health, counters, device memory, per-engine numbers."""
+    worker = str(w.get("worker_id", ""))
+    f["up"].set(1 if w.get("alive", True) else 0, worker=worker)
+    counters = w.get("counters") or {}
+    f["loads"].add(counters.get("loads"), worker=worker)
+    f["evictions"].add(counters.get("evictions"), worker=worker)
+    f["unloads"].add(counters.get("unloads"), worker=worker)
+    device = w.get("device") or {}
+    dev = {
+        "worker": worker,
+        "device": str(device.get("name", "")),
+        "uuid": str(device.get("uuid", "")),
+        "simulated": "true" if w.get("simulated", device.get("simulated", False)) else "false",
+    }
+    f["budget"].set(w.get("budget_bytes"), **dev)
+    f["ledger"].set(w.get("used_bytes"), **dev)
+    f["total"].set(device.get("total_memory_bytes"), **dev)
+    f["used"].set(w.get("nvml_used_bytes"), **dev)  # skipped when None (simulated or CPU)
+    for key, e in sorted((w.get("engines") or {}).items()):
+        parts = key.split(":")
+        labels = {
+            "model": str(e.get("model") or parts[0]),
+            "version": str(e.get("version") or (parts[1] if len(parts) > 1 else "")),
+            "worker": worker,
+        }
+        f["count"].add(e.get("inference_count"), **labels)
+        f["exec_count"].add(e.get("exec_count"), **labels)
+        f["queue"].add(e.get("queue_us"), **labels)
+        f["compute"].add(e.get("compute_us"), **labels)
+        _add_batch_histogram(f["batch"], e.get("batch_sizes") or {}, labels)
 
 
 def _add_batch_histogram(fam: _Family, sizes: Mapping, labels: dict[str, str]) -> None:

@@ -13,9 +13,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.errors import ArtifactCorrupt, InvalidInput, ModelNotFound
+from workers.errors import ArtifactCorrupt, ModelNotFound
 from workers.manifest import MANIFEST_NAME, Manifest, validate_model_ref, verify_artifact, version_sort_key
-from workers.targets import PRECISIONS
 
 STAGING = ".staging"
 CALIBRATION = "_calibration"  # int8 calibrations, by source sha256 + data sha256 + method
@@ -147,8 +146,3 @@ class Repository:
         path = self.root / model / version if version else self.root / model
         shutil.rmtree(path, ignore_errors=True)
 
-
-def precision_ok(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise InvalidInput(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision

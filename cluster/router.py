@@ -14,6 +14,8 @@ from workers.ledger import format_bytes
 from workers.manifest import Manifest, version_sort_key
 from workers.targets import WorkerCaps, can_run
 
+from cluster.inventory import Inventory, Placement, WorkerRecord
+
 
 def _kind(caps: WorkerCaps) -> tuple:
     """What can_run looks at in a worker: its device's identity class and its runtimes."""
@@ -40,6 +42,11 @@ class WorkerState:
     def free_bytes(self) -> int:
         return self.budget_bytes - self.used_bytes
 
+    @classmethod
+    def of(cls, record: WorkerRecord) -> "WorkerState":
+        health = record.health
+        return cls(record.info.caps, health.budget_bytes, health.used_bytes, set(health.loaded), record.alive)
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -59,11 +66,31 @@ class Router:
         self._random = random.Random(0)
 
     # ---- inventory -------------------------------------------------------
-    def set_inventory(self, workers: list[WorkerState], manifests: list[Manifest]) -> None:
+    @classmethod
+    def from_inventory(cls, inventory: Inventory) -> "Router":
+        router = cls()
+        router.apply(inventory)
+        return router
+
+    def apply(self, inventory: Inventory) -> None:
+        """Take a controller snapshot. Compatibility is worked out again only when the
+        artifacts or the kinds of workers changed, not when engines came and went."""
+        manifests = list(inventory.manifests) if inventory.manifests is not None else self.all_manifests()
+        self.set_inventory([WorkerState.of(w) for w in inventory.workers], manifests,
+                           same_manifests=inventory.manifests is None)
+
+    def all_manifests(self) -> list[Manifest]:
+        return [m for versions in self._manifests.values() for ms in versions.values() for m in ms]
+
+    def set_inventory(self, workers: list[WorkerState], manifests: list[Manifest], same_manifests: bool = False) -> None:
         outstanding = {w.worker_id: w.outstanding for w in self.workers.values()}
+        old_kinds = {wid: _kind(w.caps) for wid, w in self.workers.items()}
         self.workers = {w.worker_id: w for w in workers}
         for w in workers:
             w.outstanding = outstanding.get(w.worker_id, w.outstanding)
+        if same_manifests and old_kinds == {wid: _kind(w.caps) for wid, w in self.workers.items()}:
+            self._reindex_loaded()
+            return
         self._manifests = {}
         for m in manifests:
             self._manifests.setdefault(m.model, {}).setdefault(m.version, []).append(m)
@@ -97,6 +124,13 @@ class Router:
         w.loaded.add(key)
         if used_bytes is not None:
             w.used_bytes = used_bytes
+        self._reindex_loaded()
+
+    def apply_placement(self, placement: Placement) -> None:
+        """What ``ensure_loaded`` just did, without waiting for the next snapshot."""
+        for worker_id, key in placement.engines.items():
+            if worker_id in self.workers:
+                self.workers[worker_id].loaded.add(key)
         self._reindex_loaded()
 
     def mark_dead(self, worker_id: str) -> None:

@@ -1,15 +1,14 @@
-"""The HTTP entry point: KServe v2 routes on a Ray Serve ingress deployment.
+"""The HTTP entry point behind the front door: KServe v2 routes on a Ray Serve ingress deployment.
 
-Routes are thin: they read bytes and headers, call the DataPlane / controller,
-and write bytes. Every FleetError becomes ``{"error": ...}`` with the status its
-class declares (one table: ``workers.errors``).
+Routes are thin: they read bytes and headers and call the data plane or the
+controller. Inference runs the same ``handle_infer`` as a worker's own endpoint;
+every error body comes from ``error_answer`` (one table: ``workers.errors``).
 """
 
 
 import asyncio
 import json
 import logging
-import time
 import uuid
 
 import ray
@@ -20,16 +19,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from workers.errors import FleetError, InvalidInput, SharedMemoryError
+from workers.kserve.handler import (
+    HttpAnswer,
+    InferPolicy,
+    check_bearer,
+    error_answer,
+    handle_infer,
+    internal_error_answer,
+    json_answer,
+)
+from workers.stats import RequestStats
 
+from cluster.calls import call
 from cluster.config import FleetConfig
-from cluster.controller import call
 from cluster.dataplane import DataPlane
-from cluster.names import CONTROLLER_NAME, HEAD_NODE_RESOURCE, NAMESPACE
-from workers.protocol import HEADER_LENGTH, check_bearer, check_declared_length, encode_response, read_infer_request
 from cluster.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cluster.metrics import render_metrics
-from workers.stats import RequestStats
-from cluster.status_page import STATUS_PAGE_HTML
+from cluster.names import CONTROLLER_NAME, HEAD_NODE_RESOURCE, NAMESPACE
+from cluster.status_page import render_status_page
 
 log = logging.getLogger("forward-fleet.http")
 SERVER_NAME = "forward-fleet"
@@ -39,30 +46,30 @@ STATS_REPORT_PERIOD_S = 1.0
 app = FastAPI(title="forward-fleet", version=SERVER_VERSION, description="KServe v2 inference on a heterogeneous GPU fleet")
 
 
-def error_response(exc: FleetError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.http_status, headers={"X-Fleet-Error": type(exc).__name__})
+def respond(answer: HttpAnswer) -> Response:
+    return Response(content=answer.body, status_code=answer.status, headers=dict(answer.headers))
 
 
 @app.exception_handler(FleetError)
-async def _fleet_error(_: Request, exc: FleetError) -> JSONResponse:
-    return error_response(exc)
+async def _fleet_error(_: Request, exc: FleetError) -> Response:
+    return respond(error_answer(exc))
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(InvalidInput(f"invalid request: {exc.errors()}"))
+async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+    return respond(error_answer(InvalidInput(f"invalid request: {exc.errors()}")))
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     message = exc.detail if exc.status_code != 404 else f"no route for {request.method} {request.url.path}"
-    return JSONResponse({"error": str(message)}, status_code=exc.status_code)
+    return respond(json_answer(exc.status_code, {"error": str(message)}))
 
 
 @app.exception_handler(Exception)
-async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+async def _internal_error(_: Request, exc: Exception) -> Response:
     log.exception("internal error")
-    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+    return respond(internal_error_answer(exc))
 
 
 async def _json_body(request: Request) -> dict:
@@ -120,6 +127,8 @@ class FleetIngress:
         self.controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
         self.plane = DataPlane(self.controller)
         self.stats = RequestStats()
+        self.policy = InferPolicy(self.config.max_request_bytes, self.config.auth_token, self.config.auth_inference)
+        self._page = render_status_page()
         self._replica = uuid.uuid4().hex[:8]
         self._reporter: asyncio.Task | None = None
 
@@ -205,26 +214,10 @@ class FleetIngress:
 
     async def _infer(self, model: str, version: "str | None", request: Request) -> Response:
         self._start_reporting()
-        self._authorize(request, admin=False)
-        limit = self.config.max_request_bytes
-        check_declared_length(request.headers.get("content-length"), limit)
-        started = time.perf_counter()
-        served_version = version
-        try:
-            reject = self.config.model_config_for(model).reject_non_finite
-            parsed = read_infer_request(
-                await request.body(), request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH),
-                limit=limit, reject_non_finite=reject,
-            )
-            served_version, outputs, params = await self.plane.infer(
-                model, version, parsed.inputs, parsed if parsed.regions() else None, reject)
-            content, headers = encode_response(model, served_version, outputs, parsed, params)
-        except Exception as exc:
-            if model in self.plane.router.models():  # count only real models, not typos or attacks
-                self.stats.record(model, served_version, time.perf_counter() - started, type(exc).__name__)
-            raise
-        self.stats.record(model, served_version, time.perf_counter() - started)
-        return Response(content=content, headers=headers)
+        self.policy.admit(request.headers)  # 413 and 401 before the body is read
+        answer = await handle_infer(model, version, await request.body(), request.headers, policy=self.policy,
+                                    serve=self.plane.serve, stats=self.stats)
+        return respond(answer)
 
     # ---- system shared memory (Triton's extension) --------------------------------
     @app.get("/v2/systemsharedmemory/status")
@@ -284,8 +277,7 @@ class FleetIngress:
     async def repository_load(self, model: str, request: Request) -> dict:
         self._authorize(request, admin=True)
         await self.plane.resolve(model, None)
-        await call(self.controller.ensure_loaded.remote(model, None, True, True))
-        await self.plane.refresh(force=True)
+        await self.plane.load(model, explicit=True)
         return {}
 
     @app.post("/v2/repository/models/{model}/unload")
@@ -310,7 +302,7 @@ class FleetIngress:
 
     @app.get("/")
     async def status_page(self) -> HTMLResponse:
-        return HTMLResponse(STATUS_PAGE_HTML)
+        return HTMLResponse(self._page)
 
 
 def build_app(config: FleetConfig):

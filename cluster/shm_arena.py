@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from workers.protocol import ShmInput
+from workers.kserve.codec import ShmInput
 from workers.shm import ShmRef
 from workers.tensors import DATATYPE_TO_NUMPY, batch_shape, numpy_to_datatype
 

@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from workers.tensors import batch_rows
+
 Feeds = dict[str, np.ndarray]
 
 
@@ -25,15 +27,6 @@ class BatchingOptions:
     max_queue_delay_us: int = 500
     preferred_batch_sizes: tuple[int, ...] = ()
     enabled: bool = True
-
-    def to_dict(self) -> dict:
-        return {"max_batch": self.max_batch, "max_queue_delay_us": self.max_queue_delay_us,
-                "preferred_batch_sizes": list(self.preferred_batch_sizes), "enabled": self.enabled}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BatchingOptions":
-        return cls(int(d.get("max_batch", 64)), int(d.get("max_queue_delay_us", 500)),
-                   tuple(int(x) for x in d.get("preferred_batch_sizes", ())), bool(d.get("enabled", True)))
 
 
 @dataclass
@@ -63,10 +56,6 @@ class _Pending:
     future: Future
     enqueued: float
     out: Feeds | None = None  # where the engine may write this request's outputs, if it runs alone
-
-
-def batch_rows(feeds: Feeds) -> int:
-    return min((a.shape[0] for a in feeds.values() if a.ndim), default=1)
 
 
 class DynamicBatcher:

@@ -12,6 +12,7 @@ manifest and a loss over the precision's threshold fails the build unless
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import shutil
 import socket
@@ -21,8 +22,12 @@ from typing import Any
 
 import numpy as np
 
+import onnxruntime as ort
+
 from workers import precision
-from workers.engines.onnxruntime import OnnxRuntimeEngine, cuda_provider_available, describe_model, estimate_footprint
+from workers.engines import open_engine
+from workers.engines.onnxruntime import cuda_provider_available, describe_model, estimate_footprint
+from workers.engines.tensorrt import OnnxParserFailed, TrtBuildOptions, build_plan, plan_footprint
 from workers.errors import BuildError
 from workers.manifest import MANIFEST_NAME, Manifest, check_name, sha256_file
 from workers.targets import Target
@@ -88,13 +93,9 @@ def _prepare_onnx(source: Path, target: Target, out: Path, calibration: precisio
 
 
 def _run_artifact(path: Path, target: Target, feeds: dict[str, np.ndarray], trt_api: Any) -> dict[str, np.ndarray]:
-    if target.backend == "tensorrt" and not target.simulated:
-        from workers.engines.tensorrt import TensorRTEngine
-
-        with TensorRTEngine(path, slots=1, api=trt_api) as engine:
-            return engine.infer(feeds)
-    provider = "cuda" if target.provider == "cuda" and cuda_provider_available() else "cpu"
-    with OnnxRuntimeEngine(path, provider=provider, intra_op_threads=1) as engine:
+    if target.provider == "cuda" and not cuda_provider_available():  # judged on the CPU where CUDA is missing
+        target = dataclasses.replace(target, provider="cpu")
+    with open_engine(path, target, intra_op_threads=1, lean=False, trt_api=trt_api) as engine:
         return engine.infer(feeds)
 
 
@@ -153,9 +154,7 @@ def build_artifact(
         raise BuildError(f"ONNX Runtime cannot load {source.name}: {exc}") from exc
     evaluation = evaluation or EvalData.synthetic(inputs, min(EVAL_ROWS, request.max_batch))
     options = dict(request.options)
-    if target.backend == "tensorrt" and not target.simulated:
-        from workers.engines.tensorrt import OnnxParserFailed, TrtBuildOptions, build_plan
-
+    if target.needs_tensorrt:
         artifact = out / "model.plan"
         try:
             info = build_plan(source, artifact, TrtBuildOptions(inputs=inputs, precision=target.precision, max_batch=request.max_batch,
@@ -168,14 +167,10 @@ def build_artifact(
             # The model config asked for it: serve this model with ONNX Runtime instead.
             options.update(fallback_from=target.key(), fallback_reason=exc.message)
             provider = "cuda" if cuda_provider_available() else "cpu"
-            import onnxruntime as ort
-
             target = Target("onnxruntime", ort.__version__, provider=provider, precision=target.precision)
             artifact = _prepare_onnx(source, target, out, calibration)
             footprint = estimate_footprint(artifact, inputs + outputs, request.max_batch)
         else:
-            from workers.engines.tensorrt import plan_footprint
-
             footprint = plan_footprint(0, 1, info.plan_bytes, 0)  # the worker measures the real one on load
     else:
         artifact = _prepare_onnx(source, target, out, calibration)

@@ -53,6 +53,11 @@ class NotReady(FleetError):
     http_status = 503
 
 
+class EngineNotHere(NotReady):
+    """This worker holds no engine of the model (evicted a moment ago, or never here):
+    another worker or the ingress must serve the request."""
+
+
 class NoCapacity(FleetError):
     """No compatible device has budget left for the engine."""
 
@@ -100,6 +105,7 @@ ERROR_TYPES: dict[str, type[FleetError]] = {
         ModelNotFound,
         PayloadTooLarge,
         NotReady,
+        EngineNotHere,
         NoCapacity,
         NoCompatibleWorker,
         IncompatibleArtifact,

@@ -30,6 +30,11 @@ class LedgerEntry:
     loaded_at: float
     last_used: float
     in_flight: int = 0  # inferences running now; an engine in use is never evicted
+    loading: bool = False  # reserved while its engine loads: never evicted either
+
+    @property
+    def evictable(self) -> bool:
+        return not self.in_flight and not self.loading
 
     def to_dict(self) -> dict:
         return {
@@ -38,6 +43,7 @@ class LedgerEntry:
             "loaded_at": self.loaded_at,
             "last_used": self.last_used,
             "in_flight": self.in_flight,
+            "loading": self.loading,
         }
 
 
@@ -85,7 +91,7 @@ class Ledger:
             return []
         victims = []
         for entry in sorted(self._entries.values(), key=lambda e: e.last_used):
-            if entry.in_flight:
+            if not entry.evictable:
                 continue
             victims.append(entry.key)
             free += entry.footprint_bytes
@@ -94,10 +100,10 @@ class Ledger:
         raise NoCapacity(
             f"engine {key} needs {format_bytes(footprint_bytes)}; {self._device_name} has "
             f"{format_bytes(self.free_bytes)} free of {format_bytes(self.budget_bytes)} and its "
-            f"other engines are busy"
+            f"other engines are busy or still loading"
         )
 
-    def add(self, key: str, footprint_bytes: int) -> LedgerEntry:
+    def add(self, key: str, footprint_bytes: int, loading: bool = False) -> LedgerEntry:
         if key in self._entries:
             return self._entries[key]
         if footprint_bytes > self.free_bytes:
@@ -106,9 +112,15 @@ class Ledger:
                 f"{format_bytes(self.free_bytes)} free of {format_bytes(self.budget_bytes)}"
             )
         now = self._clock()
-        entry = LedgerEntry(key, int(footprint_bytes), loaded_at=now, last_used=now)
+        entry = LedgerEntry(key, int(footprint_bytes), loaded_at=now, last_used=now, loading=loading)
         self._entries[key] = entry
         return entry
+
+    def mark_loaded(self, key: str) -> None:
+        """The engine reserved with ``add(..., loading=True)`` is in service: evictable when idle."""
+        entry = self._entries[key]
+        entry.loading = False
+        entry.loaded_at = entry.last_used = self._clock()
 
     def update_footprint(self, key: str, footprint_bytes: int) -> None:
         """Replace an estimate with a measurement; refuses growth beyond the budget."""

@@ -24,7 +24,7 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from workers.errors import InvalidInput, SharedMemoryError
 
@@ -210,23 +210,33 @@ class SharedMemoryRegistry:
             mapped.close()
         return names
 
-    @contextlib.contextmanager
-    def using(self, names: set[str]) -> Iterator[None]:
-        """Keep these regions mapped (and pinned) while one request reads and writes them:
-        an engine may be copying into them, so unregistering them must wait for it."""
+    def hold(self, names: "set[str]") -> Callable[[], None]:
+        """Keep these regions mapped (and pinned) until the returned function is called: an
+        engine may be copying into them, so unregistering them must wait for the request."""
         with self._lock:
             held = [self._regions[n] for n in names if n in self._regions]
             for mapped in held:
                 mapped.users += 1
-        try:
-            yield
-        finally:
+
+        def release() -> None:
             with self._lock:
                 for mapped in held:
                     mapped.users -= 1
                 done = [m for m in held if m.retired and m.users == 0]
+                held.clear()  # a second call releases nothing
             for mapped in done:
                 mapped.close()
+
+        return release
+
+    @contextlib.contextmanager
+    def using(self, names: "set[str]") -> Iterator[None]:
+        """``hold`` for the length of a ``with`` block."""
+        release = self.hold(names)
+        try:
+            yield
+        finally:
+            release()
 
     def status(self, name: str | None = None) -> list[dict]:
         with self._lock:

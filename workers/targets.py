@@ -70,6 +70,11 @@ class Target:
             raise ValueError("a TensorRT target needs the compute capability it is built on")
         parse_version(self.backend_version)
 
+    @property
+    def needs_tensorrt(self) -> bool:
+        """A real TensorRT plan (a simulated one is executed by ONNX Runtime on the CPU)."""
+        return self.backend == "tensorrt" and not self.simulated
+
     def key(self) -> str:
         """Directory-safe name, unique per target: 'tensorrt-10.16.1-sm75-ampere_plus-vc-sim'."""
         if self.backend == "tensorrt":

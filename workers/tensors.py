@@ -51,6 +51,11 @@ def batch_shape(shape: "tuple[int, ...] | list[int]", rows: int) -> tuple[int, .
     return None if any(d < 0 for d in concrete) else concrete
 
 
+def batch_rows(feeds: "dict[str, np.ndarray]") -> int:
+    """Rows of a request: the smallest first dimension among its inputs (1 without any)."""
+    return min((a.shape[0] for a in feeds.values() if a.ndim), default=1)
+
+
 def numpy_to_datatype(dtype: np.dtype) -> str:
     dtype = np.dtype(dtype)
     if dtype.kind in ("U", "S", "O"):
@@ -86,7 +91,6 @@ class TensorSpec:
 
     def check(self, array: np.ndarray, *, max_batch: int | None = None) -> None:
         """Raise InvalidInput naming this tensor when ``array`` does not fit it."""
-        expected = self.numpy_dtype
         got = numpy_to_datatype(array.dtype)
         if got != self.datatype:
             raise InvalidInput(
@@ -107,8 +111,4 @@ class TensorSpec:
             raise InvalidInput(
                 f"input '{self.name}': batch {array.shape[0]} is over the model's max batch {max_batch}"
             )
-        del expected
 
-
-def specs_to_dicts(specs: tuple[TensorSpec, ...] | list[TensorSpec]) -> list[dict]:
-    return [s.to_dict() for s in specs]

@@ -9,13 +9,13 @@ import pynvml
 import pytest
 import ray
 
-from cluster import fleet
+from cluster import deploy
 from cluster.buildfarm import build_on_fleet
 from cluster.client import FleetClient
 from cluster.config import load_config
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from cluster.repository import Repository
-from tests.integration.fleet_fixtures import free_port
+from tests.integration.fleet_fixtures import free_port, worker_handles
 
 pytestmark = pytest.mark.gpu
 
@@ -29,7 +29,7 @@ def gpu_fleet(tmp_path_factory, demo_models, big_mlp):
     pynvml.nvmlShutdown()
     ray.init(address="local", namespace=NAMESPACE, num_gpus=n, log_to_driver=False, include_dashboard=False)
     try:
-        fleet.deploy(config)
+        deploy.deploy(config)
         controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
         repo = Repository(config.repository)
         for name, src, max_batch in (("cnn-small", demo_models["cnn-small"], 64), ("big-mlp", big_mlp, 256)):
@@ -37,12 +37,12 @@ def gpu_fleet(tmp_path_factory, demo_models, big_mlp):
             assert outcomes and all(o.ok for o in outcomes), [o.error for o in outcomes]
         yield {"url": f"http://127.0.0.1:{config.port}", "controller": controller, "gpus": n, "repo": repo}
     finally:
-        fleet.teardown()
+        deploy.teardown()
         ray.shutdown()
 
 
 def test_one_worker_per_gpu_on_the_device_ray_assigned(gpu_fleet):
-    handles = ray.get(gpu_fleet["controller"].worker_handles.remote())
+    handles = worker_handles(gpu_fleet["controller"])
     assert len(handles) == gpu_fleet["gpus"]
     pynvml.nvmlInit()
     try:
@@ -51,11 +51,11 @@ def test_one_worker_per_gpu_on_the_device_ray_assigned(gpu_fleet):
         pynvml.nvmlShutdown()
     seen = set()
     for worker_id, handle in handles.items():
-        info = ray.get(handle.describe.remote())
-        ray_gpu = int(info["cuda_visible_devices"])
-        assert info["caps"]["device"]["uuid"] == by_index[ray_gpu], (worker_id, info["caps"]["device"])
-        assert info["caps"]["device"]["compute_capability"] == "9.0" and not info["simulated"]
-        assert {r["provider"] for r in info["caps"]["runtimes"]} >= {"cpu", "cuda"}
+        info = ray.get(handle.info.remote())
+        ray_gpu = int(info.cuda_visible_devices)
+        assert info.caps.device.uuid == by_index[ray_gpu], (worker_id, info.caps.device)
+        assert info.caps.device.compute_capability == "9.0" and not info.simulated
+        assert {r.provider for r in info.caps.runtimes} >= {"cpu", "cuda"}
         seen.add(ray_gpu)
     assert seen == set(range(gpu_fleet["gpus"]))
 
@@ -90,7 +90,7 @@ def test_shared_memory_client_on_gpus_equals_http(gpu_fleet):
             np.testing.assert_allclose(got["output"], want["output"], rtol=1e-5, atol=1e-5)
             served[shm.last_parameters["fleet_worker"]] += 1
         # every GPU worker mapped the client's region and page-locked it (cudaHostRegister)
-        for handle in ray.get(gpu_fleet["controller"].worker_handles.remote()).values():
-            mine = [r for r in ray.get(handle.describe.remote())["shm"] if r["name"] == shm._arena.region]
+        for handle in worker_handles(gpu_fleet["controller"]).values():
+            mine = [r for r in ray.get(handle.stats.remote())["shm"] if r["name"] == shm._arena.region]
             assert mine and mine[0]["pinned"], mine
     assert len(served) == gpu_fleet["gpus"], served

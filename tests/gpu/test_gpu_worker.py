@@ -16,6 +16,7 @@ from workers.build import BuildRequest, build_artifact
 from workers.devices import discover_devices, nvml_used_bytes
 from workers.engines.onnxruntime import OnnxRuntimeEngine
 from workers.errors import NoCapacity
+from workers.kserve.codec import InferRequest
 from workers.targets import Target
 
 pytestmark = pytest.mark.gpu
@@ -95,37 +96,36 @@ def mlp_artifacts(tmp_path_factory, results_dir):
 def test_footprints_measured_and_budget_never_exceeded(mlp_artifacts, results_dir):
     budget = 2 << 30
     worker = FleetWorker(WorkerSpec("gpu-budget", budget_bytes=budget))
-    baseline = worker._baseline_used
+    baseline = worker.baseline_used_bytes
     samples, ooms = [], 0
     for round_ in range(2):
         for manifest, directory in mlp_artifacts:
             try:
-                worker.load(manifest.to_dict(), str(directory))
+                worker.load(manifest, str(directory))
             except NoCapacity:
                 pass
             except Exception as exc:  # anything else (a CUDA out-of-memory) fails the test below
                 ooms += 1
                 samples.append({"error": repr(exc)})
                 continue
-            info = worker.describe()
+            health = worker.health()
             used = nvml_used_bytes(worker.device.uuid) - baseline
-            ledger = info["ledger"]["used_bytes"]
+            ledger = health.used_bytes
             samples.append({"round": round_, "model": manifest.model, "ledger": ledger, "nvml_minus_baseline": used,
-                            "loaded": len(info["loaded"]), "evictions": info["counters"]["evictions"]})
+                            "loaded": len(health.loaded), "evictions": health.counters["evictions"]})
             assert ledger <= budget
             assert used <= budget * 1.05, samples[-1]
             assert abs(ledger - used) <= 0.10 * used, samples[-1]
-    info = worker.describe()
     record(results_dir, "budget", {"budget": budget, "baseline": baseline, "ooms": ooms, "samples": samples})
     assert ooms == 0
-    assert info["counters"]["evictions"] > 0
+    assert worker.health().counters["evictions"] > 0
     worker.shutdown()
 
 
 def test_sixteen_threads_fifty_requests_each(mlp_artifacts, results_dir):
     manifest, directory = mlp_artifacts[0]
     worker = FleetWorker(WorkerSpec("gpu-threads", budget_bytes=8 << 30))
-    worker.load(manifest.to_dict(), str(directory))
+    worker.load(manifest, str(directory))
     rng = np.random.default_rng(1)
     inputs = [rng.random((4, 4096), dtype=np.float32) for _ in range(16)]
     with OnnxRuntimeEngine(directory / "model.onnx", provider="cuda") as ref:
@@ -134,7 +134,7 @@ def test_sixteen_threads_fifty_requests_each(mlp_artifacts, results_dir):
 
     def run(i):
         for _ in range(50):
-            out = worker.infer(manifest.engine_key, {"input": inputs[i]})["output"]
+            out = worker.infer(manifest.model, InferRequest({"input": inputs[i]})).outputs["output"]
             if not np.allclose(out, expected[i], rtol=1e-4, atol=1e-4):
                 bad.append(i)
 
@@ -143,7 +143,7 @@ def test_sixteen_threads_fifty_requests_each(mlp_artifacts, results_dir):
         t.start()
     for t in threads:
         t.join()
-    stats = worker.describe()["engines"][manifest.engine_key]
+    stats = worker.runner.engine_stats()[manifest.engine_key]
     record(results_dir, "concurrency", {"bad": len(bad), "stats": stats})
     assert bad == [] and stats["success"] == 16 * 50 + 0
     worker.shutdown()
@@ -153,13 +153,14 @@ TEARDOWN = """
 import json, sys
 from workers.actor import FleetWorker, WorkerSpec
 from workers.devices import nvml_used_bytes
+from workers.kserve.codec import InferRequest
 from workers.manifest import Manifest
 import numpy as np
 manifest = Manifest.read(sys.argv[1])
 worker = FleetWorker(WorkerSpec("teardown", budget_bytes=8 << 30))
-base = worker._baseline_used
-worker.load(manifest.to_dict(), sys.argv[1])
-worker.infer(manifest.engine_key, {"input": np.ones((64, 4096), np.float32)})
+base = worker.baseline_used_bytes
+worker.load(manifest, sys.argv[1])
+worker.infer(manifest.model, InferRequest({"input": np.ones((64, 4096), np.float32)}))
 loaded = nvml_used_bytes(worker.device.uuid)
 worker.shutdown()
 import gc; gc.collect()

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 
 import ray
 
-from cluster import fleet
+from cluster import deploy, nodes
 from cluster.buildfarm import build_locally, local_target
 from cluster.config import load_config
 from cluster.names import NAMESPACE
+from cluster.net import free_port
 from cluster.repository import Repository
 from workers.build import BuildRequest
 from workers.manifest import sha256_file
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_cpu(repo_root: Path, source: Path, name: str, max_batch: int = 64, **options) -> None:
@@ -38,18 +32,23 @@ def running_fleet(config_path: str | None, repo_root: Path, *, cluster_address: 
     else:
         ray.init(address=cluster_address, namespace=NAMESPACE, log_to_driver=False)
     try:
-        fleet.deploy(config)
+        deploy.deploy(config)
         yield config, f"http://127.0.0.1:{config.port}"
     finally:
-        fleet.teardown()
+        deploy.teardown()
         ray.shutdown()
 
 
 @contextmanager
 def simulated_cluster(config_path: str | Path):
-    """cluster.fleet.simulated_cluster for a config file."""
-    with fleet.simulated_cluster(load_config(config_path)) as cluster:
+    """cluster.nodes.simulated_cluster for a config file."""
+    with nodes.simulated_cluster(load_config(config_path)) as cluster:
         yield cluster
+
+
+def worker_handles(controller) -> dict:
+    """Worker id -> Ray actor handle, from the controller's inventory."""
+    return ray.get(controller.inventory.remote()).handles
 
 
 def digits_rows(n: int):

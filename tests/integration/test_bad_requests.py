@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from cluster.client import FleetClient
-from workers.protocol import encode_request
+from workers.kserve.client_codec import encode_request
 from tests.integration.fleet_fixtures import build_cpu, running_fleet
 from tests.models import make_add_sub
 from workers.errors import Unauthorized

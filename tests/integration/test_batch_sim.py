@@ -15,7 +15,14 @@ from cluster.batch import BatchJob, run_job
 from cluster.buildfarm import build_on_fleet
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from cluster.repository import Repository
-from tests.integration.fleet_fixtures import digits_rows, read_parts, running_fleet, simulated_cluster, write_parquet_rows
+from tests.integration.fleet_fixtures import (
+    digits_rows,
+    read_parts,
+    running_fleet,
+    simulated_cluster,
+    worker_handles,
+    write_parquet_rows,
+)
 from workers.errors import InvalidInput, ModelNotFound
 
 pytestmark = pytest.mark.integration
@@ -58,7 +65,7 @@ def test_t4_and_v100_share_the_rows_and_the_p4_gets_none(sim):
 
 def test_killing_a_worker_during_the_job_loses_no_row(sim):
     out = sim["work"] / "out-kill"
-    handles = ray.get(sim["controller"].worker_handles.remote())
+    handles = worker_handles(sim["controller"])
 
     def killer():
         deadline = time.monotonic() + 60

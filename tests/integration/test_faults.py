@@ -15,7 +15,7 @@ from cluster.buildfarm import build_on_fleet
 from cluster.client import FleetClient
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from cluster.repository import Repository
-from tests.integration.fleet_fixtures import running_fleet, simulated_cluster
+from tests.integration.fleet_fixtures import running_fleet, simulated_cluster, worker_handles
 from workers.errors import ArtifactCorrupt, IncompatibleArtifact, NoCompatibleWorker
 
 pytestmark = pytest.mark.integration
@@ -54,13 +54,13 @@ def test_corrupt_artifact_is_refused_reported_and_others_unaffected(sim):
 
 def test_wrong_target_forced_onto_a_worker_is_refused_by_the_worker(sim):
     (t4_plan,) = sim["repo"].artifacts("only-t4")
-    p4 = ray.get(sim["controller"].worker_handles.remote())["p4-node-gpu0"]
+    p4 = worker_handles(sim["controller"])["p4-node-gpu0"]
     with pytest.raises(IncompatibleArtifact, match="refuses only-t4 built for 7.5 .* device has 6.1"):
         try:
             ray.get(p4.load.remote(t4_plan.manifest.to_dict(), str(t4_plan.directory)))
         except ray.exceptions.RayTaskError as exc:
             raise exc.cause from None
-    assert t4_plan.manifest.engine_key not in ray.get(p4.describe.remote())["loaded"]
+    assert t4_plan.manifest.engine_key not in ray.get(p4.health.remote()).loaded
 
 
 def test_node_lost(sim):

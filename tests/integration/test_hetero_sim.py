@@ -20,7 +20,7 @@ from cluster.buildfarm import build_on_fleet
 from cluster.client import FleetClient
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from cluster.repository import Repository
-from tests.integration.fleet_fixtures import running_fleet, simulated_cluster
+from tests.integration.fleet_fixtures import running_fleet, simulated_cluster, worker_handles
 from workers.errors import NoCapacity, NoCompatibleWorker
 
 pytestmark = pytest.mark.integration
@@ -198,7 +198,7 @@ def test_status_lists_runnable_but_not_loaded(sim):
 def test_killing_a_worker_mid_traffic(sim):
     build(sim, "only-t4", "7.5")
     served_by(sim, "only-t4", 20)
-    handles = ray.get(sim["controller"].worker_handles.remote())
+    handles = worker_handles(sim["controller"])
     victim = "t4-node-gpu0"
     errors = []
     counts = collections.Counter()
@@ -234,9 +234,9 @@ def test_killing_a_worker_mid_traffic(sim):
         time.sleep(0.5)
     assert s["restarts"] >= 1 and ws[victim]["alive"]
     # the ledger matches what the workers really hold
-    for worker_id, handle in ray.get(sim["controller"].worker_handles.remote()).items():
-        real = ray.get(handle.describe.remote())
-        assert sorted(real["loaded"]) == sorted(e["key"] for e in ws[worker_id]["ledger"]) or worker_id == victim
+    for worker_id, handle in worker_handles(sim["controller"]).items():
+        real = ray.get(handle.health.remote())
+        assert sorted(real.loaded) == sorted(e["key"] for e in ws[worker_id]["ledger"]) or worker_id == victim
     assert served_by(sim, "only-t4", 40).keys() <= T4S
 
 

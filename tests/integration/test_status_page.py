@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cluster.status_page import STATUS_PAGE_HTML
+from cluster.status_page import render_status_page
 from tests.chromium import find_chromium, parse_dom, render_dom, screenshot
 from tests.status_samples import sample_stats, sample_status
 
@@ -62,7 +62,7 @@ def fleet_routes(status: dict | None = None, stats: dict | None = None) -> dict:
         return 200, "application/json", json.dumps(doc).encode()
 
     return {
-        "/": (200, "text/html; charset=utf-8", STATUS_PAGE_HTML.encode()),
+        "/": (200, "text/html; charset=utf-8", render_status_page().encode()),
         "/v2/fleet/status": ok(sample_status() if status is None else status),
         "/v2/fleet/stats": ok(sample_stats() if stats is None else stats),
     }

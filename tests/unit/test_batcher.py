@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from workers.actor import FleetWorker, WorkerSpec
+from workers.kserve.codec import InferRequest
+from workers.messages import LoadOptions
 from workers.batcher import BatchingOptions, DynamicBatcher
 from workers.engines.onnxruntime import OnnxRuntimeEngine
 
@@ -95,7 +97,7 @@ def test_worker_batches_concurrent_requests(tmp_path, demo_models, digits_test):
     repo = Repository(tmp_path)
     art = build_locally(repo, BuildRequest(str(demo_models["digits-mlp"]), "m", local_target()), sha256_file(demo_models["digits-mlp"])).artifact
     worker = FleetWorker(WorkerSpec("w", slots=2))
-    worker.load(art.manifest.to_dict(), str(art.directory), {"max_queue_delay_us": 20_000})
+    worker.load(art.manifest, str(art.directory), LoadOptions(max_queue_delay_us=20_000))
     key = art.manifest.engine_key
     X = digits_test[0][:32]
     barrier = threading.Barrier(32)
@@ -103,14 +105,14 @@ def test_worker_batches_concurrent_requests(tmp_path, demo_models, digits_test):
 
     def one(i):
         barrier.wait()
-        out[i] = worker.infer(key, {"input": X[i : i + 1]})["label"][0]
+        out[i] = worker.infer("m", InferRequest({"input": X[i : i + 1]})).outputs["label"][0]
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    stats = worker.describe()["engines"][key]
+    stats = worker.runner.engine_stats()[key]
     assert stats["batching"] and stats["success"] == 32 and stats["exec_count"] < 32
-    assert out == list(worker.infer(key, {"input": X})["label"])
+    assert out == list(worker.infer("m", InferRequest({"input": X})).outputs["label"])
     worker.shutdown()

@@ -7,6 +7,7 @@ import pytest
 from tests.unit.fake_tensorrt import FakeTensorRT
 from workers.actor import FleetWorker, WorkerSpec
 from workers.build import BuildRequest, build_artifact
+from workers.kserve.codec import InferRequest
 from workers.engines.tensorrt import OnnxParserFailed
 from workers.engines.trt_compat import TrtApi
 from workers.manifest import Manifest
@@ -30,9 +31,9 @@ def test_fallback_onnxruntime_is_really_served_by_onnxruntime(tmp_path, demo_mod
     assert "ArrayFeatureExtractor" in manifest.build_options["fallback_reason"]
     assert Manifest.read(tmp_path) == manifest
     worker = FleetWorker(WorkerSpec("w"))
-    worker.load(manifest.to_dict(), str(tmp_path))
+    worker.load(manifest, str(tmp_path))
     X = digits_test[0][:16]
-    got = worker.infer(manifest.engine_key, {"input": X})
+    got = worker.infer("digits-mlp", InferRequest({"input": X})).outputs
     want = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})
     np.testing.assert_array_equal(got["label"], want[0])
     np.testing.assert_array_equal(got["probabilities"], want[1])

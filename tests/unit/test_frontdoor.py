@@ -9,7 +9,8 @@ import time
 import pytest
 import requests
 
-from cluster.frontdoor import FrontDoor, Route, Server, haproxy_binary, render_config, routes_from
+from cluster.frontdoor.haproxy import FrontDoor, haproxy_binary
+from cluster.frontdoor.routes import Route, Server, render_config, routes_from
 from cluster.router import Router, WorkerState
 from workers.devices import Device
 from workers.manifest import Manifest

@@ -7,7 +7,8 @@ import zlib
 import numpy as np
 import pytest
 
-from workers.protocol import decode_request, decode_response, decompress, encode_request, encode_response
+from workers.kserve.client_codec import decode_response, encode_request
+from workers.kserve.codec import decode_request, decompress, encode_response
 from workers.errors import InvalidInput, PayloadTooLarge
 
 

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from workers.protocol import decode_request, encode_request
+from workers.kserve.client_codec import encode_request
+from workers.kserve.codec import decode_request
 from workers.errors import InvalidInput, PayloadTooLarge
 
 DTYPES = [np.float32, np.float64, np.int64, np.int32, np.int8, np.uint8, np.bool_, np.float16]

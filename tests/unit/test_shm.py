@@ -10,17 +10,9 @@ import numpy as np
 import pytest
 
 from workers.errors import InvalidInput, SharedMemoryError
-from workers.protocol import (
-    ShmInput,
-    shm_output_arrays,
-    ShmWritten,
-    decode_request,
-    decode_response,
-    encode_request,
-    encode_response,
-    shm_feeds,
-    write_shm_outputs,
-)
+from workers.kserve.client_codec import decode_response, encode_request
+from workers.kserve.codec import ShmInput, ShmWritten, check_finite, decode_request, encode_response
+from workers.kserve.shm_io import shm_feeds, shm_output_arrays, write_shm_outputs
 from workers.shm import RegionNotHere, SharedMemoryRegistry, ShmRef
 from workers.tensors import TensorSpec
 
@@ -130,7 +122,7 @@ def test_inputs_are_read_in_place_and_outputs_written(shm_object, registry):
 def test_bytes_tensors_in_shared_memory(shm_object, registry):
     obj = shm_object(4096)
     registry.register("s", "/" + obj.name, 0, 4096)
-    from workers.protocol import encode_bytes_tensor
+    from workers.kserve.codec import encode_bytes_tensor
 
     raw = encode_bytes_tensor(np.array([b"ab", b"", b"xyz"], dtype=object))
     obj.buf[:len(raw)] = raw
@@ -182,7 +174,7 @@ def test_region_errors_name_the_problem(shm_object, registry):
         "shared_memory_region": "small", "shared_memory_byte_size": 16}}]}))
     np.ndarray((4,), np.float32, buffer=obj.buf)[:] = [1, np.nan, 2, 3]
     with pytest.raises(InvalidInput, match="NaN or Inf"):
-        shm_feeds(nan, registry, reject_non_finite=True)
+        check_finite(shm_feeds(nan, registry))  # what the runner does for models that reject non-finite input
 
 
 def test_unregister_while_an_array_points_into_the_region(shm_object, registry):

@@ -1,6 +1,7 @@
-"""FleetWorker without Ray: real ONNX Runtime, real files, real threads."""
+"""FleetWorker and its EngineRunner without Ray: real ONNX Runtime, real files, real threads."""
 
 import threading
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -11,8 +12,10 @@ from cluster.repository import Repository
 from workers.actor import FleetWorker, WorkerSpec
 from workers.build import BuildRequest
 from workers.devices import Device
-from workers.errors import ArtifactCorrupt, IncompatibleArtifact, InvalidInput, NoCapacity, NotReady
-from workers.manifest import sha256_file
+from workers.errors import ArtifactCorrupt, EngineNotHere, IncompatibleArtifact, InvalidInput, NoCapacity
+from workers.kserve.codec import InferRequest
+from workers.manifest import Manifest, sha256_file
+from workers.messages import LoadOptions
 from workers.targets import Runtime, Target
 
 
@@ -29,63 +32,88 @@ def art(repo, model):
     return a
 
 
+def infer(worker, model, feeds, version=None):
+    return worker.infer(model, InferRequest(feeds), version).outputs
+
+
+def wait_until(condition, timeout_s=10.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s} s")
+        time.sleep(0.001)
+
+
 def test_load_infer_matches_onnxruntime(repo, demo_models, digits_test):
     worker = FleetWorker(WorkerSpec("w"))
     a = art(repo, "digits-mlp")
-    worker.load(a.manifest.to_dict(), str(a.directory))
+    worker.load(a.manifest, str(a.directory))
     X = digits_test[0][:8]
-    out = worker.infer(a.manifest.engine_key, {"input": X})
+    reply = worker.infer("digits-mlp", InferRequest({"input": X}))
     ref = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})
-    np.testing.assert_array_equal(out["label"], ref[0])
-    np.testing.assert_allclose(out["probabilities"], ref[1], rtol=1e-6)
-    info = worker.describe()
-    assert info["loaded"] == [a.manifest.engine_key]
-    assert info["ledger"]["used_bytes"] == a.manifest.footprint_bytes
-    assert worker.unload(a.manifest.engine_key) and worker.describe()["ledger"]["used_bytes"] == 0
-    with pytest.raises(NotReady, match="not loaded"):
-        worker.infer(a.manifest.engine_key, {"input": X})
+    np.testing.assert_array_equal(reply.outputs["label"], ref[0])
+    np.testing.assert_allclose(reply.outputs["probabilities"], ref[1], rtol=1e-6)
+    assert (reply.version, reply.target_key) == ("1", a.manifest.target.key())
+    health = worker.health()
+    assert health.loaded == {a.manifest.engine_key}
+    assert health.used_bytes == a.manifest.footprint_bytes
+    assert worker.unload(a.manifest.engine_key) and worker.health().used_bytes == 0
+    with pytest.raises(EngineNotHere, match="not loaded"):
+        infer(worker, "digits-mlp", {"input": X})
 
 
 def test_bad_feeds_are_refused_by_name(repo):
     worker = FleetWorker(WorkerSpec("w"))
     a = art(repo, "digits-mlp")
-    key = a.manifest.engine_key
-    worker.load(a.manifest.to_dict(), str(a.directory))
+    worker.load(a.manifest, str(a.directory))
     with pytest.raises(InvalidInput, match="unknown input 'x'"):
-        worker.infer(key, {"x": np.zeros((1, 64), np.float32)})
+        infer(worker, "digits-mlp", {"x": np.zeros((1, 64), np.float32)})
     with pytest.raises(InvalidInput, match=r"dimension 1 is 63, expected 64"):
-        worker.infer(key, {"input": np.zeros((1, 63), np.float32)})
+        infer(worker, "digits-mlp", {"input": np.zeros((1, 63), np.float32)})
     with pytest.raises(InvalidInput, match="datatype FP64 does not match the model's FP32"):
-        worker.infer(key, {"input": np.zeros((1, 64))})
+        infer(worker, "digits-mlp", {"input": np.zeros((1, 64))})
     with pytest.raises(InvalidInput, match="rank 1"):
-        worker.infer(key, {"input": np.zeros(64, np.float32)})
-    assert worker.describe()["counters"]["failures"] == 4
+        infer(worker, "digits-mlp", {"input": np.zeros(64, np.float32)})
+    assert worker.health().counters["failures"] == 4
+
+
+def test_non_finite_inputs_refused_only_where_the_model_config_says(repo):
+    a = art(repo, "digits-mlp")
+    strict, lenient = FleetWorker(WorkerSpec("strict")), FleetWorker(WorkerSpec("lenient"))
+    strict.load(a.manifest, str(a.directory), LoadOptions(reject_non_finite=True))
+    lenient.load(a.manifest, str(a.directory))
+    x = np.zeros((2, 64), np.float32)
+    x[1, 3] = np.nan
+    with pytest.raises(InvalidInput, match="1 NaN or Inf"):
+        infer(strict, "digits-mlp", {"input": x})
+    assert infer(lenient, "digits-mlp", {"input": x})["label"].shape == (2,)
 
 
 def test_request_over_max_batch_is_split(repo, demo_models, digits_test):
     worker = FleetWorker(WorkerSpec("w"))
     a = art(repo, "digits-mlp")
     assert a.manifest.max_batch == 64
-    worker.load(a.manifest.to_dict(), str(a.directory))
+    worker.load(a.manifest, str(a.directory))
     X = digits_test[0][:150]
-    out = worker.infer(a.manifest.engine_key, {"input": X})
+    out = infer(worker, "digits-mlp", {"input": X})
     ref = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})
     np.testing.assert_array_equal(out["label"], ref[0])
     assert out["probabilities"].shape == (150, 10)
+    assert worker.runner.engine_stats()[a.manifest.engine_key]["exec_count"] >= 3  # 64 + 64 + 22 rows
 
 
 def test_concurrent_inference_is_correct(repo, digits_test):
     worker = FleetWorker(WorkerSpec("w", slots=4))
     a = art(repo, "digits-mlp")
-    worker.load(a.manifest.to_dict(), str(a.directory))
+    worker.load(a.manifest, str(a.directory))
     X = digits_test[0]
-    expected = worker.infer(a.manifest.engine_key, {"input": X})["label"]
+    expected = infer(worker, "digits-mlp", {"input": X})["label"]
     errors = []
 
     def run(offset):
         for i in range(25):
             row = (offset * 25 + i) % len(X)
-            got = worker.infer(a.manifest.engine_key, {"input": X[row : row + 1]})["label"][0]
+            got = infer(worker, "digits-mlp", {"input": X[row : row + 1]})["label"][0]
             if got != expected[row]:
                 errors.append((row, got))
 
@@ -95,54 +123,58 @@ def test_concurrent_inference_is_correct(repo, digits_test):
     for t in threads:
         t.join()
     assert errors == []
-    assert worker.describe()["counters"]["inferences"] == 16 * 25 + 1
+    assert worker.health().counters["inferences"] == 16 * 25 + 1
 
 
 def test_budget_evicts_lru_idle_and_refuses_what_never_fits(repo):
     cnn, mlp = art(repo, "cnn-small"), art(repo, "digits-mlp")
     budget = max(cnn.manifest.footprint_bytes, mlp.manifest.footprint_bytes) + 1000
     worker = FleetWorker(WorkerSpec("w", budget_bytes=budget))
-    worker.load(cnn.manifest.to_dict(), str(cnn.directory))
-    worker.load(mlp.manifest.to_dict(), str(mlp.directory))  # does not fit beside cnn: evicts it
-    info = worker.describe()
-    assert info["loaded"] == [mlp.manifest.engine_key]
-    assert info["counters"]["evictions"] == 1
-    assert info["ledger"]["used_bytes"] <= budget
+    worker.load(cnn.manifest, str(cnn.directory))
+    worker.load(mlp.manifest, str(mlp.directory))  # does not fit beside cnn: evicts it
+    health = worker.health()
+    assert health.loaded == {mlp.manifest.engine_key}
+    assert health.counters["evictions"] == 1
+    assert health.used_bytes <= budget
     tiny = FleetWorker(WorkerSpec("tiny", budget_bytes=1000))
     with pytest.raises(NoCapacity, match="more than the whole budget"):
-        tiny.load(mlp.manifest.to_dict(), str(mlp.directory))
-    assert tiny.describe()["ledger"]["used_bytes"] == 0
+        tiny.load(mlp.manifest, str(mlp.directory))
+    assert tiny.health().used_bytes == 0
 
 
-def test_unload_waits_for_in_flight_inference(repo, digits_test):
+def test_unload_waits_for_in_flight_inference_then_releases_the_engine(repo):
     worker = FleetWorker(WorkerSpec("w"))
     a = art(repo, "cnn-small")
     key = a.manifest.engine_key
-    worker.load(a.manifest.to_dict(), str(a.directory))
+    worker.load(a.manifest, str(a.directory))
+    engine = worker.runner._engines[key].engine
     batch = np.random.default_rng(0).standard_normal((64, 3, 64, 64)).astype(np.float32)
     results = []
-    infer = threading.Thread(target=lambda: results.append(worker.infer(key, {"input": batch})))
-    infer.start()
-    while not worker.ledger.get(key).in_flight:
-        pass
-    worker.unload(key)  # must wait for the inference, not break it
-    infer.join()
+    thread = threading.Thread(target=lambda: results.append(infer(worker, "cnn-small", {"input": batch})))
+    thread.start()
+    wait_until(lambda: worker.ledger.get(key) is not None and worker.ledger.get(key).in_flight, what="the run to start")
+    assert engine.active
+    assert worker.unload(key)  # must wait for the inference, not break it
+    # unload returned only once the run was done (the batcher counts it before releasing it) ...
+    assert worker.runner.engine_stats()[key]["success"] == 1
+    assert not engine.active  # ... and then really released the engine
+    thread.join(30)
     assert results and results[0]["logits"].shape == (64, 10)
+    assert worker.ledger.get(key) is None and worker.health().loaded == frozenset()
 
 
 def test_worker_refuses_wrong_target_and_corrupt_artifacts(repo, tmp_path):
     a = art(repo, "digits-mlp")
-    t4 = Device("Tesla T4", "SIM-0", "gpu", "7.5", 15 << 30, simulated=True)
     p4 = Device("Tesla P4", "SIM-1", "gpu", "6.1", 8 << 30, simulated=True)
-    plan_t4 = a.manifest.to_dict() | {"target": Target("tensorrt", "10.16.1", "7.5", provider="tensorrt", simulated=True).to_dict()}
+    plan_t4 = Manifest.from_dict(a.manifest.to_dict() | {
+        "target": Target("tensorrt", "10.16.1", "7.5", provider="tensorrt", simulated=True).to_dict()})
     worker = FleetWorker(WorkerSpec("p4", simulated_devices=(p4,), simulated_runtimes=(Runtime("tensorrt", "8.6.1", "tensorrt", simulated=True),)))
     with pytest.raises(IncompatibleArtifact, match="refuses digits-mlp built for 7.5 .*device has 6.1"):
         worker.load(plan_t4, str(a.directory))
-    del t4
     # corrupt copy: sha256 mismatch is refused before ONNX Runtime sees the bytes
     broken = tmp_path / "broken"
     broken.mkdir()
     data = (a.directory / "model.onnx").read_bytes()
     (broken / "model.onnx").write_bytes(data[:-10] + b"0123456789")
     with pytest.raises(ArtifactCorrupt, match="does not match the manifest"):
-        FleetWorker(WorkerSpec("w")).load(a.manifest.to_dict(), str(broken))
+        FleetWorker(WorkerSpec("w")).load(a.manifest, str(broken))

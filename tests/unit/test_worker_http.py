@@ -1,4 +1,4 @@
-"""The worker's own HTTP endpoint, without Ray: real uvicorn, real ONNX Runtime, real sockets."""
+"""The worker's own HTTP endpoint, without Ray: real HTTP server, real ONNX Runtime, real sockets."""
 
 import gzip
 import http.server
@@ -13,11 +13,15 @@ import requests
 
 from cluster.buildfarm import build_locally, local_target
 from cluster.repository import Repository
+from cluster.forward import IngressForwarder
 from workers.actor import FleetWorker, WorkerSpec
 from workers.build import BuildRequest
-from workers.http import parse_infer_path
+from workers.http import HttpOptions, parse_infer_path
+from workers.kserve.client_codec import decode_response, encode_request
+from workers.kserve.codec import InferRequest
+from workers.kserve.handler import InferPolicy
 from workers.manifest import sha256_file
-from workers.protocol import decode_response, encode_request
+from workers.messages import LoadOptions
 
 
 class _Ingress(http.server.ThreadingHTTPServer):
@@ -57,10 +61,10 @@ def served(tmp_path_factory, demo_models):
     worker = FleetWorker(WorkerSpec("w0", budget_bytes=1 << 30))
     for name in demo_models:
         (a,) = repo.artifacts(name)
-        worker.load(a.manifest.to_dict(), str(a.directory))
-    address = worker.start_http({"max_request_bytes": 4 << 20, "reject_non_finite": ["digits-mlp"],
-                                 "fallback_url": f"http://127.0.0.1:{ingress.server_address[1]}"})
-    yield worker, f"http://127.0.0.1:{address['port']}", ingress
+        worker.load(a.manifest, str(a.directory), LoadOptions(reject_non_finite=name == "digits-mlp"))
+    host, port = worker.start_http(HttpOptions(policy=InferPolicy(max_request_bytes=4 << 20)),
+                                   on_miss=IngressForwarder(f"http://127.0.0.1:{ingress.server_address[1]}"))
+    yield worker, f"http://{host}:{port}", ingress
     worker.shutdown()
     ingress.shutdown()
 
@@ -93,9 +97,9 @@ def test_answers_equal_onnxruntime(served, demo_models, digits_test, binary):
 def test_concurrent_requests_are_batched_and_correct(served, digits_test):
     worker, url, _ = served
     X = digits_test[0]
-    key = worker.engine_for("digits-mlp", None)
-    expected = worker.infer(key, {"input": X[:320]})["label"]
-    before = worker.describe()["engines"][key]
+    key = worker.runner.engine_key("digits-mlp")
+    expected = worker.infer("digits-mlp", InferRequest({"input": X[:320]})).outputs["label"]
+    before = worker.runner.engine_stats()[key]
 
     def one(i):
         r = _post(f"{url}/v2/models/digits-mlp/versions/1/infer", {"input": X[i : i + 1]})
@@ -104,10 +108,10 @@ def test_concurrent_requests_are_batched_and_correct(served, digits_test):
     with ThreadPoolExecutor(16) as pool:
         labels = list(pool.map(one, range(320)))
     assert labels == list(expected)
-    after = worker.describe()["engines"][key]
+    after = worker.runner.engine_stats()[key]
     assert after["success"] - before["success"] == 320
     assert after["exec_count"] - before["exec_count"] < 320  # requests shared engine runs
-    stats = worker.describe()["request_stats"]["models"]["digits-mlp"]
+    stats = worker.request_stats.report()["models"]["digits-mlp"]
     assert stats["success"] >= 320
 
 
@@ -148,8 +152,8 @@ def test_inference_token(tmp_path, demo_models, digits_test):
     build_locally(repo, BuildRequest(str(path), "digits-mlp", local_target()), sha256_file(path))
     (a,) = repo.artifacts("digits-mlp")
     worker = FleetWorker(WorkerSpec("w1", budget_bytes=1 << 30))
-    worker.load(a.manifest.to_dict(), str(a.directory))
-    port = worker.start_http({"auth_token": "s3cret", "auth_inference": True})["port"]
+    worker.load(a.manifest, str(a.directory))
+    _, port = worker.start_http(HttpOptions(policy=InferPolicy(auth_token="s3cret", auth_inference=True)))
     try:
         infer = f"http://127.0.0.1:{port}/v2/models/digits-mlp/infer"
         assert _post(infer, {"input": digits_test[0][:1]}).status_code == 401

@@ -1,9 +1,10 @@
 """The engine interface every backend implements.
 
-Polygraphy-style: construct cheaply, ``activate()`` loads, ``infer()`` runs,
+Polygraphy-style: construct cheaply, ``activate()`` loads, ``infer()`` checks and runs,
 ``deactivate()`` frees; usable on its own as a context manager. ``infer(feeds, out)``
 writes the outputs named in ``out`` into those arrays (e.g. a client's shared memory);
 a backend that can have the device write there directly overrides ``_infer_into``.
+``open_engine`` (``workers/engines/__init__.py``) is the one place a backend is chosen.
 """
 
 from __future__ import annotations
@@ -70,9 +71,17 @@ class Engine(abc.ABC):
         return results
 
     def infer(self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Check ``feeds`` against ``inputs`` (InvalidInput naming the problem), then ``run``."""
+        check_feeds(self.inputs, feeds)
+        return self.run(feeds, out)
+
+    def run(self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Run ``feeds`` that were already checked (the worker's runner checks each request once).
+
+        ``out``: arrays to write the outputs of those names into (writable, C-contiguous,
+        the output's dtype); the returned dict then holds those very arrays."""
         if not self._active:
             raise RuntimeError(f"{type(self).__name__} is not active; call activate() first")
-        check_feeds(self.inputs, feeds)
         if not out:
             return self._infer(feeds)
         by_name = {s.name: s for s in self.outputs}

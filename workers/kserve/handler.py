@@ -1,0 +1,151 @@
+"""The one KServe v2 infer handler and the one error answer, for every HTTP entry point.
+
+``handle_infer`` runs checks, decoding, the call that serves the request, encoding
+and the request statistics the same way for the worker's own endpoint
+(``workers/http.py``) and the Serve ingress (``cluster/serve_app.py``); they differ
+only in the ``serve`` coroutine they pass (the worker's runner, or the data plane's
+router). ``error_answer`` is the only place an error body is made, the front door's
+HAProxy error files included.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from workers.devices import Device
+from workers.errors import EngineNotHere, FleetError, InvalidInput, ModelNotFound, PayloadTooLarge, Unauthorized
+from workers.kserve.codec import HEADER_LENGTH, InferRequest, ShmWritten, encode_response, read_infer_request
+from workers.manifest import validate_model_ref
+from workers.stats import RequestStats
+
+log = logging.getLogger("forward-fleet.kserve")
+
+ERROR_TYPE_HEADER = "x-fleet-error"
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    status: int
+    headers: list[tuple[str, str]]  # lower-case names
+    body: bytes
+
+
+def json_answer(status: int, body: object, headers: "list[tuple[str, str]] | None" = None) -> HttpAnswer:
+    return HttpAnswer(status, [("content-type", "application/json"), *(headers or [])], json.dumps(body).encode())
+
+
+def error_answer(exc: FleetError) -> HttpAnswer:
+    """``{"error": ...}`` with the status the exception's class declares and its type in a header
+    (the Python client raises the same class again)."""
+    return json_answer(exc.http_status, {"error": exc.message}, [(ERROR_TYPE_HEADER, type(exc).__name__)])
+
+
+def internal_error_answer(exc: BaseException) -> HttpAnswer:
+    """A bug, not the client's fault: say so, and keep serving."""
+    return json_answer(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+
+
+def check_bearer(authorization: str | None, token: str) -> None:
+    """401 unless ``authorization`` is ``Bearer <token>`` (constant-time compare)."""
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Unauthorized("this call needs 'Authorization: Bearer <token>' with the fleet's auth token")
+
+
+def check_declared_length(content_length: str | None, limit: int) -> None:
+    """413 before reading a body whose declared length is over the limit."""
+    if content_length and content_length.isdigit() and int(content_length) > limit:
+        raise PayloadTooLarge(f"request body of {content_length} bytes is over the limit of {limit} bytes")
+
+
+@dataclass(frozen=True)
+class InferPolicy:
+    """What every infer entry point checks before decoding; decided from the fleet config."""
+
+    max_request_bytes: int = 64 << 20
+    auth_token: str | None = None
+    auth_inference: bool = False
+
+    def admit(self, headers: Mapping[str, str], body_size: int | None = None) -> None:
+        """413 / 401 before the body is decoded (``body_size``: bytes received, when known)."""
+        check_declared_length(headers.get("content-length"), self.max_request_bytes)
+        if body_size is not None and body_size > self.max_request_bytes:
+            check_declared_length(str(body_size), self.max_request_bytes)
+        if self.auth_token and self.auth_inference:
+            check_bearer(headers.get("authorization"), self.auth_token)
+
+
+@dataclass
+class Served:
+    """What serving one request produced, and who produced it (the answer's parameters)."""
+
+    version: str
+    outputs: "dict[str, np.ndarray | ShmWritten]"
+    parameters: dict = field(default_factory=dict)
+
+
+ServeFn = Callable[[str, "str | None", InferRequest], Awaitable[Served]]
+
+
+def served_by(worker_id: str, device: Device, target_key: str) -> dict:
+    """The answer's parameters that say which worker and device served it."""
+    return {
+        "fleet_worker": worker_id,
+        "fleet_device": device.name,
+        "compute_capability": device.compute_capability or "cpu",
+        "simulated": device.simulated,
+        "fleet_target": target_key,
+    }
+
+
+async def handle_infer(
+    model: str,
+    version: str | None,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    policy: InferPolicy,
+    serve: ServeFn,
+    stats: RequestStats,
+    body_size: int | None = None,
+    on_miss: "Callable[[], Awaitable[HttpAnswer]] | None" = None,
+) -> HttpAnswer:
+    """One ``POST /v2/models/{model}[/versions/{version}]/infer``, start to end.
+
+    ``headers`` have lower-case names. ``on_miss``: what to answer instead when ``serve``
+    finds no engine of the model here (``EngineNotHere``); without it, a 503.
+    Requests for names that are not models (typos, probes) are not counted."""
+    try:
+        validate_model_ref(model, version)
+    except InvalidInput as exc:
+        return error_answer(exc)
+    started = time.perf_counter()
+    served_version = version
+    try:
+        policy.admit(headers, body_size)
+        request = read_infer_request(body, headers.get("content-encoding"), headers.get(HEADER_LENGTH),
+                                     limit=policy.max_request_bytes)
+        served = await serve(model, version, request)
+        served_version = served.version
+        content, out_headers = encode_response(model, served.version, served.outputs, request, served.parameters)
+    except EngineNotHere as exc:
+        if on_miss is not None:
+            return await on_miss()
+        return error_answer(exc)
+    except FleetError as exc:
+        if not isinstance(exc, ModelNotFound):
+            stats.record(model, served_version, time.perf_counter() - started, type(exc).__name__)
+        return error_answer(exc)
+    except Exception as exc:
+        log.exception("internal error serving %s", model)
+        stats.record(model, served_version, time.perf_counter() - started, type(exc).__name__)
+        return internal_error_answer(exc)
+    stats.record(model, served.version, time.perf_counter() - started)
+    return HttpAnswer(200, list(out_headers.items()), content)

@@ -1,0 +1,63 @@
+"""The typed values a worker and the fleet exchange (over Ray, so they pickle).
+
+- ``WorkerInfo``: who a worker is, fixed for its life (asked once, at start);
+- ``WorkerHealth``: what changes, cheap enough to ask every second;
+- ``LoadOptions``: how to serve an engine, from the model's config;
+- ``InferReply``: one in-cluster inference's answer.
+
+No Ray and no engines here: the ingress, the batch job and the build farm import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from workers.batcher import BatchingOptions
+from workers.targets import WorkerCaps
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    caps: WorkerCaps
+    host: str  # host name
+    pid: int
+    cuda_visible_devices: str | None = None
+    http: tuple[str, int] | None = None  # the worker's own KServe v2 endpoint, once started
+
+    @property
+    def simulated(self) -> bool:
+        return self.caps.device.simulated
+
+
+@dataclass(frozen=True)
+class WorkerHealth:
+    budget_bytes: int
+    used_bytes: int
+    loaded: frozenset[str]  # engine keys in service (not those still loading)
+    counters: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a worker serves one model's engine (``models.<name>`` in the fleet config)."""
+
+    dynamic_batching: bool = True
+    max_queue_delay_us: int = 500
+    preferred_batch_sizes: tuple[int, ...] = ()
+    # A version-compatible TensorRT plan carries host code that would run in the worker.
+    trust_version_compatible: bool = False
+    reject_non_finite: bool = False  # 400 for NaN/Inf in float inputs
+
+    def batching(self, max_batch: int) -> BatchingOptions:
+        return BatchingOptions(max_batch, self.max_queue_delay_us, tuple(self.preferred_batch_sizes),
+                               self.dynamic_batching)
+
+
+@dataclass
+class InferReply:
+    version: str
+    target_key: str
+    outputs: dict[str, np.ndarray]

@@ -1,0 +1,440 @@
+"""The engines of one device: the engine table, its ledger, and the one inference path.
+
+vLLM's Worker/ModelRunner split: the actor (``workers/actor.py``) is the process's
+face to the fleet, this runner owns what runs. Every request, whichever way it came
+(the worker's own HTTP endpoint, a Ray call from the ingress or the batch job), goes
+through ``submit``: find the engine and mark it in use, read inputs from shared
+memory, check the inputs once, run through the engine's dynamic batcher, write
+outputs to shared memory, release.
+
+Concurrency: one lock guards the ledger and the engine table. An engine in use
+(``in_flight > 0``) or still loading is never evicted or unloaded, and each engine
+admits at most ``slots`` concurrent runs (DESIGN.md rules 3 and 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from workers.batcher import DynamicBatcher, EngineStats
+from workers.engines import Engine, executes_on_cpu, open_engine
+from workers.engines.base import check_feeds
+from workers.errors import EngineNotHere, IncompatibleArtifact
+from workers.kserve.codec import InferRequest, ShmWritten, check_finite
+from workers.kserve.shm_io import shm_feeds, shm_output_arrays, write_shm_outputs
+from workers.ledger import Ledger
+from workers.manifest import Manifest, verify_artifact, version_sort_key
+from workers.messages import LoadOptions, WorkerHealth
+from workers.shm import SharedMemoryRegistry
+from workers.targets import WorkerCaps, can_run
+from workers.tensors import batch_rows
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass
+class InferResult:
+    manifest: Manifest  # of the engine that served the request
+    outputs: "dict[str, np.ndarray | ShmWritten]"
+
+
+def _gather(parts: list[Future], combine: Callable[[list], object]) -> Future:
+    """One future for several: the combined results, or the first failure."""
+    result: Future = Future()
+    remaining = [len(parts)]
+    lock = threading.Lock()
+
+    def done(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            try:
+                result.set_result(combine([p.result() for p in parts]))
+            except BaseException as exc:
+                result.set_exception(exc)
+
+    for part in parts:
+        part.add_done_callback(done)
+    return result
+
+
+def _concatenate(results: list[Feeds]) -> Feeds:
+    return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
+
+
+@dataclass
+class LoadedEngine:
+    """One engine in service, its dynamic batcher and its numbers."""
+
+    manifest: Manifest
+    engine: Engine
+    options: LoadOptions
+    batcher: DynamicBatcher | None  # None when an input or output has no batch dimension
+    slots: threading.Semaphore
+    stats: EngineStats
+    measured_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        self._stats_lock = threading.Lock()
+
+    def submit(self, feeds: Feeds, out: Feeds | None, executor: ThreadPoolExecutor) -> Future:
+        """Run one request of any size; ``out`` (see ``Engine.run``) only when it is one batch."""
+        max_batch = self.manifest.max_batch
+        if self.batcher is None:
+            return executor.submit(self._run_alone, feeds, out)
+        rows = batch_rows(feeds)
+        if rows <= max_batch:
+            return self.batcher.submit_nowait(feeds, out)
+        parts = [self.batcher.submit_nowait({k: v[s:s + max_batch] for k, v in feeds.items()})
+                 for s in range(0, rows, max_batch)]
+        return _gather(parts, _concatenate)
+
+    def _run_alone(self, feeds: Feeds, out: Feeds | None) -> Feeds:
+        with self.slots:
+            started = time.perf_counter()
+            try:
+                outputs = self.engine.run(feeds, out)
+            except BaseException:
+                with self._stats_lock:
+                    self.stats.failure += 1
+                raise
+            with self._stats_lock:
+                s, rows = self.stats, batch_rows(feeds)
+                s.compute_us += (time.perf_counter() - started) * 1e6
+                s.success += 1
+                s.exec_count += 1
+                s.inference_count += rows
+                s.batch_sizes[rows] += 1
+            return outputs
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self.engine.deactivate()
+
+
+def _batchable(manifest: Manifest) -> bool:
+    return all(s.shape and s.shape[0] < 0 for s in manifest.inputs + manifest.outputs)
+
+
+def _warm_up(engine: Engine, manifest: Manifest) -> None:
+    """One run at max batch with zeros (skipped for models with string inputs)."""
+    feeds = {}
+    for spec in manifest.inputs:
+        if spec.datatype == "BYTES" or any(d < 0 for d in spec.shape[1:]):
+            return
+        shape = tuple(manifest.max_batch if d < 0 else d for d in spec.shape)
+        feeds[spec.name] = np.zeros(shape, spec.numpy_dtype)
+    engine.run(feeds)
+
+
+def freeze_heap() -> None:
+    """Move everything alive now (Ray, ONNX Runtime, the engines) out of the garbage collector's
+    reach: a full collection walking that heap stalled requests for tens of ms (p99 37 -> 8 ms
+    at c=32 in docs/performance.md). Ray Serve's throughput mode does the same."""
+    gc.collect()
+    gc.freeze()
+
+
+class EngineRunner:
+    def __init__(
+        self,
+        caps: WorkerCaps,
+        budget_bytes: int,
+        *,
+        slots: int = 4,
+        intra_op_threads: int = 0,
+        shm: SharedMemoryRegistry | None = None,
+        memory_probe: Callable[[], "int | None"] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``memory_probe``: the device's used bytes (NVML) on a real GPU, to measure each load."""
+        self.caps = caps
+        self.device = caps.device
+        self.ledger = Ledger(max(0, budget_bytes), clock=clock, device_name=self.device.describe())
+        self.slots = slots
+        self.intra_op_threads = intra_op_threads
+        self.shm = shm if shm is not None else SharedMemoryRegistry()
+        self._probe = memory_probe
+        self._lock = threading.Condition()
+        self._engines: dict[str, LoadedEngine] = {}
+        self._by_model: dict[str, dict[str, str]] = {}  # model -> version -> engine key
+        self._loading: dict[str, threading.Event] = {}
+        # Per engine key, kept across evictions so exported counters never go backwards.
+        self._stats: dict[str, tuple[Manifest, EngineStats]] = {}
+        self.counters = {"loads": 0, "evictions": 0, "unloads": 0, "inferences": 0, "failures": 0}
+        self._measure_lock = threading.Lock()  # one load at a time is measured on a real GPU
+        self._executor = ThreadPoolExecutor(max_workers=max(4, 2 * slots), thread_name_prefix="engine")
+
+    @property
+    def worker_id(self) -> str:
+        return self.caps.worker_id
+
+    # ---- what is here ------------------------------------------------------
+    def health(self) -> WorkerHealth:
+        with self._lock:
+            return WorkerHealth(self.ledger.budget_bytes, self.ledger.used_bytes, frozenset(self._engines),
+                                dict(self.counters))
+
+    def ledger_snapshot(self) -> dict:
+        with self._lock:
+            return self.ledger.snapshot()
+
+    def loaded_keys(self) -> list[str]:
+        with self._lock:
+            return sorted(self._engines)
+
+    def engine_stats(self) -> dict:
+        with self._lock:
+            return {
+                key: {"model": m.model, "version": m.version, "precision": m.precision, "loaded": key in self._engines,
+                      "batching": key in self._engines and self._engines[key].batcher is not None, **stats.to_dict()}
+                for key, (m, stats) in self._stats.items()
+            }
+
+    # ---- load / unload ---------------------------------------------------
+    def load(self, manifest: Manifest, artifact_dir: str | Path, options: LoadOptions | None = None) -> dict:
+        """Load an artifact, evicting idle LRU engines if needed. Returns its ledger entry."""
+        options = options or LoadOptions()
+        self._check_loadable(manifest, options)
+        key = manifest.engine_key
+        evicted = self._reserve(manifest)
+        if evicted is None:
+            return self._entry(key)
+        engine: Engine | None = None
+        try:
+            for loaded in evicted:
+                loaded.close()
+            engine, measured = self._open(manifest, verify_artifact(artifact_dir, manifest))
+            self._install(manifest, engine, options, measured)
+            freeze_heap()
+            return self._entry(key)
+        except BaseException:
+            if engine is not None:
+                engine.deactivate()
+            with self._lock:
+                self.ledger.remove(key)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(key).set()
+                self._lock.notify_all()
+
+    def _check_loadable(self, manifest: Manifest, options: LoadOptions) -> None:
+        if manifest.target.version_compatible and not options.trust_version_compatible:
+            raise IncompatibleArtifact(
+                f"{manifest.model} is a version-compatible TensorRT plan, which carries host code that would run in "
+                f"this worker; load it only from a trusted source by setting models.{manifest.model}."
+                f"trust_version_compatible: true in the fleet config"
+            )
+        verdict = can_run(manifest, self.caps)
+        if not verdict:
+            raise IncompatibleArtifact(
+                f"worker {self.worker_id} on {self.device.describe()} refuses "
+                f"{manifest.model} built for {manifest.target.describe()}: {verdict.reason}"
+            )
+
+    def _reserve(self, manifest: Manifest) -> "list[LoadedEngine] | None":
+        """Reserve the footprint (evicting idle LRU engines); None when the engine is loaded already.
+        Waits while another thread loads the same engine."""
+        key = manifest.engine_key
+        while True:
+            with self._lock:
+                if key in self._engines:
+                    self.ledger.get(key).last_used = time.monotonic()  # type: ignore[union-attr]
+                    return None
+                pending = self._loading.get(key)
+                if pending is None:
+                    victims = self.ledger.plan_admission(key, manifest.footprint_bytes)
+                    evicted = [self._remove(v) for v in victims]
+                    self.ledger.add(key, manifest.footprint_bytes, loading=True)
+                    self._loading[key] = threading.Event()
+                    self.counters["evictions"] += len(evicted)
+                    return evicted
+            pending.wait()
+
+    def _open(self, manifest: Manifest, path: Path) -> tuple[Engine, int | None]:
+        """Open, activate and warm the engine; on a real GPU, measure what it took (NVML)."""
+        with self._measure_lock if self._probe else contextlib.nullcontext():
+            before = self._probe() if self._probe else None
+            with self._lock:
+                allowed = self.ledger.free_bytes + manifest.footprint_bytes  # reserved plus free
+            engine = open_engine(
+                path, manifest.target, device_id=self.device.cuda_ordinal or 0, slots=self._slots(manifest),
+                intra_op_threads=self._intra_op_threads(manifest), lean=not self._has_full_tensorrt(),
+                gpu_mem_limit=allowed, footprint_bytes=manifest.footprint_bytes)
+            try:
+                engine.activate()
+                _warm_up(engine, manifest)  # allocates the activations a max batch needs, so we measure them
+            except BaseException:
+                engine.deactivate()
+                raise
+            after = self._probe() if self._probe else None
+        measured = max(1, (after or before) - before) if before is not None else None
+        return engine, measured
+
+    def _install(self, manifest: Manifest, engine: Engine, options: LoadOptions, measured: int | None) -> None:
+        key = manifest.engine_key
+        with self._lock:
+            if measured:
+                self.ledger.update_footprint(key, measured)  # NoCapacity if it really does not fit
+            stats = self._stats.setdefault(key, (manifest, EngineStats()))[1]
+            slots = self._slots(manifest)
+            batching = options.batching(manifest.max_batch)
+            batcher = DynamicBatcher(engine.run, batching, slots, stats) if batching.enabled and _batchable(manifest) else None
+            self._engines[key] = LoadedEngine(manifest, engine, options, batcher, threading.Semaphore(slots), stats, measured)
+            self._by_model.setdefault(manifest.model, {})[manifest.version] = key
+            self.ledger.mark_loaded(key)
+            self.counters["loads"] += 1
+
+    def _remove(self, key: str) -> LoadedEngine:
+        """Take an idle engine out of service and off the ledger (under the lock); the caller closes it."""
+        loaded = self._out_of_service(key)
+        self.ledger.remove(key)
+        return loaded
+
+    def _out_of_service(self, key: str) -> LoadedEngine:
+        """No new request can start on this engine from now on (under the lock)."""
+        loaded = self._engines.pop(key)
+        versions = self._by_model.get(loaded.manifest.model, {})
+        if versions.get(loaded.manifest.version) == key:
+            del versions[loaded.manifest.version]
+        return loaded
+
+    def _entry(self, key: str) -> dict:
+        with self._lock:
+            return self.ledger.get(key).to_dict()  # type: ignore[union-attr]
+
+    def _has_full_tensorrt(self) -> bool:
+        return any(r.backend == "tensorrt" and not r.lean for r in self.caps.runtimes)
+
+    def _slots(self, manifest: Manifest) -> int:
+        """Concurrent runs of one engine. On the CPU, no more than there are cores: runs beyond
+        that only take turns on the same cores."""
+        if executes_on_cpu(manifest.target):
+            return max(1, min(self.slots, os.cpu_count() or 1))
+        return self.slots
+
+    def _intra_op_threads(self, manifest: Manifest) -> int:
+        """ONNX Runtime threads per run. On the CPU by default the cores divided among the slots:
+        several single-threaded runs beat one run on every core with its threads spinning
+        between the HTTP work (cnn-small at max batch over HTTP: +24 % on 2 cores)."""
+        if self.intra_op_threads or not executes_on_cpu(manifest.target):
+            return self.intra_op_threads
+        return max(1, (os.cpu_count() or 1) // self._slots(manifest))
+
+    def unload(self, key: str) -> bool:
+        """Unload one engine after its in-flight inferences finish. False if not loaded."""
+        with self._lock:
+            if key not in self._engines:
+                return False
+            loaded = self._out_of_service(key)
+            while (entry := self.ledger.get(key)) is not None and entry.in_flight:
+                self._lock.wait()
+            self.ledger.remove(key)
+            self.counters["unloads"] += 1
+        loaded.close()
+        return True
+
+    def close(self) -> None:
+        """Unload everything (waiting for in-flight work), then stop the runner's threads."""
+        for key in self.loaded_keys():
+            self.unload(key)
+        self._executor.shutdown(wait=True)
+
+    # ---- inference -------------------------------------------------------
+    def engine_key(self, model: str, version: str | None = None) -> str | None:
+        """The loaded engine serving (model, version); None: the latest loaded version."""
+        with self._lock:
+            return self._key_for(model, version)
+
+    def _key_for(self, model: str, version: str | None) -> str | None:
+        versions = self._by_model.get(model)
+        if not versions:
+            return None
+        if version is None:
+            return versions[max(versions, key=version_sort_key)]
+        return versions.get(version)
+
+    def _begin(self, model: str, version: str | None) -> LoadedEngine:
+        """The engine for (model, version), marked in use (never evicted while in use)."""
+        with self._lock:
+            key = self._key_for(model, version)
+            if key is None:
+                which = f"model '{model}'" + (f" version {version}" if version else "")
+                raise EngineNotHere(f"{which} is not loaded on worker {self.worker_id}")
+            self.ledger.begin_use(key)
+            return self._engines[key]
+
+    def _end(self, key: str, ok: bool) -> None:
+        with self._lock:
+            self.counters["inferences" if ok else "failures"] += 1
+            self.ledger.end_use(key)
+            self._lock.notify_all()
+
+    def submit(self, request: InferRequest, model: str, version: str | None = None) -> "Future[InferResult]":
+        """Start one request; the future gets its InferResult. Never waits for the engine.
+
+        Inputs in shared memory are read in place; outputs wanted there are written there (by
+        the engine itself when the request runs alone). EngineNotHere when no engine of the
+        model is loaded, or the request names a region this worker has not mapped."""
+        loaded = self._begin(model, version)
+        key = loaded.manifest.engine_key
+        release: Callable[[], None] = lambda: None  # noqa: E731
+        try:
+            regions = request.regions()
+            missing = regions - self.shm.names()
+            if missing:  # another host's region: the ingress knows which worker mapped it
+                raise EngineNotHere(f"shared memory region(s) {', '.join(sorted(missing))} are not mapped on "
+                                    f"worker {self.worker_id}")
+            release = self.shm.hold(regions)
+            feeds = shm_feeds(request, self.shm)
+            check_feeds(loaded.manifest.inputs, feeds)
+            if loaded.options.reject_non_finite:
+                check_finite(feeds)
+            out = self._output_targets(loaded, request, feeds) if regions else None
+            inner = loaded.submit(feeds, out, self._executor)
+        except BaseException:
+            release()
+            self._end(key, False)
+            raise
+        result: Future = Future()
+
+        def finish(done: Future) -> None:
+            try:
+                outputs = done.result()
+                if regions:
+                    outputs = write_shm_outputs(request, outputs, self.shm)
+            except BaseException as exc:
+                release()
+                self._end(key, False)
+                result.set_exception(exc)
+                return
+            release()
+            self._end(key, True)
+            result.set_result(InferResult(loaded.manifest, outputs))
+
+        inner.add_done_callback(finish)
+        return result
+
+    def infer(self, request: InferRequest, model: str, version: str | None = None) -> InferResult:
+        """``submit`` and wait for the result."""
+        return self.submit(request, model, version).result()
+
+    def _output_targets(self, loaded: LoadedEngine, request: InferRequest, feeds: Feeds) -> Feeds | None:
+        """Arrays in shared memory where the engine can write ``request``'s outputs itself: only
+        through the batcher, whose models have the batch as their one dynamic dimension."""
+        if loaded.batcher is None or not any(o.shm for o in request.outputs or ()):
+            return None
+        return shm_output_arrays(request, self.shm, loaded.manifest.outputs, batch_rows(feeds)) or None
