@@ -57,7 +57,7 @@ def test_wrong_target_forced_onto_a_worker_is_refused_by_the_worker(sim):
     p4 = worker_handles(sim["controller"])["p4-node-gpu0"]
     with pytest.raises(IncompatibleArtifact, match="refuses only-t4 built for 7.5 .* device has 6.1"):
         try:
-            ray.get(p4.load.remote(t4_plan.manifest.to_dict(), str(t4_plan.directory)))
+            ray.get(p4.load.remote(t4_plan.manifest, str(t4_plan.directory)))
         except ray.exceptions.RayTaskError as exc:
             raise exc.cause from None
     assert t4_plan.manifest.engine_key not in ray.get(p4.health.remote()).loaded
