@@ -17,7 +17,7 @@ import pytest
 
 from tests.unit.fake_tensorrt import _TRT_TO_NUMPY, FakeTensorRT
 from workers.engines.tensorrt import TensorRTEngine, TrtBuildOptions, build_plan
-from workers.engines.trt_compat import TrtApi
+from workers.engines.tensorrt.compat import TrtApi
 from workers.errors import IncompatibleArtifact
 from workers.tensors import TensorSpec
 

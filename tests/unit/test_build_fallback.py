@@ -8,7 +8,7 @@ from tests.unit.fake_tensorrt import FakeTensorRT
 from workers.actor import FleetWorker, WorkerSpec
 from workers.build import BuildRequest, build_artifact
 from workers.engines.tensorrt import OnnxParserFailed
-from workers.engines.trt_compat import TrtApi
+from workers.engines.tensorrt.compat import TrtApi
 from workers.manifest import Manifest
 from workers.targets import Target
 

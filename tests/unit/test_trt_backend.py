@@ -23,7 +23,7 @@ from workers.engines.tensorrt import (
     build_plan,
     plan_footprint,
 )
-from workers.engines.trt_compat import TrtApi
+from workers.engines.tensorrt.compat import TrtApi
 from workers.errors import BuildError, IncompatibleArtifact, InvalidConfig, InvalidInput, NoCapacity, NotReady
 
 FULL = ["8.6.1", "10.16.1.11", "11.4.0.106"]
