@@ -13,7 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.unit.fake_tensorrt import FakeCuda, FakeTensorRT, FakeWorld
+from tests.unit.fake_cuda import FakeCuda
+from tests.unit.fake_tensorrt import FakeTensorRT
+from tests.unit.fake_trt_world import FakeWorld
 from workers import precision
 from workers.engines.onnxruntime import describe_model
 from workers.engines.tensorrt import (

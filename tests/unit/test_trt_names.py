@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.unit.fake_tensorrt import LEAN_LABELS, NAMES_DIR, VERSION_LABELS, FakeCuda, FakeTensorRT, load_names, version_of
+from tests.unit.fake_cuda import FakeCuda
+from tests.unit.fake_tensorrt import LEAN_LABELS, NAMES_DIR, VERSION_LABELS, FakeTensorRT, load_names, version_of
 from workers import precision
 from workers.engines import tensorrt as backend
 from workers.engines.onnxruntime import describe_model
@@ -280,7 +281,7 @@ def test_real_lean_engine_without_a_gpu_is_refused_with_tensorrts_words(tmp_path
     plan.write_bytes(b"never deserialized")
     code = (
         "import sys\n"
-        "from tests.unit.fake_tensorrt import FakeCuda\n"
+        "from tests.unit.fake_cuda import FakeCuda\n"
         "from workers.engines.tensorrt import TensorRTEngine\n"
         "from workers.errors import NotReady\n"
         "cuda = FakeCuda()  # cuda-python would stop at cudaSetDevice first; this reaches TensorRT\n"
