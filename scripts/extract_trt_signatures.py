@@ -26,14 +26,10 @@ Usage (needs ``pip``, ``gcc`` and ``nm``, like extract_trt_names.py):
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import importlib.util
 import json
 import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 from types import ModuleType
 
@@ -103,6 +99,7 @@ for enum in sorted(enums):
 print(json.dumps({"version": getattr(module, "__version__", "?"), "records": records}))
 """
 
+
 def _load_script(name: str) -> ModuleType:
     """A sibling script as a module (scripts/ is no package)."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
@@ -115,7 +112,8 @@ def _load_script(name: str) -> ModuleType:
 
 def declared_names(label: str) -> list[str]:
     """What names.py declares for the version path of ``label`` ('lean-11.4.0.106' -> (11, True))."""
-    sys.path.insert(0, str(REPO_ROOT))
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
     from workers.engines.tensorrt.names import NAMES_USED
 
     lean = label.startswith("lean-")
@@ -138,48 +136,22 @@ def walk(stubs: list[str], root: str, package: str, names: list[str]) -> tuple[s
     return data["version"], data["records"]
 
 
-def write_records(label: str, wheel_file: Path, requirement: str, version: str, records: list[str], out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{label}.txt"
-    header = [
-        f"TensorRT Python binding signatures: {version}",
-        f"wheel: {wheel_file.name} (pip download --no-deps {requirement})",
-        "extracted by scripts/extract_trt_signatures.py: pybind11 docstring signatures, properties",
-        "(settable or read-only) and enum values of the names workers/engines/tensorrt/names.py",
-        "declares for this version path; read by tests/unit/fake_tensorrt.py.",
-        f"extracted: {_dt.date.today().isoformat()} with Python {sys.version.split()[0]}",
-    ]
-    path.write_text("".join(f"# {line}\n" for line in header) + "".join(f"{record}\n" for record in records))
-    return path
-
-
 def main() -> int:
     names_script = _load_script("extract_trt_names")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
-    parser.add_argument("--wheel-dir", type=Path, help="use (or download into) this directory")
-    parser.add_argument("--only", action="append", help="label (repeatable): " + ", ".join(w.label for w in names_script.WHEELS))
-    args = parser.parse_args()
-    chosen = [w for w in names_script.WHEELS if not args.only or w.label in args.only]
-    if not chosen:
-        parser.error(f"no wheel labelled {args.only}")
-    with tempfile.TemporaryDirectory(prefix="trt-signatures-") as tmp:
-        work = Path(tmp)
-        wheel_dir = args.wheel_dir or work / "wheels"
-        wheel_dir.mkdir(parents=True, exist_ok=True)
-        for wheel in chosen:
-            try:
-                wheel_file = names_script.find_wheel(wheel.requirement, wheel_dir)
-            except FileNotFoundError:
-                wheel_file = names_script.download(wheel.requirement, wheel_dir)
-            root = work / wheel.label
-            with zipfile.ZipFile(wheel_file) as archive:
-                archive.extractall(root)
-            (extension,) = sorted((root / wheel.package).glob("*.so"))
-            stubs = names_script.build_stubs(extension, root)
-            version, records = walk(stubs, str(root), wheel.package, declared_names(wheel.label))
-            path = write_records(wheel.label, wheel_file, wheel.requirement, version, records, args.out)
-            print(f"{wheel.label}: {len(records)} records -> {path}")
+    args, chosen = names_script.command_line(__doc__, OUT_DIR)
+    for wheel, wheel_file, work in names_script.each_wheel(chosen, args.wheel_dir, "trt-signatures-"):
+        root, stubs = names_script.unpack(wheel, wheel_file, work)
+        version, records = walk(stubs, str(root), wheel.package, declared_names(wheel.label))
+        header = [
+            f"TensorRT Python binding signatures: {version}",
+            f"wheel: {wheel_file.name} (pip download --no-deps {wheel.requirement})",
+            "extracted by scripts/extract_trt_signatures.py: pybind11 docstring signatures, properties",
+            "(settable or read-only) and enum values of the names workers/engines/tensorrt/names.py",
+            "declares for this version path; read by tests/unit/fake_tensorrt.py.",
+            names_script.extraction_stamp(),
+        ]
+        path = names_script.write_data_file(args.out, wheel.label, header, records)
+        print(f"{wheel.label}: {len(records)} records -> {path}")
     return 0
 
 
