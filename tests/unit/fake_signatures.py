@@ -54,8 +54,8 @@ class Signature:
                 return None
             bound[param.name] = value
         for name, value in kwargs.items():
-            param = next((p for p in self.params if p.name == name and not p.positional_only), None)
-            if param is None or name in bound:
+            named = next((p for p in self.params if p.name == name and not p.positional_only), None)
+            if named is None or name in bound:
                 return None
             bound[name] = value
         if any(p.default is None and p.name not in bound for p in self.params):
