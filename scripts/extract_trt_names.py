@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,14 +174,19 @@ def build_stubs(extension: Path, work: Path) -> list[str]:
     return stubs
 
 
-def extract(wheel: BindingWheel, wheel_file: Path, work: Path) -> tuple[str, list[str]]:
+def unpack(wheel: BindingWheel, wheel_file: Path, work: Path) -> tuple[Path, list[str]]:
+    """The wheel unpacked under ``work`` (the folder to import it from) and stub libraries for its extension."""
     root = work / wheel.label
     with zipfile.ZipFile(wheel_file) as archive:
         archive.extractall(root)
     extensions = sorted((root / wheel.package).glob("*.so"))
     if len(extensions) != 1:
         raise RuntimeError(f"{wheel_file.name}: expected one extension in {wheel.package}/, found {extensions}")
-    stubs = build_stubs(extensions[0], root)
+    return root, build_stubs(extensions[0], root)
+
+
+def extract(wheel: BindingWheel, wheel_file: Path, work: Path) -> tuple[str, list[str]]:
+    root, stubs = unpack(wheel, wheel_file, work)
     result = subprocess.run(
         [sys.executable, "-I", "-S", "-c", _WALKER, json.dumps([stubs, str(root), wheel.package])],
         check=True, capture_output=True, text=True,
@@ -189,9 +195,19 @@ def extract(wheel: BindingWheel, wheel_file: Path, work: Path) -> tuple[str, lis
     return data["version"], data["names"]
 
 
-def write_names(wheel: BindingWheel, wheel_file: Path, version: str, names: list[str], out_dir: Path) -> Path:
+def extraction_stamp() -> str:
+    return f"extracted: {_dt.date.today().isoformat()} with Python {sys.version.split()[0]}"
+
+
+def write_data_file(out_dir: Path, label: str, header: list[str], lines: list[str]) -> Path:
+    """``out_dir/<label>.txt``: the header as '# ' comment lines, then one line per entry."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{wheel.label}.txt"
+    path = out_dir / f"{label}.txt"
+    path.write_text("".join(f"# {line}\n" for line in header) + "".join(f"{line}\n" for line in lines))
+    return path
+
+
+def write_names(wheel: BindingWheel, wheel_file: Path, version: str, names: list[str], out_dir: Path) -> Path:
     header = [
         f"TensorRT Python binding names: {wheel.package} {version}",
         f"wheel: {wheel_file.name} (pip download --no-deps {wheel.requirement})",
@@ -200,36 +216,46 @@ def write_names(wheel: BindingWheel, wheel_file: Path, version: str, names: list
         "installable here; module init calls none of them), then walked with dir():",
         "module names, Class.attr, Class.Nested.attr (module-valued names such as os,",
         "sys or the plugin submodule left out).",
-        f"extracted: {_dt.date.today().isoformat()} with Python {sys.version.split()[0]}",
+        extraction_stamp(),
     ]
     if wheel.note:
         header.append(wheel.note)
-    text = "".join(f"# {line}\n" for line in header) + "".join(f"{name}\n" for name in names)
-    path.write_text(text)
-    return path
+    return write_data_file(out_dir, wheel.label, header, names)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
+def command_line(description: str, out_dir: Path) -> tuple[argparse.Namespace, list[BindingWheel]]:
+    """The options shared with extract_trt_signatures.py, and the wheels they choose."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=out_dir)
     parser.add_argument("--wheel-dir", type=Path, help="use (or download into) this directory")
     parser.add_argument("--only", action="append", help="label to extract (repeatable): " + ", ".join(w.label for w in WHEELS))
     args = parser.parse_args()
     chosen = [w for w in WHEELS if not args.only or w.label in args.only]
     if not chosen:
         parser.error(f"no wheel labelled {args.only}")
-    with tempfile.TemporaryDirectory(prefix="trt-names-") as tmp:
+    return args, chosen
+
+
+def each_wheel(chosen: list[BindingWheel], wheel_dir: Path | None, prefix: str) -> Iterator[tuple[BindingWheel, Path, Path]]:
+    """(wheel, its file, a scratch folder) for each chosen wheel, downloaded unless ``wheel_dir`` has it."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         work = Path(tmp)
-        wheel_dir = args.wheel_dir or work / "wheels"
+        wheel_dir = wheel_dir or work / "wheels"
         wheel_dir.mkdir(parents=True, exist_ok=True)
         for wheel in chosen:
             try:
                 wheel_file = find_wheel(wheel.requirement, wheel_dir)
             except FileNotFoundError:
                 wheel_file = download(wheel.requirement, wheel_dir)
-            version, names = extract(wheel, wheel_file, work)
-            path = write_names(wheel, wheel_file, version, names, args.out)
-            print(f"{wheel.label}: {len(names)} names -> {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}")
+            yield wheel, wheel_file, work
+
+
+def main() -> int:
+    args, chosen = command_line(__doc__, OUT_DIR)
+    for wheel, wheel_file, work in each_wheel(chosen, args.wheel_dir, "trt-names-"):
+        version, names = extract(wheel, wheel_file, work)
+        path = write_names(wheel, wheel_file, version, names, args.out)
+        print(f"{wheel.label}: {len(names)} names -> {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}")
     return 0
 
 

@@ -14,7 +14,7 @@ Why not ``pip install tensorrt-stubs``:
   afterwards to check nothing else is left.
 
 Usage: python scripts/install_trt_stubs.py [--target DIR]   (default: <venv>/trt-stubs)
-Then:  MYPYPATH=<venv>/trt-stubs mypy workers/engines/tensorrt.py workers/engines/trt_compat.py
+Then:  MYPYPATH=<venv>/trt-stubs mypy workers/engines/tensorrt/
 """
 
 from __future__ import annotations

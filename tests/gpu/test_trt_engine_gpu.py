@@ -15,9 +15,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.unit.fake_tensorrt import _TRT_TO_NUMPY, FakeTensorRT
+from tests.unit.fake_tensorrt import FakeTensorRT
+from tests.unit.fake_trt_world import TRT_TO_NUMPY
 from workers.engines.tensorrt import TensorRTEngine, TrtBuildOptions, build_plan
-from workers.engines.trt_compat import TrtApi
+from workers.engines.tensorrt.compat import TrtApi
 from workers.errors import IncompatibleArtifact
 from workers.tensors import TensorSpec
 
@@ -72,7 +73,7 @@ def _gpu_execute(fake, context, stream):
     feeds = {}
     for tensor in plan["io"]:
         if tensor["mode"] == "INPUT":
-            host = np.empty(context._state["shapes"][tensor["name"]], _TRT_TO_NUMPY[tensor["dtype"]])
+            host = np.empty(context._state["shapes"][tensor["name"]], TRT_TO_NUMPY[tensor["dtype"]])
             _check(rt.cudaMemcpy(host.ctypes.data, context._state["addresses"][tensor["name"]], host.nbytes,
                                  rt.cudaMemcpyKind.cudaMemcpyDeviceToHost))
             feeds[tensor["name"]] = host

@@ -9,7 +9,7 @@ from workers.actor import FleetWorker, WorkerSpec
 from workers.build import BuildRequest, build_artifact
 from workers.kserve.codec import InferRequest
 from workers.engines.tensorrt import OnnxParserFailed
-from workers.engines.trt_compat import TrtApi
+from workers.engines.tensorrt.compat import TrtApi
 from workers.manifest import Manifest
 from workers.targets import Target
 

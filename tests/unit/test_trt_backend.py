@@ -13,7 +13,9 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.unit.fake_tensorrt import FakeCuda, FakeTensorRT, FakeWorld
+from tests.unit.fake_cuda import FakeCuda
+from tests.unit.fake_tensorrt import FakeTensorRT
+from tests.unit.fake_trt_world import FakeWorld
 from workers import precision
 from workers.engines.onnxruntime import describe_model
 from workers.engines.tensorrt import (
@@ -23,7 +25,7 @@ from workers.engines.tensorrt import (
     build_plan,
     plan_footprint,
 )
-from workers.engines.trt_compat import TrtApi
+from workers.engines.tensorrt.compat import TrtApi
 from workers.errors import BuildError, IncompatibleArtifact, InvalidConfig, InvalidInput, NoCapacity, NotReady
 
 FULL = ["8.6.1", "10.16.1.11", "11.4.0.106"]
@@ -52,12 +54,19 @@ def build(label, cnn, tmp_path, world=None, calibration=None, **options):
 # --------------------------------------------------------------------------- build: precision per version
 
 
-@pytest.mark.parametrize("label,flag", [("8.6.1", "EXPLICIT_BATCH"), ("10.16.1.11", None), ("11.4.0.106", "STRONGLY_TYPED")])
-def test_float32_network_flags(cnn, tmp_path, label, flag):
+# Flag values of the real enums (tests/data/trt_signatures/, from each binding wheel):
+# EXPLICIT_BATCH is 0 on 8.6; STRONGLY_TYPED is 1 on 10.16 and 0 on 11.4 (EXPLICIT_BATCH gone).
+@pytest.mark.parametrize("label,expected", [("8.6.1", 1 << 0), ("10.16.1.11", 0), ("11.4.0.106", 1 << 0)])
+def test_float32_network_flags(cnn, tmp_path, label, expected):
     fake, info, plan = build(label, cnn, tmp_path)
-    expected = 0 if flag is None else 1 << int(getattr(fake.NetworkDefinitionCreationFlag, flag))
     assert plan["network_flags"] == info.network_flags == expected
     assert plan["builder_flags"] == []
+
+
+@pytest.mark.parametrize("label,expected", [("10.16.1.11", 1 << 1), ("11.4.0.106", 1 << 0)])
+def test_float16_networks_are_strongly_typed_from_10_on(cnn, tmp_path, label, expected):
+    _, info, plan = build(label, cnn, tmp_path, precision="float16")
+    assert plan["network_flags"] == info.network_flags == expected
 
 
 @pytest.mark.parametrize("label,strongly_typed,flags", [
@@ -78,7 +87,7 @@ def test_int8_calibrator_reads_the_stored_cache_with_this_versions_header(cnn, c
     fake, info, plan = build(label, cnn, tmp_path, precision="int8", calibration=cnn_calibration)
     assert info.precision_plan.uses_calibrator and plan["builder_flags"] == ["INT8"]
     header, scales = precision.parse_trt_calibration_cache(plan["calibration_cache"])
-    assert header == f"TRT-{precision.trt_version_tag(label)}-EntropyCalibration2"
+    assert header == {"8.6.1": "TRT-8601-EntropyCalibration2", "10.16.1.11": "TRT-101601-EntropyCalibration2"}[label]
     assert scales == pytest.approx({k: v / 127 for k, v in cnn_calibration.amax.items()}, rel=1e-6)
 
 
@@ -118,9 +127,10 @@ def test_profile_workspace_timing_cache_and_version_compatible(cnn, tmp_path, la
 
 
 def test_disabling_cublas_lt_on_10_and_asking_for_it_on_11(cnn, tmp_path):
-    fake, _, plan = build("10.16.1.11", cnn, tmp_path, tactic_sources={"CUBLAS_LT": False})
-    bit = 1 << int(fake.TacticSource.CUBLAS_LT)
-    assert plan["tactic_mask"] == FakeWorld().default_tactic_mask & ~bit
+    world = FakeWorld()
+    world.default_tactic_mask = 0b11111
+    _, _, plan = build("10.16.1.11", cnn, tmp_path, world=world, tactic_sources={"CUBLAS_LT": False})
+    assert plan["tactic_mask"] == 0b11101  # TacticSource.CUBLAS_LT is 1 on 10.16
     with pytest.raises(InvalidConfig, match="tactic source CUBLAS_LT is not available on TensorRT 11.4.0.106.*JIT_CONVOLUTIONS"):
         build("11.4.0.106", cnn, tmp_path, tactic_sources={"CUBLAS_LT": False})
 
@@ -205,14 +215,19 @@ def plan_for(request, cnn, tmp_path):
 
 def test_engine_runs_a_plan_and_matches_onnxruntime(plan_for, cnn):
     label, plan_path = plan_for
-    fake, cuda = FakeTensorRT(label), FakeCuda()
-    engine = TensorRTEngine(plan_path, slots=2, lean=label.startswith("lean-"), api=TrtApi(fake), cuda_module=cuda)
+    world = FakeWorld()
+    world.device_memory_size = 3 << 20  # what TensorRT says each context needs
+    fake, cuda = FakeTensorRT(label, world), FakeCuda()
+    lean = label.startswith("lean-")
+    engine = TensorRTEngine(plan_path, slots=2, version_compatible=lean, lean=lean, api=TrtApi(fake), cuda_module=cuda)
     x = np.random.default_rng(2).standard_normal((5, 3, 64, 64)).astype(np.float32)
     with engine:
         assert [s.name for s in engine.inputs] == ["input"] and engine.inputs[0].shape == (-1, 3, 64, 64)
         out = engine.infer({"input": x})
-        io_per_slot = 8 * 3 * 64 * 64 * 4 + 8 * 10 * 4
-        assert engine.footprint_bytes == plan_footprint(fake.world.device_memory_size, 2, plan_path.stat().st_size, io_per_slot)
+        # What CUDA really holds, plus each context's device memory and the weights (the plan).
+        assert engine.footprint_bytes == cuda.device_bytes + 2 * (3 << 20) + plan_path.stat().st_size
+        # Buffers for the largest profile shape, input [8, 3, 64, 64] and output [8, 10], per slot.
+        assert cuda.device_bytes == 2 * (8 * 3 * 64 * 64 * 4 + 8 * 10 * 4)
         with pytest.raises(InvalidInput, match="larger than the engine's largest profile shape"):
             engine.infer({"input": np.zeros((9, 3, 64, 64), np.float32)})
     np.testing.assert_allclose(out["logits"], precision.run_model(cnn[0], {"input": x})["logits"], rtol=1e-5, atol=1e-5)
@@ -281,11 +296,35 @@ def test_runtime_that_logged_an_error_is_refused(cnn, tmp_path):
         engine.activate()
 
 
-def test_version_compatible_plan_allows_engine_host_code_on_full_runtime(cnn, tmp_path):
+@pytest.mark.parametrize("label", FULL)
+def test_version_compatible_plan_allows_engine_host_code_on_full_runtime(cnn, tmp_path, label):
+    _, info, _ = build(label, cnn, tmp_path, version_compatible=True)
+    fake = FakeTensorRT(label)
+    with TensorRTEngine(info.plan_path, version_compatible=True, api=TrtApi(fake), cuda_module=FakeCuda()) as engine:
+        assert fake.assignments == [("Runtime.engine_host_code_allowed", True)]
+        assert engine._runtime.engine_host_code_allowed is True
+
+
+@pytest.mark.parametrize("label", ["lean-8.6.1", "lean-10.16.1.11", "lean-11.4.0.106"])
+def test_lean_runtime_never_sets_engine_host_code_allowed(cnn, tmp_path, label):
+    _, info, _ = build(label.removeprefix("lean-"), cnn, tmp_path, version_compatible=True)
+    fake = FakeTensorRT(label)
+    with TensorRTEngine(info.plan_path, version_compatible=True, lean=True, api=TrtApi(fake), cuda_module=FakeCuda()) as engine:
+        engine.infer({"input": np.zeros((1, 3, 64, 64), np.float32)})
+    assert fake.assignments == []
+
+
+def test_version_compatible_plan_without_host_code_allowed_is_refused(cnn, tmp_path):
+    """What real TensorRT does when the runtime was not told to run the plan's embedded lean runtime."""
     _, info, _ = build("10.16.1.11", cnn, tmp_path, version_compatible=True)
     fake = FakeTensorRT("10.16.1.11")
-    with TensorRTEngine(info.plan_path, version_compatible=True, api=TrtApi(fake), cuda_module=FakeCuda()):
-        assert "Runtime.engine_host_code_allowed" in fake.touched
+    api = TrtApi(fake)
+    logger = api.new_logger()
+    runtime = api.create_runtime(logger)
+    assert runtime.deserialize_cuda_engine(info.plan_path.read_bytes()) is None
+    assert any("engine_host_code_allowed" in error for error in logger.errors_since(0))
+    runtime.engine_host_code_allowed = True
+    assert runtime.deserialize_cuda_engine(info.plan_path.read_bytes()) is not None
 
 
 def test_unsupported_tensorrt_major_is_refused():

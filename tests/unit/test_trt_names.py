@@ -2,7 +2,7 @@
 
 Three sources of "used names", so that the check cannot drift from the code:
 
-1. ``trt_compat.NAMES_USED``: what each version path declares it touches; checked
+1. ``names.NAMES_USED`` (workers/engines/tensorrt/names.py): what each version path declares it touches; checked
    against the names the real binding wheel of that version exports
    (tests/data/trt_names/, made by scripts/extract_trt_names.py).
 2. What the code really touches: the backend is run through every option on fake
@@ -25,17 +25,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.unit.fake_tensorrt import LEAN_LABELS, NAMES_DIR, VERSION_LABELS, FakeCuda, FakeTensorRT, load_names, version_of
+from tests.unit.fake_cuda import FakeCuda
+from tests.unit.fake_tensorrt import LEAN_LABELS, NAMES_DIR, VERSION_LABELS, FakeTensorRT, load_names, version_of
 from workers import precision
 from workers.engines import tensorrt as backend
-from workers.engines import trt_compat
 from workers.engines.onnxruntime import describe_model
 from workers.engines.tensorrt import OnnxParserFailed, TensorRTEngine, TrtBuildOptions, build_plan
-from workers.engines.trt_compat import NAMES_USED, TrtApi
+from workers.engines.tensorrt import compat
+from workers.engines.tensorrt.compat import TrtApi
+from workers.engines.tensorrt.names import NAMES_USED
 from workers.errors import BuildError, IncompatibleArtifact, InvalidConfig, NotReady
 
 ROOT = Path(__file__).resolve().parents[2]
-BACKEND_SOURCES = [Path(trt_compat.__file__), Path(backend.__file__)]
+# Every module of the backend package: a name touched in a new module is scanned too.
+BACKEND_SOURCES = sorted(Path(backend.__file__).parent.glob("*.py"))
 PATHS = [(label, int(version_of(label).split(".")[0]), label.startswith("lean-")) for label in VERSION_LABELS + LEAN_LABELS]
 # Declared because the backend overrides them in its subclasses (so they must exist), never called by it.
 OVERRIDDEN = {
@@ -114,7 +117,8 @@ def test_the_check_fails_for_a_name_the_version_lacks():
         fake.BuilderFlag.FP16
     with pytest.raises(AttributeError):
         fake.ICudaEngine.device_memory_size
-    assert int(fake.BuilderFlag.VERSION_COMPATIBLE) >= 0
+    # What it keeps, it numbers as TensorRT 11 does: 12 (13 on 10.16.1.11).
+    assert int(fake.BuilderFlag.VERSION_COMPATIBLE) == 12
 
 
 # --------------------------------------------------------------------------- 2. what the code touches
@@ -173,7 +177,7 @@ def test_code_touches_only_declared_names_and_every_declared_name(label, major, 
     declared = NAMES_USED[(major, lean)]
     # TacticSource members are named by the user's tactic_sources option, checked at run time.
     undeclared = {n for n in touched - with_prefixes(declared) if not n.startswith("TacticSource.")}
-    assert not undeclared, f"{label}: the code touched names trt_compat.NAMES_USED does not declare"
+    assert not undeclared, f"{label}: the code touched names names.NAMES_USED does not declare"
     assert not missing_names(touched, load_names(label))
     unexercised = declared - touched - OVERRIDDEN
     assert not unexercised, f"{label}: declared but no path touched them (dead declaration or untested path)"
@@ -207,6 +211,10 @@ def _source_names() -> tuple[set[str], set[str]]:
             for chain in re.findall(r"\btrt\.([A-Za-z_][\w.]*)", text):
                 types_named.add(chain)
     return literals, types_named
+
+
+def test_the_scan_covers_every_module_of_the_package():
+    assert {p.name for p in BACKEND_SOURCES} >= {"__init__.py", "builder.py", "compat.py", "cuda.py", "names.py", "runner.py"}
 
 
 def test_every_required_literal_is_declared():
@@ -274,7 +282,7 @@ def test_real_lean_engine_without_a_gpu_is_refused_with_tensorrts_words(tmp_path
     plan.write_bytes(b"never deserialized")
     code = (
         "import sys\n"
-        "from tests.unit.fake_tensorrt import FakeCuda\n"
+        "from tests.unit.fake_cuda import FakeCuda\n"
         "from workers.engines.tensorrt import TensorRTEngine\n"
         "from workers.errors import NotReady\n"
         "cuda = FakeCuda()  # cuda-python would stop at cudaSetDevice first; this reaches TensorRT\n"
@@ -298,4 +306,4 @@ def test_tensorrt_stubs_do_not_pass_for_tensorrt(monkeypatch):
     """A tensorrt/ folder of .pyi files imports as an empty namespace package: not TensorRT."""
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     with pytest.raises(NotReady, match="type stubs only"):
-        trt_compat.load_tensorrt()
+        compat.load_tensorrt()

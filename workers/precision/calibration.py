@@ -1,19 +1,13 @@
-"""Precision preparation shared by every backend: float16 models, INT8 calibration, accuracy checks.
+"""INT8 calibration: ``int8_calib`` computes it, ``int8`` builds from it.
 
-The four modes users know from Tencent Forward:
-
-- ``float32``: the source model as it is.
-- ``float16``: an FP16 ONNX model (``convert_float16``); TensorRT 10+ builds it as a
-  strongly typed network, ONNX Runtime runs it as it is.
-- ``int8_calib``: ``calibrate`` the source on user data and keep the result
-  (``write_calibration``): tensor ranges (JSON), a Q/DQ ONNX model with symmetric
-  scales (zero points 0, as TensorRT requires) and a TensorRT calibration cache.
-- ``int8``: built from a stored calibration (``read_calibration``).
-
-Every build compares its artifact with the float32 reference (``compare_outputs``)
-and fails when the loss is over the mode's threshold (``check_accuracy``).
-
-Pure functions, no Ray, no TensorRT: they run on any worker or on the controller.
+- calibration data: ``load_calibration_data`` reads a ``.npz``, a directory of
+  ``.npy`` or a ``module:function`` generator into equal batches, checked against the
+  model's inputs; ``calibration_data_sha256`` and ``calibration_key`` say where a
+  calibration is stored (by the source model's sha256, never by model name);
+- ``calibrate``: ONNX Runtime's static quantizer, symmetric (zero points 0, as
+  TensorRT requires): a Q/DQ model and the activation ranges read back from it;
+- the stored files (``write_calibration`` / ``read_calibration``): tensor ranges
+  (JSON), the Q/DQ ONNX model and a TensorRT calibration cache.
 """
 
 from __future__ import annotations
@@ -32,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 from workers.errors import BuildError, InvalidConfig, InvalidInput
+from workers.precision.reference import cpu_session
 from workers.tensors import TensorSpec
 
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
@@ -53,61 +47,6 @@ CALIBRATION_FILES = (RANGES_FILE, QDQ_MODEL_FILE, TRT_CACHE_FILE)
 # The TensorRT release whose header a freshly written cache carries; a build re-renders
 # the header for its own TensorRT (trt_calibration_cache), which rejects a foreign one.
 DEFAULT_CACHE_TRT_VERSION = "10.16.1"
-
-# Accuracy thresholds per mode (issue 4). int8 is judged by top-1 agreement where the
-# model has a classifier output; without one, by relative L2 error.
-FLOAT32_MAX_REL_L2 = 1e-4
-FLOAT16_MAX_REL_L2 = 1e-2
-INT8_MIN_TOP1_AGREEMENT = 0.97
-INT8_MAX_REL_L2_WITHOUT_CLASSIFIER = 5e-2
-
-
-# --------------------------------------------------------------------------- float16
-
-
-def convert_float16(src_path: str | Path, dst_path: str | Path) -> Path:
-    """Write an FP16 copy of ``src_path`` (inputs and outputs stay float32) and check it loads.
-
-    Uses ONNX Runtime's converter: onnxconverter-common's produced models ONNX Runtime
-    refuses ("Type parameter (T) of Optype (MatMul) bound to different types"), so
-    whatever the converter, the result is loaded before anyone stores it.
-    """
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    src, dst = Path(src_path), Path(dst_path)
-    try:
-        model = onnx.load(src)
-    except Exception as exc:  # onnx raises DecodeError, OSError, ... here
-        raise BuildError(f"cannot read ONNX model {src}: {exc}") from exc
-    try:
-        converted = convert_float_to_float16(model, keep_io_types=True)
-    except Exception as exc:
-        raise BuildError(f"ONNX Runtime's float16 converter failed on {src.name}: {exc}") from exc
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(converted, dst)
-    try:
-        _cpu_session(dst)
-    except Exception as exc:
-        raise BuildError(
-            f"the float16 model converted from {src.name} does not load in ONNX Runtime: {exc}; "
-            f"build float32, or exclude the failing operator from the conversion"
-        ) from exc
-    return dst
-
-
-def _cpu_session(model: str | Path | bytes) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
-
-
-def run_model(model: str | Path | bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """All outputs of ``model`` on ``feeds``, with ONNX Runtime on the CPU (reference runs)."""
-    session = _cpu_session(model)
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
 
 
 # --------------------------------------------------------------------------- calibration data
@@ -363,7 +302,7 @@ def calibrate(
     if not amax:
         raise BuildError(f"INT8 calibration of {src.name} quantized no activation: no operator it can quantize")
     try:
-        _cpu_session(qdq_bytes)
+        cpu_session(qdq_bytes)
     except Exception as exc:
         raise BuildError(f"the Q/DQ model calibrated from {src.name} does not load in ONNX Runtime: {exc}") from exc
     return CalibrationResult(amax=amax, qdq_model=qdq_bytes, method=method)
@@ -461,86 +400,3 @@ def read_calibration(directory: str | Path, method: str = DEFAULT_CALIBRATION_ME
         raise BuildError(f"{where / RANGES_FILE} has a negative or non-finite range")
     return CalibrationResult(amax=amax, qdq_model=(where / QDQ_MODEL_FILE).read_bytes(), method=method)
 
-
-# --------------------------------------------------------------------------- accuracy
-
-
-def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, Any]:
-    """How far ``candidate`` is from the float32 ``reference``, per output and overall.
-
-    Float outputs: max absolute error and relative L2 error (||c - r|| / ||r||);
-    2-D float outputs (classifier probabilities or logits) also top-1 agreement;
-    integer outputs (labels): the fraction that agree exactly. The overall numbers are
-    the worst over the outputs and go into the manifest.
-    """
-    missing = sorted(set(reference) - set(candidate))
-    if missing:
-        raise BuildError(f"the candidate artifact does not produce output(s) {missing}")
-    per_output: dict[str, dict[str, float]] = {}
-    for name in sorted(reference):
-        ref, cand = np.asarray(reference[name]), np.asarray(candidate[name])
-        if ref.shape != cand.shape:
-            raise BuildError(f"output '{name}': shape {list(cand.shape)} differs from the reference's {list(ref.shape)}")
-        metrics: dict[str, float] = {}
-        if ref.dtype.kind == "f":
-            r, c = ref.astype(np.float64), cand.astype(np.float64)
-            diff = c - r
-            metrics["max_abs_error"] = float(np.max(np.abs(diff))) if diff.size else 0.0
-            norm = float(np.linalg.norm(r))
-            metrics["rel_l2_error"] = float(np.linalg.norm(diff)) / norm if norm > 0 else float(np.linalg.norm(diff))
-            if ref.ndim == 2 and ref.shape[1] > 1:
-                metrics["top1_agreement"] = float(np.mean(np.argmax(r, axis=1) == np.argmax(c, axis=1)))
-        elif ref.dtype.kind in "iub":
-            metrics["exact_agreement"] = float(np.mean(ref == cand)) if ref.size else 1.0
-        else:
-            metrics["exact_agreement"] = float(np.mean(ref == cand)) if ref.size else 1.0
-        per_output[name] = metrics
-    summary: dict[str, Any] = {"outputs": per_output}
-    for key, worst in (("max_abs_error", max), ("rel_l2_error", max), ("top1_agreement", min), ("exact_agreement", min)):
-        values = [m[key] for m in per_output.values() if key in m]
-        if values:
-            summary[key] = worst(values)
-    samples = {int(np.asarray(a).shape[0]) for a in reference.values() if np.asarray(a).ndim}
-    if len(samples) == 1:
-        summary["samples"] = samples.pop()
-    return summary
-
-
-def accuracy_threshold(precision: str, metrics: dict[str, Any]) -> tuple[str, str, float]:
-    """(metric, 'max' | 'min', bound) that ``precision`` is judged by, given what ``metrics`` holds."""
-    if "rel_l2_error" not in metrics and "exact_agreement" in metrics:
-        # integer outputs only (labels, counts): judged by how often they agree exactly
-        return "exact_agreement", "min", {"float32": 1.0, "float16": 0.99}.get(precision, INT8_MIN_TOP1_AGREEMENT)
-    if precision == "float32":
-        return "rel_l2_error", "max", FLOAT32_MAX_REL_L2
-    if precision == "float16":
-        return "rel_l2_error", "max", FLOAT16_MAX_REL_L2
-    if precision in ("int8", "int8_calib"):
-        if "top1_agreement" in metrics:
-            return "top1_agreement", "min", INT8_MIN_TOP1_AGREEMENT
-        return "rel_l2_error", "max", INT8_MAX_REL_L2_WITHOUT_CLASSIFIER
-    raise InvalidConfig(f"unknown precision {precision!r}")
-
-
-def check_accuracy(precision: str, metrics: dict[str, Any], accept_loss: bool = False) -> dict[str, Any]:
-    """Raise BuildError when ``metrics`` (from compare_outputs) break the mode's threshold.
-
-    Returns what was checked, for the manifest: metric, bound, value, passed, accepted.
-    """
-    metric, kind, bound = accuracy_threshold(precision, metrics)
-    if metric not in metrics:
-        raise BuildError(f"cannot check {precision} accuracy: the comparison has no {metric} (no float output?)")
-    value = float(metrics[metric])
-    passed = value <= bound if kind == "max" else value >= bound
-    verdict = {"metric": metric, "bound": bound, "kind": kind, "value": value, "passed": passed, "accepted_loss": False}
-    if passed:
-        return verdict
-    if accept_loss:
-        verdict["accepted_loss"] = True
-        return verdict
-    relation = "over the maximum" if kind == "max" else "under the minimum"
-    raise BuildError(
-        f"{precision} artifact loses too much accuracy: {metric} {value:.6g} is {relation} {bound:g} "
-        f"against float32 on {metrics.get('samples', 'the held-out')} samples; build another precision, "
-        f"or pass --accept-accuracy-loss to keep it anyway"
-    )

@@ -31,10 +31,8 @@ hardware compatibility          AMPERE_PLUS      + SAME_COMPUTE_  + SAME_COMPUTE
 lean runtime (tensorrt_lean)    runtime names only, no Builder/OnnxParser
 ==============================  ===============  ===============  ===============
 
-Every TensorRT name the backend touches is declared below, per version path
-(``names_used``); tests/unit/test_trt_names.py checks the declarations against the
-names each real binding wheel exports, and checks that the code touches nothing it
-did not declare.
+Every TensorRT name a version path touches is declared in names.py
+(``TrtApi.names_used``).
 """
 
 from __future__ import annotations
@@ -47,6 +45,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from workers.engines.tensorrt.names import NAMES_USED
 from workers.errors import InvalidConfig, NotReady
 from workers.targets import HARDWARE_COMPATIBILITY, parse_version
 
@@ -60,103 +59,6 @@ INT8_MODES = ("calibrator", "qdq")
 LOGGER_HISTORY = 200  # messages kept per logger, for error reports
 # Runtimes TensorRT returned half-initialised (see TrtApi.create_runtime): never destroyed.
 _UNUSABLE_RUNTIMES: list[tuple[Any, Any]] = []
-
-# --------------------------------------------------------------------------- declared names
-
-# Runtime path (full and lean): deserialize, inspect IO, execute.
-_RUNTIME_COMMON = frozenset({
-    "__version__",
-    "ILogger",
-    "ILogger.log",
-    "ILogger.Severity.ERROR",
-    "Runtime",
-    "Runtime.deserialize_cuda_engine",
-    "ICudaEngine.num_io_tensors",
-    "ICudaEngine.get_tensor_name",
-    "ICudaEngine.get_tensor_mode",
-    "ICudaEngine.get_tensor_dtype",
-    "ICudaEngine.get_tensor_shape",
-    "ICudaEngine.get_tensor_profile_shape",
-    "ICudaEngine.create_execution_context",
-    "TensorIOMode.INPUT",
-    "IExecutionContext.set_input_shape",
-    "IExecutionContext.get_tensor_shape",
-    "IExecutionContext.set_tensor_address",
-    "IExecutionContext.execute_async_v3",
-    "nptype",
-})
-_RUNTIME_FULL = frozenset({"Runtime.engine_host_code_allowed"})  # version-compatible plans on full TensorRT
-_RUNTIME_V1 = frozenset({"ICudaEngine.device_memory_size"})
-_RUNTIME_V2 = frozenset({"ICudaEngine.device_memory_size_v2"})
-
-# Build path: parse ONNX, configure, build a serialized plan.
-_BUILD_COMMON = frozenset({
-    "Builder",
-    "Builder.create_network",
-    "Builder.create_builder_config",
-    "Builder.create_optimization_profile",
-    "Builder.build_serialized_network",
-    "OnnxParser",
-    "OnnxParser.parse_from_file",
-    "OnnxParser.num_errors",
-    "OnnxParser.get_error",
-    "ParserError.code",
-    "ParserError.desc",
-    "ParserError.node",
-    "NetworkDefinitionCreationFlag",
-    "IBuilderConfig.set_flag",
-    "IBuilderConfig.set_memory_pool_limit",
-    "MemoryPoolType.WORKSPACE",
-    "IBuilderConfig.add_optimization_profile",
-    "IOptimizationProfile.set_shape",
-    "IBuilderConfig.create_timing_cache",
-    "IBuilderConfig.set_timing_cache",
-    "IBuilderConfig.get_timing_cache",
-    "ITimingCache.serialize",
-    "IBuilderConfig.get_tactic_sources",
-    "IBuilderConfig.set_tactic_sources",
-    "TacticSource",  # members are asked for by name (tactic_sources option), see tactic_source_mask
-    "IBuilderConfig.hardware_compatibility_level",
-    "HardwareCompatibilityLevel.AMPERE_PLUS",
-    "BuilderFlag.VERSION_COMPATIBLE",
-    "BuilderFlag.EXCLUDE_LEAN_RUNTIME",
-})
-# Implicit INT8 with a calibrator: TensorRT 8.6 and 10.x only (11 builds Q/DQ models).
-_INT8_CALIBRATOR = frozenset({
-    "BuilderFlag.INT8",
-    "IInt8EntropyCalibrator2",
-    "IInt8EntropyCalibrator2.get_batch_size",
-    "IInt8EntropyCalibrator2.get_batch",
-    "IInt8EntropyCalibrator2.read_calibration_cache",
-    "IInt8EntropyCalibrator2.write_calibration_cache",
-    "IBuilderConfig.int8_calibrator",
-})
-_BUILD_V8 = _INT8_CALIBRATOR | frozenset({
-    "NetworkDefinitionCreationFlag.EXPLICIT_BATCH",
-    "BuilderFlag.FP16",
-})
-_BUILD_V10 = _INT8_CALIBRATOR | frozenset({
-    "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
-    "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY",
-    "ParserError.node_name",
-    "ParserError.node_operator",
-})
-_BUILD_V11 = frozenset({
-    "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
-    "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY",
-    "ParserError.node_name",
-    "ParserError.node_operator",
-})
-
-# (major, lean) -> every name that version path may touch.
-NAMES_USED: dict[tuple[int, bool], frozenset[str]] = {
-    (8, False): _RUNTIME_COMMON | _RUNTIME_FULL | _RUNTIME_V1 | _BUILD_COMMON | _BUILD_V8,
-    (10, False): _RUNTIME_COMMON | _RUNTIME_FULL | _RUNTIME_V2 | _BUILD_COMMON | _BUILD_V10,
-    (11, False): _RUNTIME_COMMON | _RUNTIME_FULL | _RUNTIME_V2 | _BUILD_COMMON | _BUILD_V11,
-    (8, True): _RUNTIME_COMMON | _RUNTIME_V1,
-    (10, True): _RUNTIME_COMMON | _RUNTIME_V2,
-    (11, True): _RUNTIME_COMMON | _RUNTIME_V2,
-}
 
 _HW_LEVELS = {
     "none": "NONE",

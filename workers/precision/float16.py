@@ -1,0 +1,44 @@
+"""``float16``: an FP16 copy of the source model (inputs and outputs stay float32).
+
+TensorRT 10+ builds it as a strongly typed network; ONNX Runtime runs it as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from workers.errors import BuildError
+from workers.precision.reference import cpu_session
+
+
+def convert_float16(src_path: str | Path, dst_path: str | Path) -> Path:
+    """Write an FP16 copy of ``src_path`` (inputs and outputs stay float32) and check it loads.
+
+    Uses ONNX Runtime's converter: onnxconverter-common's produced models ONNX Runtime
+    refuses ("Type parameter (T) of Optype (MatMul) bound to different types"), so
+    whatever the converter, the result is loaded before anyone stores it.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    src, dst = Path(src_path), Path(dst_path)
+    try:
+        model = onnx.load(src)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ... here
+        raise BuildError(f"cannot read ONNX model {src}: {exc}") from exc
+    try:
+        converted = convert_float_to_float16(model, keep_io_types=True)
+    except Exception as exc:
+        raise BuildError(f"ONNX Runtime's float16 converter failed on {src.name}: {exc}") from exc
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(converted, dst)
+    try:
+        cpu_session(dst)
+    except Exception as exc:
+        raise BuildError(
+            f"the float16 model converted from {src.name} does not load in ONNX Runtime: {exc}; "
+            f"build float32, or exclude the failing operator from the conversion"
+        ) from exc
+    return dst
+
