@@ -157,9 +157,11 @@ class EngineRunner:
         intra_op_threads: int = 0,
         shm: SharedMemoryRegistry | None = None,
         memory_probe: Callable[[], "int | None"] | None = None,
+        engine_factory: Callable[..., Engine] = open_engine,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``memory_probe``: the device's used bytes (NVML) on a real GPU, to measure each load."""
+        """``memory_probe``: the device's used bytes (NVML) on a real GPU, to measure each load;
+        ``engine_factory``: ``open_engine``, or one bound to other TensorRT/CUDA modules."""
         self.caps = caps
         self.device = caps.device
         self.ledger = Ledger(max(0, budget_bytes), clock=clock, device_name=self.device.describe())
@@ -167,6 +169,7 @@ class EngineRunner:
         self.intra_op_threads = intra_op_threads
         self.shm = shm if shm is not None else SharedMemoryRegistry()
         self._probe = memory_probe
+        self._open_engine = engine_factory
         self._lock = threading.Condition()
         self._engines: dict[str, LoadedEngine] = {}
         self._by_model: dict[str, dict[str, str]] = {}  # model -> version -> engine key
@@ -270,7 +273,7 @@ class EngineRunner:
             before = self._probe() if self._probe else None
             with self._lock:
                 allowed = self.ledger.free_bytes + manifest.footprint_bytes  # reserved plus free
-            engine = open_engine(
+            engine = self._open_engine(
                 path, manifest.target, device_id=self.device.cuda_ordinal or 0, slots=self._slots(manifest),
                 intra_op_threads=self._intra_op_threads(manifest), lean=not self._has_full_tensorrt(),
                 gpu_mem_limit=allowed, footprint_bytes=manifest.footprint_bytes)

@@ -33,14 +33,16 @@ def open_engine(
     gpu_mem_limit: int | None = None,
     footprint_bytes: int | None = None,
     trt_api=None,
+    cuda_module=None,
 ) -> Engine:
     """An engine (not yet activated) for the artifact at ``path`` built for ``target``.
 
     ``lean``: the worker has only TensorRT's lean runtime; ``gpu_mem_limit``: the most
-    device memory ONNX Runtime's CUDA arena may take (the budget left for it)."""
+    device memory ONNX Runtime's CUDA arena may take (the budget left for it); ``trt_api`` and
+    ``cuda_module``: the TensorRT and cuda-python modules to use (default: the installed ones)."""
     if target.needs_tensorrt:
         return TensorRTEngine(path, device_id=device_id, slots=slots, version_compatible=target.version_compatible,
-                              lean=lean, footprint_bytes=footprint_bytes, api=trt_api)
+                              lean=lean, footprint_bytes=footprint_bytes, api=trt_api, cuda_module=cuda_module)
     use_cuda = target.backend == "onnxruntime" and target.provider == "cuda" and not target.simulated
     return OnnxRuntimeEngine(
         path,

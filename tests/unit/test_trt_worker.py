@@ -1,0 +1,99 @@
+"""TensorRT plans through the worker's runner, with the fake TensorRT and CUDA modules.
+
+The runner must open a plan the way ``can_run`` accepted it: a version-compatible plan
+with its embedded lean runtime allowed (full TensorRT), and only when the model's config
+trusts it; on a worker with only the lean runtime, with the lean module.
+"""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+
+from tests.unit.fake_cuda import FakeCuda
+from tests.unit.fake_tensorrt import FakeTensorRT
+from workers import precision
+from workers.devices import Device
+from workers.engines import open_engine
+from workers.engines.onnxruntime import describe_model
+from workers.engines.tensorrt import TrtBuildOptions, build_plan
+from workers.engines.tensorrt.compat import TrtApi
+from workers.errors import IncompatibleArtifact
+from workers.kserve.codec import InferRequest
+from workers.manifest import MANIFEST_NAME, Manifest, sha256_file
+from workers.messages import LoadOptions
+from workers.runner import EngineRunner
+from workers.targets import Runtime, Target, WorkerCaps
+
+H100 = Device("NVIDIA H100 80GB HBM3", "GPU-0000", "gpu", "9.0", 80 << 30)
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory, demo_models):
+    """cnn-small as a TensorRT 10.16 plan, built by the fake builder: version-compatible and not."""
+    source = demo_models["cnn-small"]
+    inputs, outputs = describe_model(source)
+    made = {}
+    for vc in (True, False):
+        out = tmp_path_factory.mktemp("vc" if vc else "plain")
+        info = build_plan(source, out / "model.plan", TrtBuildOptions(inputs=inputs, max_batch=8, version_compatible=vc),
+                          api=TrtApi(FakeTensorRT("10.16.1.11")))
+        target = Target("tensorrt", "10.16.1", "9.0", provider="tensorrt", version_compatible=vc)
+        manifest = Manifest("cnn", "1", "float32", target, "model.plan", sha256_file(info.plan_path), sha256_file(source),
+                            inputs, outputs, footprint_bytes=64 << 20, max_batch=8)
+        (out / MANIFEST_NAME).write_text(manifest.to_json())
+        made[vc] = (manifest, out)
+    return made
+
+
+def runner_with(label: str, lean: bool):
+    fake = FakeTensorRT(label)
+    caps = WorkerCaps("h100-0", H100, (Runtime("onnxruntime", "1.22", "cpu"), Runtime("tensorrt", "10.16.1", "tensorrt", lean=lean)))
+    factory = functools.partial(open_engine, trt_api=TrtApi(fake), cuda_module=FakeCuda())
+    return fake, EngineRunner(caps, 8 << 30, slots=2, engine_factory=factory)
+
+
+def run_cnn(runner, source):
+    x = np.random.default_rng(3).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    got = runner.infer(InferRequest({"input": x}), "cnn").outputs["logits"]
+    np.testing.assert_allclose(got, precision.run_model(source, {"input": x})["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_version_compatible_plan_needs_the_models_trust(plans):
+    manifest, directory = plans[True]
+    _, runner = runner_with("10.16.1.11", lean=False)
+    with pytest.raises(IncompatibleArtifact, match=r"models\.cnn\.trust_version_compatible: true"):
+        runner.load(manifest, directory)
+    assert runner.health().loaded == frozenset() and runner.ledger.used_bytes == 0
+
+
+def test_trusted_version_compatible_plan_loads_with_host_code_allowed(plans, demo_models):
+    manifest, directory = plans[True]
+    fake, runner = runner_with("10.16.1.11", lean=False)
+    runner.load(manifest, directory, LoadOptions(trust_version_compatible=True))
+    assert fake.assignments == [("Runtime.engine_host_code_allowed", True)]
+    run_cnn(runner, demo_models["cnn-small"])
+    runner.close()
+
+
+def test_lean_worker_runs_version_compatible_plans_with_the_lean_runtime(plans, demo_models):
+    manifest, directory = plans[True]
+    fake, runner = runner_with("lean-10.16.1.11", lean=True)
+    runner.load(manifest, directory, LoadOptions(trust_version_compatible=True))
+    assert fake.assignments == []  # the lean runtime has no engine_host_code_allowed
+    run_cnn(runner, demo_models["cnn-small"])
+    plain, plain_dir = plans[False]
+    with pytest.raises(IncompatibleArtifact, match="lean runtime 10.16.1 runs version-compatible plans only"):
+        runner.load(plain, plain_dir)
+    runner.close()
+
+
+def test_plain_plan_loads_on_full_tensorrt_without_host_code(plans, demo_models):
+    manifest, directory = plans[False]
+    fake, runner = runner_with("10.16.1.11", lean=False)
+    runner.load(manifest, directory)
+    assert fake.assignments == []
+    assert json.loads((directory / "model.plan").read_text())  # the fake's plan is JSON: it was really parsed
+    run_cnn(runner, demo_models["cnn-small"])
+    runner.close()
