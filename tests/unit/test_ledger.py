@@ -68,3 +68,14 @@ def test_already_loaded_needs_nothing():
     ledger = Ledger(100)
     ledger.add("a", 100)
     assert ledger.plan_admission("a", 100) == []
+
+
+def test_an_engine_still_loading_is_never_chosen_for_eviction():
+    """Two loads at once on a full device: the second must not evict the first while it loads
+    (it did: plan_admission returned ['A'] and the worker's pop of A raised KeyError -> HTTP 500)."""
+    ledger = Ledger(100, clock=FakeClock())
+    ledger.add("A", 60, loading=True)
+    with pytest.raises(NoCapacity, match="busy or still loading"):
+        ledger.plan_admission("B", 60)
+    ledger.mark_loaded("A")
+    assert ledger.plan_admission("B", 60) == ["A"]

@@ -178,3 +178,44 @@ def test_worker_refuses_wrong_target_and_corrupt_artifacts(repo, tmp_path):
     (broken / "model.onnx").write_bytes(data[:-10] + b"0123456789")
     with pytest.raises(ArtifactCorrupt, match="does not match the manifest"):
         FleetWorker(WorkerSpec("w")).load(a.manifest, str(broken))
+
+
+def test_a_load_never_evicts_an_engine_that_is_still_loading(repo):
+    """Two different models loading at once into a budget that holds one: the second gets a clear
+    NoCapacity while the first loads (not a KeyError from evicting it), and evicts it once it serves."""
+    from workers.engines import open_engine
+    from workers.runner import EngineRunner
+
+    cnn, mlp = art(repo, "cnn-small"), art(repo, "digits-mlp")
+    activating, release = threading.Event(), threading.Event()
+
+    def slow_open(path, target, **kwargs):
+        engine = open_engine(path, target, **kwargs)
+        if "cnn" in str(path):
+            inner = engine.activate
+
+            def activate():
+                activating.set()
+                assert release.wait(30)
+                return inner()
+
+            engine.activate = activate
+        return engine
+
+    budget = max(cnn.manifest.footprint_bytes, mlp.manifest.footprint_bytes) + 1000
+    worker = FleetWorker(WorkerSpec("w", budget_bytes=budget))
+    runner = EngineRunner(worker.caps, budget, engine_factory=slow_open)
+    first = threading.Thread(target=runner.load, args=(cnn.manifest, cnn.directory))
+    first.start()
+    try:
+        assert activating.wait(30)
+        assert runner.ledger.get(cnn.manifest.engine_key).loading
+        with pytest.raises(NoCapacity, match="busy or still loading"):
+            runner.load(mlp.manifest, mlp.directory)
+    finally:
+        release.set()
+        first.join(30)
+    assert runner.health().loaded == {cnn.manifest.engine_key}
+    runner.load(mlp.manifest, mlp.directory)  # now cnn is idle and in service: it is evicted
+    assert runner.health().loaded == {mlp.manifest.engine_key} and runner.health().counters["evictions"] == 1
+    runner.close()
