@@ -137,7 +137,8 @@ def simulated_cluster(config: FleetConfig):
     """An in-process Ray cluster (ray.cluster_utils) with one labelled node per declared node.
 
     For tests, the soak and benchmarks on one machine; ``fleet up`` uses real `ray start`
-    nodes instead. ``cluster.fleet_nodes`` maps node names to Ray nodes (to take one away).
+    nodes instead. ``cluster.fleet_nodes`` maps node names to Ray nodes (to take one away
+    with ``cluster.remove_node`` and bring it back with ``add_simulated_node``).
     """
     from ray.cluster_utils import Cluster
 
@@ -145,10 +146,15 @@ def simulated_cluster(config: FleetConfig):
     try:
         cluster.fleet_nodes = {}
         for node in config.nodes:
-            cluster.fleet_nodes[node.name] = cluster.add_node(
-                num_cpus=0, num_gpus=len(node.gpus), labels={NODE_LABEL: node.name, **node.labels})
+            add_simulated_node(cluster, node)
         yield cluster
     finally:
         cluster.shutdown()
 
 
+
+
+def add_simulated_node(cluster, node) -> None:
+    """One declared node (``NodeDecl``) as a labelled Ray node of an in-process cluster."""
+    cluster.fleet_nodes[node.name] = cluster.add_node(
+        num_cpus=0, num_gpus=len(node.gpus), labels={NODE_LABEL: node.name, **node.labels})

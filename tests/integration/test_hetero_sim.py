@@ -41,7 +41,8 @@ def sim(tmp_path_factory, demo_models):
     with simulated_cluster(config_path) as cluster:
         with running_fleet(str(config_path), work / "repo", cluster_address=cluster.address) as (cfg, url):
             controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-            yield {"url": url, "repo": Repository(cfg.repository), "controller": controller, "models": demo_models}
+            yield {"url": url, "repo": Repository(cfg.repository), "controller": controller, "models": demo_models,
+                   "cluster": cluster, "config": cfg}
 
 
 def build(sim, name, targets, **kw):
@@ -130,16 +131,6 @@ def test_model_built_for_all_targets_spreads_over_all_four(sim):
     build(sim, "digits-all", "auto")
     counts = concurrently(sim, "digits-all", 200)
     assert set(counts) == ALL, counts
-
-
-def test_no_compatible_target_is_a_clear_503(sim):
-    build(sim, "only-p4", "P4")
-    with FleetClient(sim["url"]) as client:
-        client.infer("only-p4", {"input": np.zeros((1, 64), np.float32)})
-        assert client.last_parameters["fleet_worker"] == "p4-node-gpu0"
-    # the P4 dies for good: ask only what its artifact needs
-    r = requests.get(sim["url"] + "/v2/models/only-p4", timeout=10).json()
-    assert r["parameters"]["targets"] == ["tensorrt-8.6.1-sm61-sim"]
 
 
 def test_loading_more_than_fits_evicts_and_never_overfills(sim):
@@ -261,3 +252,65 @@ def test_status_page_renders_the_four_gpus_in_chromium(sim, tmp_path):
     assert "digits-all" in {tr.attrs.get("data-model") for tr in doc.by_id("models").find_all("tr")}
     png = screenshot(sim["url"] + "/", tmp_path / "status.png")
     assert Path(png).stat().st_size > 20_000
+
+
+def infer_raw(sim, model, rows=1):
+    body = {"inputs": [{"name": "input", "shape": [rows, 64], "datatype": "FP32", "data": [0.0] * (64 * rows)}]}
+    return requests.post(sim["url"] + f"/v2/models/{model}/infer", json=body, timeout=60)
+
+
+def test_two_models_loading_at_once_into_a_full_budget_under_traffic(sim):
+    """Two models, each 60 % of a T4's budget, asked for at once from 8 threads: the T4s load and
+    evict them in turn. Every answer is a 200 or a clear 503, never a 500 (a load used to evict the
+    other model's engine while it was still loading: KeyError, 500)."""
+    for name in ("race-a", "race-b"):
+        build(sim, name, "T4", options={"footprint_bytes": 60 << 20})
+    statuses: collections.Counter = collections.Counter()
+    errors = []
+    lock = threading.Lock()
+
+    def traffic(model):
+        for _ in range(25):
+            r = infer_raw(sim, model)
+            with lock:
+                statuses[r.status_code] += 1
+                if r.status_code != 200:
+                    errors.append((r.status_code, r.headers.get("x-fleet-error"), r.text[:200]))
+
+    threads = [threading.Thread(target=traffic, args=(("race-a", "race-b")[i % 2],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses[200] > 0 and set(statuses) <= {200, 503}, (statuses, errors[:5])
+    assert all(kind in ("NoCapacity", "NotReady", "WorkerLost") for _, kind, _ in errors), errors[:5]
+    for w in workers(sim).values():
+        assert sum(e["footprint_bytes"] for e in w["ledger"]) == w["used_bytes"] <= w["budget_bytes"], w
+
+
+def test_no_compatible_worker_is_a_clear_503_until_the_host_comes_back(sim):
+    """Last in this module: it takes the P4's node away (and brings it back)."""
+    from cluster.nodes import add_simulated_node
+
+    build(sim, "only-p4", "P4")
+    assert served_by(sim, "only-p4", 3) == {"p4-node-gpu0": 3}
+    cluster = sim["cluster"]
+    cluster.remove_node(cluster.fleet_nodes["p4-node"])  # the P4's host is gone: nothing else can run it
+    deadline = time.monotonic() + 60
+    while workers(sim)["p4-node-gpu0"]["alive"] and time.monotonic() < deadline:
+        time.sleep(0.25)
+    resp = infer_raw(sim, "only-p4")
+    assert resp.status_code == 503 and resp.headers["X-Fleet-Error"] == NoCompatibleWorker.__name__, resp.text
+    msg = resp.json()["error"]
+    assert "built targets: 6.1 (TensorRT 8.6.1) [simulated]" in msg
+    fleet_has = msg.split("fleet has:")[1]
+    assert "Tesla T4" in fleet_has and "Tesla P4" not in fleet_has
+    # the host comes back: its replacement worker serves again, without a restart of the fleet
+    (p4,) = [n for n in sim["config"].nodes if n.name == "p4-node"]
+    add_simulated_node(cluster, p4)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if infer_raw(sim, "only-p4").status_code == 200:
+            break
+        time.sleep(0.5)
+    assert served_by(sim, "only-p4", 3) == {"p4-node-gpu0": 3}

@@ -209,3 +209,14 @@ def test_http_details_pipelining_chunked_expect_and_early_413(served, digits_tes
     # garbage is a 400, and the server goes on
     assert _raw(url, b"NOT HTTP AT ALL\r\n\r\n", read_until=1).startswith(b"HTTP/1.1 400")
     assert requests.get(f"{url}/v2/health/live", timeout=10).json() == {"live": True}
+
+
+def test_an_engine_evicted_after_the_lookup_is_passed_on_not_refused(served, monkeypatch, digits_test):
+    """The worker saw the engine, then it was evicted before the request began: the request goes
+    on to the ingress like any other miss (it used to get a 503)."""
+    worker, url, ingress = served
+    seen = len(ingress.seen)
+    monkeypatch.setattr(worker.runner, "engine_key", lambda model, version=None: "evicted-a-moment-ago")
+    r = _post(f"{url}/v2/models/gone/infer", {"input": digits_test[0][:1]})
+    assert r.status_code == 404 and r.headers["x-fleet-error"] == "ModelNotFound", r.text  # the ingress's answer
+    assert len(ingress.seen) == seen + 1 and ingress.seen[-1][0] == "/v2/models/gone/infer"
