@@ -149,6 +149,7 @@ class FrontDoor:
             "listen": f"{self.bind[0]}:{self.bind[1]}",
             "ingress": f"{self.ingress[0]}:{self.ingress[1]}",
             "running": self.running,
+            "pid": self._proc.pid if self.running else None,  # HAProxy's master process
             "reloads": self.reloads,
             "restarts": self.restarts,
             "routes": [{"model": r.model, "version": r.version, "workers": [s.name for s in r.servers]} for r in self.routes],

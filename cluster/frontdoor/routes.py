@@ -116,6 +116,9 @@ def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[
         # dead worker (it has the fewest connections) for every retry until its check fails.
         lines += [f"    server {s.name} {s.host}:{s.port} check inter 2s fall 2 rise 1 observe layer4 error-limit 1 "
                   f"on-error mark-down" for s in route.servers]
+        # When every holder is down (a worker died and the routes do not know yet), the retry goes to
+        # the ingress, which routes around the dead worker, instead of answering 503.
+        lines.append(f"    server ingress {ingress[0]}:{ingress[1]} backup")
         lines.append("")
     lines += ["backend ingress", f"    server serve {ingress[0]}:{ingress[1]}", ""]
     return "\n".join(lines)

@@ -143,3 +143,12 @@ def test_metrics_parse_and_counters_move(fleet_url, digits_test):
     assert total(after, "fleet_nv_inference_count_total", model="digits-mlp") - total(before, "fleet_nv_inference_count_total", model="digits-mlp") == 15
     assert total(after, "fleet_gpu_budget_bytes") == 4 << 30
     assert total(after, "fleet_gpu_ledger_bytes") > 0
+
+
+def test_shared_memory_registration_is_refused_while_the_fleet_does_not_allow_it(fleet_url):
+    """allow_client_shm is off by default (as Triton's --allow-client-shm): no worker maps anything."""
+    r = requests.post(f"{fleet_url}/v2/systemsharedmemory/region/r1/register",
+                      json={"key": "/r1", "offset": 0, "byte_size": 64}, timeout=30)
+    assert r.status_code == 400 and "allow_client_shm: true" in r.json()["error"], r.text
+    assert requests.get(f"{fleet_url}/v2/systemsharedmemory/status", timeout=30).json() == []
+    assert "system_shared_memory" not in requests.get(f"{fleet_url}/v2", timeout=30).json()["extensions"]

@@ -2,6 +2,7 @@
 the fleet's Python client, through the front door and through the ingress."""
 
 import os
+import time
 import uuid
 
 import numpy as np
@@ -134,3 +135,35 @@ def test_shared_memory_errors_are_clear(triton, fleet):
         client.infer("digits-mlp", [small_in], outputs=[out])
     with FleetClient(fleet) as fc, pytest.raises(SharedMemoryError, match="is not registered"):
         fc.get_system_shared_memory_status("never-registered")
+
+
+def test_regions_are_mapped_again_on_a_replacement_worker(fleet):
+    """A worker dies; the controller starts another, which maps the client's regions as the old one
+    had, so shared memory requests go on without the client registering anything again."""
+    import ray
+
+    from cluster.names import CONTROLLER_NAME, NAMESPACE
+    from tests.integration.fleet_fixtures import worker_handles
+
+    X = np.random.default_rng(9).random((8, 64), dtype=np.float32)
+    with FleetClient(fleet, shared_memory=True) as shm, FleetClient(fleet) as plain:
+        expected = plain.infer("digits-mlp", {"input": X})["label"]
+        np.testing.assert_array_equal(shm.infer("digits-mlp", {"input": X})["label"], expected)
+        region = shm._arena.region
+        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        (worker_id, handle), = worker_handles(controller).items()
+        ray.kill(handle, no_restart=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            handles = worker_handles(controller)
+            if handles[worker_id] != handle:
+                try:
+                    if region in {r["name"] for r in ray.get(handles[worker_id].stats.remote())["shm"]}:
+                        break
+                except ray.exceptions.RayActorError:
+                    pass
+            time.sleep(0.25)
+        else:
+            pytest.fail("the replacement worker did not map the client's region within 60 s")
+        np.testing.assert_array_equal(shm.infer("digits-mlp", {"input": X})["label"], expected)
+        assert shm._arena.region == region  # nothing registered anew

@@ -307,3 +307,23 @@ def test_unregister_waits_for_the_request_using_the_region(shm_object):
     assert not pinner.pinned and pinner.calls[-1][0] == "unpin"
     assert np.frombuffer(bytes(obj.buf[:16]), np.float32).tolist() == [7, 7, 7, 7]
     del target
+
+
+def test_client_arena_unlinks_its_old_region_when_it_grows():
+    """FleetClient(shared_memory=True)'s arena: a request that needs more gets a new region, and the
+    old one is unregistered from the fleet and its object removed from /dev/shm at once."""
+    from cluster.shm_arena import MIN_BYTES, ShmArena
+
+    registered: dict[str, int] = {}
+    arena = ShmArena(lambda name, key, size: registered.__setitem__(name, size),
+                     lambda name: registered.pop(name))
+    try:
+        first = arena.ensure(1000)
+        assert os.path.exists(f"/dev/shm/{first}") and registered == {first: MIN_BYTES}
+        assert arena.ensure(MIN_BYTES) == first  # still fits: the same region
+        second = arena.ensure(3 * MIN_BYTES)
+        assert second != first and registered == {second: 3 * MIN_BYTES}
+        assert not os.path.exists(f"/dev/shm/{first}") and os.path.exists(f"/dev/shm/{second}")
+    finally:
+        arena.release()
+    assert registered == {} and not os.path.exists(f"/dev/shm/{second}")
