@@ -158,10 +158,7 @@ def _run_wrk(url, body_path, content_type, header_length, concurrency, duration_
         f"--timeout={max(1, round(timeout_s))}s", "-s", str(script), url,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration_s + timeout_s + 30)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-500:]}")
-    r = json.loads(line[len(RESULT_MARK):])
+    r = _marked_result(proc, "wrk")
     detail = {k: r[k] for k in ("connect", "read", "write", "status", "timeout") if r[k]}
     # wrk counts a non-2xx answer as a completed request and as a 'status' error;
     # socket errors are not in 'requests'.
@@ -191,13 +188,18 @@ def _run_python_subprocess(url, body_path, content_type, header_length, concurre
     # (PyTriton's has no install of the project).
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + timeout_s + 60,
                           cwd=Path(__file__).resolve().parents[1])
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"python load generator failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
-    d = json.loads(line[len(RESULT_MARK):])
+    d = _marked_result(proc, "python load generator")
     d.pop("req_per_s", None)
     d.pop("rows_per_s", None)
     return LoadResult(**d)
+
+
+def _marked_result(proc: subprocess.CompletedProcess, what: str) -> dict:
+    """The JSON an engine printed after RESULT_MARK; raises naming ``what`` when it printed none or failed."""
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-500:]}")
+    return json.loads(line[len(RESULT_MARK):])
 
 
 # ---- the asyncio engine (runs inside the separate process) ---------------------------
