@@ -17,10 +17,10 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from cluster.config import FleetConfig, load_config
 from cluster.console import say
