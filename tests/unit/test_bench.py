@@ -1,22 +1,19 @@
-"""Smoke tests of the benchmark's pure parts (scripts/bench*.py, scripts/loadgen.py): no Ray, seconds."""
+"""Smoke tests of the benchmarks' pure parts (the benchmarks package): no Ray, seconds."""
 
 import asyncio
 import json
 import math
-import sys
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-
-import bench  # noqa: E402
-import bench_phases  # noqa: E402
-import bench_report  # noqa: E402
-import loadgen  # noqa: E402
+from benchmarks import cli, loadgen, report, serve_modes
+from benchmarks.phases import PHASES, module_name
+from benchmarks.phases.router import build_router_fleet, router_microbench
+from benchmarks.plans import Context, levels_for, plan_for
 
 
 # ---- percentiles and load results -------------------------------------------------------
@@ -86,7 +83,7 @@ def test_request_bytes_carry_the_kserve_binary_header():
 
 # ---- the router microbenchmark, small ------------------------------------------------------
 def test_router_microbench_small_scale():
-    rows = bench_phases.router_microbench(n_workers=30, n_models=6, decisions=300)
+    rows = router_microbench(n_workers=30, n_models=6, decisions=300)
     assert [r["variant"].split(":")[0] for r in rows] == ["spread", "hot"]
     for r in rows:
         assert r["misses"] == 0 and 0 < r["median_us"] <= r["p99_us"] <= r["max_us"]
@@ -96,7 +93,7 @@ def test_router_microbench_small_scale():
 def test_router_fleet_only_loads_engines_the_worker_can_run():
     from workers.targets import can_run
 
-    router, models, _ = bench_phases.build_router_fleet(40, 8, engines_per_worker=3)
+    router, models, _ = build_router_fleet(40, 8, engines_per_worker=3)
     assert len(models) == 8 and len(router.workers) == 40
     manifests = {m.engine_key: m for model in models for m in router.manifests(model, "1")}
     for w in router.workers.values():
@@ -130,15 +127,15 @@ def _doc():
         "cold-start": {"status": "ok", "seconds": 1.0, "rows": [
             {"system": "cold-start", "variant": "x", "fleet_up_s": 15.0, "first_inference_s": 16.0}]},
     }
-    doc = {"schema": bench_report.SCHEMA, "started": "2026-01-01T00-00-00", "quick": True, "host": {"cpus": 2},
+    doc = {"schema": report.SCHEMA, "started": "2026-01-01T00-00-00", "quick": True, "host": {"cpus": 2},
            "args": {}, "loadgen": {"tool": "wrk", "ceiling": {"tool": "wrk", "req_per_s": 60000.0, "concurrency": 32}},
            "phases": phases}
-    doc["targets"] = bench_report.evaluate_targets(doc)
+    doc["targets"] = report.evaluate_targets(doc)
     return doc
 
 
 def test_targets_compare_the_right_rows():
-    by_start = {t["name"]: t for t in bench_report.evaluate_targets(_doc())}
+    by_start = {t["name"]: t for t in report.evaluate_targets(_doc())}
     naive = next(t for n, t in by_start.items() if "naive-serve" in n)
     assert naive["value"] == pytest.approx(2000 / 1800, abs=1e-3) and naive["met"] is True  # the throughput-mode row
     triton = next(t for n, t in by_start.items() if "/ Triton" in n)
@@ -154,29 +151,29 @@ def test_targets_compare_the_right_rows():
 
 def test_targets_fall_back_to_the_default_variant_of_older_documents():
     rows = [_row("fleet-http-binary", "digits-mlp", 32, 2000.0, 30.0), _row("fleet-http-binary", "digits-mlp", 32, 1.0, 30.0, variant="x")]
-    assert bench_report.shipped_rows(rows) == rows[:1]
+    assert report.shipped_rows(rows) == rows[:1]
 
 
 def test_missing_phases_give_unmeasured_targets_not_failures():
     doc = {"phases": {"router": _doc()["phases"]["router"]}}
-    targets = bench_report.evaluate_targets(doc)
+    targets = report.evaluate_targets(doc)
     assert len(targets) == 7
     assert sum(t["met"] is None for t in targets) == 5
 
 
 def test_result_document_schema():
     doc = _doc()
-    assert bench_report.validate(doc) == []
+    assert report.validate(doc) == []
     json.loads(json.dumps(doc))  # plain JSON
     broken = json.loads(json.dumps(doc))
     del broken["phases"]["fleet-http"]["rows"][0]["p99_ms"]
     broken["phases"]["bare"]["status"] = "fine"
-    problems = bench_report.validate(broken)
+    problems = report.validate(broken)
     assert any("p99_ms" in p for p in problems) and any("status" in p for p in problems)
 
 
 def test_markdown_table_lists_every_measurement():
-    table = bench_report.markdown_table(_doc())
+    table = report.markdown_table(_doc())
     assert table.count("\n") + 1 == 2 + 11  # header, rule, 9 load rows, router, cold start
     assert "| fleet-http-binary | default | digits-mlp | 1 | 32 | 2,000 |" in table
     assert "median 20.0 us" in table and "first inference 16.0 s" in table
@@ -184,25 +181,150 @@ def test_markdown_table_lists_every_measurement():
 
 def test_chart_is_written(tmp_path):
     pytest.importorskip("matplotlib")
-    path = bench_report.write_chart(_doc(), tmp_path / "chart.png")
+    path = report.write_chart(_doc(), tmp_path / "chart.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---- the command line -------------------------------------------------------------------------
 def test_phase_selection_and_defaults():
-    quick = bench.parse_args(["--quick"])
-    assert quick.phase_list == list(bench.QUICK_DEFAULT_PHASES) and quick.duration == 2.0
-    full = bench.parse_args([])
-    assert full.phase_list == list(bench.ALL_PHASES) and full.duration == 4.0
-    some = bench.parse_args(["--phases", "router,bare"])
+    quick = cli.parse_args(["--quick"])
+    assert quick.phase_list == list(cli.QUICK_DEFAULT_PHASES) and quick.duration == 2.0
+    full = cli.parse_args([])
+    assert full.phase_list == list(cli.ALL_PHASES) and full.duration == 4.0
+    some = cli.parse_args(["--phases", "router,bare"])
     assert some.phase_list == ["bare", "router"]  # run in the fixed order
     with pytest.raises(SystemExit):
-        bench.parse_args(["--phases", "nope"])
+        cli.parse_args(["--phases", "nope"])
     with pytest.raises(SystemExit):
-        bench.parse_args(["--models", "resnet"])
+        cli.parse_args(["--models", "resnet"])
 
 
 def test_levels_keep_issue_concurrencies_for_digits():
     for phase in ("fleet-http", "naive-serve", "fleet-client"):
-        assert bench.levels_for(phase, quick=False)["digits-mlp"] == [1, 8, 32]
-    assert bench.levels_for("triton", quick=False)["digits-mlp/binary"] == [1, 8, 32]
+        assert levels_for(phase, quick=False)["digits-mlp"] == [1, 8, 32]
+    assert levels_for("triton", quick=False)["digits-mlp/binary"] == [1, 8, 32]
+
+
+# ---- the package: phases, what the Triton environment may import --------------------------------
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_phase_has_a_module_with_run():
+    import importlib
+
+    for phase in PHASES:
+        assert callable(importlib.import_module(module_name(phase)).run), phase
+    with pytest.raises(ValueError):
+        module_name("nope")
+
+
+def test_triton_phase_imports_only_what_pytritons_environment_has():
+    """The triton phase runs in PyTriton's venv (numpy, onnxruntime, pytriton): importing it, and
+    the phase runner, must not pull in the project's other packages or their dependencies."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, benchmarks.phases.__main__, benchmarks.phases.triton, benchmarks.loadgen; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'cluster', 'workers', 'ray', 'requests', 'pydantic', 'numpy', 'onnxruntime', 'yaml'}))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_phase_runs_in_its_own_process_and_reports_one_result_line():
+    from benchmarks.plans import Run
+    from benchmarks.runner import run_process
+
+    result = run_process(Run("router", {"workers": 30, "n_models": 6, "decisions": 300}, timeout_s=120))
+    assert [r["system"] for r in result["rows"]] == ["router", "router"]
+
+
+# ---- Serve modes: the environment of a phase, the direct-ingress URL without private Ray ---------
+def test_each_serve_mode_reads_back_as_itself():
+    for mode, switches in serve_modes.SERVE_MODES.items():
+        assert serve_modes.mode_of(switches) == mode
+
+
+def test_phase_env_never_inherits_the_callers_mode(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")
+    shipped = serve_modes.phase_env(None, tmp_path)
+    assert serve_modes.mode_of(shipped) == serve_modes.shipped_mode() != "haproxy"
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # the caller's environment is left alone
+    assert shipped["RAY_AUTH_MODE"]  # complete: a phase may import Ray at its top
+    for mode in serve_modes.SERVE_MODES:
+        env = serve_modes.phase_env(mode, tmp_path)
+        assert serve_modes.mode_of(env) == mode
+        # HAProxy mode: its socket, config and state in this run's own directory
+        assert env.get("RAY_SERVE_HAPROXY_SOCKET_PATH", "").startswith(str(tmp_path)) == ("haproxy" in mode)
+        low, high = int(env[serve_modes.DI_PORT_MIN]), int(env[serve_modes.DI_PORT_MAX])
+        assert high - low == serve_modes.DI_PORTS and 20000 <= low and high <= 30000
+
+
+class _Routes(BaseHTTPRequestHandler):
+    """A direct-ingress replica as Serve answers GET /-/routes: {route_prefix: app_name}."""
+
+    app = ""
+
+    def do_GET(self):  # noqa: N802
+        body = json.dumps({"/": self.app}).encode()
+        self.send_response(200 if self.path == "/-/routes" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_direct_ingress_url_is_the_replica_whose_routes_name_the_app(monkeypatch):
+    low = serve_modes._free_port_block(3)
+    servers = []
+    for port, app in ((low, "other-app"), (low + 2, "forward-fleet")):
+        server = ThreadingHTTPServer(("127.0.0.1", port), type("R", (_Routes,), {"app": app}))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    try:
+        monkeypatch.setenv(serve_modes.DI_PORT_MIN, str(low))
+        monkeypatch.setenv(serve_modes.DI_PORT_MAX, str(low + 3))
+        for k, v in serve_modes.SERVE_MODES["direct-ingress"].items():
+            monkeypatch.setenv(k, v)
+        assert serve_modes.direct_ingress_url("forward-fleet", timeout_s=5) == f"http://127.0.0.1:{low + 2}"
+        with pytest.raises(RuntimeError, match="no direct-ingress replica"):
+            serve_modes.direct_ingress_url("naive-x", timeout_s=0.5)
+        monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")  # HAProxy in front: no replica URL to find
+        assert serve_modes.direct_ingress_url("forward-fleet") is None
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+# ---- plans: which processes each phase runs ----------------------------------------------------
+def _context(tmp_path, triton_python=None):
+    prepared = {"repository": str(tmp_path), "models": {"digits-mlp": {}, "cnn-small": {}}}
+    return Context(quick=True, models=["digits-mlp", "cnn-small"], duration_s=2.0, tool="python", prepared=prepared,
+                   workdir=tmp_path, triton_python=triton_python)
+
+
+def test_http_phases_run_once_per_serve_mode(tmp_path):
+    ctx = _context(tmp_path)
+    shipped = plan_for("fleet-http", ctx)
+    assert shipped.collect == "modes" and [(r.mode, r.spec["shipped"]) for r in shipped.runs] == [(None, True)]
+    assert shipped.runs[0].label.startswith("as shipped (")
+    levers = plan_for("fleet-levers", ctx)
+    assert [r.mode for r in levers.runs] == list(serve_modes.SERVE_MODES) == [r.label for r in levers.runs]
+    assert all(r.phase == "fleet-levers" and not r.spec["shipped"] for r in levers.runs)
+    naive = plan_for("naive-serve", ctx)
+    assert [r.mode for r in naive.runs] == ["classic-proxy", "throughput-optimized+haproxy"]
+    profile = plan_for("profile", ctx)
+    assert profile.collect == "profiles" and [r.spec["front_door"] for r in profile.runs] == [True, False]
+    router = plan_for("router", ctx)
+    assert router.collect == "single" and router.runs[0].spec["decisions"] == 5000
+
+
+def test_triton_runs_with_its_own_python_and_checks_answers_here(tmp_path):
+    plan = plan_for("triton", _context(tmp_path, triton_python="/opt/triton/bin/python"))
+    (run,) = plan.runs
+    assert run.python == "/opt/triton/bin/python" and set(run.spec["ports"]) == {"http", "grpc", "metrics"}
+    assert plan.check({"rows": [], "answers": {}, "incidents": []}) == {"rows": [], "answers": {}, "verified": True}

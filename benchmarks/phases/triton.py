@@ -1,42 +1,33 @@
-"""The Triton phase: the same ONNX models behind Triton Inference Server via PyTriton.
+"""triton: the same ONNX models behind Triton Inference Server via PyTriton.
 
-Runs in an environment that has ``nvidia-pytriton`` (0.7.0 pins numpy < 2, so it
-lives apart from the project's environment; see docs/performance.md), started by
-scripts/bench.py as
+Runs in an environment that has ``nvidia-pytriton`` (0.7.0 pins numpy < 2, so it lives
+apart from the project's environment; see docs/performance.md): the orchestrator starts
+``python -m benchmarks.phases triton SPEC.json`` with that environment's python, from
+the checkout's root. So this module needs only numpy, onnxruntime, pytriton and
+``benchmarks.loadgen`` (standard library): no other project import, not even ``cluster``
+(its package imports the client and pydantic). The orchestrator picks the ports
+(``spec["ports"]``) and checks the saved answers against ONNX Runtime afterwards
+(``benchmarks.httpbench.check_saved_answers``), both where the project's helpers are.
 
-    TRITON_PYTHON scripts/bench_triton.py SPEC.json
-
-It needs only numpy, onnxruntime, pytriton and scripts/loadgen.py (stdlib): no
-project imports. ONNX Runtime runs inside the Python callable, one instance,
-Triton's dynamic batcher on (500 us queue delay, the fleet's default). The
-request bodies are the exact bytes the fleet phases send. Each endpoint's first
-answer is saved so the caller can check it against ONNX Runtime.
+ONNX Runtime runs inside the Python callable, one instance, Triton's dynamic batcher
+on (500 us queue delay, the fleet's default). The request bodies are the exact bytes
+the fleet phases send. Each endpoint's first answer is saved for that check.
 """
 
 from __future__ import annotations
 
-import json
-import socket
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import loadgen  # noqa: E402
-
-RESULT_MARK = "BENCH_RESULT "
+from benchmarks import loadgen
 
 
-def say(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _say(msg: str) -> None:
+    # cluster.console.say cannot be imported in PyTriton's environment (see above): the same line, here.
+    print(f"[bench triton] {msg}", file=sys.stderr, flush=True)
 
 
 def _np_dtype(ort_type: str):
@@ -129,8 +120,8 @@ def _load_one(spec: dict, base: str, model: str, protocol: str, info: dict, leve
                         rows_per_request=info["request_rows"], tool=spec["loadgen"])
         row = {"system": f"triton-{protocol}", "variant": f"pytriton {pytriton.__version__}",
                "model": model, "protocol": protocol, "batch": info["request_rows"], **r.to_dict()}
-        say(f"triton-{protocol} {model} c={c}: {row['req_per_s']:.0f} req/s, p50 {row['p50_ms']:.2f} ms, "
-            f"p99 {row['p99_ms']:.2f} ms, errors {row['errors']}")
+        _say(f"triton-{protocol} {model} c={c}: {row['req_per_s']:.0f} req/s, p50 {row['p50_ms']:.2f} ms, "
+             f"p99 {row['p99_ms']:.2f} ms, errors {row['errors']}")
         rows.append(row)
         if r.errors and not _alive(base):
             raise RuntimeError(f"tritonserver died during the run at concurrency {c}")
@@ -143,66 +134,58 @@ def run(spec: dict) -> dict:
     from pytriton.triton import Triton, TritonConfig
 
     _match_libpython()
-    prepared = spec["prepared"]
-    http_port = free_port()
-    config = TritonConfig(http_address="127.0.0.1", http_port=http_port, grpc_address="127.0.0.1",
-                          grpc_port=free_port(), metrics_port=free_port(), log_verbose=0, exit_on_error=True)
-    rows: list[dict] = []
-    answers: dict = {}
-    incidents: list[str] = []
-    answers_dir = Path(spec["answers_dir"])
-    answers_dir.mkdir(parents=True, exist_ok=True)
+    ports = spec["ports"]
+    config = TritonConfig(http_address="127.0.0.1", http_port=ports["http"], grpc_address="127.0.0.1",
+                          grpc_port=ports["grpc"], metrics_port=ports["metrics"], log_verbose=0, exit_on_error=True)
+    out: dict = {"rows": [], "answers": {}, "incidents": []}
     t0 = time.monotonic()
     triton = Triton(config=config)
     try:
         for model in spec["models"]:
-            info = prepared["models"][model]
+            info = spec["prepared"]["models"][model]
             bind_model(triton, model, info["onnx"], info["max_batch"], spec.get("queue_delay_us", 500))
         triton.run()
-        base = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(base + "/v2/health/ready", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.2)
+        base = f"http://127.0.0.1:{ports['http']}"
+        _wait_ready(base, 120)
         start_s = time.monotonic() - t0
-        say(f"triton up in {start_s:.1f} s on {base}")
-        for model in spec["models"]:
-            info = prepared["models"][model]
-            for protocol in ("binary", "json"):
-                levels = spec["levels"].get(f"{model}/{protocol}", spec["levels"].get(model, []))
-                if not levels:
-                    continue
-                try:
-                    rows += _load_one(spec, base, model, protocol, info, levels, answers, answers_dir)
-                except Exception as exc:  # noqa: BLE001 (keep what was measured; say what broke)
-                    incidents.append(f"{model} ({protocol}): {type(exc).__name__}: {exc}")
-                    say(f"triton {model} ({protocol}) failed: {exc}")
-                    if not _alive(base):
-                        incidents.append("tritonserver is no longer answering; the remaining levels were not run")
-                        break
-            else:
-                continue
-            break
+        _say(f"triton up in {start_s:.1f} s on {base}")
+        _load_all(spec, base, out)
     finally:
         try:
             triton.stop()
         except Exception as exc:  # noqa: BLE001 (a crashed server may not stop cleanly)
-            incidents.append(f"stopping Triton: {type(exc).__name__}: {exc}")
-    return {"rows": rows, "answers": answers, "incidents": incidents,
-            "info": {"start_s": start_s, "pytriton": pytriton.__version__, "onnxruntime": onnxruntime.__version__}}
+            out["incidents"].append(f"stopping Triton: {type(exc).__name__}: {exc}")
+    out["info"] = {"start_s": start_s, "pytriton": pytriton.__version__, "onnxruntime": onnxruntime.__version__}
+    return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    spec = json.loads(Path(argv[0]).read_text())
-    print(RESULT_MARK + json.dumps(run(spec), default=str), flush=True)
-    return 0
+def _wait_ready(base: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(base + "/v2/health/ready", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _load_all(spec: dict, base: str, out: dict) -> None:
+    """Every (model, protocol) with levels; stops at the first failure that leaves Triton dead."""
+    answers_dir = Path(spec["answers_dir"])
+    answers_dir.mkdir(parents=True, exist_ok=True)
+    for model in spec["models"]:
+        info = spec["prepared"]["models"][model]
+        for protocol in ("binary", "json"):
+            levels = spec["levels"].get(f"{model}/{protocol}", spec["levels"].get(model, []))
+            if not levels:
+                continue
+            try:
+                out["rows"] += _load_one(spec, base, model, protocol, info, levels, out["answers"], answers_dir)
+            except Exception as exc:  # noqa: BLE001 (keep what was measured; say what broke)
+                out["incidents"].append(f"{model} ({protocol}): {type(exc).__name__}: {exc}")
+                _say(f"triton {model} ({protocol}) failed: {exc}")
+                if not _alive(base):
+                    out["incidents"].append("tritonserver is no longer answering; the remaining levels were not run")
+                    return

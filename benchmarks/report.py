@@ -1,9 +1,9 @@
 """Turn a benchmark result document into target verdicts, a Markdown table and a PNG chart.
 
-Pure functions over the JSON that scripts/bench.py writes (schema ``SCHEMA``), so
+Pure functions over the JSON that ``benchmarks.cli`` writes (schema ``SCHEMA``), so
 they can be re-run on an old result file:
 
-    python scripts/bench_report.py bench-results/2026-11-22T01-30-00.json
+    python -m benchmarks.report bench-results/2026-11-22T01-30-00.json [chart.png]
 """
 
 from __future__ import annotations
@@ -233,16 +233,26 @@ def write_chart(doc: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = all_rows(doc)
-    targets = doc.get("targets") or evaluate_targets(doc)
     fig, axes = plt.subplots(2, 2, figsize=(17, 13))
     commit = (doc.get("git") or {}).get("commit") or "?"
     fig.suptitle(f"forward-fleet benchmarks @ {commit}, {doc.get('started', '')} ({doc.get('host', {}).get('cpus', '?')} cores"
                  f"{', quick' if doc.get('quick') else ''}; ratios within one run count, absolute numbers do not)",
                  fontsize=12)
-
-    # (a) digits-mlp requests/s by concurrency
-    ax = axes[0][0]
     digits = [r for r in rows if r.get("model") == "digits-mlp" and r["system"] not in ("bare",) and r.get("concurrency")]
+    levels = _digits_rate_panel(axes[0][0], rows, digits)
+    _digits_latency_panel(axes[0][1], digits, max(levels) if levels else 32)
+    _cnn_panel(axes[1][0], rows)
+    _targets_panel(axes[1][1], doc.get("targets") or evaluate_targets(doc), doc.get("loadgen", {}).get("ceiling", {}))
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.subplots_adjust(hspace=0.45)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _digits_rate_panel(ax, rows: list[dict], digits: list[dict]) -> list[int]:
+    """(a) digits-mlp requests/s by concurrency; returns the concurrency levels shown."""
     series: dict[str, dict[int, float]] = {}
     for r in digits:
         series.setdefault(_label(r), {})[r["concurrency"]] = r["req_per_s"]
@@ -260,23 +270,26 @@ def write_chart(doc: dict, path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_ylabel("requests/s (log)")
     ax.set_title("digits-mlp, one row per request")
-    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.07))
+    if series:
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.07))
+    return levels
 
-    # (b) digits-mlp p99 at the highest concurrency
-    ax = axes[0][1]
-    top = max(levels) if levels else 32
+
+def _digits_latency_panel(ax, digits: list[dict], top: int) -> None:
+    """(b) digits-mlp p50 and p99 at the highest concurrency."""
     at_top = sorted([r for r in digits if r["concurrency"] == top], key=lambda r: r["p99_ms"])
-    ax.barh([_label(r).replace("\n", " ") for r in at_top], [r["p99_ms"] for r in at_top], color="tab:orange",
-            label="p99")
-    ax.barh([_label(r).replace("\n", " ") for r in at_top], [r["p50_ms"] for r in at_top], color="tab:blue", label="p50")
+    labels = [_label(r).replace("\n", " ") for r in at_top]
+    ax.barh(labels, [r["p99_ms"] for r in at_top], color="tab:orange", label="p99")
+    ax.barh(labels, [r["p50_ms"] for r in at_top], color="tab:blue", label="p50")
     ax.set_xscale("log")
     ax.set_xlabel("latency ms (log)")
     ax.set_title(f"digits-mlp latency at concurrency {top}")
     ax.tick_params(axis="y", labelsize=7)
     ax.legend(fontsize=8)
 
-    # (c) cnn-small rows/s, best over concurrency levels
-    ax = axes[1][0]
+
+def _cnn_panel(ax, rows: list[dict]) -> None:
+    """(c) cnn-small rows/s, best over concurrency levels."""
     best: dict[str, float] = {}
     for r in rows:
         if r.get("model") == "cnn-small" and r.get("rows_per_s"):
@@ -292,8 +305,9 @@ def write_chart(doc: dict, path: Path) -> Path:
     ax.set_title("cnn-small, 64 rows per request (compute-bound)")
     ax.tick_params(axis="y", labelsize=7)
 
-    # (d) targets
-    ax = axes[1][1]
+
+def _targets_panel(ax, targets: list[dict], ceiling: dict) -> None:
+    """(d) the targets, met or not, and the load generator's own ceiling."""
     ax.axis("off")
     ax.set_title("issue 7 targets")
     y = 0.95
@@ -304,16 +318,9 @@ def write_chart(doc: dict, path: Path) -> Path:
         ax.text(0.13, y, f"{t['name']}\n  value {_fmt(t['value'], 2)} / threshold {_fmt(t['threshold'], 2)}  {t['detail']}",
                 fontsize=8, va="top", transform=ax.transAxes)
         y -= 0.12
-    ceiling = doc.get("loadgen", {}).get("ceiling", {})
     if ceiling.get("req_per_s"):
         ax.text(0.0, 0.02, f"load generator: {ceiling.get('tool')}, own ceiling {ceiling['req_per_s']:,.0f} req/s "
                 f"at c={ceiling.get('concurrency')} against a trivial server", fontsize=8, transform=ax.transAxes)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.subplots_adjust(hspace=0.45)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,194 @@
+"""GPU benchmark: bare ONNX Runtime CUDA vs the fleet on the same GPU(s).
+
+For a host with NVIDIA GPUs, onnxruntime-gpu (forward-fleet[gpu]) and Ray:
+
+    python3 scripts/gpu_bench.py [--quick] [--gpus N] [--out DIR]     (the project on PYTHONPATH)
+
+On a compute-heavy model (an MLP of 4 x Gemm 4096x4096 + Relu, made with the onnx
+helper API, ~268 MB of FP32 weights) it measures, at batch 1 and batch 256:
+
+  bare          the fleet's own engine class (workers.engines.onnxruntime, CUDA provider,
+                same session options) called in-process: the GPU's limit for this model
+  fleet-client  the in-cluster Python path (no HTTP): the DataPlane (route + worker call, as
+                the ingress and the batch job use it) from up to 4 client actors per GPU
+  fleet-http-binary  KServe v2 binary over HTTP, closed-loop load from a separate process
+  fleet-http-shm     the Python client, FleetClient(shared_memory=True), from several
+                processes on the host: tensors in the client's shared memory region, only
+                their descriptions over HTTP (Triton's system shared memory extension)
+
+first with one GPU, then (when the host has more) with all of them, so the fleet's
+scaling over GPUs shows. Results: DIR/gpu-<timestamp>.json (DIR: $OUT if set, else
+bench-results/) and a table on stdout.
+
+It stops at once with a clear message where there is no CUDA GPU or no CUDA
+provider in ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cluster.console import say
+from cluster.demo import make_big_mlp
+from cluster.env import apply_ray_env
+
+from benchmarks import loadgen
+from benchmarks.common import REPO_ROOT, closed_loop_row, progress
+
+MODEL = "big-mlp"
+CLIENTS_PER_GPU = 4
+SYSTEMS = ("fleet-client", "fleet-http-binary", "fleet-http-shm")
+
+
+class NoGpu(RuntimeError):
+    pass
+
+
+def require_cuda() -> list[str]:
+    """Names of the visible NVIDIA GPUs; raises NoGpu naming what is missing."""
+    try:
+        import pynvml
+    except ImportError:
+        raise NoGpu("nvidia-ml-py (pynvml) is not installed") from None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        raise NoGpu(f"NVML could not start ({exc}): no NVIDIA driver or GPU on this host") from None
+    try:
+        names = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(pynvml.nvmlDeviceGetCount())]
+    finally:
+        pynvml.nvmlShutdown()
+    names = [n.decode() if isinstance(n, bytes) else n for n in names]
+    if not names:
+        raise NoGpu("NVML sees no GPU")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise NoGpu(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
+                    f"(providers: {', '.join(ort.get_available_providers())}); install forward-fleet[gpu] (onnxruntime-gpu)")
+    return names
+
+
+def feeds_for(batch: int, width: int):
+    import numpy as np
+
+    return {"input": np.random.default_rng(batch).standard_normal((batch, width)).astype(np.float32)}
+
+
+def bench_bare(model_path: Path, batches: list[int], width: int, duration_s: float) -> list[dict]:
+    """The fleet's own engine class (CUDA provider, same session options) called in-process."""
+    from workers.engines.onnxruntime import OnnxRuntimeEngine
+
+    rows = []
+    with OnnxRuntimeEngine(model_path, provider="cuda", device_id=0) as engine:
+        for batch in batches:
+            feeds = feeds_for(batch, width)
+            for _ in range(10):
+                engine.infer(feeds)
+            latencies = []
+            start = time.perf_counter()
+            while time.perf_counter() - start < duration_s:
+                t0 = time.perf_counter()
+                engine.infer(feeds)
+                latencies.append(time.perf_counter() - t0)
+            rows.append(closed_loop_row("bare", "onnxruntime cuda, in-process", batch, 1, latencies,
+                                        time.perf_counter() - start, gpus=1))
+    return rows
+
+
+def summary(rows: list[dict]) -> list[str]:
+    lines = ["| system | gpus | batch | conc. | rows/s | p50 ms | p99 ms | vs bare (same batch) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    bare = {r["batch"]: r["rows_per_s"] for r in rows if r["system"] == "bare"}
+    for r in rows:
+        ratio = r["rows_per_s"] / bare[r["batch"]] if bare.get(r["batch"]) else float("nan")
+        lines.append(f"| {r['system']} | {r['gpus']} | {r['batch']} | {r.get('concurrency', 1)} | {r['rows_per_s']:,.0f} | "
+                     f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio:.2f}x |")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gpu_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="2 s per level")
+    p.add_argument("--gpus", type=int, help="how many GPUs for the multi-GPU run (default: all visible)")
+    p.add_argument("--duration", type=float, help="seconds per level (default 5, quick 2)")
+    p.add_argument("--width", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--loadgen", default="auto", choices=("auto", "wrk", "python"))
+    p.add_argument("--batches", default="1,256", help="comma-separated batch sizes (default 1,256)")
+    p.add_argument("--levels", default="", help="per-GPU concurrency levels for every batch, e.g. 8,16 "
+                   "(default: 1,8,32 at batch 1; 1,4,8 at larger batches)")
+    p.add_argument("--clients-per-gpu", type=int, default=CLIENTS_PER_GPU, help="client actors per GPU (fleet-client)")
+    p.add_argument("--no-http", action="store_true", help="skip fleet-http-binary")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"which fleet paths to measure, comma-separated (default: {','.join(SYSTEMS)})")
+    p.add_argument("--ray-address", help="run the fleet part on this running Ray cluster (all its GPUs) instead of "
+                   "a local Ray per GPU count")
+    p.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench-results"))
+    args = p.parse_args(argv)
+    args.systems = tuple(s for s in args.systems.split(",") if s and not (args.no_http and s == "fleet-http-binary"))
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        p.error(f"unknown --systems {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
+    args.duration = args.duration or (2.0 if args.quick else 5.0)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    chosen = [int(c) for c in args.levels.split(",") if c]
+    args.levels = {b: chosen or ([1, 8, 32] if b == 1 else [1, 4, 8]) for b in args.batches}
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        names = require_cuda()
+    except NoGpu as exc:
+        say(f"gpu_bench needs a CUDA GPU: {exc}")
+        return 2
+    apply_ray_env()  # before anything imports Ray: Ray and Serve read their switches then
+    from benchmarks.gpu_fleet import bench_fleet
+
+    n_all = min(args.gpus or len(names), len(names))
+    tool = loadgen.pick_tool(args.loadgen)
+    work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    model_path = make_big_mlp(work / f"{MODEL}.onnx", args.width, args.layers)
+    doc: dict = {"schema": "forward-fleet-gpu-bench/1", "started": dt.datetime.now().isoformat(timespec="seconds"),
+                 "gpus": names, "model": f"{args.layers} x Gemm {args.width}x{args.width} + Relu (FP32)", "loadgen": tool,
+                 "duration_s": args.duration, "rows": []}
+    progress(f"{len(names)} GPU(s): {', '.join(names)}; model {doc['model']}")
+    doc["rows"] += bench_bare(model_path, args.batches, args.width, args.duration)
+    for r in doc["rows"]:
+        progress(f"bare batch={r['batch']}: {r['rows_per_s']:,.0f} rows/s, p50 {r['p50_ms']:.2f} ms")
+    for n in [n_all] if args.ray_address else sorted({1, n_all}):
+        doc["rows"] += bench_fleet(model_path, n, args, tool, work / f"fleet-{n}", lambda b: feeds_for(b, args.width))
+    if n_all > 1:
+        doc["scaling"] = scaling(doc["rows"], args.systems, args.batches, n_all)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu-{dt.datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}.json"
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    print("\n".join(summary(doc["rows"])))
+    if "scaling" in doc:
+        print(f"\nthroughput with {n_all} GPUs vs 1 (best level each): {doc['scaling']}")
+    print(f"\nresults: {path}")
+    return 0
+
+
+def scaling(rows: list[dict], systems: tuple[str, ...], batches: list[int], n_all: int) -> dict[str, float]:
+    """Best rows/s with all GPUs over best rows/s with one, per system and batch."""
+    def best(system: str, n: int, b: int) -> float:
+        return max((r["rows_per_s"] for r in rows if r["system"] == system and r["gpus"] == n and r["batch"] == b),
+                   default=0)
+
+    return {f"{system} batch {b}": round(best(system, n_all, b) / best(system, 1, b), 2)
+            for system in systems for b in batches if best(system, 1, b)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

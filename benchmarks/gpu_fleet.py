@@ -1,0 +1,104 @@
+"""The fleet part of the GPU benchmark (``benchmarks.gpu``): a fleet on N GPUs, measured three ways.
+
+Imports Ray: ``benchmarks.gpu`` imports this module after it has set Ray's and Serve's
+switches (``cluster.env.apply_ray_env``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+
+from cluster.buildfarm import build_on_fleet
+from cluster.config import load_config
+from cluster.deploy import deploy, teardown
+from cluster.names import NAMESPACE
+from cluster.net import free_port
+from cluster.repository import Repository
+from workers.kserve.client_codec import encode_request
+
+from benchmarks import loadgen
+from benchmarks.common import CONFIG, closed_loop_row, progress
+from benchmarks.phases.fleet_client import client_bench_class
+from benchmarks.shm_load import shm_client_load
+
+def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feeds_for) -> list[dict]:
+    """Rows for every (system, batch, level) of ``args`` (benchmarks.gpu's options; ``args.levels[batch]``
+    are per-GPU concurrencies) on a fleet of ``n_gpus`` serving the model at ``model_path`` (named by its stem)."""
+    model = model_path.stem
+    config = load_config(str(CONFIG), repository=str(work / "repository"), port=free_port(),
+                         models={model: {"max_batch": max(args.batches)}}, allow_client_shm=True)
+    if args.ray_address:  # a running cluster (e.g. one Ray node per GPU); it decides how many GPUs there are
+        ray.init(address=args.ray_address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
+    else:
+        ray.init(address="local", namespace=NAMESPACE, num_gpus=n_gpus, num_cpus=os.cpu_count(), log_to_driver=False,
+                 include_dashboard=False, logging_level=logging.ERROR)
+    rows: list[dict] = []
+    try:
+        controller = deploy(config)
+        outcomes = build_on_fleet(Repository(config.repository), controller, model_path, model=model,
+                                  max_batch=max(args.batches))
+        if not outcomes or not all(o.ok for o in outcomes):
+            raise RuntimeError(f"building {model} on the fleet failed: {[o.error for o in outcomes]}")
+        run = _Measure(model, n_gpus, args.duration, sorted({o.target.describe() for o in outcomes}),
+                       f"http://127.0.0.1:{config.port}", args.clients_per_gpu * n_gpus, tool)
+        # Several client actors: one Python process serializing 4 MB requests and reading 4 MB
+        # answers tops out near 500 requests/s, below what one GPU serves at batch 256.
+        clients = [client_bench_class().remote() for _ in range(run.clients)] if "fleet-client" in args.systems else []
+        for batch in args.batches:
+            first = len(rows)
+            feeds = feeds_for(batch)
+            scale = [c * n_gpus for c in args.levels[batch]]
+            rows += [run.client(clients, batch, c, feeds) for c in (scale if clients else ())]
+            rows += [run.shm(batch, c, feeds) for c in (scale if "fleet-http-shm" in args.systems else ())]
+            if "fleet-http-binary" in args.systems:
+                rows += run.http_binary(batch, scale, feeds)
+            for row in rows[first:]:
+                progress(f"{row['system']:<18} gpus={n_gpus} batch={batch:<4} c={row['concurrency']:<3} "
+                         f"{row['rows_per_s']:>10,.0f} rows/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms")
+    finally:
+        teardown()
+        ray.shutdown()
+    return rows
+
+
+class _Measure:
+    """One system at one (batch, concurrency) on the deployed fleet."""
+
+    def __init__(self, model: str, n_gpus: int, duration_s: float, targets: list[str], base_url: str, clients: int,
+                 tool: str) -> None:
+        self.model, self.n_gpus, self.duration_s, self.targets = model, n_gpus, duration_s, targets
+        self.base_url, self.clients, self.tool = base_url, clients, tool
+
+    def _row(self, system: str, variant: str, batch: int, c: int, latencies: list[float], elapsed: float) -> dict:
+        return closed_loop_row(system, variant, batch, c, latencies, elapsed, gpus=self.n_gpus, targets=self.targets)
+
+    def client(self, clients: list, batch: int, c: int, feeds: dict) -> dict:
+        """The DataPlane from client actors (``c`` concurrent calls spread over them)."""
+        used = clients[:min(c, len(clients))]
+        shares = [c // len(used) + (1 if i < c % len(used) else 0) for i in range(len(used))]
+        outs = ray.get([b.run.remote("dataplane", self.model, feeds, n, self.duration_s) for b, n in zip(used, shares)])
+        return self._row("fleet-client", f"dataplane, {len(used)} client actor(s)", batch, c,
+                         [x for o in outs for x in o["latencies"]], max(o["elapsed"] for o in outs))
+
+    def shm(self, batch: int, c: int, feeds: dict) -> dict:
+        procs = min(c, self.clients)
+        out = shm_client_load(self.base_url, self.model, feeds, c, self.duration_s, procs)
+        return self._row("fleet-http-shm", f"FleetClient(shared_memory=True), {procs} process(es)", batch, c,
+                         out["latencies"], out["elapsed"])
+
+    def http_binary(self, batch: int, scale: list[int], feeds: dict) -> list[dict]:
+        """KServe v2 binary over HTTP from the load generator (a separate process), every level."""
+        url = f"{self.base_url}/v2/models/{self.model}/infer"
+        body, headers = encode_request(feeds, binary=True)
+        loadgen.run(url, body, headers, concurrency=max(scale), duration_s=2, tool=self.tool)  # warm-up
+        rows = []
+        for c in scale:
+            r = loadgen.run(url, body, headers, concurrency=c, duration_s=self.duration_s, rows_per_request=batch,
+                            tool=self.tool)
+            rows.append({"system": "fleet-http-binary", "variant": r.tool, "gpus": self.n_gpus, "batch": batch,
+                         "targets": self.targets, **r.to_dict()})
+        return rows
