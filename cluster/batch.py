@@ -43,6 +43,8 @@ from cluster.router import Router  # noqa: E402
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 MAX_RETRIES_PER_PART = 5
+RETRY_BACKOFF_S = 0.2  # times the part's attempts: a busy fleet gets a moment to settle
+TMP_GLOB = ".part-*.tmp"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class BatchJob:
     input_columns: dict[str, str] = field(default_factory=dict)  # model input -> dataset column
     output_columns: tuple[str, ...] = ()  # empty: every output
     in_flight_per_worker: int = 2
+    max_retries: int = MAX_RETRIES_PER_PART  # per part, after a worker died or lost the engine under it
 
 
 @dataclass
@@ -171,9 +174,12 @@ def write_part(out: Path, index: int, row_ids: np.ndarray, outputs: dict[str, np
         else:
             width = int(np.prod(array.shape[1:]))
             columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), width)
-    tmp = out / f".part-{index:05d}.parquet.tmp"
-    pq.write_table(pa.table(columns), tmp)
-    os.replace(tmp, part_path(out, index))  # atomic: a part is there whole or not at all
+    tmp = out / f".part-{index:05d}.{os.getpid()}.tmp"
+    try:
+        pq.write_table(pa.table(columns), tmp)
+        os.replace(tmp, part_path(out, index))  # atomic: a part is there whole or not at all
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_output_dir(out: Path, job: BatchJob, rows: int) -> None:
@@ -188,6 +194,8 @@ def check_output_dir(out: Path, job: BatchJob, rows: int) -> None:
             )
     else:
         path.write_text(json.dumps(record, indent=2))
+    for stale in out.glob(TMP_GLOB):  # half-written by a run that was killed: never a part
+        stale.unlink(missing_ok=True)
 
 
 # ---- dispatching -------------------------------------------------------------------
@@ -271,16 +279,22 @@ class Dispatcher:
             raise cause from None
         self.summary.retries += 1
         part.attempts += 1
-        if part.attempts > MAX_RETRIES_PER_PART:
-            raise NotReady(f"part {part.index} failed {part.attempts} times (last: {cause}); giving up") from None
+        reason = "the worker process died" if failure is Failure.WORKER_LOST else str(cause)
+        if part.attempts > self.job.max_retries:
+            raise NotReady(f"part {part.index} failed {part.attempts} times, the last on worker {part.worker}: "
+                           f"{reason}; giving up (--max-retries {self.job.max_retries}); a rerun into the same "
+                           f"--output resumes from the parts done") from None
         if failure is Failure.WORKER_LOST:
             self.fleet.workers.pop(part.worker, None)
             self.say(f"  worker {part.worker} lost during part {part.index}; retrying it elsewhere")
-            try:
-                get(self.fleet.controller.report_dead.remote(part.worker))
-            except Exception:
-                pass
-        self.fleet.refresh()
+        else:
+            self.say(f"  worker {part.worker} no longer holds the model (part {part.index}); retrying")
+        try:
+            get(self.fleet.controller.report_worker.remote(part.worker))  # the inventory sees it at once
+        except Exception:
+            pass
+        time.sleep(RETRY_BACKOFF_S * part.attempts)
+        self.fleet.refresh()  # waits (bounded, on the controller) while a replacement starts
         self.submit(part)
 
     def drain(self) -> None:
@@ -337,9 +351,13 @@ def parse_args(argv: list[str] | None = None) -> BatchJob:
     parser.add_argument("--input-column", action="append", default=[], metavar="[INPUT=]COLUMN",
                         help="dataset column for a model input (repeat for several inputs)")
     parser.add_argument("--output-columns", default="", help="comma-separated outputs to write (default: all)")
+    parser.add_argument("--max-retries", type=int, default=MAX_RETRIES_PER_PART,
+                        help="tries per part after a worker died or lost the engine (default %(default)s)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.max_retries < 0:
+        parser.error("--max-retries must be >= 0")
     columns: dict[str, str] = {}
     for item in args.input_column:
         name, _, column = item.rpartition("=")
@@ -347,6 +365,7 @@ def parse_args(argv: list[str] | None = None) -> BatchJob:
     return BatchJob(
         model=args.model, version=args.version, input=args.input, output=args.output, batch_size=args.batch_size,
         input_columns=columns, output_columns=tuple(c for c in args.output_columns.split(",") if c),
+        max_retries=args.max_retries,
     )
 
 

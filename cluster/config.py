@@ -136,6 +136,9 @@ class FleetConfig(_Strict):
     # the rest goes to Ray Serve on `serve_port` (None: a free port picked at start).
     front_door: bool = True
     serve_port: int | None = Field(None, ge=1, le=65535)
+    # How long a request, a load or a batch part waits for a worker that can run its model while
+    # that worker is being replaced (it crashed, was killed, lost its GPU context), before a 503.
+    worker_wait_s: float = Field(60.0, ge=0, le=3600)
     # Triton's system shared memory extension: clients on a fleet host register POSIX shared
     # memory objects and send only tensor descriptions. Off by default (Triton's
     # --allow-client-shm): workers then read and write any object a client names.

@@ -142,10 +142,10 @@ class DataPlane:
             failure, cause = classify(exc)
             if failure is Failure.WORKER_LOST:
                 self.router.mark_dead(worker_id)
-                asyncio.get_running_loop().create_task(self._report_dead(worker_id))
+                asyncio.get_running_loop().create_task(self._report(worker_id))
                 raise _Retry(WorkerLost(f"worker {worker_id} died while serving '{model}'")) from None
             if failure is Failure.ENGINE_GONE:  # evicted since our last refresh
-                await self.refresh(force=True)
+                await self._report(worker_id)
                 raise _Retry(cause) from None
             raise cause from None
         finally:
@@ -165,9 +165,10 @@ class DataPlane:
             )
         return set.intersection(*(set(self.shm_workers[r]) for r in regions))
 
-    async def _report_dead(self, worker_id: str) -> None:
+    async def _report(self, worker_id: str) -> None:
+        """Have the controller read the worker's health now, then take the news."""
         try:
-            await self.controller.report_dead.remote(worker_id)
+            await self.controller.report_worker.remote(worker_id)
         finally:
             await self.refresh(force=True)
 

@@ -159,6 +159,10 @@ class Router:
         """(worker, manifest) pairs that can_run, on live workers."""
         return [(w, m) for w, m in self._compatible.get((model, version), []) if self.workers[w].alive]
 
+    def down_but_compatible(self, model: str, version: str) -> list[str]:
+        """Workers that could run (model, version) but are not alive now (being replaced, perhaps)."""
+        return sorted({w for w, _ in self._compatible.get((model, version), []) if not self.workers[w].alive})
+
     def holders(self, model: str, version: str) -> list[str]:
         """The live compatible workers holding an engine of (model, version)."""
         return [c.worker_id for c in self._holders.get((model, version), [])]

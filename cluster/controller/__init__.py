@@ -167,9 +167,10 @@ class FleetController:
             except FleetError as err:
                 self.events.add("front-door-replace-failed", reason=err.message)
 
-    async def report_dead(self, worker_id: str) -> None:
-        """A caller saw a worker die: check and replace it now."""
-        await self.pool.check(worker_id)
+    async def report_worker(self, worker_id: str) -> None:
+        """A caller saw a worker die or lose an engine: read its health now (and replace it if dead)."""
+        if worker_id in self.pool.handles():
+            await self.pool.check(worker_id)
 
     # ---- loading -----------------------------------------------------------
     async def ensure_loaded(self, model: str, version: str | None = None, *, allow_eviction: bool = True,

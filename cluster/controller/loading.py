@@ -9,11 +9,20 @@ evicts least-recently-used idle engines (its ledger decides). The router's pure
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from ray.exceptions import RayActorError
 
-from workers.errors import ArtifactCorrupt, FleetError, IncompatibleArtifact, ModelNotFound, NoCapacity, NotReady
+from workers.errors import (
+    ArtifactCorrupt,
+    FleetError,
+    IncompatibleArtifact,
+    ModelNotFound,
+    NoCapacity,
+    NoCompatibleWorker,
+    NotReady,
+)
 from workers.ledger import format_bytes
 from workers.manifest import Manifest
 
@@ -25,6 +34,7 @@ from cluster.inventory import Placement
 from cluster.router import Router
 
 _REFUSALS = (NoCapacity, IncompatibleArtifact, ArtifactCorrupt)
+WAIT_POLL_S = 0.25
 
 
 class Loader:
@@ -59,7 +69,7 @@ class Loader:
         elif model in self.unloaded:
             raise NotReady(f"model '{model}' was unloaded; load it with POST /v2/repository/models/{model}/load")
         async with self._locks.setdefault(f"{model}:{version}", asyncio.Lock()):
-            placements = self.router.placement(model, version)  # raises NoCompatibleWorker
+            placements = await self._placement(model, version)
             # One engine of this model per worker: keep what is loaded, add where it fits.
             engines = {c.worker_id: c.manifest.engine_key for c in placements
                        if c.manifest.engine_key in self.router.workers[c.worker_id].loaded}
@@ -76,6 +86,23 @@ class Loader:
             if not engines:
                 raise self._failure(model, version, problems, refusals)
             return Placement(model, version, engines, self._epoch())
+
+    async def _placement(self, model: str, version: str):
+        """Where the model can go; while the only workers that can run it are being replaced (a
+        crash, an out-of-memory kill, a driver reset), wait for them, bounded (``worker_wait_s``)."""
+        deadline = time.monotonic() + self.config.worker_wait_s
+        announced = False
+        while True:
+            try:
+                return self.router.placement(model, version)
+            except NoCompatibleWorker:
+                coming = [w for w in self.router.down_but_compatible(model, version) if self.pool.coming_back(w)]
+                if not coming or time.monotonic() >= deadline:
+                    raise
+                if not announced:
+                    self.events.add("waiting-for-worker", model=model, version=version, workers=coming)
+                    announced = True
+                await asyncio.sleep(WAIT_POLL_S)
 
     async def _load_on(self, worker_id: str, manifest: Manifest, problems: list[str], refusals: list[FleetError]) -> bool:
         """Load one engine on one worker; False (noted in ``problems``) when the worker refused or died."""

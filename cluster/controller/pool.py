@@ -211,6 +211,21 @@ class WorkerPool:
         finally:
             self._members[worker_id].replacing = False
 
+    def coming_back(self, worker_id: str) -> bool:
+        """Whether a lost worker is being replaced on a node that is alive (so it should be back soon)."""
+        member = self._members.get(worker_id)
+        if member is None or not member.replacing:
+            return False
+        for node in ray.nodes():
+            if not node.get("Alive"):
+                continue
+            if (node.get("Labels") or {}).get(NODE_LABEL) == member.spec.node_name:
+                return True
+            strategy = member.options.get("scheduling_strategy")
+            if isinstance(strategy, NodeAffinitySchedulingStrategy) and strategy.node_id == node["NodeID"]:
+                return True
+        return False
+
     async def stats(self) -> dict[str, dict]:
         """Every live worker's status view (``FleetWorker.stats``), asked at once."""
         live = self.live()

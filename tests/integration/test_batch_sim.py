@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import ray
 
-from cluster.batch import BatchJob, run_job
+from cluster.batch import TMP_GLOB, BatchJob, run_job
 from cluster.buildfarm import build_on_fleet
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from cluster.repository import Repository
@@ -23,7 +23,7 @@ from tests.integration.fleet_fixtures import (
     worker_handles,
     write_parquet_rows,
 )
-from workers.errors import InvalidInput, ModelNotFound
+from workers.errors import InvalidInput, ModelNotFound, NotReady
 
 pytestmark = pytest.mark.integration
 ROWS = 20_000
@@ -44,6 +44,7 @@ def sim(tmp_path_factory, demo_models):
 
 
 def check_exactly_once(out, expected):
+    assert not list(out.glob(TMP_GLOB)), "a half-written part was left behind"
     row_ids, labels = read_parts(out)
     assert len(row_ids) == len(expected)
     assert np.array_equal(np.sort(row_ids), np.arange(len(expected)))  # each row once
@@ -97,6 +98,7 @@ def test_interrupted_job_resumes_without_duplicates(sim):
     log.close()
     done_before = len(list(out.glob("part-*.parquet")))
     assert 0 < done_before < ROWS // 250
+    (out / ".part-00077.12345.tmp").write_bytes(b"half a part, from a run that was killed while writing")
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"{done_before} of {ROWS // 250} parts already done" in rerun.stderr
@@ -119,3 +121,55 @@ def test_clear_early_failures(sim, tmp_path):
         narrow = write_parquet_rows(tmp_path / "narrow.parquet", digits_rows(10)[:, :32])
         run_job(BatchJob("digits-t4-v100", str(narrow), str(tmp_path / "c")), sim["controller"])
     assert not list((tmp_path / "c").glob("part-*"))
+
+
+def after_parts(out, n, action):
+    """Run ``action`` in a thread once ``n`` parts of the job are written (the job is under way)."""
+
+    def wait_then_act():
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("part-*.parquet"))) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        action()
+
+    thread = threading.Thread(target=wait_then_act)
+    thread.start()
+    return thread
+
+
+def test_a_part_whose_engine_was_evicted_is_retried_and_no_row_is_lost(sim):
+    """An eviction (another model needed the budget) under a running job: the worker says the engine
+    is not there any more, the part goes again, the fleet loads the model again where it fits."""
+    out = sim["work"] / "out-evict"
+    inventory = ray.get(sim["controller"].inventory.remote())
+    (key,) = {k for w in inventory.workers if w.worker_id == "v100-node-gpu0" for k in w.health.loaded
+              if k.startswith("digits-t4-v100:")}
+    v100 = inventory.handles["v100-node-gpu0"]
+    thread = after_parts(out, 3, lambda: ray.get(v100.unload.remote(key)))
+    summary = run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out), batch_size=500), sim["controller"])
+    thread.join()
+    check_exactly_once(out, sim["expected"])
+    assert summary.rows_written == ROWS and summary.retries >= 1  # the eviction did hit parts in flight
+
+
+def test_a_job_gives_up_after_its_retry_limit_with_a_clear_error(sim):
+    out = sim["work"] / "out-give-up"
+    thread = after_parts(out, 2, lambda: ray.kill(worker_handles(sim["controller"])["t4-node-gpu1"], no_restart=True))
+    with pytest.raises(NotReady, match=r"failed 1 times, the last on worker t4-node-gpu1: .*giving up \(--max-retries 0\)"):
+        run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out), batch_size=250, max_retries=0), sim["controller"])
+    thread.join()
+    assert not list(out.glob(TMP_GLOB))
+    # the parts written stay; a rerun (retries allowed) finishes the job with every row once
+    run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out), batch_size=250), sim["controller"])
+    check_exactly_once(out, sim["expected"])
+
+
+def test_another_job_into_the_same_output_is_refused(sim):
+    out = sim["work"] / "out-share"  # written by the first test of this module
+    assert (out / "_job.json").exists()
+    with pytest.raises(InvalidInput, match="holds parts of a different job"):
+        run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out), batch_size=777), sim["controller"])
+    other = write_parquet_rows(sim["work"] / "other.parquet", digits_rows(10))
+    with pytest.raises(InvalidInput, match="holds parts of a different job"):
+        run_job(BatchJob("digits-t4-v100", str(other), str(out), batch_size=1000), sim["controller"])
+    check_exactly_once(out, sim["expected"])  # and nothing of the first job was touched
