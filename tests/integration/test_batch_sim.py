@@ -141,10 +141,9 @@ def test_a_part_whose_engine_was_evicted_is_retried_and_no_row_is_lost(sim):
     """An eviction (another model needed the budget) under a running job: the worker says the engine
     is not there any more, the part goes again, the fleet loads the model again where it fits."""
     out = sim["work"] / "out-evict"
-    inventory = ray.get(sim["controller"].inventory.remote())
-    (key,) = {k for w in inventory.workers if w.worker_id == "v100-node-gpu0" for k in w.health.loaded
-              if k.startswith("digits-t4-v100:")}
-    v100 = inventory.handles["v100-node-gpu0"]
+    placement = ray.get(sim["controller"].ensure_loaded.remote("digits-t4-v100"))
+    key = placement.engines["v100-node-gpu0"]  # it fits everywhere: every compatible worker holds it
+    v100 = worker_handles(sim["controller"])["v100-node-gpu0"]
     thread = after_parts(out, 3, lambda: ray.get(v100.unload.remote(key)))
     summary = run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out), batch_size=500), sim["controller"])
     thread.join()
