@@ -107,9 +107,9 @@ def _declared_budget(spec: WorkerSpec, device: Device) -> int | None:
 
 def _local_runtimes(device: Device) -> tuple[Runtime, ...]:
     runtimes = [Runtime("onnxruntime", ort.__version__, "cpu")]
-    if device.is_gpu and not device.simulated and cuda_provider_available():
+    if device.is_real_gpu and cuda_provider_available():
         runtimes.append(Runtime("onnxruntime", ort.__version__, "cuda"))
-    if device.is_gpu and not device.simulated:
+    if device.is_real_gpu:
         try:
             import tensorrt  # noqa: F401  (optional: forward-fleet[trt])
 
@@ -140,7 +140,7 @@ class FleetWorker:
             node_id=spec.node_name,
             labels=dict(spec.labels),
         )
-        real_gpu = self.device.is_gpu and not self.device.simulated
+        real_gpu = self.device.is_real_gpu
         if real_gpu:
             _init_cuda_context(self.device)  # the context is part of the baseline, not of the first engine
         uuid = self.device.uuid

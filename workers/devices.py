@@ -46,6 +46,11 @@ class Device:
         return self.kind == "gpu"
 
     @property
+    def is_real_gpu(self) -> bool:
+        """A GPU this process computes on (not one declared by a simulated fleet's config)."""
+        return self.is_gpu and not self.simulated
+
+    @property
     def cc(self) -> tuple[int, int] | None:
         return parse_compute_capability(self.compute_capability) if self.compute_capability else None
 

@@ -21,6 +21,7 @@ from cluster.client import FleetClient
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from cluster.repository import Repository
 from tests.integration.fleet_fixtures import running_fleet, simulated_cluster, worker_handles
+from tests.needs import skip_unless
 from workers.errors import NoCapacity, NoCompatibleWorker
 
 pytestmark = pytest.mark.integration
@@ -234,8 +235,7 @@ def test_killing_a_worker_mid_traffic(sim):
 def test_status_page_renders_the_four_gpus_in_chromium(sim, tmp_path):
     from tests.chromium import find_chromium, parse_dom, render_dom, screenshot
 
-    if find_chromium() is None:
-        pytest.skip("chromium is not installed (scripts/test.sh installs the Debian package)")
+    skip_unless(find_chromium() is not None, "chromium is not installed (scripts/test.sh installs the Debian package)")
     build(sim, "digits-all", "auto")
     served_by(sim, "digits-all", 5)  # some traffic for the models table
     doc = parse_dom(render_dom(sim["url"] + "/"))

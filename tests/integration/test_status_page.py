@@ -18,12 +18,13 @@ import pytest
 
 from cluster.status_page import render_status_page
 from tests.chromium import find_chromium, parse_dom, render_dom, screenshot
+from tests.needs import skip_unless
 from tests.status_samples import sample_stats, sample_status
 
-pytestmark = pytest.mark.skipif(
-    find_chromium() is None,
-    reason="chromium is not installed (scripts/test.sh installs it: apt-get install -y chromium)",
-)
+@pytest.fixture(autouse=True)
+def _chromium():
+    skip_unless(find_chromium() is not None,
+                "chromium is not installed (scripts/test.sh installs it: apt-get install -y chromium)")
 
 
 @contextmanager

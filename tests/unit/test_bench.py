@@ -1,6 +1,7 @@
 """Smoke tests of the benchmarks' pure parts (the benchmarks package): no Ray, seconds."""
 
 import asyncio
+import importlib.util
 import json
 import math
 import os
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs import skip_unless
+
 from benchmarks import cli, loadgen, report, serve_modes
 from benchmarks.phases import PHASES, module_name
 from benchmarks.phases.router import build_router_fleet, router_microbench
@@ -18,7 +21,7 @@ from benchmarks.plans import Context, levels_for, plan_for
 
 # ---- percentiles and load results -------------------------------------------------------
 def test_percentile_interpolates_like_numpy():
-    np = pytest.importorskip("numpy")
+    import numpy as np
     data = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 7.5]
     for q in (0, 1, 25, 50, 90, 99, 100):
         assert loadgen.percentile(data, q) == pytest.approx(float(np.percentile(data, q)))
@@ -180,7 +183,7 @@ def test_markdown_table_lists_every_measurement():
 
 
 def test_chart_is_written(tmp_path):
-    pytest.importorskip("matplotlib")
+    skip_unless(importlib.util.find_spec("matplotlib") is not None, "matplotlib is not installed (the dev extra has it)")
     path = report.write_chart(_doc(), tmp_path / "chart.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

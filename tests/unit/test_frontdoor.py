@@ -17,8 +17,17 @@ from workers.manifest import Manifest
 from workers.targets import Runtime, Target, WorkerCaps
 from workers.tensors import TensorSpec
 
+from tests.needs import skip_unless
+
 TARGET = Target("onnxruntime", "1.31.1", "any", provider="cpu")
-needs_haproxy = pytest.mark.skipif(haproxy_binary() is None, reason="HAProxy is not installed")
+
+
+@pytest.fixture
+def haproxy_installed():
+    skip_unless(haproxy_binary() is not None, "HAProxy is not installed (ray[serve] brings it on Linux)")
+
+
+needs_haproxy = pytest.mark.usefixtures("haproxy_installed")
 
 
 def _free_port() -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs import skip_unless
 from tests.unit.fake_signatures import SIGNATURES_DIR, MissingRecord, load_signatures
 from tests.unit.fake_tensorrt import LEAN_LABELS, VERSION_LABELS, FakeTensorRT, version_of
 from workers.engines.tensorrt.compat import TrtApi
@@ -66,10 +67,11 @@ def test_records_match_the_real_lean_module():
     try:
         import tensorrt_lean
     except Exception as exc:  # ImportError, or OSError from its libraries
-        pytest.skip(f"tensorrt_lean does not import here: {exc}")
+        skip_unless(False, f"tensorrt_lean does not import here: {exc}")
+        raise
     label = f"lean-{tensorrt_lean.__version__}"
     if not (SIGNATURES_DIR / f"{label}.txt").exists():
-        pytest.skip(f"no signature records for {label}")
+        skip_unless(False, f"no signature records for {label}: run scripts/extract_trt_signatures.py")
     extractor = _extractor()
     version, records = extractor.walk([], "", "tensorrt_lean", extractor.declared_names(label))
     assert version == tensorrt_lean.__version__
@@ -117,7 +119,7 @@ def test_10x_records_agree_with_tensorrt_stubs():
     stubs know must be recorded, and properties and enum values must agree.
     """
     if not STUBS.is_file():
-        pytest.skip(f"tensorrt-stubs not installed in {STUBS.parent.parent}: run scripts/install_trt_stubs.py")
+        skip_unless(False, f"tensorrt-stubs not installed in {STUBS.parent.parent}: run scripts/install_trt_stubs.py")
     classes = _stub_classes(STUBS.read_text())
     table = load_signatures("10.16.1.11")
     for name, overloads in table.methods.items():
@@ -209,8 +211,9 @@ def test_the_fake_and_the_real_lean_module_refuse_the_same_calls():
     """ILogger.log is the one method the real module runs without a GPU: the same calls must fail on both."""
     try:
         import tensorrt_lean
-    except Exception as exc:
-        pytest.skip(f"tensorrt_lean does not import here: {exc}")
+    except Exception as exc:  # ImportError, or OSError from its libraries
+        skip_unless(False, f"tensorrt_lean does not import here: {exc}")
+        raise
     fake = FakeTensorRT(f"lean-{tensorrt_lean.__version__}")
     calls = {
         "positional": lambda s: ((s, "message"), {}),

@@ -15,19 +15,14 @@ from tritonclient.utils import InferenceServerException
 
 from cluster.client import FleetClient
 from cluster.demo import train_digits_mlp
-from tests.integration.fleet_fixtures import build_cpu, running_fleet
 from workers.errors import SharedMemoryError
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, demo_models):
-    repo = tmp_path_factory.mktemp("repo")
-    build_cpu(repo, demo_models["digits-mlp"], "digits-mlp", max_batch=256)
-    build_cpu(repo, demo_models["cnn-small"], "cnn-small")
-    with running_fleet("configs/local.yaml", repo, allow_client_shm=True) as (_, url):
-        yield url
+def fleet(shared_fleet):
+    return shared_fleet["url"]
 
 
 @pytest.fixture

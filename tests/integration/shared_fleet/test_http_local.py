@@ -7,19 +7,14 @@ import requests
 
 from cluster.client import FleetClient
 from cluster.demo import train_digits_mlp
-from tests.integration.fleet_fixtures import build_cpu, running_fleet
 from workers.errors import InvalidInput, ModelNotFound
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def fleet_url(tmp_path_factory, demo_models):
-    repo = tmp_path_factory.mktemp("repo")
-    build_cpu(repo, demo_models["digits-mlp"], "digits-mlp", max_batch=256)
-    build_cpu(repo, demo_models["cnn-small"], "cnn-small")
-    with running_fleet("configs/local.yaml", repo) as (_, url):
-        yield url
+def fleet_url(shared_fleet):
+    return shared_fleet["url"]
 
 
 def infer_json(url, model, rows, name="input", datatype="FP32"):
@@ -59,11 +54,12 @@ def test_versioned_infer_and_client_equal_direct_onnxruntime(fleet_url, demo_mod
             out = client.infer("cnn-small", {"input": X}, version="1")
             np.testing.assert_array_equal(out["logits"], expected)
     with FleetClient(fleet_url) as client:
-        assert {m["name"] for m in client.models()} == {"digits-mlp", "cnn-small"}
+        index = client.models()
+        assert {m["name"] for m in index} == {"digits-mlp", "cnn-small", "add-sub", "fp16-scale", "int64-add"}
         status = client.status()
         worker = status["nodes"][0]["workers"][0]
         assert worker["device"]["kind"] == "cpu" and worker["budget_bytes"] == 4 << 30
-        assert {e["key"].split(":")[0] for e in worker["ledger"]} == {"digits-mlp", "cnn-small"}
+        assert {e["key"].split(":")[0] for e in worker["ledger"]} == {m["name"] for m in index if m["state"] == "READY"}
 
 
 BAD = [
@@ -144,11 +140,3 @@ def test_metrics_parse_and_counters_move(fleet_url, digits_test):
     assert total(after, "fleet_gpu_budget_bytes") == 4 << 30
     assert total(after, "fleet_gpu_ledger_bytes") > 0
 
-
-def test_shared_memory_registration_is_refused_while_the_fleet_does_not_allow_it(fleet_url):
-    """allow_client_shm is off by default (as Triton's --allow-client-shm): no worker maps anything."""
-    r = requests.post(f"{fleet_url}/v2/systemsharedmemory/region/r1/register",
-                      json={"key": "/r1", "offset": 0, "byte_size": 64}, timeout=30)
-    assert r.status_code == 400 and "allow_client_shm: true" in r.json()["error"], r.text
-    assert requests.get(f"{fleet_url}/v2/systemsharedmemory/status", timeout=30).json() == []
-    assert "system_shared_memory" not in requests.get(f"{fleet_url}/v2", timeout=30).json()["extensions"]

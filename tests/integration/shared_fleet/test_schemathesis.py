@@ -2,6 +2,7 @@
 gets a 5xx; every 4xx carries {"error": ...}; afterwards a good request is still answered."""
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import requests
 import schemathesis
@@ -10,17 +11,13 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from cluster.client import FleetClient
-from tests.integration.fleet_fixtures import build_cpu, running_fleet
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def fleet_url(tmp_path_factory, demo_models):
-    repo = tmp_path_factory.mktemp("repo")
-    build_cpu(repo, demo_models["digits-mlp"], "digits-mlp")
-    with running_fleet("configs/local.yaml", repo) as (_, url):
-        yield url
+def fleet_url(shared_fleet):
+    return shared_fleet["url"]
 
 
 def operations(url):
@@ -53,10 +50,13 @@ def test_no_generated_request_gets_a_server_error(fleet_url, mode):
     assert len(calls) >= 40
 
 
-def test_openapi_is_published_and_server_still_answers(fleet_url, digits_test):
+def test_openapi_is_published_and_server_still_answers(fleet_url, digits_test, demo_models):
     spec = requests.get(f"{fleet_url}/openapi.json", timeout=30).json()
     assert "/v2/models/{model}/infer" in spec["paths"]
     assert "requestBody" in spec["paths"]["/v2/models/{model}/infer"]["post"]
+    X = digits_test[0][:4]
     with FleetClient(fleet_url) as client:
-        out = client.infer("digits-mlp", {"input": digits_test[0][:4]})
-    assert out["label"].shape == (4,) and np.all(out["label"] >= 0)
+        out = client.infer("digits-mlp", {"input": X})
+    label, probabilities = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})
+    np.testing.assert_array_equal(out["label"], label)
+    np.testing.assert_allclose(out["probabilities"], probabilities, rtol=1e-6)

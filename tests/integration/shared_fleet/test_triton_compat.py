@@ -9,27 +9,13 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from tests.integration.fleet_fixtures import build_cpu, running_fleet
-from tests.models import make_add_sub, make_fp16_scale, make_int64_add
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, demo_models):
-    work = tmp_path_factory.mktemp("triton")
-    repo = work / "repo"
-    sources = {
-        "digits-mlp": demo_models["digits-mlp"],
-        "cnn-small": demo_models["cnn-small"],
-        "add-sub": make_add_sub(work / "add-sub.onnx"),
-        "fp16-scale": make_fp16_scale(work / "fp16.onnx"),
-        "int64-add": make_int64_add(work / "int64.onnx"),
-    }
-    for name, path in sources.items():
-        build_cpu(repo, path, name)
-    with running_fleet("configs/local.yaml", repo) as (_, url):
-        yield url.removeprefix("http://"), sources
+def server(shared_fleet):
+    return shared_fleet["url"].removeprefix("http://"), shared_fleet["sources"]
 
 
 def direct(path, feeds):
