@@ -212,17 +212,17 @@ class EngineRunner:
         options = options or LoadOptions()
         self._check_loadable(manifest, options)
         key = manifest.engine_key
-        evicted = self._reserve(manifest)
-        if evicted is None:
-            return self._entry(key)
+        entry, evicted = self._reserve(manifest)
+        if entry is not None:
+            return entry
         engine: Engine | None = None
         try:
             for loaded in evicted:
                 loaded.close()
             engine, measured = self._open(manifest, verify_artifact(artifact_dir, manifest))
-            self._install(manifest, engine, options, measured)
+            entry = self._install(manifest, engine, options, measured)
             freeze_heap()
-            return self._entry(key)
+            return entry
         except BaseException:
             if engine is not None:
                 engine.deactivate()
@@ -248,15 +248,16 @@ class EngineRunner:
                 f"{manifest.model} built for {manifest.target.describe()}: {verdict.reason}"
             )
 
-    def _reserve(self, manifest: Manifest) -> "list[LoadedEngine] | None":
-        """Reserve the footprint (evicting idle LRU engines); None when the engine is loaded already.
-        Waits while another thread loads the same engine."""
+    def _reserve(self, manifest: Manifest) -> "tuple[dict | None, list[LoadedEngine]]":
+        """Reserve the footprint, evicting idle LRU engines: (None, the evicted). When the engine is
+        loaded already: (its ledger entry, []). Waits while another thread loads the same engine."""
         key = manifest.engine_key
         while True:
             with self._lock:
                 if key in self._engines:
-                    self.ledger.get(key).last_used = time.monotonic()  # type: ignore[union-attr]
-                    return None
+                    entry = self.ledger.get(key)
+                    entry.last_used = time.monotonic()  # type: ignore[union-attr]
+                    return entry.to_dict(), []  # type: ignore[union-attr]
                 pending = self._loading.get(key)
                 if pending is None:
                     victims = self.ledger.plan_admission(key, manifest.footprint_bytes)
@@ -264,7 +265,7 @@ class EngineRunner:
                     self.ledger.add(key, manifest.footprint_bytes, loading=True)
                     self._loading[key] = threading.Event()
                     self.counters["evictions"] += len(evicted)
-                    return evicted
+                    return None, evicted
             pending.wait()
 
     def _open(self, manifest: Manifest, path: Path) -> tuple[Engine, int | None]:
@@ -287,7 +288,9 @@ class EngineRunner:
         measured = max(1, (after or before) - before) if before is not None else None
         return engine, measured
 
-    def _install(self, manifest: Manifest, engine: Engine, options: LoadOptions, measured: int | None) -> None:
+    def _install(self, manifest: Manifest, engine: Engine, options: LoadOptions, measured: int | None) -> dict:
+        """Put the engine in service; its ledger entry, read under the same lock (another load may
+        evict it the moment the lock is released)."""
         key = manifest.engine_key
         with self._lock:
             if measured:
@@ -300,6 +303,7 @@ class EngineRunner:
             self._by_model.setdefault(manifest.model, {})[manifest.version] = key
             self.ledger.mark_loaded(key)
             self.counters["loads"] += 1
+            return self.ledger.get(key).to_dict()  # type: ignore[union-attr]
 
     def _remove(self, key: str) -> LoadedEngine:
         """Take an idle engine out of service and off the ledger (under the lock); the caller closes it."""
@@ -314,10 +318,6 @@ class EngineRunner:
         if versions.get(loaded.manifest.version) == key:
             del versions[loaded.manifest.version]
         return loaded
-
-    def _entry(self, key: str) -> dict:
-        with self._lock:
-            return self.ledger.get(key).to_dict()  # type: ignore[union-attr]
 
     def _has_full_tensorrt(self) -> bool:
         return any(r.backend == "tensorrt" and not r.lean for r in self.caps.runtimes)
