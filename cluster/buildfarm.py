@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 import time
@@ -75,11 +76,12 @@ def prepare_build(repo: Repository, source: Path, precision: str, *, calib_data:
         if not calib_data:
             raise InvalidInput("--precision int8_calib needs --calib-data (a .npz, a directory of .npy, or module:function)")
         calib_method = calib_method or precision_mod.DEFAULT_CALIBRATION_METHOD
-        batches = precision_mod.load_calibration_data(calib_data, inputs)
-        print(f"calibrating {source.name} ({calib_method}) on {sum(len(next(iter(b.values()))) for b in batches)} samples ...",
-              file=progress, flush=True)
-        calibration = precision_mod.calibrate(source, batches, calib_method)
-        key = precision_mod.calibration_key(source_sha, precision_mod.calibration_data_sha256(batches), calib_method)
+        data = precision_mod.load_calibration_data(calib_data, inputs, keep_out=not eval_data)
+        kept = f", {data.heldout_rows} more kept out to judge the build on" if data.heldout is not None else ""
+        print(f"calibrating {source.name} ({calib_method}) on {data.samples} samples{kept} ...", file=progress, flush=True)
+        calibration = precision_mod.calibrate(source, data.batches, calib_method)
+        calibration = dataclasses.replace(calibration, heldout=data.heldout)
+        key = precision_mod.calibration_key(source_sha, precision_mod.calibration_data_sha256(data.batches), calib_method)
         where = repo.store_calibration(key, calibration)
         print(f"  stored calibration ({len(calibration.amax)} tensor ranges) in {where}", file=progress, flush=True)
         result.precision = "int8"
@@ -92,6 +94,9 @@ def prepare_build(repo: Repository, source: Path, precision: str, *, calib_data:
             )
     else:
         return result
+    if result.evaluation is None and calibration.heldout is not None:
+        rows = len(next(iter(calibration.heldout.values())))
+        result.evaluation = EvalData(calibration.heldout, judged_on=f"{rows} calibration rows kept out of the calibration")
     result.calibration = calibration
     result.options["calibration"] = hashlib.sha256(calibration.qdq_model).hexdigest()[:16] + "-" + calibration.method
     return result
@@ -105,8 +110,15 @@ def local_target(precision: str = "float32") -> Target:
 def _accuracy_note(manifest) -> str:
     acc = manifest.accuracy
     parts = [f"{k} {acc[k]:.4g}" for k in ("rel_l2_error", "top1_agreement", "test_accuracy") if k in acc]
-    fallback = manifest.build_options.get("fallback_from")
+    if acc.get("eval_data"):
+        parts.append(f"judged on {acc['eval_data']}")
+    check = acc.get("check") or {}
     note = f" ({', '.join(parts)})" if parts else ""
+    if check.get("advisory"):
+        note += f" [over the {check['metric']} bound {check['bound']:g} on random inputs: kept, the verdict is weak]"
+    elif check.get("note"):
+        note += " [a weak verdict: pass --eval-data with real rows]"
+    fallback = manifest.build_options.get("fallback_from")
     return note + (" [served by ONNX Runtime: TensorRT's parser refused it]" if fallback else "")
 
 

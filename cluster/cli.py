@@ -170,10 +170,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not arts:
         print(f"no models in {repo.root}; build one with `fleet build MODEL.onnx --name NAME`")
         return 0
-    print(f"{'MODEL':<20} {'VER':<4} {'PRECISION':<10} {'TARGET':<40} {'FOOTPRINT':<10} ACCURACY")
+    print(f"{'MODEL':<20} {'VER':<4} {'PRECISION':<10} {'TARGET':<40} {'FOOTPRINT':<10} ACCURACY (JUDGED ON)")
     for a in arts:
         m = a.manifest
         acc = ", ".join(f"{k}={m.accuracy[k]:.4g}" for k in ACCURACY_COLUMNS if k in m.accuracy) or "-"
+        if m.accuracy.get("eval_data"):
+            acc += f" ({m.accuracy['eval_data']}{', weak' if m.accuracy.get('check', {}).get('note') else ''})"
         target = m.target.describe() + (" (fallback from TensorRT)" if m.build_options.get("fallback_from") else "")
         print(f"{m.model:<20} {m.version:<4} {m.precision:<10} {target:<40} {format_bytes(m.footprint_bytes):<10} {acc}")
     return 0

@@ -94,6 +94,13 @@ def sample_status() -> dict:
             ]},
         ],
         "models": {"digits-mlp": ["1"], "cnn-small": ["1"]},
+        "builds": [
+            {"model": "digits-mlp", "version": "1", "precision": "int8", "target": "tensorrt-8.6.1-sm61-sim",
+             "accuracy": "top1_agreement 0.9833, rel_l2_error 0.0213", "judged_on": "60 calibration rows kept out of the calibration",
+             "weak": False},
+            {"model": "cnn-small", "version": "1", "precision": "float16", "target": "tensorrt-10.16.1-sm75-sim",
+             "accuracy": "rel_l2_error 0.0004591", "judged_on": "random inputs", "weak": True},
+        ],
         "events": [
             {"time": 1795308344.3, "event": "load", "worker": "t4-node-gpu0", "engine": t4_mlp, "evicted": []},
             {"time": 1795308345.9, "event": "load", "worker": "t4-node-gpu0", "engine": t4_cnn, "evicted": []},

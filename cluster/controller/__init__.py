@@ -32,7 +32,7 @@ from cluster.controller.events import EventLog
 from cluster.controller.loading import Loader
 from cluster.controller.pool import WorkerPool
 from cluster.controller.regions import ShmRegions
-from cluster.controller.views import fallbacks, nodes_view, repository_index
+from cluster.controller.views import builds, fallbacks, nodes_view, repository_index
 from cluster.frontdoor.actor import FrontDoorActor
 from cluster.frontdoor.routes import routes_from
 from cluster.inventory import Inventory, Placement
@@ -212,6 +212,7 @@ class FleetController:
             "restarts": self.pool.restarts,
             "nodes": nodes_view(self.pool.records(), await self._worker_stats(), self._manifests),
             "models": self.router.models(),
+            "builds": builds(self._manifests),
             "fallbacks": fallbacks(self._manifests),
             "front_door": front,
             "events": self.events.recent(),

@@ -52,6 +52,21 @@ def fallbacks(manifests: list[Manifest]) -> dict[str, str]:
             for m in manifests if m.build_options.get("fallback_reason")}
 
 
+ACCURACY_FIGURES = ("top1_agreement", "test_accuracy", "rel_l2_error", "max_abs_error", "exact_agreement")
+
+
+def builds(manifests: list[Manifest]) -> list[dict]:
+    """Every artifact's precision, its accuracy against the float32 source and the data it was judged on."""
+    rows = []
+    for m in sorted(manifests, key=lambda m: (m.model, m.version, m.precision, m.target.key())):
+        acc = m.accuracy
+        figures = ", ".join(f"{k} {acc[k]:.4g}" for k in ACCURACY_FIGURES if isinstance(acc.get(k), (int, float)))
+        rows.append({"model": m.model, "version": m.version, "precision": m.precision, "target": m.target.key(),
+                     "accuracy": figures, "judged_on": acc.get("eval_data", ""),
+                     "weak": bool((acc.get("check") or {}).get("note"))})
+    return rows
+
+
 def repository_index(router: Router, unloaded: set[str]) -> list[dict]:
     """Triton's repository index: every model version with its state."""
     index = []

@@ -129,6 +129,11 @@ def test_page_shows_models_engines_and_state(rendered):
     assert len(engines) == sum(len(w["ledger"]) for n in sample_status()["nodes"] for w in n["workers"])
     assert "tensorrt-8.6.1-sm61-sim" in doc.by_id("engines").text()
     assert len([tr for tr in doc.by_id("events").find_all("tr") if "data-event" in tr.attrs]) == 3
+    builds = {tr.attrs["data-build"]: tr for tr in doc.by_id("builds").find_all("tr") if "data-build" in tr.attrs}
+    int8 = builds["digits-mlp:1:int8:tensorrt-8.6.1-sm61-sim"]
+    assert int8.find(cls="precision").text() == "int8" and "top1_agreement 0.9833" in int8.find(cls="accuracy").text()
+    assert int8.find(cls="judged-on").text() == "60 calibration rows kept out of the calibration"
+    assert builds["cnn-small:1:float16:tensorrt-10.16.1-sm75-sim"].find(cls="judged-on").text() == "random inputs (weak)"
 
     # It refreshes itself: ~5 s of page time at a 2 s period is more than one poll.
     assert hits["/v2/fleet/status"] >= 2 and hits["/v2/fleet/stats"] >= 2

@@ -54,6 +54,7 @@ def test_int8_after_calibration_within_one_point(built):
     # the calibration is stored by source sha256: ranges, Q/DQ model, TensorRT cache
     (cal,) = (built.root / "_calibration").iterdir()
     assert cal.name.startswith(int8.source_sha256)
+    # --eval-data was given: no calibration row was kept out
     assert {p.name for p in cal.iterdir()} == {"ranges.json", "model.qdq.onnx", "calibration.cache"}
     assert (cal / "calibration.cache").read_text().startswith("TRT-")
 
@@ -69,7 +70,7 @@ def test_fleet_models_shows_the_numbers(built, capsys):
     out = capsys.readouterr().out
     for model in ("digits-mlp ", "digits-mlp-fp16", "digits-mlp-int8"):
         line = next(line for line in out.splitlines() if line.startswith(model))
-        assert "test_accuracy=0.9" in line
+        assert "test_accuracy=0.9" in line and "(--eval-data)" in line
     assert fleet(["models", "--repository", str(built.root), "--json"]) == 0
     assert all("accuracy" in m for m in json.loads(capsys.readouterr().out))
 
@@ -78,7 +79,8 @@ def test_cnn_small_float16_rel_l2(tmp_path, demo_models):
     assert fleet(["build", str(demo_models["cnn-small"]), "--name", "cnn-fp16", "--precision", "float16", "--local",
                   "--repository", str(tmp_path)]) == 0
     m = accuracy(Repository(tmp_path), "cnn-fp16")
-    assert m.accuracy["rel_l2_error"] <= 1e-2 and m.accuracy["eval_data"] == "synthetic"
+    assert m.accuracy["rel_l2_error"] <= 1e-2 and m.accuracy["eval_data"] == "random inputs"
+    assert "weak verdict" in m.accuracy["check"]["note"]
 
 
 def test_int8_without_calibration_says_what_to_run(tmp_path, demo_models, capsys):
@@ -108,3 +110,39 @@ def test_accuracy_threshold_fails_the_build_unless_accepted(tmp_path, demo_model
     assert not Repository(tmp_path / "r").artifacts()
     assert fleet(args + ["--accept-accuracy-loss"]) == 0
     assert accuracy(Repository(tmp_path / "r"), "bad-int8").accuracy["check"]["accepted_loss"] is True
+
+
+def test_a_calibrated_build_is_judged_on_calibration_rows_it_did_not_see(tmp_path, demo_models, capsys):
+    """The issue's case: 300 real rows of the digits data, no --eval-data. Judged on random normal
+    inputs (far outside [0, 1]), int8 agreed 0.75 and the build failed; judged on rows kept out of
+    the calibration, it passes, and the manifest says what it was judged on."""
+    X_train = digits_split()[0]
+    np.savez(tmp_path / "calib.npz", input=X_train[:300])
+    src = str(demo_models["digits-mlp"])
+    repo = tmp_path / "r"
+    assert fleet(["build", src, "--name", "cls-int8", "--precision", "int8_calib", "--calib-data",
+                  str(tmp_path / "calib.npz"), "--local", "--repository", str(repo)]) == 0
+    err = capsys.readouterr().err
+    assert "calibrating digits-mlp.onnx (entropy) on 240 samples, 60 more kept out to judge the build on" in err
+    assert "judged on 60 calibration rows kept out of the calibration" in err
+    m = accuracy(Repository(repo), "cls-int8")
+    assert m.accuracy["eval_data"] == "60 calibration rows kept out of the calibration"
+    assert m.accuracy["top1_agreement"] >= 0.97 and m.accuracy["check"]["passed"] and "note" not in m.accuracy["check"]
+    # a later int8 build from the stored calibration is judged on the same kept-out rows
+    assert fleet(["build", src, "--name", "cls-int8-again", "--precision", "int8", "--local", "--repository", str(repo)]) == 0
+    again = accuracy(Repository(repo), "cls-int8-again")
+    assert again.accuracy["eval_data"] == m.accuracy["eval_data"]
+    assert again.accuracy["top1_agreement"] == m.accuracy["top1_agreement"]
+
+
+def test_without_any_data_the_verdict_is_weak_and_does_not_fail_the_build(tmp_path, demo_models, capsys):
+    """int8 calibrated on 16 rows only (too few to keep any out), judged on random inputs: the numbers
+    are recorded with a note that they are weak, and the build is kept."""
+    np.savez(tmp_path / "few.npz", input=digits_split()[0][:16])
+    repo = tmp_path / "r"
+    assert fleet(["build", str(demo_models["digits-mlp"]), "--name", "few-int8", "--precision", "int8_calib",
+                  "--calib-data", str(tmp_path / "few.npz"), "--local", "--repository", str(repo)]) == 0
+    assert "judged on random inputs" in capsys.readouterr().err
+    m = accuracy(Repository(repo), "few-int8")
+    assert m.accuracy["eval_data"] == "random inputs" and "weak verdict" in m.accuracy["check"]["note"]
+    assert m.accuracy["check"]["accepted_loss"] is False  # nobody accepted a loss: the verdict is advice

@@ -32,7 +32,7 @@ def mlp_calibration(demo_models, mlp_inputs, digits, tmp_path_factory):
     """Entropy calibration of digits-mlp on the training split, loaded from a real .npz."""
     path = tmp_path_factory.mktemp("calib") / "train.npz"
     np.savez(path, input=digits[0])
-    batches = precision.load_calibration_data(path, mlp_inputs)
+    batches = precision.load_calibration_data(path, mlp_inputs).batches
     return batches, precision.calibrate(demo_models["digits-mlp"], batches, "entropy")
 
 
@@ -131,7 +131,7 @@ def test_wrong_shape_calibration_data_names_the_input_and_both_shapes(mlp_inputs
 def test_npz_with_any_key_for_one_input_and_float64_is_cast(mlp_inputs, digits, tmp_path):
     path = tmp_path / "any.npz"
     np.savez(path, whatever=digits[0][:100].astype(np.float64))
-    batches = precision.load_calibration_data(path, mlp_inputs, batch_size=32)
+    batches = precision.load_calibration_data(path, mlp_inputs, batch_size=32).batches
     # Equal batches (ONNX Runtime's histogram calibrators need them): 4 x 32 rows, 100 unique.
     assert [b["input"].shape for b in batches] == [(32, 64)] * 4
     assert batches[0]["input"].dtype == np.float32
@@ -140,7 +140,7 @@ def test_npz_with_any_key_for_one_input_and_float64_is_cast(mlp_inputs, digits, 
 
 def test_directory_of_npy(mlp_inputs, digits, tmp_path):
     np.save(tmp_path / "input.npy", digits[0][:50])
-    batches = precision.load_calibration_data(tmp_path, mlp_inputs)
+    batches = precision.load_calibration_data(tmp_path, mlp_inputs).batches
     assert sum(len(b["input"]) for b in batches) >= 50
 
 
@@ -165,7 +165,7 @@ def test_generator_entry_point(mlp_inputs, tmp_path, monkeypatch):
             yield {"input": np.zeros((2, 8, 8), np.float32)}
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    batches = precision.load_calibration_data("calib_gen:batches", mlp_inputs, batch_size=4)
+    batches = precision.load_calibration_data("calib_gen:batches", mlp_inputs, batch_size=4).batches
     assert [b["input"].shape for b in batches] == [(4, 64)] * 3
     with pytest.raises(InvalidInput, match=r"calib_gen:wrong batch 0: input 'input': rank 3"):
         precision.load_calibration_data("calib_gen:wrong", mlp_inputs)

@@ -42,7 +42,12 @@ INT8_MAX = 127  # symmetric INT8: scale = amax / 127, zero point 0
 RANGES_FILE = "ranges.json"
 QDQ_MODEL_FILE = "model.qdq.onnx"
 TRT_CACHE_FILE = "calibration.cache"
+HELDOUT_FILE = "heldout.npz"  # rows kept out of the calibration, to judge its builds on (optional)
 CALIBRATION_FILES = (RANGES_FILE, QDQ_MODEL_FILE, TRT_CACHE_FILE)
+# Of the calibration rows, this share (within bounds) is kept out to judge the int8 build on.
+HELDOUT_FRACTION = 0.2
+HELDOUT_MIN_ROWS = 16
+HELDOUT_MAX_ROWS = 1024
 
 # The TensorRT release whose header a freshly written cache carries; a build re-renders
 # the header for its own TensorRT (trt_calibration_cache), which rejects a foreign one.
@@ -54,11 +59,26 @@ DEFAULT_CACHE_TRT_VERSION = "10.16.1"
 _ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+@dataclass(frozen=True)
+class CalibrationData:
+    """Calibration batches, and the rows kept out of them to judge the int8 build on."""
+
+    batches: list[dict[str, np.ndarray]]
+    heldout: dict[str, np.ndarray] | None = None
+    samples: int = 0  # distinct rows calibrated on (the last batch is filled up from the first rows)
+
+    @property
+    def heldout_rows(self) -> int:
+        return len(next(iter(self.heldout.values()))) if self.heldout else 0
+
+
 def load_calibration_data(
     source: str | Path,
     input_specs: Sequence[TensorSpec],
     batch_size: int = DEFAULT_CALIBRATION_BATCH,
-) -> list[dict[str, np.ndarray]]:
+    *,
+    keep_out: bool = False,
+) -> CalibrationData:
     """Calibration batches (feed dicts) from a ``.npz``, a directory of ``.npy``, or ``module:function``.
 
     - ``.npz``: one array per input, keyed by input name (any key for a one-input model);
@@ -68,31 +88,71 @@ def load_calibration_data(
     Arrays are checked against ``input_specs``; a wrong shape raises InvalidInput naming
     the input and both shapes. Float data is cast to the input's float type (``np.save``
     writes float64 by default). Whole arrays are split into ``batch_size`` rows.
+
+    ``keep_out``: the last rows (a fifth, 16 to 1,024) are kept out of the batches, to
+    judge the build on data the calibration did not see (``heldout``); none when there
+    are fewer than 32 rows or an input has no batch axis.
     """
     specs = tuple(input_specs)
     if not specs:
         raise InvalidInput("the model has no inputs to calibrate")
+    rows = _read_rows(source, specs)
+    heldout = None
+    if isinstance(rows, dict):
+        where = str(source)
+        if keep_out:
+            rows, heldout = _keep_out(rows, specs)
+        batches = _split(rows, specs, batch_size, where)
+        samples = len(next(iter(rows.values())))
+    else:
+        batches = rows  # a generator's feeds for a model without a batch axis: as they came
+        samples = len(batches)
+    if not batches:
+        raise InvalidInput(f"calibration data {source} holds no samples")
+    return CalibrationData(batches, heldout, samples)
+
+
+def _read_rows(source: str | Path, specs: tuple[TensorSpec, ...]) -> "dict[str, np.ndarray] | list[dict[str, np.ndarray]]":
+    """All calibration rows, checked: one array per input, or a list of feeds when an input has no batch axis."""
     path = Path(source)
     if path.is_file() and path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-        batches = _split(_match_inputs(arrays, specs, path.name), specs, batch_size, path.name)
-    elif path.is_dir():
+        return _checked_rows(_match_inputs(arrays, specs, path.name), specs, path.name)
+    if path.is_dir():
         arrays = {p.stem: np.load(p, allow_pickle=False) for p in sorted(path.glob("*.npy"))}
-        batches = _split(_match_inputs(arrays, specs, f"directory {path}"), specs, batch_size, f"directory {path}")
-    elif path.exists():
+        return _checked_rows(_match_inputs(arrays, specs, f"directory {path}"), specs, f"directory {path}")
+    if path.exists():
         raise InvalidInput(f"calibration data {path} is neither a .npz file nor a directory of .npy files")
-    elif _ENTRY_POINT.match(str(source)):
-        feeds = [_checked_feed(feed, specs, f"{source} batch {i}") for i, feed in enumerate(_call_entry_point(str(source)))]
-        batches = _rebatch(feeds, specs, batch_size, str(source))
-    else:
+    if not _ENTRY_POINT.match(str(source)):
         raise InvalidInput(
             f"calibration data {source} not found: give a .npz, a directory of .npy files, "
             f"or a generator entry point 'module:function'"
         )
-    if not batches:
-        raise InvalidInput(f"calibration data {source} holds no samples")
-    return batches
+    feeds = [_checked_feed(feed, specs, f"{source} batch {i}") for i, feed in enumerate(_call_entry_point(str(source)))]
+    if not feeds or not all(s.shape and s.shape[0] < 0 for s in specs):
+        return feeds
+    return {s.name: np.concatenate([f[s.name] for f in feeds]) for s in specs}
+
+
+def _checked_rows(arrays: dict[str, np.ndarray], specs: tuple[TensorSpec, ...], where: str) -> dict[str, np.ndarray]:
+    checked = {s.name: _checked_array(arrays[s.name], s, where) for s in specs}
+    counts = {n: a.shape[0] for n, a in checked.items() if any(s.name == n and s.shape and s.shape[0] < 0 for s in specs)}
+    if len(set(counts.values())) > 1:
+        raise InvalidInput(f"calibration data {where}: the inputs have different numbers of rows {counts}")
+    return checked
+
+
+def _keep_out(rows: dict[str, np.ndarray], specs: tuple[TensorSpec, ...]
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """(rows to calibrate on, the last rows kept out) for a model whose inputs all have a batch axis."""
+    if not all(s.shape and s.shape[0] < 0 for s in specs):
+        return rows, None
+    total = len(next(iter(rows.values())))
+    if total < 2 * HELDOUT_MIN_ROWS:
+        return rows, None
+    kept = min(HELDOUT_MAX_ROWS, max(HELDOUT_MIN_ROWS, int(total * HELDOUT_FRACTION)))
+    return {n: a[: total - kept] for n, a in rows.items()}, {n: a[total - kept:] for n, a in rows.items()}
 
 
 def _match_inputs(arrays: dict[str, np.ndarray], specs: tuple[TensorSpec, ...], where: str) -> dict[str, np.ndarray]:
@@ -158,16 +218,6 @@ def _split(
     ]
 
 
-def _rebatch(
-    feeds: list[dict[str, np.ndarray]], specs: tuple[TensorSpec, ...], batch_size: int, where: str
-) -> list[dict[str, np.ndarray]]:
-    """A generator's feeds, re-cut into equal batches when every input has a batch axis."""
-    if not feeds or not all(s.shape and s.shape[0] < 0 for s in specs):
-        return feeds
-    joined = {s.name: np.concatenate([f[s.name] for f in feeds]) for s in specs}
-    return _split(joined, specs, batch_size, where)
-
-
 def _call_entry_point(entry_point: str) -> Iterable[Any]:
     module_name, _, function_name = entry_point.partition(":")
     try:
@@ -226,6 +276,7 @@ class CalibrationResult:
     amax: dict[str, float]  # activation tensor -> absolute max (symmetric range)
     qdq_model: bytes  # serialized Q/DQ ONNX model, zero points all 0
     method: str = DEFAULT_CALIBRATION_METHOD
+    heldout: dict[str, np.ndarray] | None = None  # rows not calibrated on, to judge its builds on
 
     def trt_cache(self, trt_version: str = DEFAULT_CACHE_TRT_VERSION) -> str:
         return trt_calibration_cache(self.amax, trt_version)
@@ -379,6 +430,8 @@ def write_calibration(result: CalibrationResult, directory: str | Path, trt_vers
     (out / RANGES_FILE).write_text(json.dumps(result.amax, indent=2, sort_keys=True))
     (out / QDQ_MODEL_FILE).write_bytes(result.qdq_model)
     (out / TRT_CACHE_FILE).write_text(result.trt_cache(trt_version))
+    if result.heldout is not None:
+        np.savez(out / HELDOUT_FILE, **result.heldout)
     return out
 
 
@@ -398,5 +451,9 @@ def read_calibration(directory: str | Path, method: str = DEFAULT_CALIBRATION_ME
         raise BuildError(f"{where / RANGES_FILE} is not a JSON object of tensor -> amax: {exc}") from exc
     if any(not math.isfinite(v) or v < 0 for v in amax.values()):
         raise BuildError(f"{where / RANGES_FILE} has a negative or non-finite range")
-    return CalibrationResult(amax=amax, qdq_model=(where / QDQ_MODEL_FILE).read_bytes(), method=method)
+    heldout = None
+    if (where / HELDOUT_FILE).is_file():
+        with np.load(where / HELDOUT_FILE, allow_pickle=False) as archive:
+            heldout = {k: archive[k] for k in archive.files}
+    return CalibrationResult(amax=amax, qdq_model=(where / QDQ_MODEL_FILE).read_bytes(), method=method, heldout=heldout)
 

@@ -59,6 +59,9 @@ def test_versioned_infer_and_client_equal_direct_onnxruntime(fleet_url, demo_mod
         status = client.status()
         worker = status["nodes"][0]["workers"][0]
         assert worker["device"]["kind"] == "cpu" and worker["budget_bytes"] == 4 << 30
+        (digits,) = [b for b in status["builds"] if b["model"] == "digits-mlp"]
+        assert digits["precision"] == "float32" and digits["target"] == "onnxruntime-cpu"
+        assert digits["judged_on"] == "random inputs" and not digits["weak"] and "rel_l2_error 0" in digits["accuracy"]
         assert {e["key"].split(":")[0] for e in worker["ledger"]} == {m["name"] for m in index if m["state"] == "READY"}
 
 
