@@ -15,7 +15,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from workers.errors import EngineNotHere
+from workers.errors import DeviceFailed, EngineNotHere
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -42,7 +42,7 @@ def get(ref, timeout: float | None = None) -> Any:
 
 
 class Failure(enum.Enum):
-    WORKER_LOST = "worker-lost"  # the process is gone: mark it dead, try another worker
+    WORKER_LOST = "worker-lost"  # the process is gone (or its GPU context broke): try another worker
     ENGINE_GONE = "engine-gone"  # evicted a moment ago: refresh the inventory, try again
     FINAL = "final"  # the worker meant it (bad input, ...): give it to the caller
 
@@ -52,6 +52,8 @@ def classify(exc: BaseException) -> tuple[Failure, BaseException]:
     if isinstance(exc, RayActorError):
         return Failure.WORKER_LOST, exc
     cause = unwrap(exc)
+    if isinstance(cause, DeviceFailed):  # alive, but its GPU computes no more: as good as lost
+        return Failure.WORKER_LOST, cause
     if isinstance(cause, EngineNotHere):
         return Failure.ENGINE_GONE, cause
     return Failure.FINAL, cause

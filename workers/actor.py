@@ -220,6 +220,10 @@ class FleetWorker:
     def unregister_shm(self, name: str | None = None) -> list[str]:
         return self.shm.unregister(name)
 
+    def simulate_device_fault(self, message: str) -> None:
+        """Simulated devices only: the next run fails as a broken CUDA context would (tests of the fleet)."""
+        self.runner.simulate_device_fault(message)
+
     # ---- build -----------------------------------------------------------
     def build_from_bytes(self, source: bytes, request: BuildRequest, out_dir: str,
                          calibration: CalibrationResult | None = None, evaluation: EvalData | None = None) -> dict:

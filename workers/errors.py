@@ -94,6 +94,11 @@ class WorkerLost(FleetError):
     http_status = 503
 
 
+class DeviceFailed(WorkerLost):
+    """The worker's GPU context is broken (an illegal memory access and the like are sticky: every
+    later CUDA call fails); the fleet restarts the worker, and the request may go elsewhere."""
+
+
 ERROR_TYPES: dict[str, type[FleetError]] = {
     cls.__name__: cls
     for cls in (
@@ -112,6 +117,7 @@ ERROR_TYPES: dict[str, type[FleetError]] = {
         ArtifactCorrupt,
         BuildError,
         WorkerLost,
+        DeviceFailed,
     )
 }
 

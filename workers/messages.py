@@ -38,6 +38,7 @@ class WorkerHealth:
     used_bytes: int
     loaded: frozenset[str]  # engine keys in service (not those still loading)
     counters: dict = field(default_factory=dict, hash=False, compare=False)
+    broken: str | None = None  # why the device can no longer compute (a sticky CUDA error): restart the worker
 
 
 @dataclass(frozen=True)

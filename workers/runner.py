@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from workers.batcher import DynamicBatcher, EngineStats
+from workers.loaded import Feeds, LoadedEngine, batchable, warm_up
 from workers.engines import Engine, executes_on_cpu, open_engine
 from workers.engines.base import check_feeds
-from workers.errors import EngineNotHere, IncompatibleArtifact
+from workers.device_faults import is_sticky_cuda_error
+from workers.errors import DeviceFailed, EngineNotHere, IncompatibleArtifact
 from workers.kserve.codec import InferRequest, ShmWritten, check_finite
 from workers.kserve.shm_io import shm_feeds, shm_output_arrays, write_shm_outputs
 from workers.ledger import Ledger
@@ -39,104 +41,12 @@ from workers.shm import SharedMemoryRegistry
 from workers.targets import WorkerCaps, can_run
 from workers.tensors import batch_rows
 
-Feeds = dict[str, np.ndarray]
 
 
 @dataclass
 class InferResult:
     manifest: Manifest  # of the engine that served the request
     outputs: "dict[str, np.ndarray | ShmWritten]"
-
-
-def _gather(parts: list[Future], combine: Callable[[list], object]) -> Future:
-    """One future for several: the combined results, or the first failure."""
-    result: Future = Future()
-    remaining = [len(parts)]
-    lock = threading.Lock()
-
-    def done(_: Future) -> None:
-        with lock:
-            remaining[0] -= 1
-            last = remaining[0] == 0
-        if last:
-            try:
-                result.set_result(combine([p.result() for p in parts]))
-            except BaseException as exc:
-                result.set_exception(exc)
-
-    for part in parts:
-        part.add_done_callback(done)
-    return result
-
-
-def _concatenate(results: list[Feeds]) -> Feeds:
-    return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
-
-
-@dataclass
-class LoadedEngine:
-    """One engine in service, its dynamic batcher and its numbers."""
-
-    manifest: Manifest
-    engine: Engine
-    options: LoadOptions
-    batcher: DynamicBatcher | None  # None when an input or output has no batch dimension
-    slots: threading.Semaphore
-    stats: EngineStats
-    measured_bytes: int | None = None
-
-    def __post_init__(self) -> None:
-        self._stats_lock = threading.Lock()
-
-    def submit(self, feeds: Feeds, out: Feeds | None, executor: ThreadPoolExecutor) -> Future:
-        """Run one request of any size; ``out`` (see ``Engine.run``) only when it is one batch."""
-        max_batch = self.manifest.max_batch
-        if self.batcher is None:
-            return executor.submit(self._run_alone, feeds, out)
-        rows = batch_rows(feeds)
-        if rows <= max_batch:
-            return self.batcher.submit_nowait(feeds, out)
-        parts = [self.batcher.submit_nowait({k: v[s:s + max_batch] for k, v in feeds.items()})
-                 for s in range(0, rows, max_batch)]
-        return _gather(parts, _concatenate)
-
-    def _run_alone(self, feeds: Feeds, out: Feeds | None) -> Feeds:
-        with self.slots:
-            started = time.perf_counter()
-            try:
-                outputs = self.engine.run(feeds, out)
-            except BaseException:
-                with self._stats_lock:
-                    self.stats.failure += 1
-                raise
-            with self._stats_lock:
-                s, rows = self.stats, batch_rows(feeds)
-                s.compute_us += (time.perf_counter() - started) * 1e6
-                s.success += 1
-                s.exec_count += 1
-                s.inference_count += rows
-                s.batch_sizes[rows] += 1
-            return outputs
-
-    def close(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
-        self.engine.deactivate()
-
-
-def _batchable(manifest: Manifest) -> bool:
-    return all(s.shape and s.shape[0] < 0 for s in manifest.inputs + manifest.outputs)
-
-
-def _warm_up(engine: Engine, manifest: Manifest) -> None:
-    """One run at max batch with zeros (skipped for models with string inputs)."""
-    feeds = {}
-    for spec in manifest.inputs:
-        if spec.datatype == "BYTES" or any(d < 0 for d in spec.shape[1:]):
-            return
-        shape = tuple(manifest.max_batch if d < 0 else d for d in spec.shape)
-        feeds[spec.name] = np.zeros(shape, spec.numpy_dtype)
-    engine.run(feeds)
 
 
 def freeze_heap() -> None:
@@ -179,6 +89,8 @@ class EngineRunner:
         self.counters = {"loads": 0, "evictions": 0, "unloads": 0, "inferences": 0, "failures": 0}
         self._measure_lock = threading.Lock()  # one load at a time is measured on a real GPU
         self._executor = ThreadPoolExecutor(max_workers=max(4, 2 * slots), thread_name_prefix="engine")
+        self.broken: str | None = None  # a sticky CUDA error happened: this process computes no more
+        self._simulated_fault: str | None = None
 
     @property
     def worker_id(self) -> str:
@@ -188,7 +100,18 @@ class EngineRunner:
     def health(self) -> WorkerHealth:
         with self._lock:
             return WorkerHealth(self.ledger.budget_bytes, self.ledger.used_bytes, frozenset(self._engines),
-                                dict(self.counters))
+                                dict(self.counters), self.broken)
+
+    def simulate_device_fault(self, message: str) -> None:
+        """Make the next run fail as a broken GPU context would, with ``message``: for simulated
+        devices only, where the fleet's handling of a real CUDA fault is tested without the hardware."""
+        if not self.device.simulated:
+            raise IncompatibleArtifact(f"{self.device.describe()} is real: faults are simulated on simulated devices only")
+        self._simulated_fault = message
+
+    def _device_failed(self) -> DeviceFailed:
+        return DeviceFailed(f"worker {self.worker_id}: the GPU context of {self.device.describe()} is broken "
+                            f"({self.broken}); the fleet restarts this worker, try again")
 
     def ledger_snapshot(self) -> dict:
         with self._lock:
@@ -210,6 +133,8 @@ class EngineRunner:
     def load(self, manifest: Manifest, artifact_dir: str | Path, options: LoadOptions | None = None) -> dict:
         """Load an artifact, evicting idle LRU engines if needed. Returns its ledger entry."""
         options = options or LoadOptions()
+        if self.broken:
+            raise self._device_failed()
         self._check_loadable(manifest, options)
         key = manifest.engine_key
         entry, evicted = self._reserve(manifest)
@@ -280,7 +205,7 @@ class EngineRunner:
                 gpu_mem_limit=allowed, footprint_bytes=manifest.footprint_bytes)
             try:
                 engine.activate()
-                _warm_up(engine, manifest)  # allocates the activations a max batch needs, so we measure them
+                warm_up(engine, manifest)  # allocates the activations a max batch needs, so we measure them
             except BaseException:
                 engine.deactivate()
                 raise
@@ -298,7 +223,7 @@ class EngineRunner:
             stats = self._stats.setdefault(key, (manifest, EngineStats()))[1]
             slots = self._slots(manifest)
             batching = options.batching(manifest.max_batch)
-            batcher = DynamicBatcher(engine.run, batching, slots, stats) if batching.enabled and _batchable(manifest) else None
+            batcher = DynamicBatcher(engine.run, batching, slots, stats) if batching.enabled and batchable(manifest) else None
             self._engines[key] = LoadedEngine(manifest, engine, options, batcher, threading.Semaphore(slots), stats, measured)
             self._by_model.setdefault(manifest.model, {})[manifest.version] = key
             self.ledger.mark_loaded(key)
@@ -372,6 +297,8 @@ class EngineRunner:
 
     def _begin(self, model: str, version: str | None) -> LoadedEngine:
         """The engine for (model, version), marked in use (never evicted while in use)."""
+        if self.broken:
+            raise self._device_failed()
         with self._lock:
             key = self._key_for(model, version)
             if key is None:
@@ -407,7 +334,7 @@ class EngineRunner:
             if loaded.options.reject_non_finite:
                 check_finite(feeds)
             out = self._output_targets(loaded, request, feeds) if regions else None
-            inner = loaded.submit(feeds, out, self._executor)
+            inner = loaded.submit(feeds, out, self._executor) if not self._simulated_fault else self._failed_run()
         except BaseException:
             release()
             self._end(key, False)
@@ -422,6 +349,9 @@ class EngineRunner:
             except BaseException as exc:
                 release()
                 self._end(key, False)
+                if is_sticky_cuda_error(exc):
+                    self.broken = self.broken or str(exc).splitlines()[0][:300]
+                    exc = self._device_failed()
                 result.set_exception(exc)
                 return
             release()
@@ -430,6 +360,11 @@ class EngineRunner:
 
         inner.add_done_callback(finish)
         return result
+
+    def _failed_run(self) -> Future:
+        failed: Future = Future()
+        failed.set_exception(RuntimeError(self._simulated_fault))
+        return failed
 
     def infer(self, request: InferRequest, model: str, version: str | None = None) -> InferResult:
         """``submit`` and wait for the result."""

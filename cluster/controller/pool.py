@@ -178,6 +178,10 @@ class WorkerPool:
         except (RayActorError, asyncio.TimeoutError):
             self._lost(worker_id)
             return False
+        if health.broken:  # a sticky CUDA error: the process lives on but computes no more
+            self.events.add("worker-device-failed", worker=worker_id, reason=health.broken)
+            self._lost(worker_id)
+            return False
         if health != member.health:
             member.health = health
             self._on_change()

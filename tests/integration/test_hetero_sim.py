@@ -314,3 +314,48 @@ def test_no_compatible_worker_is_a_clear_503_until_the_host_comes_back(sim):
             break
         time.sleep(0.5)
     assert served_by(sim, "only-p4", 3) == {"p4-node-gpu0": 3}
+
+
+def test_a_worker_whose_gpu_context_broke_is_restarted_and_routed_around(sim):
+    """A sticky CUDA error (simulated on a simulated T4: "an illegal memory access was encountered")
+    under traffic: the worker refuses work at once, requests go to the other T4 (passed on, or retried),
+    the controller restarts the worker, and it serves again."""
+    build(sim, "only-t4", "7.5")
+    served_by(sim, "only-t4", 20)  # both T4s hold it
+    victim = "t4-node-gpu1"
+    restarts = status(sim)["restarts"]
+    handle = worker_handles(sim["controller"])[victim]
+    statuses: collections.Counter = collections.Counter()
+    errors = []
+    stop = threading.Event()
+
+    def traffic():
+        with FleetClient(sim["url"]) as client:
+            while not stop.is_set():
+                try:
+                    client.infer("only-t4", {"input": np.zeros((1, 64), np.float32)})
+                    statuses[client.last_parameters["fleet_worker"]] += 1
+                except Exception as exc:  # noqa: BLE001 - checked below
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    ray.get(handle.simulate_device_fault.remote("CUDA failure 700: an illegal memory access was encountered"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        s = status(sim)
+        if s["restarts"] > restarts and {w["worker_id"]: w for n in s["nodes"] for w in n["workers"]}[victim]["alive"]:
+            break
+        time.sleep(0.25)
+    stop.set()
+    for t in threads:
+        t.join()
+    events = [e for e in status(sim)["events"] if e.get("worker") == victim]
+    assert any(e["event"] == "worker-device-failed" and "illegal memory access" in e["reason"] for e in events), events
+    assert status(sim)["restarts"] == restarts + 1
+    # every failure, if any, was a clear 503 naming the broken GPU, never a 500
+    assert all(getattr(e, "http_status", None) == 503 for e in errors), errors
+    assert statuses["t4-node-gpu0"] > 0
+    assert served_by(sim, "only-t4", 40).keys() <= T4S

@@ -57,7 +57,11 @@ class OnnxRuntimeEngine(Engine):
         intra_op_threads: int = 0,
         gpu_mem_limit: int | None = None,
         footprint_bytes: int | None = None,
+        allow_tf32: bool = False,
     ) -> None:
+        """``allow_tf32``: let the CUDA provider compute float32 matrix products in TF32 on tensor
+        cores (about twice as fast on Ampere and newer, ~1e-3 relative error); off by default, so a
+        float32 artifact computes in float32."""
         super().__init__()
         if provider not in ("cpu", "cuda"):
             raise ValueError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
@@ -67,6 +71,7 @@ class OnnxRuntimeEngine(Engine):
         self.intra_op_threads = intra_op_threads
         self.gpu_mem_limit = gpu_mem_limit
         self._footprint = footprint_bytes
+        self.allow_tf32 = allow_tf32
         self._session: ort.InferenceSession | None = None
         self._inputs: tuple[TensorSpec, ...] = ()
         self._outputs: tuple[TensorSpec, ...] = ()
@@ -95,8 +100,9 @@ class OnnxRuntimeEngine(Engine):
                 "forward-fleet[gpu] (onnxruntime-gpu) or build the model for the CPU"
             )
         # kSameAsRequested: the arena grows only by what is asked (its size is what we measure);
-        # no TF32, so that a float32 artifact computes in float32.
-        options = {"device_id": self.device_id, "arena_extend_strategy": "kSameAsRequested", "use_tf32": 0}
+        # TF32 only when asked for, so that a float32 artifact computes in float32.
+        options = {"device_id": self.device_id, "arena_extend_strategy": "kSameAsRequested",
+                   "use_tf32": int(self.allow_tf32)}
         if self.gpu_mem_limit:
             options["gpu_mem_limit"] = int(self.gpu_mem_limit)
         return [(CUDA_PROVIDER, options)]

@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from workers.devices import Device
-from workers.errors import EngineNotHere, FleetError, InvalidInput, ModelNotFound, PayloadTooLarge, Unauthorized
+from workers.errors import (
+    DeviceFailed,
+    EngineNotHere,
+    FleetError,
+    InvalidInput,
+    ModelNotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from workers.kserve.codec import HEADER_LENGTH, InferRequest, ShmWritten, encode_response, read_infer_request
 from workers.manifest import validate_model_ref
 from workers.stats import RequestStats
@@ -120,7 +128,8 @@ async def handle_infer(
     """One ``POST /v2/models/{model}[/versions/{version}]/infer``, start to end.
 
     ``headers`` have lower-case names. ``on_miss``: what to answer instead when ``serve``
-    finds no engine of the model here (``EngineNotHere``); without it, a 503.
+    finds no engine of the model here (``EngineNotHere``) or this worker's GPU failed under
+    the request (``DeviceFailed``: another worker can serve it); without it, a 503.
     Requests for names that are not models (typos, probes) are not counted."""
     try:
         validate_model_ref(model, version)
@@ -135,7 +144,7 @@ async def handle_infer(
         served = await serve(model, version, request)
         served_version = served.version
         content, out_headers = encode_response(model, served.version, served.outputs, request, served.parameters)
-    except EngineNotHere as exc:
+    except (EngineNotHere, DeviceFailed) as exc:
         if on_miss is not None:
             return await on_miss()
         return error_answer(exc)

@@ -5,7 +5,8 @@ The four modes users know from Tencent Forward:
 - ``float32``: the source model as it is.
 - ``float16``: an FP16 ONNX model (``convert_float16``, float16.py); TensorRT 10+
   builds it as a strongly typed network, ONNX Runtime runs it as it is.
-- ``int8_calib``: ``calibrate`` the source on user data and keep the result
+- ``int8_calib``: ``calibrate`` the source on user data (``load_calibration_data``,
+  calibration_data.py, which keeps some rows out to judge the build on) and keep the result
   (``write_calibration``): tensor ranges (JSON), a Q/DQ ONNX model with symmetric
   scales (zero points 0, as TensorRT requires) and a TensorRT calibration cache
   (calibration.py).
@@ -31,20 +32,17 @@ from workers.precision.calibration import (
     CALIBRATION_FILES,
     CALIBRATION_METHODS,
     DEFAULT_CACHE_TRT_VERSION,
-    DEFAULT_CALIBRATION_BATCH,
     DEFAULT_CALIBRATION_METHOD,
     INT8_MAX,
     QDQ_MODEL_FILE,
     RANGES_FILE,
     TRT_CACHE_FILE,
-    CalibrationData,
     CalibrationResult,
     activation_ranges,
     calibrate,
     calibration_data_sha256,
     calibration_key,
     check_calibration_method,
-    load_calibration_data,
     parse_calibration_key,
     parse_trt_calibration_cache,
     read_calibration,
@@ -52,6 +50,7 @@ from workers.precision.calibration import (
     trt_version_tag,
     write_calibration,
 )
+from workers.precision.calibration_data import DEFAULT_CALIBRATION_BATCH, CalibrationData, load_calibration_data
 from workers.precision.float16 import convert_float16
 from workers.precision.reference import run_model
 

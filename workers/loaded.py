@@ -1,0 +1,114 @@
+"""One engine in service: its dynamic batcher, its concurrency slots and its numbers.
+
+``LoadedEngine.submit`` runs one request of any size through the batcher (split into
+max-batch chunks when larger), or straight on a slot for engines that cannot batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from workers.batcher import DynamicBatcher, EngineStats
+from workers.engines import Engine
+from workers.manifest import Manifest
+from workers.messages import LoadOptions
+from workers.tensors import batch_rows
+
+Feeds = dict[str, np.ndarray]
+
+
+def _gather(parts: list[Future], combine: Callable[[list], object]) -> Future:
+    """One future for several: the combined results, or the first failure."""
+    result: Future = Future()
+    remaining = [len(parts)]
+    lock = threading.Lock()
+
+    def done(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            try:
+                result.set_result(combine([p.result() for p in parts]))
+            except BaseException as exc:
+                result.set_exception(exc)
+
+    for part in parts:
+        part.add_done_callback(done)
+    return result
+
+
+def _concatenate(results: list[Feeds]) -> Feeds:
+    return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
+
+
+@dataclass
+class LoadedEngine:
+    """One engine in service, its dynamic batcher and its numbers."""
+
+    manifest: Manifest
+    engine: Engine
+    options: LoadOptions
+    batcher: DynamicBatcher | None  # None when an input or output has no batch dimension
+    slots: threading.Semaphore
+    stats: EngineStats
+    measured_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        self._stats_lock = threading.Lock()
+
+    def submit(self, feeds: Feeds, out: Feeds | None, executor: ThreadPoolExecutor) -> Future:
+        """Run one request of any size; ``out`` (see ``Engine.run``) only when it is one batch."""
+        max_batch = self.manifest.max_batch
+        if self.batcher is None:
+            return executor.submit(self._run_alone, feeds, out)
+        rows = batch_rows(feeds)
+        if rows <= max_batch:
+            return self.batcher.submit_nowait(feeds, out)
+        parts = [self.batcher.submit_nowait({k: v[s:s + max_batch] for k, v in feeds.items()})
+                 for s in range(0, rows, max_batch)]
+        return _gather(parts, _concatenate)
+
+    def _run_alone(self, feeds: Feeds, out: Feeds | None) -> Feeds:
+        with self.slots:
+            started = time.perf_counter()
+            try:
+                outputs = self.engine.run(feeds, out)
+            except BaseException:
+                with self._stats_lock:
+                    self.stats.failure += 1
+                raise
+            with self._stats_lock:
+                s, rows = self.stats, batch_rows(feeds)
+                s.compute_us += (time.perf_counter() - started) * 1e6
+                s.success += 1
+                s.exec_count += 1
+                s.inference_count += rows
+                s.batch_sizes[rows] += 1
+            return outputs
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self.engine.deactivate()
+
+
+def batchable(manifest: Manifest) -> bool:
+    return all(s.shape and s.shape[0] < 0 for s in manifest.inputs + manifest.outputs)
+
+
+def warm_up(engine: Engine, manifest: Manifest) -> None:
+    """One run at max batch with zeros (skipped for models with string inputs)."""
+    feeds = {}
+    for spec in manifest.inputs:
+        if spec.datatype == "BYTES" or any(d < 0 for d in spec.shape[1:]):
+            return
+        shape = tuple(manifest.max_batch if d < 0 else d for d in spec.shape)
+        feeds[spec.name] = np.zeros(shape, spec.numpy_dtype)
+    engine.run(feeds)
