@@ -187,8 +187,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--loadgen", default="auto", choices=("auto", "wrk", "python"))
     p.add_argument("--batches", default="1,256", help="comma-separated batch sizes (default 1,256)")
-    p.add_argument("--levels", default="", help="per-GPU concurrency levels for every batch, e.g. 8,16 "
-                   "(default: 1,8,32 at batch 1; 1,4,8 at larger batches)")
+    p.add_argument("--levels", default="", help="per-GPU concurrency levels for every batch, e.g. 8,16, or per batch, "
+                   "e.g. 256:8,16,32/1:64 (default: 1,8,32 at batch 1; 1,4,8 at larger batches)")
     p.add_argument("--clients-per-gpu", type=int, default=CLIENTS_PER_GPU, help="client actors per GPU (fleet-client)")
     p.add_argument("--no-http", action="store_true", help="skip fleet-http-binary")
     p.add_argument("--systems", default=",".join(SYSTEMS),
@@ -205,9 +205,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown --systems {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     args.batches = [int(b) for b in args.batches.split(",")]
-    chosen = [int(c) for c in args.levels.split(",") if c]
-    args.levels = {b: chosen or ([1, 8, 32] if b == 1 else [1, 4, 8]) for b in args.batches}
+    args.levels = parse_levels(args.levels, args.batches)
     return args
+
+
+def parse_levels(text: str, batches: list[int]) -> dict[int, list[int]]:
+    """'8,16' (every batch) or '256:8,16,32/1:64' (per batch) -> {batch: levels}, with the defaults."""
+    default = {b: [1, 8, 32] if b == 1 else [1, 4, 8] for b in batches}
+    if not text:
+        return default
+    if ":" not in text:
+        return {b: [int(c) for c in text.split(",")] for b in batches}
+    for part in text.split("/"):
+        batch, _, levels = part.partition(":")
+        default[int(batch)] = [int(c) for c in levels.split(",")]
+    return default
 
 
 def main(argv: list[str] | None = None) -> int:
