@@ -18,6 +18,7 @@ from workers.build import BuildRequest, EvalData, build_artifact
 from workers.engines.onnxruntime import describe_model
 from workers.errors import BuildError, FleetError, InvalidInput
 from workers.manifest import sha256_file
+from workers.onnx_source import check_source
 from workers.targets import Target, WorkerCaps
 
 from cluster.calls import get, unwrap
@@ -66,6 +67,7 @@ def prepare_build(repo: Repository, source: Path, precision: str, *, calib_data:
                   calib_method: str | None = None, eval_data: str | None = None, progress=None) -> BuildInputs:
     """Calibrate (int8_calib), find the stored calibration (int8), load held-out samples."""
     progress = progress or sys.stderr
+    check_source(source)  # before anything else: a clear error for a file that is not ONNX or cannot run
     inputs, _ = describe_model(source)
     source_sha = sha256_file(source)
     result = BuildInputs(precision)

@@ -18,7 +18,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from workers.errors import FleetError, InvalidInput, SharedMemoryError
+from workers.errors import FleetError, InvalidInput, PayloadTooLarge, SharedMemoryError
+from workers.httpwire import DRAIN_BYTES
 from workers.kserve.handler import (
     HttpAnswer,
     InferPolicy,
@@ -70,6 +71,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 async def _internal_error(_: Request, exc: Exception) -> Response:
     log.exception("internal error")
     return respond(internal_error_answer(exc))
+
+
+async def _drop_body(request: Request) -> None:
+    """Read and drop a refused body, up to DRAIN_BYTES: clients that do not wait for "100 Continue"
+    (urllib, requests, tritonclient) then read the answer instead of a connection reset."""
+    dropped = 0
+    async for chunk in request.stream():
+        dropped += len(chunk)
+        if dropped > DRAIN_BYTES:
+            return
 
 
 async def _json_body(request: Request) -> dict:
@@ -214,7 +225,11 @@ class FleetIngress:
 
     async def _infer(self, model: str, version: "str | None", request: Request) -> Response:
         self._start_reporting()
-        self.policy.admit(request.headers)  # 413 and 401 before the body is read
+        try:
+            self.policy.admit(request.headers)  # 413 and 401 before the body is read
+        except PayloadTooLarge:
+            await _drop_body(request)  # the client may still be sending it: read the 413, not a reset
+            raise
         answer = await handle_infer(model, version, await request.body(), request.headers, policy=self.policy,
                                     serve=self.plane.serve, stats=self.stats)
         return respond(answer)

@@ -30,6 +30,7 @@ from workers.engines.onnxruntime import cuda_provider_available, describe_model,
 from workers.engines.tensorrt import OnnxParserFailed, TrtBuildOptions, build_plan, plan_footprint
 from workers.errors import BuildError
 from workers.manifest import MANIFEST_NAME, Manifest, check_name, sha256_file
+from workers.onnx_source import check_source
 from workers.targets import Target
 from workers.tensors import TensorSpec
 
@@ -167,6 +168,7 @@ def build_artifact(
         raise BuildError(f"source model {source} does not exist")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_source(source)  # an ONNX model whose every node can run, or a BuildError saying what to do
     try:
         inputs, outputs = describe_model(source)
     except Exception as exc:  # ONNX Runtime raises several unrelated types here

@@ -34,6 +34,10 @@ class RawHttpRequest:
 
 
 Handler = Callable[[RawHttpRequest], Awaitable[HttpAnswer]]
+# A body over the limit is read and dropped, up to this much more, before the connection closes:
+# clients that send the body without waiting (urllib, requests, tritonclient) then read the 413
+# instead of a broken pipe. Beyond it the connection closes at once.
+DRAIN_BYTES = 256 << 20
 
 _REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 413: b"Payload Too Large",
             500: b"Internal Server Error", 503: b"Service Unavailable"}
@@ -53,6 +57,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pending: list[RawHttpRequest] = []
         self.busy = False
+        self.draining = 0  # bytes of a refused body still to drop (answered already)
         self._reset()
 
     def _reset(self) -> None:
@@ -74,7 +79,7 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         import httptools
 
-        if self.transport is None:  # answered and closing (e.g. 413): ignore the rest
+        if self.transport is None:  # answered and closed: ignore the rest
             return
         try:
             self.parser.feed_data(data)
@@ -95,20 +100,40 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         declared = dict(self.header_list).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:  # answer now, do not read it
-            self._write(error_answer(PayloadTooLarge(f"request body of {int(declared)} bytes is over the limit of "
-                                                     f"{self.limit} bytes")), keep_alive=False)
+        if declared.isdigit() and int(declared) > self.limit:  # answer now; drop the body, then close
+            self._refuse(f"request body of {int(declared)} bytes is over the limit of {self.limit} bytes")
             return
         if any(n == b"expect" and v.lower() == b"100-continue" for n, v in self.header_list):
             if self.transport is not None:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        if self.draining:
+            self.draining -= len(body)
+            if self.draining <= 0:
+                self._close()
+            return
         self.size += len(body)
         if self.size <= self.limit:
             self.parts.append(body)
+        elif self.size > self.limit + DRAIN_BYTES:  # a chunked body with no end in sight
+            self._refuse(f"request body is over the limit of {self.limit} bytes")
+
+    def _refuse(self, message: str) -> None:
+        """Answer 413 now (with "connection: close"), then read and drop what the client still sends
+        of this body, bounded, and close once it is in: the client sees the answer, not a reset."""
+        self._write(error_answer(PayloadTooLarge(message)), keep_alive=False, close=False)
+        self.draining = DRAIN_BYTES
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
 
     def on_message_complete(self) -> None:
+        if self.draining:  # the refused body is all in: now the connection may close without a reset
+            self._close()
+            return
         if self.transport is None:
             return
         target = self.url.decode("latin-1")
@@ -136,7 +161,8 @@ class HttpConnection(asyncio.Protocol):
         finally:
             self.busy = False
 
-    def _write(self, answer: HttpAnswer, keep_alive: bool, head_only: bool = False) -> None:
+    def _write(self, answer: HttpAnswer, keep_alive: bool, head_only: bool = False, close: bool = True) -> None:
+        """Send ``answer``; without ``keep_alive`` it says "connection: close" and (``close``) closes."""
         if self.transport is None:
             return
         body = b"" if head_only else answer.body
@@ -149,6 +175,5 @@ class HttpConnection(asyncio.Protocol):
         self.transport.write(b"".join(head) + body if len(body) < 65536 else b"".join(head))
         if len(body) >= 65536:
             self.transport.write(body)  # large answers: no extra copy to join them
-        if not keep_alive:
-            self.transport.close()
-            self.transport = None
+        if not keep_alive and close:
+            self._close()

@@ -107,6 +107,12 @@ class TensorSpec:
                     f"input '{self.name}': shape {list(array.shape)} does not match the model's "
                     f"shape {list(self.shape)} (dimension {axis} is {have}, expected {want})"
                 )
+            if want < 0 and have == 0:
+                what = "a batch of 0 rows" if axis == 0 else f"dimension {axis} of size 0"
+                raise InvalidInput(
+                    f"input '{self.name}': shape {list(array.shape)} has {what}; a request needs at least one "
+                    f"element in every dynamic dimension"
+                )
         if max_batch is not None and self.shape and self.shape[0] < 0 and array.shape[0] > max_batch:
             raise InvalidInput(
                 f"input '{self.name}': batch {array.shape[0]} is over the model's max batch {max_batch}"

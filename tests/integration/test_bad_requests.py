@@ -100,6 +100,34 @@ BAD = [
     ("body-over-limit", "digits-mlp", b" " * (LIMIT + 1), {}, 413, "over the limit"),
     ("gzip-bomb", "digits-mlp", gzip.compress(b" " * (LIMIT * 4)), {"Content-Encoding": "gzip"}, 413, "decompressed request body is over the limit"),
     ("nan-rejected", "strict", NAN_BODY, NAN_HEADERS, 400, "NaN or Inf"),
+    # every field of the protocol: wrong type, wrong range, wrong combination
+    ("zero-rows-json", "digits-mlp", j([inp(shape=(0, 64), data=[])]), {}, 400, "a batch of 0 rows"),
+    ("zero-rows-binary", "digits-mlp", *binary({"inputs": [inp(shape=(0, 64), parameters={"binary_data_size": 0})]}, b""), 400, "a batch of 0 rows"),
+    ("id-object", "digits-mlp", j([inp(data=row())], id={"x": 1}), {}, 400, "'id' must be a string"),
+    ("id-number", "digits-mlp", j([inp(data=row())], id=7), {}, 400, "'id' must be a string"),
+    ("body-null", "digits-mlp", b"null", {}, 400, "must be a JSON object"),
+    ("inputs-null", "digits-mlp", b'{"inputs": null}', {}, 400, "non-empty 'inputs'"),
+    ("name-not-string", "digits-mlp", j([{**inp(data=row()), "name": 5}]), {}, 400, "needs a 'name'"),
+    ("name-empty", "digits-mlp", j([{**inp(data=row()), "name": ""}]), {}, 400, "needs a 'name'"),
+    ("datatype-not-string", "digits-mlp", j([{**inp(data=row()), "datatype": 32}]), {}, 400, "is not a KServe v2 datatype"),
+    ("shape-missing", "digits-mlp", j([{"name": "input", "datatype": "FP32", "data": row()}]), {}, 400, "list of integers"),
+    ("shape-bool", "digits-mlp", j([inp(shape=(True, 64), data=row())]), {}, 400, "list of integers"),
+    ("extra-dimension", "digits-mlp", j([inp(shape=(1, 64, 1), data=row())]), {}, 400, "rank 3"),
+    ("input-params-not-object", "digits-mlp", j([inp(data=row(), parameters=[1])]), {}, 400, "'parameters' must be an object"),
+    ("output-not-object", "digits-mlp", j([inp(data=row())], outputs=[5]), {}, 400, "outputs[0] needs a 'name'"),
+    ("output-params-not-object", "digits-mlp", j([inp(data=row())], outputs=[{"name": "label", "parameters": 5}]), {}, 400, "'parameters' must be an object"),
+    ("binary-size-bool", "digits-mlp", *binary({"inputs": [inp(parameters={"binary_data_size": True})]}, F32), 400, "non-negative integer"),
+    ("binary-size-float", "digits-mlp", *binary({"inputs": [inp(parameters={"binary_data_size": 256.0})]}, F32), 400, "non-negative integer"),
+    ("bools-as-fp32", "digits-mlp", j([inp(data=[True] * 64)]), {}, 400, "which are not FP32"),
+    ("uint8-negative", "digits-mlp", j([inp(shape=(1,), datatype="UINT8", data=[-1])]), {}, 400, "out of range for UINT8"),
+    ("shm-region-without-size", "digits-mlp", j([inp(parameters={"shared_memory_region": "r"})]), {}, 400, "go together"),
+    ("shm-offset-alone", "digits-mlp", j([inp(parameters={"shared_memory_offset": 4})]), {}, 400, "needs shared_memory_region"),
+    ("shm-negative-size", "digits-mlp", j([inp(parameters={"shared_memory_region": "r", "shared_memory_byte_size": -1})]), {}, 400, "non-negative integer"),
+    ("shm-and-data", "digits-mlp", j([inp(data=row(), parameters={"shared_memory_region": "r", "shared_memory_byte_size": 256})]), {}, 400, "also carries data"),
+    ("shm-output-and-binary", "digits-mlp", j([inp(data=row())], outputs=[{"name": "label", "parameters": {
+        "binary_data": True, "shared_memory_region": "r", "shared_memory_byte_size": 8}}]), {}, 400, "asks for binary data and for a shared memory region"),
+    ("header-length-negative", "digits-mlp", j([inp(data=row())]), {"Inference-Header-Content-Length": "-5"}, 400, "does not fit a body"),
+    ("deflate-garbage", "digits-mlp", b"not deflate", {"Content-Encoding": "deflate"}, 400, "not valid deflate"),
     ("unknown-model", "no-such-model", j([inp(data=row())]), {}, 404, "model 'no-such-model' is not in the repository"),
     ("unknown-version", "digits-mlp/versions/7", j([inp(data=row())]), {}, 404, "no version '7'"),
     ("path-traversal", "..%2F..%2Fetc%2Fpasswd", j([inp(data=row())]), {}, 400, "is not valid"),
@@ -193,3 +221,36 @@ def test_shared_memory_registration_is_refused_while_the_fleet_does_not_allow_it
     assert r.status_code == 400 and "allow_client_shm: true" in r.json()["error"], r.text
     assert requests.get(f"{url}/v2/systemsharedmemory/status", timeout=30).json() == []
     assert "system_shared_memory" not in requests.get(f"{url}/v2", timeout=30).json()["extensions"]
+
+
+@pytest.mark.parametrize("client", ["urllib", "requests", "tritonclient"])
+def test_a_body_over_the_limit_is_a_clear_413_for_clients_that_send_it_at_once(url, ingress, client):
+    """Clients that send the body without waiting for "100 Continue" must read the 413, not a broken
+    pipe: through the front door (a worker's endpoint) and at the ingress."""
+    import urllib.error
+    import urllib.request
+
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    rows = np.zeros((32 * LIMIT // 256, 64), np.float32)  # 32 MiB of FP32, far more than sockets buffer
+    body, headers = encode_request({"input": rows})
+    for base in (url, ingress):
+        if client == "urllib":
+            request = urllib.request.Request(f"{base}/v2/models/digits-mlp/infer", data=body, headers=headers, method="POST")
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(request, timeout=30)
+            status, message = caught.value.code, json.loads(caught.value.read())["error"]
+        elif client == "requests":
+            resp = requests.post(f"{base}/v2/models/digits-mlp/infer", data=body, headers=headers, timeout=30)
+            status, message = resp.status_code, resp.json()["error"]
+        else:
+            triton = httpclient.InferenceServerClient(base.removeprefix("http://"))
+            inp = httpclient.InferInput("input", list(rows.shape), "FP32")
+            inp.set_data_from_numpy(rows)
+            with pytest.raises(InferenceServerException) as caught:
+                triton.infer("digits-mlp", [inp])
+            status, message = int(caught.value.status() or 0), caught.value.message()
+            triton.close()
+        assert status == 413 and "over the limit" in message, (base, status, message)
+    good(url)

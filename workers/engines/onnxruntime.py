@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
 from workers.engines.base import Engine
 from workers.errors import InvalidInput
@@ -122,6 +123,12 @@ class OnnxRuntimeEngine(Engine):
     def _deactivate(self) -> None:
         self._session = None
 
+    def _refused(self, exc: Exception) -> InvalidInput:
+        """ONNX Runtime's INVALID_ARGUMENT at run time is about the request's content (an index out of
+        range, a shape an operator cannot take): the client's 400, not the server's 500."""
+        said = str(exc).removeprefix("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ")
+        return InvalidInput(f"the model {self.model_path.stem} refused the input: {said}")
+
     @property
     def provider_options(self) -> dict:
         """What ONNX Runtime applied (for checks on real GPUs)."""
@@ -129,7 +136,10 @@ class OnnxRuntimeEngine(Engine):
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self._session is not None
-        results = self._session.run(self._output_names, feeds)
+        try:
+            results = self._session.run(self._output_names, feeds)
+        except OrtInvalidArgument as exc:
+            raise self._refused(exc) from None
         return dict(zip(self._output_names, results))
 
     def _infer_into(self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -146,7 +156,10 @@ class OnnxRuntimeEngine(Engine):
                 binding.bind_output(name, "cpu")
             else:
                 binding.bind_output(name, "cpu", 0, target.dtype.type, list(target.shape), target.ctypes.data)
-        self._session.run_with_iobinding(binding)
+        try:
+            self._session.run_with_iobinding(binding)
+        except OrtInvalidArgument as exc:
+            raise self._refused(exc) from None
         values = binding.get_outputs()
         return {name: out[name] if name in out else value.numpy() for name, value in zip(self._output_names, values)}
 

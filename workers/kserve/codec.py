@@ -135,7 +135,9 @@ def decode_request(body: bytes, header_length: str | int | None = None, *, limit
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
     request_id = header.get("id")
-    request.id = str(request_id) if request_id is not None else None
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput(f"'id' must be a string (the protocol says so), got {type(request_id).__name__}: {request_id!r}")
+    request.id = request_id
     request.binary_output = bool(params.get("binary_data_output", False))
     request.parameters = params
     return request
