@@ -148,11 +148,14 @@ class EngineRunner:
             entry = self._install(manifest, engine, options, measured)
             freeze_heap()
             return entry
-        except BaseException:
+        except BaseException as exc:
             if engine is not None:
                 engine.deactivate()
             with self._lock:
                 self.ledger.remove(key)
+            if is_sticky_cuda_error(exc):
+                self.broken = self.broken or str(exc).splitlines()[0][:300]
+                raise self._device_failed() from exc
             raise
         finally:
             with self._lock:

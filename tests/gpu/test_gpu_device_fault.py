@@ -51,6 +51,9 @@ class OutOfBoundsEngine(Engine):
         self.buffer = None
 
     def _infer(self, feeds):
+        self.runs = getattr(self, "runs", 0) + 1
+        if self.runs == 1:  # the load's warm-up run: fine, so the engine goes into service
+            return {spec.name: np.zeros((len(feeds["input"]), 10), np.float32) for spec in self._out}
         OUT_OF_BOUNDS((1,), (1,), (self.buffer,))
         cupy.cuda.runtime.deviceSynchronize()
         raise AssertionError("the out-of-bounds kernel did not fail")
