@@ -105,10 +105,13 @@ class ModelConfig(_Strict):
     # them only from sources you trust.
     trust_version_compatible: bool = False
     reject_non_finite: bool = False  # 400 for NaN/Inf in float inputs
+    # float32 artifacts on ONNX Runtime CUDA compute matrix products in TF32 (tensor cores): ~1.8x,
+    # ~4e-4 relative error (docs/gpu-results.md). Off: float32 computes in float32.
+    allow_tf32: bool = False
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(self.dynamic_batching, self.max_queue_delay_us, tuple(self.preferred_batch_sizes),
-                           self.trust_version_compatible, self.reject_non_finite)
+                           self.trust_version_compatible, self.reject_non_finite, self.allow_tf32)
 
 
 class FleetConfig(_Strict):

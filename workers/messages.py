@@ -51,6 +51,7 @@ class LoadOptions:
     # A version-compatible TensorRT plan carries host code that would run in the worker.
     trust_version_compatible: bool = False
     reject_non_finite: bool = False  # 400 for NaN/Inf in float inputs
+    allow_tf32: bool = False  # float32 matrix products in TF32 on tensor cores (ONNX Runtime CUDA)
 
     def batching(self, max_batch: int) -> BatchingOptions:
         return BatchingOptions(max_batch, self.max_queue_delay_us, tuple(self.preferred_batch_sizes),

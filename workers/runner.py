@@ -144,7 +144,7 @@ class EngineRunner:
         try:
             for loaded in evicted:
                 loaded.close()
-            engine, measured = self._open(manifest, verify_artifact(artifact_dir, manifest))
+            engine, measured = self._open(manifest, verify_artifact(artifact_dir, manifest), options)
             entry = self._install(manifest, engine, options, measured)
             freeze_heap()
             return entry
@@ -196,7 +196,7 @@ class EngineRunner:
                     return None, evicted
             pending.wait()
 
-    def _open(self, manifest: Manifest, path: Path) -> tuple[Engine, int | None]:
+    def _open(self, manifest: Manifest, path: Path, options: LoadOptions) -> tuple[Engine, int | None]:
         """Open, activate and warm the engine; on a real GPU, measure what it took (NVML)."""
         with self._measure_lock if self._probe else contextlib.nullcontext():
             before = self._probe() if self._probe else None
@@ -205,7 +205,7 @@ class EngineRunner:
             engine = self._open_engine(
                 path, manifest.target, device_id=self.device.cuda_ordinal or 0, slots=self._slots(manifest),
                 intra_op_threads=self._intra_op_threads(manifest), lean=not self._has_full_tensorrt(),
-                gpu_mem_limit=allowed, footprint_bytes=manifest.footprint_bytes)
+                gpu_mem_limit=allowed, footprint_bytes=manifest.footprint_bytes, allow_tf32=options.allow_tf32)
             try:
                 engine.activate()
                 warm_up(engine, manifest)  # allocates the activations a max batch needs, so we measure them

@@ -219,3 +219,28 @@ def test_a_load_never_evicts_an_engine_that_is_still_loading(repo):
     runner.load(mlp.manifest, mlp.directory)  # now cnn is idle and in service: it is evicted
     assert runner.health().loaded == {mlp.manifest.engine_key} and runner.health().counters["evictions"] == 1
     runner.close()
+
+
+def test_the_models_allow_tf32_reaches_the_engine(repo):
+    """models.<m>.allow_tf32 travels with the load (LoadOptions) to the ONNX Runtime CUDA provider's use_tf32."""
+    from workers.engines import open_engine
+    from workers.runner import EngineRunner
+
+    opened = []
+
+    def recording(path, target, **kwargs):
+        opened.append(kwargs["allow_tf32"])
+        return open_engine(path, target, **kwargs)
+
+    a = art(repo, "digits-mlp")
+    worker = FleetWorker(WorkerSpec("w"))
+    runner = EngineRunner(worker.caps, 1 << 30, engine_factory=recording)
+    runner.load(a.manifest, a.directory, LoadOptions(allow_tf32=True))
+    runner.unload(a.manifest.engine_key)
+    runner.load(a.manifest, a.directory)
+    assert opened == [True, False]
+    runner.close()
+    from workers.engines.onnxruntime import OnnxRuntimeEngine
+
+    assert OnnxRuntimeEngine("x.onnx", provider="cuda", allow_tf32=True)._cuda_options()["use_tf32"] == 1
+    assert OnnxRuntimeEngine("x.onnx", provider="cuda")._cuda_options()["use_tf32"] == 0

@@ -34,6 +34,7 @@ def open_engine(
     footprint_bytes: int | None = None,
     trt_api=None,
     cuda_module=None,
+    allow_tf32: bool = False,
 ) -> Engine:
     """An engine (not yet activated) for the artifact at ``path`` built for ``target``.
 
@@ -51,4 +52,5 @@ def open_engine(
         intra_op_threads=intra_op_threads,
         gpu_mem_limit=gpu_mem_limit if use_cuda else None,
         footprint_bytes=footprint_bytes,
+        allow_tf32=allow_tf32,
     )

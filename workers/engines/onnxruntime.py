@@ -100,13 +100,16 @@ class OnnxRuntimeEngine(Engine):
                 "ONNX Runtime's CUDA provider is not available in this process; install "
                 "forward-fleet[gpu] (onnxruntime-gpu) or build the model for the CPU"
             )
+        return [(CUDA_PROVIDER, self._cuda_options())]
+
+    def _cuda_options(self) -> dict:
         # kSameAsRequested: the arena grows only by what is asked (its size is what we measure);
         # TF32 only when asked for, so that a float32 artifact computes in float32.
         options = {"device_id": self.device_id, "arena_extend_strategy": "kSameAsRequested",
                    "use_tf32": int(self.allow_tf32)}
         if self.gpu_mem_limit:
             options["gpu_mem_limit"] = int(self.gpu_mem_limit)
-        return [(CUDA_PROVIDER, options)]
+        return options
 
     def _activate(self) -> None:
         options = ort.SessionOptions()
