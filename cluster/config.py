@@ -108,10 +108,13 @@ class ModelConfig(_Strict):
     # float32 artifacts on ONNX Runtime CUDA compute matrix products in TF32 (tensor cores): ~1.8x,
     # ~4e-4 relative error (docs/gpu-results.md). Off: float32 computes in float32.
     allow_tf32: bool = False
+    # Requests that may wait for an engine beyond those running (as Triton's max_queue_size); more are
+    # answered 503 with Retry-After at once, so a burst cannot make every request slow. 0: no bound.
+    max_queue_size: int = Field(256, ge=0, le=1_000_000)
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(self.dynamic_batching, self.max_queue_delay_us, tuple(self.preferred_batch_sizes),
-                           self.trust_version_compatible, self.reject_non_finite, self.allow_tf32)
+                           self.trust_version_compatible, self.reject_non_finite, self.allow_tf32, self.max_queue_size)
 
 
 class FleetConfig(_Strict):

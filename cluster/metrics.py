@@ -143,6 +143,8 @@ def _declare_families(reg: _Registry) -> dict[str, _Family]:
     compute = reg.family("fleet_nv_inference_compute_infer_duration_us", "counter",
                          "Cumulative compute time of model executions on a worker, in microseconds")
     batch = reg.family("fleet_batch_size", "histogram", "Rows per model execution on a worker")
+    rejected = reg.family("fleet_nv_inference_request_rejected", "counter",
+                          "Requests a worker refused at once because the engine's queue was full (max_queue_size)")
     loads = reg.family("fleet_model_loads_total", "counter", "Engines loaded by a worker")
     evictions = reg.family("fleet_model_evictions_total", "counter",
                            "Idle engines evicted by a worker to make room in its budget")
@@ -153,7 +155,7 @@ def _declare_families(reg: _Registry) -> dict[str, _Family]:
     used = reg.family("fleet_gpu_memory_used_bytes", "gauge", "Device memory in use as reported by NVML (real GPUs only)")
     up = reg.family("fleet_worker_up", "gauge", "1 when the worker answers its health check, else 0")
     return dict(success=success, failure=failure, duration=duration, count=count, exec_count=exec_count, queue=queue,
-                compute=compute, batch=batch, loads=loads, evictions=evictions, unloads=unloads, budget=budget,
+                compute=compute, batch=batch, rejected=rejected, loads=loads, evictions=evictions, unloads=unloads, budget=budget,
                 ledger=ledger, total=total, used=used, up=up)
 
 
@@ -202,6 +204,7 @@ def _add_worker(f: dict[str, _Family], w: Mapping) -> None:
         f["exec_count"].add(e.get("exec_count"), **labels)
         f["queue"].add(e.get("queue_us"), **labels)
         f["compute"].add(e.get("compute_us"), **labels)
+        f["rejected"].add(e.get("rejected", 0), **labels)
         _add_batch_histogram(f["batch"], e.get("batch_sizes") or {}, labels)
 
 

@@ -36,3 +36,24 @@ def make_int64_add(path: Path) -> Path:
     x = helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 3])
     y = helper.make_tensor_value_info("y", TensorProto.INT64, ["N", 3])
     return _save(helper.make_graph([helper.make_node("Add", ["x", "seven"], ["y"])], "int64-add", [x], [y], [seven]), path)
+
+
+def make_heavy_mlp(path: Path, width: int = 2048, layers: int = 3) -> Path:
+    """FP32 [N,64] -> `layers` Gemm(width) + Relu -> [N,10]: little to send, much to compute (overload tests)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes, x, fan_in = [], [], "input", 64
+    for i, fan_out in enumerate([width] * layers + [10]):
+        inits += [numpy_helper.from_array((rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32), f"w{i}")]
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]))
+        x = f"m{i}"
+        if i < layers:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
+            x = f"r{i}"
+        fan_in = fan_out
+    nodes.append(helper.make_node("Identity", [x], ["logits"]))
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])
+    return _save(helper.make_graph(nodes, "heavy-mlp", [inp], [out], inits), path)

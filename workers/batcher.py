@@ -40,10 +40,12 @@ class EngineStats:
     queue_us: float = 0.0
     compute_us: float = 0.0
     batch_sizes: Counter = field(default_factory=Counter)
+    rejected: int = 0  # refused because the engine's queue was full (max_queue_size)
 
     def to_dict(self) -> dict:
         return {
-            "success": self.success, "failure": self.failure, "inference_count": self.inference_count,
+            "success": self.success, "failure": self.failure, "rejected": self.rejected,
+            "inference_count": self.inference_count,
             "exec_count": self.exec_count, "queue_us": self.queue_us, "compute_us": self.compute_us,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
         }

@@ -58,6 +58,12 @@ class EngineNotHere(NotReady):
     another worker or the ingress must serve the request."""
 
 
+class Overloaded(NotReady):
+    """The engine's queue is full (``max_queue_size``): answered at once, try again a moment later."""
+
+    retry_after_s = 1
+
+
 class NoCapacity(FleetError):
     """No compatible device has budget left for the engine."""
 
@@ -111,6 +117,7 @@ ERROR_TYPES: dict[str, type[FleetError]] = {
         PayloadTooLarge,
         NotReady,
         EngineNotHere,
+        Overloaded,
         NoCapacity,
         NoCompatibleWorker,
         IncompatibleArtifact,

@@ -16,6 +16,7 @@ import numpy as np
 
 from workers.batcher import DynamicBatcher, EngineStats
 from workers.engines import Engine
+from workers.errors import Overloaded
 from workers.manifest import Manifest
 from workers.messages import LoadOptions
 from workers.tensors import batch_rows
@@ -60,11 +61,31 @@ class LoadedEngine:
     stats: EngineStats
     measured_bytes: int | None = None
 
+    slot_count: int = 1
+
     def __post_init__(self) -> None:
         self._stats_lock = threading.Lock()
+        self.pending = 0  # requests given to this engine and not finished: running and waiting
 
     def submit(self, feeds: Feeds, out: Feeds | None, executor: ThreadPoolExecutor) -> Future:
-        """Run one request of any size; ``out`` (see ``Engine.run``) only when it is one batch."""
+        """Run one request of any size; ``out`` (see ``Engine.run``) only when it is one batch.
+        Overloaded at once when ``max_queue_size`` requests already wait beyond the running ones."""
+        bound = self.options.max_queue_size
+        with self._stats_lock:
+            if bound and self.pending >= self.slot_count + bound:
+                self.stats.rejected += 1
+                raise Overloaded(f"{self.manifest.model} version {self.manifest.version} has {self.pending} requests "
+                                 f"in hand ({bound} waiting is its max_queue_size); try again in a moment")
+            self.pending += 1
+        future = self._start(feeds, out, executor)
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, _: Future) -> None:
+        with self._stats_lock:
+            self.pending -= 1
+
+    def _start(self, feeds: Feeds, out: Feeds | None, executor: ThreadPoolExecutor) -> Future:
         max_batch = self.manifest.max_batch
         if self.batcher is None:
             return executor.submit(self._run_alone, feeds, out)

@@ -52,6 +52,7 @@ class LoadOptions:
     trust_version_compatible: bool = False
     reject_non_finite: bool = False  # 400 for NaN/Inf in float inputs
     allow_tf32: bool = False  # float32 matrix products in TF32 on tensor cores (ONNX Runtime CUDA)
+    max_queue_size: int = 256  # requests waiting for the engine beyond its slots; more get a 503 at once (0: no bound)
 
     def batching(self, max_batch: int) -> BatchingOptions:
         return BatchingOptions(max_batch, self.max_queue_delay_us, tuple(self.preferred_batch_sizes),

@@ -227,7 +227,8 @@ class EngineRunner:
             slots = self._slots(manifest)
             batching = options.batching(manifest.max_batch)
             batcher = DynamicBatcher(engine.run, batching, slots, stats) if batching.enabled and batchable(manifest) else None
-            self._engines[key] = LoadedEngine(manifest, engine, options, batcher, threading.Semaphore(slots), stats, measured)
+            self._engines[key] = LoadedEngine(manifest, engine, options, batcher, threading.Semaphore(slots), stats,
+                                              measured, slot_count=slots)
             self._by_model.setdefault(manifest.model, {})[manifest.version] = key
             self.ledger.mark_loaded(key)
             self.counters["loads"] += 1

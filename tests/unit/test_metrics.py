@@ -14,7 +14,7 @@ COUNTERS = {
     "fleet_nv_inference_request_success", "fleet_nv_inference_request_failure",
     "fleet_nv_inference_request_duration_us", "fleet_nv_inference_count", "fleet_nv_inference_exec_count",
     "fleet_nv_inference_queue_duration_us", "fleet_nv_inference_compute_infer_duration_us",
-    "fleet_model_loads", "fleet_model_evictions", "fleet_model_unloads",
+    "fleet_model_loads", "fleet_model_evictions", "fleet_model_unloads", "fleet_nv_inference_request_rejected",
 }
 GAUGES = {"fleet_gpu_budget_bytes", "fleet_gpu_ledger_bytes", "fleet_gpu_memory_total_bytes", "fleet_worker_up"}
 

@@ -51,8 +51,12 @@ def json_answer(status: int, body: object, headers: "list[tuple[str, str]] | Non
 
 def error_answer(exc: FleetError) -> HttpAnswer:
     """``{"error": ...}`` with the status the exception's class declares and its type in a header
-    (the Python client raises the same class again)."""
-    return json_answer(exc.http_status, {"error": exc.message}, [(ERROR_TYPE_HEADER, type(exc).__name__)])
+    (the Python client raises the same class again); ``Retry-After`` where the class says when."""
+    headers = [(ERROR_TYPE_HEADER, type(exc).__name__)]
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers.append(("retry-after", str(retry_after)))
+    return json_answer(exc.http_status, {"error": exc.message}, headers)
 
 
 def internal_error_answer(exc: BaseException) -> HttpAnswer:
