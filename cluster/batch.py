@@ -313,7 +313,13 @@ class Dispatcher:
         except Exception:
             pass
         time.sleep(RETRY_BACKOFF_S * part.attempts)
+        if not self.fleet.workers:
+            self.say(f"  no live worker holds {self.fleet.model}: waiting for one (a replacement is started; "
+                     f"the fleet waits up to its worker_wait_s) ...")
+        started = time.monotonic()
         self.fleet.refresh()  # waits (bounded, on the controller) while a replacement starts
+        if time.monotonic() - started > 1:
+            self.say(f"  {', '.join(sorted(self.fleet.workers))} took over after {time.monotonic() - started:.1f} s")
         self.submit(part)
 
     def drain(self) -> None:

@@ -40,7 +40,8 @@ def sim(tmp_path_factory, demo_models):
             X = digits_rows(ROWS)
             data = write_parquet_rows(work / "rows.parquet", X)
             expected = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})[0]
-            yield {"work": work, "controller": controller, "address": cluster.address, "data": data, "expected": expected}
+            yield {"work": work, "controller": controller, "address": cluster.address, "data": data, "expected": expected,
+                   "repo_root": cfg.repository}
 
 
 def check_exactly_once(out, expected):
@@ -172,3 +173,32 @@ def test_another_job_into_the_same_output_is_refused(sim):
     with pytest.raises(InvalidInput, match="holds parts of a different job"):
         run_job(BatchJob("digits-t4-v100", str(other), str(out), batch_size=1000), sim["controller"])
     check_exactly_once(out, sim["expected"])  # and nothing of the first job was touched
+
+
+def test_a_job_whose_only_worker_is_killed_waits_for_its_replacement_and_finishes(sim, demo_models):
+    """Only the P4 can run this build; it is killed mid-job (a CUDA fault, an OOM kill). The job
+    waits, bounded and saying so, for the controller's replacement, then finishes every row once."""
+    build_on_fleet(Repository(sim["repo_root"]), sim["controller"], demo_models["digits-mlp"], model="digits-p4",
+                   targets="P4", max_batch=256)
+    out = sim["work"] / "out-only-worker"
+    thread = after_parts(out, 3, lambda: ray.kill(worker_handles(sim["controller"])["p4-node-gpu0"], no_restart=True))
+    summary = run_job(BatchJob("digits-p4", str(sim["data"]), str(out), batch_size=500), sim["controller"])
+    thread.join()
+    check_exactly_once(out, sim["expected"])
+    assert summary.retries >= 1 and set(summary.rows_per_worker) == {"p4-node-gpu0"}
+
+
+def test_a_job_goes_on_when_every_worker_of_a_host_is_killed(sim):
+    """Both T4s (one host) are killed mid-job: the V100 takes the rest, the T4s come back, no row is lost."""
+    out = sim["work"] / "out-host"
+
+    def kill_the_t4_host():
+        handles = worker_handles(sim["controller"])
+        for worker in ("t4-node-gpu0", "t4-node-gpu1"):
+            ray.kill(handles[worker], no_restart=True)
+
+    thread = after_parts(out, 3, kill_the_t4_host)
+    summary = run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out), batch_size=250), sim["controller"])
+    thread.join()
+    check_exactly_once(out, sim["expected"])
+    assert summary.retries >= 1 and summary.rows_per_worker["v100-node-gpu0"] > 0
