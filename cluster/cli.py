@@ -150,6 +150,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
     for model, reason in status.get("fallbacks", {}).items():
         print(f"\n{model}: served by ONNX Runtime (fallback), TensorRT refused it: {reason.splitlines()[0]}")
+    for node in status["nodes"]:
+        for w in node["workers"]:
+            if w.get("out_of_service"):
+                print(f"\n{w['worker_id']}: out of service: {w['out_of_service']}")
     idle = [(w["worker_id"], w["runnable_not_loaded"]) for n in status["nodes"] for w in n["workers"] if w["runnable_not_loaded"]]
     if idle:
         print("\ncould also run (built, not loaded):")

@@ -13,6 +13,7 @@ the ledger and the one inference path, which the worker's own HTTP endpoint uses
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
 import tempfile
@@ -25,6 +26,7 @@ from workers.build import BuildRequest, EvalData, build_artifact
 from workers.devices import CudaHostPinner, Device, discover_devices, nvml_used_bytes
 from workers.engines.onnxruntime import cuda_provider_available
 from workers.errors import IncompatibleArtifact, NotReady
+from workers.gpu_health import GpuHealthProbe
 from workers.http import HttpOptions, MissHandler, WorkerHttpServer
 from workers.kserve.codec import InferRequest
 from workers.manifest import Manifest
@@ -34,6 +36,8 @@ from workers.runner import EngineRunner, freeze_heap
 from workers.shm import RegionNotHere, SharedMemoryRegistry
 from workers.stats import RequestStats
 from workers.targets import Runtime, WorkerCaps, can_run
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,15 @@ def _local_runtimes(device: Device) -> tuple[Runtime, ...]:
     return tuple(runtimes)
 
 
+def _gpu_health_probe(uuid: str) -> GpuHealthProbe | None:
+    try:
+        probe = GpuHealthProbe(uuid)
+    except Exception as exc:  # no NVML here (a container without the library): health is CUDA's alone
+        log.warning("GPU %s: NVML health counters unavailable (%s)", uuid, exc)
+        return None
+    log.info("GPU %s: NVML health watches %s", uuid, probe.describe())
+    return probe
+
 
 def _budget(spec: WorkerSpec, device: Device) -> int:
     declared = _declared_budget(spec, device)
@@ -146,6 +159,7 @@ class FleetWorker:
         uuid = self.device.uuid
         self._memory_probe = (lambda: nvml_used_bytes(uuid)) if real_gpu else None
         self.baseline_used_bytes = self._memory_probe() if self._memory_probe else None  # after the context
+        self._gpu_health = _gpu_health_probe(uuid) if real_gpu else None
         # regions registered by clients on this host; pinned for the GPU, so copies are DMA
         self.shm = SharedMemoryRegistry(pinner=CudaHostPinner() if real_gpu else None)
         self.runner = EngineRunner(self.caps, _budget(spec, self.device), slots=spec.slots,
@@ -165,6 +179,11 @@ class FleetWorker:
                           self._http.address if self._http is not None else None)
 
     def health(self) -> WorkerHealth:
+        if self._gpu_health is not None and not self.runner.gpu_unhealthy:
+            reason = self._gpu_health.check()
+            if reason:
+                log.error("worker %s: %s; taking no more work", self.spec.worker_id, reason)
+                self.runner.mark_gpu_unhealthy(reason)
         return self.runner.health()
 
     def stats(self) -> dict:
@@ -174,6 +193,7 @@ class FleetWorker:
             "counters": self.runner.health().counters,
             "engines": self.runner.engine_stats(),
             "nvml_used_bytes": self._memory_probe() if self._memory_probe else None,
+            "nvml_health_watches": self._gpu_health.describe() if self._gpu_health else None,
             "rss_bytes": _rss_bytes(),
             "request_stats": self.request_stats.report(),
             "shm": self.shm.status(),
@@ -186,6 +206,8 @@ class FleetWorker:
             self._http = None
         self.runner.close()
         self.shm.close()
+        if self._gpu_health is not None:
+            self._gpu_health.close()
 
     # ---- engines -----------------------------------------------------------
     def load(self, manifest: Manifest, artifact_dir: str, options: LoadOptions | None = None) -> dict:
@@ -223,6 +245,12 @@ class FleetWorker:
     def simulate_device_fault(self, message: str) -> None:
         """Simulated devices only: the next run fails as a broken CUDA context would (tests of the fleet)."""
         self.runner.simulate_device_fault(message)
+
+    def simulate_gpu_unhealthy(self, reason: str) -> None:
+        """Simulated devices only: NVML's verdict on a real GPU (an uncorrectable ECC error, a critical Xid)."""
+        if not self.device.simulated:
+            raise IncompatibleArtifact(f"{self.device.describe()} is real: its health is NVML's to say")
+        self.runner.mark_gpu_unhealthy(reason)
 
     # ---- build -----------------------------------------------------------
     def build_from_bytes(self, source: bytes, request: BuildRequest, out_dir: str,

@@ -108,15 +108,15 @@ class WorkerHttpServer:
     async def handle(self, request: RawHttpRequest) -> HttpAnswer:
         method, path = request.method, request.path
         if path == "/v2/health/live" and method in ("GET", "HEAD"):
-            if self.runner.broken:  # HAProxy's check takes this worker out of every route
-                return json_answer(503, {"live": False, "error": f"the GPU context is broken: {self.runner.broken}"})
+            if self.runner.out_of_service:  # HAProxy's check takes this worker out of every route
+                return json_answer(503, {"live": False, "error": self.runner.out_of_service})
             return json_answer(200, {"live": True})
         target = parse_infer_path(path)
         if target is None or method != "POST":
             return json_answer(404, {"error": f"no route for {method} {path} on a worker"})
         model, version = target
         on_miss = self.on_miss
-        if on_miss is not None and (self.runner.broken or self.runner.engine_key(model, version) is None):
+        if on_miss is not None and (self.runner.out_of_service or self.runner.engine_key(model, version) is None):
             return await on_miss(request)  # not here: no point decoding what the ingress decodes again
         return await handle_infer(
             model, version, request.body, request.headers, policy=self.options.policy, serve=self._serve,

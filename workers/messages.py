@@ -39,6 +39,7 @@ class WorkerHealth:
     loaded: frozenset[str]  # engine keys in service (not those still loading)
     counters: dict = field(default_factory=dict, hash=False, compare=False)
     broken: str | None = None  # why the device can no longer compute (a sticky CUDA error): restart the worker
+    gpu_unhealthy: str | None = None  # NVML says the GPU itself is bad (ECC, Xid): route around it, no restart
 
 
 @dataclass(frozen=True)

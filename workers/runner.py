@@ -90,6 +90,7 @@ class EngineRunner:
         self._measure_lock = threading.Lock()  # one load at a time is measured on a real GPU
         self._executor = ThreadPoolExecutor(max_workers=max(4, 2 * slots), thread_name_prefix="engine")
         self.broken: str | None = None  # a sticky CUDA error happened: this process computes no more
+        self.gpu_unhealthy: str | None = None  # NVML reports the GPU itself bad: no restart helps
         self._simulated_fault: str | None = None
 
     @property
@@ -100,7 +101,15 @@ class EngineRunner:
     def health(self) -> WorkerHealth:
         with self._lock:
             return WorkerHealth(self.ledger.budget_bytes, self.ledger.used_bytes, frozenset(self._engines),
-                                dict(self.counters), self.broken)
+                                dict(self.counters), self.broken, self.gpu_unhealthy)
+
+    @property
+    def out_of_service(self) -> str | None:
+        """Why this worker takes no more work (its context is broken or its GPU is unhealthy), or None."""
+        return self.broken or self.gpu_unhealthy
+
+    def mark_gpu_unhealthy(self, reason: str) -> None:
+        self.gpu_unhealthy = self.gpu_unhealthy or reason
 
     def simulate_device_fault(self, message: str) -> None:
         """Make the next run fail as a broken GPU context would, with ``message``: for simulated
@@ -110,8 +119,11 @@ class EngineRunner:
         self._simulated_fault = message
 
     def _device_failed(self) -> DeviceFailed:
-        return DeviceFailed(f"worker {self.worker_id}: the GPU context of {self.device.describe()} is broken "
-                            f"({self.broken}); the fleet restarts this worker, try again")
+        if self.broken:
+            return DeviceFailed(f"worker {self.worker_id}: the GPU context of {self.device.describe()} is broken "
+                                f"({self.broken}); the fleet restarts this worker, try again")
+        return DeviceFailed(f"worker {self.worker_id}: {self.gpu_unhealthy}; the fleet routes around "
+                            f"{self.device.describe()}, try again")
 
     def ledger_snapshot(self) -> dict:
         with self._lock:
@@ -133,7 +145,7 @@ class EngineRunner:
     def load(self, manifest: Manifest, artifact_dir: str | Path, options: LoadOptions | None = None) -> dict:
         """Load an artifact, evicting idle LRU engines if needed. Returns its ledger entry."""
         options = options or LoadOptions()
-        if self.broken:
+        if self.out_of_service:
             raise self._device_failed()
         self._check_loadable(manifest, options)
         key = manifest.engine_key
@@ -301,7 +313,7 @@ class EngineRunner:
 
     def _begin(self, model: str, version: str | None) -> LoadedEngine:
         """The engine for (model, version), marked in use (never evicted while in use)."""
-        if self.broken:
+        if self.out_of_service:
             raise self._device_failed()
         with self._lock:
             key = self._key_for(model, version)

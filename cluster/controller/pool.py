@@ -182,6 +182,14 @@ class WorkerPool:
             self.events.add("worker-device-failed", worker=worker_id, reason=health.broken)
             self._lost(worker_id)
             return False
+        if health.gpu_unhealthy:  # the GPU itself (ECC, Xid): a new process would fail the same way
+            if member.alive:
+                self.events.add("gpu-unhealthy", worker=worker_id, reason=health.gpu_unhealthy)
+                log.error("worker %s taken out of service: %s", worker_id, health.gpu_unhealthy)
+                member.alive = False
+                member.health = dataclasses.replace(health, loaded=frozenset(), used_bytes=0)
+                self._on_change()
+            return False
         if health != member.health:
             member.health = health
             self._on_change()

@@ -22,6 +22,7 @@ def worker_view(record: WorkerRecord, stats: dict | None, manifests: list[Manife
     return {
         "worker_id": info.worker_id,
         "alive": record.alive,
+        "out_of_service": health.gpu_unhealthy or health.broken,
         "device": caps.device.to_dict(),
         "simulated": caps.device.simulated,
         "runtimes": [r.to_dict() for r in caps.runtimes],
@@ -31,6 +32,7 @@ def worker_view(record: WorkerRecord, stats: dict | None, manifests: list[Manife
         "counters": stats.get("counters", health.counters),
         "engines": stats.get("engines", {}),
         "nvml_used_bytes": stats.get("nvml_used_bytes"),
+        "nvml_health_watches": stats.get("nvml_health_watches"),
         "rss_bytes": stats.get("rss_bytes"),
         "http": f"{info.http[0]}:{info.http[1]}" if info.http else None,
         "runnable_not_loaded": runnable,

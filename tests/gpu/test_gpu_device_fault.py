@@ -103,3 +103,23 @@ def test_an_illegal_memory_access_breaks_the_worker_and_it_says_so(tmp_path, dem
     assert result["broken"].startswith("DeviceFailed: ") and "illegal memory access" in result["broken"], result
     assert result["good"].startswith("DeviceFailed: "), result  # refused at once: the context is gone
     assert "illegal memory access" in result["broken_in_health"]
+
+
+def test_nvml_health_counters_of_a_healthy_gpu(results_dir):
+    """On a real GPU the probe reads NVML's counters (ECC, retirement/remapping, Xid events as far as
+    the driver and container allow), finds nothing wrong, and a worker's health carries no verdict."""
+    from workers.actor import FleetWorker, WorkerSpec
+    from workers.gpu_health import GpuHealthProbe
+
+    worker = FleetWorker(WorkerSpec(worker_id="gpu0", node_name="local"))
+    assert worker.device.is_real_gpu
+    probe = GpuHealthProbe(worker.device.uuid)
+    watching = probe.describe()
+    (results_dir / "nvml-health.json").write_text(json.dumps({"device": worker.device.name, "watching": probe.watching}))
+    print(f"NVML health on {worker.device.name}: {watching}")
+    assert probe.watching, "NVML supports none of its health counters on this GPU"
+    assert probe.check() is None
+    probe.close()
+    health = worker.health()
+    assert health.gpu_unhealthy is None and health.broken is None
+    worker.shutdown()

@@ -359,3 +359,35 @@ def test_a_worker_whose_gpu_context_broke_is_restarted_and_routed_around(sim):
     assert all(getattr(e, "http_status", None) == 503 for e in errors), errors
     assert statuses["t4-node-gpu0"] > 0
     assert served_by(sim, "only-t4", 40).keys() <= T4S
+
+
+def test_a_gpu_that_nvml_reports_unhealthy_is_routed_around_and_not_restarted(sim):
+    """NVML says the GPU itself is bad (an uncorrectable ECC error; simulated on a simulated T4):
+    the worker takes no more work, the controller takes it out of every route without restarting
+    it (a new process on that GPU would fail the same way), and says why in the status."""
+    build(sim, "only-t4", "7.5")
+    served_by(sim, "only-t4", 20)
+    victim = "t4-node-gpu0"
+    restarts = status(sim)["restarts"]
+    handle = worker_handles(sim["controller"])[victim]
+    reason = "NVML counted 1 new uncorrectable ECC error(s) on GPU GPU-sim; it needs a reset"
+    ray.get(handle.simulate_gpu_unhealthy.remote(reason))
+    deadline = time.monotonic() + 30
+    while workers(sim)[victim]["alive"] and time.monotonic() < deadline:
+        time.sleep(0.25)
+    view = workers(sim)[victim]
+    assert not view["alive"] and view["out_of_service"] == reason
+    assert served_by(sim, "only-t4", 30) == {"t4-node-gpu1": 30}
+    # its own endpoint answers nothing more either (HAProxy's check reads this)
+    addr = view["http"]
+    assert requests.get(f"http://{addr}/v2/health/live", timeout=5).status_code == 503
+    time.sleep(3)  # several health rounds: still out, never restarted
+    assert not workers(sim)[victim]["alive"] and status(sim)["restarts"] == restarts
+    events = [e for e in status(sim)["events"] if e.get("worker") == victim]
+    assert [e["event"] for e in events].count("gpu-unhealthy") == 1, events
+    # once the GPU is reset, the operator restarts the worker (here: its process is killed) and it serves again
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + 60
+    while not workers(sim)[victim]["alive"] and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert workers(sim)[victim]["alive"]
