@@ -58,6 +58,11 @@ class EngineNotHere(NotReady):
     another worker or the ingress must serve the request."""
 
 
+class RepositoryUnavailable(NotReady):
+    """The engine repository (an object store, or the head's directory) cannot be reached now:
+    builds and loads wait for it; what is loaded keeps serving."""
+
+
 class NoCapacity(FleetError):
     """No compatible device has budget left for the engine."""
 
@@ -106,6 +111,7 @@ ERROR_TYPES: dict[str, type[FleetError]] = {
         PayloadTooLarge,
         NotReady,
         EngineNotHere,
+        RepositoryUnavailable,
         NoCapacity,
         NoCompatibleWorker,
         IncompatibleArtifact,

@@ -17,6 +17,17 @@ from workers.build import BuildRequest
 from workers.manifest import sha256_file
 
 
+def distinct_model(source: Path, out: Path, tag: str) -> Path:
+    """A copy of an ONNX model with its own bytes (and so its own sha256): no host's artifact cache
+    can hold it already, whatever ran before in this session."""
+    import onnx
+
+    model = onnx.load(str(source))
+    model.doc_string = f"forward-fleet test copy: {tag}"
+    onnx.save(model, str(out))
+    return out
+
+
 def build_cpu(repo_root: Path, source: Path, name: str, max_batch: int = 64, **options) -> None:
     request = BuildRequest(str(source), name, local_target(), max_batch=max_batch, options=options)
     outcome = build_locally(Repository(repo_root), request, sha256_file(source))
