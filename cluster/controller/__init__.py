@@ -158,9 +158,10 @@ class FleetController:
         return self.router.models()
 
     async def artifacts(self, model: str | None = None) -> list[StoredArtifact]:
-        """What the repository holds now (of one model)."""
-        arts = await self._scan()
-        return [a for a in arts if model is None or a.manifest.model == model]
+        """What the repository holds now: everything (read again), or one model's (listed alone)."""
+        if model is None:
+            return await self._scan()
+        return await asyncio.to_thread(self.repo.artifacts, model)
 
     # ---- writing the repository (this actor is its only writer) ----------------------
     async def publish(self, manifest: dict, data: bytes) -> StoredArtifact:

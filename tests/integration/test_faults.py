@@ -15,7 +15,7 @@ from cluster.buildfarm import build_on_fleet
 from cluster.client import FleetClient
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from cluster.repository import Repository
-from tests.integration.fleet_fixtures import distinct_model, running_fleet, simulated_cluster, worker_handles
+from tests.integration.fleet_fixtures import checkout_env, distinct_model, running_fleet, simulated_cluster, worker_handles
 from workers.artifacts import RayObject
 from workers.errors import ArtifactCorrupt, IncompatibleArtifact, NoCompatibleWorker
 
@@ -98,7 +98,7 @@ def test_disk_full_during_a_build_leaves_no_partial_artifact(tmp_path, demo_mode
 def test_unreachable_gcs_at_fleet_up_is_a_clear_fast_error(tmp_path):
     t0 = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "cluster.cli", "up", "--address", "127.0.0.1:9"],
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=checkout_env())
     assert result.returncode == 2
     assert "cannot reach Ray's GCS at 127.0.0.1:9" in result.stderr
     assert time.monotonic() - t0 < 30
