@@ -343,7 +343,8 @@ def _add_build_command(sub) -> None:
     p.add_argument("--targets", help="auto (every target in the running fleet) or a list: compute capabilities, "
                    "GPU model names, cpu (e.g. 7.5,V100); default: auto with a running fleet, else this machine's CPU")
     p.add_argument("--footprint", help="device memory to reserve per loaded engine (e.g. 2GiB); default: estimated")
-    p.add_argument("--local", action="store_true", help="build on this machine even if a fleet is running")
+    p.add_argument("--local", action="store_true", help="build on this machine even if a fleet is running "
+                   "(published into its repository by its controller)")
     p.add_argument("--address", help="Ray address of the running fleet (default: auto)")
     p.set_defaults(func=cmd_build)
 
