@@ -36,7 +36,7 @@ from workers.precision import (
     read_calibration,
     write_calibration,
 )
-from workers.storage import Store, StoreSpec
+from workers.storage import Store, StoredFile, StoreSpec
 
 STAGING = ".staging"
 CALIBRATION = "_calibration"  # int8 calibrations, by source sha256 + data sha256 + method
@@ -65,6 +65,8 @@ class Repository:
     def __init__(self, where: StoreSpec | str | Path) -> None:
         self.spec = store_spec(where)
         self.store = Store(self.spec)
+        # manifests read before, by key: a listing re-reads only what changed (one GET each on a store)
+        self._read: dict[str, tuple[tuple[int, float], Manifest | None]] = {}
 
     @property
     def is_local(self) -> bool:
@@ -162,16 +164,27 @@ class Repository:
                 continue
             if parts[0].startswith("_"):
                 continue
-            try:
-                manifest = Manifest.from_dict(json.loads(self.store.read_bytes(f.key)))
-            except FileNotFoundError:
-                continue  # replaced while we listed
-            except (KeyError, TypeError, ValueError):
-                continue  # an invalid manifest is never served
-            if _leaf(manifest) != posixpath.dirname(f.key) or self.artifact_key(manifest) not in keys:
+            manifest = self._manifest(f)
+            if manifest is not None and self.artifact_key(manifest) not in keys:
+                manifest = self._manifest(f, fresh=True)  # replaced within the store's time resolution?
+            if manifest is None or _leaf(manifest) != posixpath.dirname(f.key) or self.artifact_key(manifest) not in keys:
                 continue  # not where its own fields put it, or its artifact is not all there yet
             found.append(self.stored(manifest))
         return found
+
+    def _manifest(self, f: StoredFile, fresh: bool = False) -> Manifest | None:
+        """The manifest at a listed key (read again only when its size or time changed); None if invalid."""
+        seen = self._read.get(f.key)
+        if seen is not None and seen[0] == (f.size, f.mtime) and not fresh:
+            return seen[1]
+        try:
+            manifest: Manifest | None = Manifest.from_dict(json.loads(self.store.read_bytes(f.key)))
+        except FileNotFoundError:
+            return None  # replaced while we listed
+        except (KeyError, TypeError, ValueError):
+            manifest = None  # an invalid manifest is never served
+        self._read[f.key] = ((f.size, f.mtime), manifest)
+        return manifest
 
     def models(self) -> dict[str, list[str]]:
         """Model name -> versions, newest last."""

@@ -4,7 +4,7 @@
 with ``ray.remote`` and pins it to one device (vLLM's worker: the orchestrator calls
 its lifecycle verbs by name). Verbs: ``info`` (once, at start), ``health`` (every
 second, cheap), ``stats`` (the status view), ``load``, ``unload``, ``infer``,
-``start_http``, ``register_shm`` / ``unregister_shm``, ``build``, ``shutdown``.
+``start_http``, ``register_shm`` / ``unregister_shm``, ``build_from_bytes``, ``shutdown``.
 
 What runs lives in its ``EngineRunner`` (``workers/runner.py``): the engine table,
 the ledger and the one inference path, which the worker's own HTTP endpoint uses too.

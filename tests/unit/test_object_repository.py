@@ -132,3 +132,18 @@ def test_the_config_takes_a_uri_and_checks_it(tmp_path):
         load_config(repository="s3://b/p", storage={"access_key": "a"})
     with pytest.raises(InvalidConfig, match="unknown URI option"):
         Repository("s3://b/p?secret_key=x").artifacts()
+
+
+def test_a_listing_reads_only_the_manifests_that_changed(s3, tmp_path, demo_models):
+    repo = Repository(s3.spec(f"{BUCKET}/reads"))
+    for name in ("one", "two"):
+        repo.publish(*built(tmp_path / name, demo_models, name=name))
+    reads: list[str] = []
+    real = repo.store.read_bytes
+    repo.store.read_bytes = lambda key: reads.append(key) or real(key)  # type: ignore[method-assign]
+    assert len(repo.artifacts()) == 2 and len(reads) == 2
+    assert len(repo.artifacts()) == 2 and len(reads) == 2  # nothing changed: one LIST, no GET
+    new, data = built(tmp_path / "new", demo_models, name="two", source="cnn-small")
+    repo.publish(new, data)  # maybe within the same second and the same size: still seen
+    listed = {a.manifest.model: a.manifest for a in repo.artifacts()}
+    assert listed["two"].artifact_sha256 == new.artifact_sha256 and reads[2:] == ["two/1/float32/onnxruntime-cpu/manifest.json"]
