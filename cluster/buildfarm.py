@@ -117,12 +117,13 @@ def prepare_build(repo: AnyRepository, source: Path, precision: str, *, calib_da
         print(f"  stored calibration ({len(calibration.amax)} tensor ranges) in {where}", file=progress, flush=True)
         result.precision = "int8"
     elif precision == "int8":
-        calibration = repo.find_calibration(source_sha, calib_method)
-        if calibration is None:
+        found = repo.find_calibration(source_sha, calib_method)
+        if found is None:
             raise BuildError(
                 f"int8 needs a calibration of {source.name} (sha256 {source_sha[:12]}...) and the repository has none; "
                 f"run `fleet build {source} --name NAME --precision int8_calib --calib-data DATA` first"
             )
+        calibration = found
     else:
         return result
     result.calibration = calibration
