@@ -17,7 +17,6 @@ from cluster.config import load_config
 from cluster.deploy import deploy, teardown
 from cluster.names import NAMESPACE
 from cluster.net import free_port
-from cluster.repository import Repository
 from workers.kserve.client_codec import encode_request
 
 from benchmarks import loadgen
@@ -39,7 +38,7 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
     rows: list[dict] = []
     try:
         controller = deploy(config)
-        outcomes = build_on_fleet(Repository(config.repository), controller, model_path, model=model,
+        outcomes = build_on_fleet(controller, model_path, model=model,
                                   max_batch=max(args.batches))
         if not outcomes or not all(o.ok for o in outcomes):
             raise RuntimeError(f"building {model} on the fleet failed: {[o.error for o in outcomes]}")

@@ -26,7 +26,6 @@ from cluster.demo import make_demo_models
 from cluster.deploy import deploy, teardown
 from cluster.names import NAMESPACE
 from cluster.nodes import simulated_cluster
-from cluster.repository import Repository
 from workers.errors import FleetError
 
 CLEAR_UNDER_FAULT = {"WorkerLost", "NotReady", "NoCompatibleWorker"}  # typed 503s, clearly reported
@@ -61,10 +60,9 @@ def soak(args) -> dict:
         try:
             controller = deploy(config)
             models = make_demo_models(work / "models")
-            repo = Repository(config.repository)
-            build_on_fleet(repo, controller, models["digits-mlp"], model="digits-mlp", max_batch=256)
-            build_on_fleet(repo, controller, models["cnn-small"], model="cnn-small", max_batch=64)
-            build_on_fleet(repo, controller, models["digits-mlp"], model="digits-t4", targets="T4", max_batch=256)
+            build_on_fleet(controller, models["digits-mlp"], model="digits-mlp", max_batch=256)
+            build_on_fleet(controller, models["cnn-small"], model="cnn-small", max_batch=64)
+            build_on_fleet(controller, models["digits-mlp"], model="digits-t4", targets="T4", max_batch=256)
             url = f"http://127.0.0.1:{config.port}"
             setup_s = time.monotonic() - t_start
             return _traffic_under_kills(url, controller, args, setup_s)

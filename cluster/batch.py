@@ -9,13 +9,13 @@ that holds the model (every compatible worker takes parts as fast as it finishes
 them, so faster GPUs serve more), and writes ``part-NNNNN.parquet`` with the input
 row ids and the outputs. Each part is written once, atomically; a rerun into the
 same ``--output`` skips finished parts; a worker lost mid-part costs a retry of
-that part on another worker, never a row.
+that part on another worker, never a row. Input and output may be local paths or
+URIs (``s3://...``; ``cluster/batch_io.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,7 +23,6 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from cluster.env import apply_ray_env
 
@@ -37,16 +36,14 @@ from workers.kserve.codec import InferRequest  # noqa: E402
 from workers.manifest import Manifest  # noqa: E402
 from workers.tensors import TensorSpec  # noqa: E402
 
+from cluster.batch_io import TMP_GLOB, PartsOutput, read_dataset  # noqa: E402,F401  (TMP_GLOB: for callers)
 from cluster.calls import Failure, classify, get  # noqa: E402
 from cluster.names import CONTROLLER_NAME, NAMESPACE  # noqa: E402
 from cluster.router import Router  # noqa: E402
 
-JOB_FILE = "_job.json"
-SUMMARY_FILE = "_summary.json"
 MAX_RETRIES_PER_PART = 5
 WRITER_THREADS = 2
 RETRY_BACKOFF_S = 0.2  # times the part's attempts: a busy fleet gets a moment to settle
-TMP_GLOB = ".part-*.tmp"
 
 
 @dataclass(frozen=True)
@@ -92,32 +89,6 @@ class Summary:
 
 
 # ---- reading ---------------------------------------------------------------------
-def read_dataset(uri: str):
-    """A Ray Dataset over Parquet, .npy, .npz, or a directory of one of them, in file order."""
-    import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    local = Path(uri)
-    if local.is_dir():
-        kinds = {p.suffix for p in local.iterdir() if p.is_file() and not p.name.startswith((".", "_"))}
-    else:
-        kinds = {local.suffix} if "://" not in uri else {Path(uri.split("?")[0]).suffix}
-    if kinds == {".parquet"}:
-        return ray.data.read_parquet(uri)
-    if kinds == {".npy"}:
-        return ray.data.read_numpy(uri)
-    if kinds == {".npz"}:
-        files = sorted(local.glob("*.npz")) if local.is_dir() else [local]
-        tables = []
-        for f in files:
-            with np.load(f) as data:
-                tables.append(pa.table({k: ArrowTensorArray.from_numpy(data[k]) for k in data.files}))
-        return ray.data.from_arrow(tables)
-    raise InvalidInput(f"--input {uri}: expected Parquet, .npy or .npz files (found {sorted(kinds) or 'nothing'})")
-
-
 def _to_array(column, spec: TensorSpec, name: str) -> np.ndarray:
     array = np.asarray(column)
     if array.dtype == object:  # Parquet list columns arrive as arrays of arrays
@@ -160,48 +131,6 @@ def column_map(job: BatchJob, spec_inputs: tuple[TensorSpec, ...], columns: list
     return mapping
 
 
-# ---- writing ---------------------------------------------------------------------
-def part_path(out: Path, index: int) -> Path:
-    return out / f"part-{index:05d}.parquet"
-
-
-def write_part(out: Path, index: int, row_ids: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    columns = {"row_id": pa.array(row_ids, type=pa.int64())}
-    for name, array in outputs.items():
-        if array.ndim == 1:
-            columns[name] = pa.array(array)
-        else:
-            width = int(np.prod(array.shape[1:]))
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), width)
-    tmp = out / f".part-{index:05d}.{os.getpid()}.tmp"
-    try:
-        # No dictionary (model outputs rarely repeat) and lz4: writing a 64 MB part took ~1 s with
-        # Parquet's defaults, which made the writer, not the GPUs, the job's limit.
-        pq.write_table(pa.table(columns), tmp, use_dictionary=False, compression="lz4")
-        os.replace(tmp, part_path(out, index))  # atomic: a part is there whole or not at all
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def check_output_dir(out: Path, job: BatchJob, rows: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"model": job.model, "version": job.version, "input": job.input, "batch_size": job.batch_size, "rows": rows}
-    path = out / JOB_FILE
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous != record:
-            raise InvalidInput(
-                f"--output {out} holds parts of a different job ({previous}); use another directory or remove it"
-            )
-    else:
-        path.write_text(json.dumps(record, indent=2))
-    for stale in out.glob(TMP_GLOB):  # half-written by a run that was killed: never a part
-        stale.unlink(missing_ok=True)
-
-
 # ---- dispatching -------------------------------------------------------------------
 class FleetWorkers:
     """The live workers that hold the model, from the controller's inventory."""
@@ -241,7 +170,7 @@ class Dispatcher:
     """Keeps every worker that holds the model busy with parts; retries a part whose worker
     died or lost the engine, on whichever worker holds it then."""
 
-    def __init__(self, job: BatchJob, fleet: FleetWorkers, out: Path, wanted: list[str], summary: Summary,
+    def __init__(self, job: BatchJob, fleet: FleetWorkers, out: PartsOutput, wanted: list[str], summary: Summary,
                  say: Callable[[str], None]) -> None:
         self.job, self.fleet, self.out, self.wanted, self.summary, self.say = job, fleet, out, wanted, summary, say
         self.in_flight: dict = {}  # ref -> _Part
@@ -277,7 +206,7 @@ class Dispatcher:
                 self._retry(part, exc)
                 continue
             outputs = {k: reply.outputs[k] for k in self.wanted}
-            self.writes.append(self.writer.submit(write_part, self.out, part.index, part.row_ids, outputs))
+            self.writes.append(self.writer.submit(self.out.write_part, part.index, part.row_ids, outputs))
             self.summary.rows_per_worker[part.worker] += len(part.row_ids)
             self.summary.rows_written += len(part.row_ids)
         self._written(block=False)
@@ -344,8 +273,9 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
     ds = read_dataset(job.input)
     mapping = column_map(job, manifest.inputs, ds.schema().names)
     rows = ds.count()
-    out = Path(job.output)
-    check_output_dir(out, job, rows)
+    out = PartsOutput(job.output)
+    out.prepare({"model": job.model, "version": job.version, "input": job.input, "batch_size": job.batch_size,
+                 "rows": rows})
     summary = Summary(rows=rows, parts=-(-rows // job.batch_size))
     say(f"batch: {job.model} v{fleet.version} over {rows} rows in {summary.parts} parts of {job.batch_size}, "
         f"on {len(fleet.workers)} worker(s): {', '.join(sorted(fleet.workers))}")
@@ -356,14 +286,14 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
         n = len(next(iter(batch.values())))
         row_ids = np.arange(start, start + n, dtype=np.int64)
         start += n
-        if part_path(out, index).exists():
+        if out.has_part(index):
             summary.parts_skipped += 1
             continue
         dispatcher.submit(_Part(index, row_ids, {name: _to_array(batch[col], specs[name], col) for name, col in mapping.items()}))
         dispatcher.collect(block=False)
     dispatcher.drain()
     summary.seconds = time.monotonic() - t0
-    (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
+    out.write_summary(summary.to_dict())
     say(summary.render())
     return summary
 
@@ -373,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> BatchJob:
     parser.add_argument("--model", required=True)
     parser.add_argument("--version")
     parser.add_argument("--input", required=True, help="Parquet / .npy / .npz file or directory (any URI Ray Data reads)")
-    parser.add_argument("--output", required=True, help="output directory for part-NNNNN.parquet")
+    parser.add_argument("--output", required=True, help="output directory (or URI) for part-NNNNN.parquet")
     parser.add_argument("--batch-size", type=int, default=4096, help="rows per part (default %(default)s)")
     parser.add_argument("--input-column", action="append", default=[], metavar="[INPUT=]COLUMN",
                         help="dataset column for a model input (repeat for several inputs)")

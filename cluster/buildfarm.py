@@ -1,10 +1,18 @@
-"""Builds: which targets to build for, and building them (locally or on the fleet)."""
+"""Builds: which targets to build for, and building them (locally or on the fleet).
+
+While a fleet runs, its controller is the repository's only writer: a build on the
+workers sends its artifact back as bytes (``FleetWorker.build_from_bytes``), straight to
+the controller, which publishes it; a build on this machine publishes through the
+controller too (``FleetRepository``). Without a fleet, ``build_locally`` writes a
+``Repository`` itself.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +25,7 @@ from workers import precision as precision_mod
 from workers.build import BuildRequest, EvalData, build_artifact
 from workers.engines.onnxruntime import describe_model
 from workers.errors import BuildError, FleetError, InvalidInput
-from workers.manifest import sha256_file
+from workers.manifest import Manifest, sha256_file
 from workers.onnx_source import check_source
 from workers.targets import Target, WorkerCaps
 
@@ -63,7 +71,32 @@ def load_eval_data(path: str | Path, inputs) -> EvalData:
     return EvalData(feeds, labels)
 
 
-def prepare_build(repo: Repository, source: Path, precision: str, *, calib_data: str | None = None,
+class FleetRepository:
+    """The running fleet's repository, through its controller: what a build on any host needs of it."""
+
+    def __init__(self, controller) -> None:
+        self.controller = controller
+
+    def describe(self) -> str:
+        return get(self.controller.describe.remote())["repository"]
+
+    def artifacts(self, model: str | None = None) -> list[StoredArtifact]:
+        return get(self.controller.artifacts.remote(model))
+
+    def publish(self, manifest: Manifest, data: bytes) -> StoredArtifact:
+        return get(self.controller.publish.remote(manifest.to_dict(), data))
+
+    def store_calibration(self, key: str, result: precision_mod.CalibrationResult) -> str:
+        return get(self.controller.store_calibration.remote(key, result))
+
+    def find_calibration(self, source_sha256: str, method: str | None = None) -> precision_mod.CalibrationResult | None:
+        return get(self.controller.find_calibration.remote(source_sha256, method))
+
+
+AnyRepository = Repository | FleetRepository
+
+
+def prepare_build(repo: AnyRepository, source: Path, precision: str, *, calib_data: str | None = None,
                   calib_method: str | None = None, eval_data: str | None = None, progress=None) -> BuildInputs:
     """Calibrate (int8_calib), find the stored calibration (int8), load held-out samples."""
     progress = progress or sys.stderr
@@ -88,12 +121,13 @@ def prepare_build(repo: Repository, source: Path, precision: str, *, calib_data:
         print(f"  stored calibration ({len(calibration.amax)} tensor ranges) in {where}", file=progress, flush=True)
         result.precision = "int8"
     elif precision == "int8":
-        calibration = repo.find_calibration(source_sha, calib_method)
-        if calibration is None:
+        found = repo.find_calibration(source_sha, calib_method)
+        if found is None:
             raise BuildError(
                 f"int8 needs a calibration of {source.name} (sha256 {source_sha[:12]}...) and the repository has none; "
                 f"run `fleet build {source} --name NAME --precision int8_calib --calib-data DATA` first"
             )
+        calibration = found
     else:
         return result
     if result.evaluation is None and calibration.heldout is not None:
@@ -124,9 +158,9 @@ def _accuracy_note(manifest) -> str:
     return note + (" [served by ONNX Runtime: TensorRT's parser refused it]" if fallback else "")
 
 
-def find_cached(repo: Repository, request: BuildRequest, source_sha256: str) -> StoredArtifact | None:
+def find_cached(stored: list[StoredArtifact], request: BuildRequest, source_sha256: str) -> StoredArtifact | None:
     """An artifact already built from the same source, precision, target and options."""
-    for art in repo.artifacts(request.model):
+    for art in stored:
         m = art.manifest
         if (
             m.version == request.version
@@ -139,29 +173,28 @@ def find_cached(repo: Repository, request: BuildRequest, source_sha256: str) -> 
     return None
 
 
-def build_locally(repo: Repository, request: BuildRequest, source_sha256: str, progress=None,
+def build_locally(repo: AnyRepository, request: BuildRequest, source_sha256: str, progress=None,
                   prepared: BuildInputs | None = None) -> BuildOutcome:
+    """Build on this machine (in a temporary directory), then publish: into ``repo`` itself, or through
+    the running fleet's controller (``FleetRepository``). Nothing half-written ever becomes visible."""
     progress = progress or sys.stderr
     prepared = prepared or BuildInputs(request.target.precision)
     t0 = time.monotonic()
-    cached = find_cached(repo, request, source_sha256)
+    cached = find_cached(repo.artifacts(request.model), request, source_sha256)
     if cached is not None:
-        print(f"  {request.target.describe()}: cached ({cached.directory})", file=progress, flush=True)
+        print(f"  {request.target.describe()}: cached ({cached.location})", file=progress, flush=True)
         return BuildOutcome(request.target, cached, cached=True)
-    staging = repo.new_staging_dir()
     try:
-        build_artifact(request, staging, calibration=prepared.calibration, evaluation=prepared.evaluation)
-        stored = repo.publish(staging)
+        with tempfile.TemporaryDirectory(prefix="fleet-build-") as tmp:
+            manifest = build_artifact(request, tmp, calibration=prepared.calibration, evaluation=prepared.evaluation)
+            data = (Path(tmp) / manifest.artifact_file).read_bytes()
+        stored = repo.publish(manifest, data)
     except (FleetError, OSError) as exc:  # OSError: disk full, file too large, permissions
-        repo.discard(staging)  # nothing half-written ever becomes visible
         message = exc.message if isinstance(exc, FleetError) else f"could not write the artifact: {exc}"
         print(f"  {request.target.describe()}: FAILED: {message}", file=progress, flush=True)
         return BuildOutcome(request.target, error=message, seconds=time.monotonic() - t0)
-    except BaseException:
-        repo.discard(staging)
-        raise
     seconds = time.monotonic() - t0
-    print(f"  {request.target.describe()}: built in {seconds:.1f} s{_accuracy_note(stored.manifest)} -> {stored.directory}",
+    print(f"  {request.target.describe()}: built in {seconds:.1f} s{_accuracy_note(stored.manifest)} -> {stored.location}",
           file=progress, flush=True)
     return BuildOutcome(request.target, stored, seconds=seconds)
 
@@ -240,7 +273,6 @@ def plan_builds(workers: list[WorkerCaps], targets: str, precision: str) -> tupl
 
 
 def build_on_fleet(
-    repo: Repository,
     controller,
     source: Path,
     *,
@@ -255,7 +287,8 @@ def build_on_fleet(
     accept_accuracy_loss: bool = False,
     fallback: str = "none",
 ) -> list[BuildOutcome]:
-    """Build on the workers in parallel, publish each artifact, report every target."""
+    """Build on the workers in parallel; each sends its artifact to the controller, which publishes it.
+    Reports every target."""
     progress = progress or sys.stderr
     prepared = prepared or BuildInputs(precision)
     precision = prepared.precision
@@ -272,28 +305,29 @@ def build_on_fleet(
     outcomes: list[BuildOutcome] = []
     pending = {}
     source_ref = ray.put(source.read_bytes()) if planned else None
+    stored_now = get(controller.artifacts.remote(model)) if planned else []
     for plan in planned:
-        request = BuildRequest(str(source), model, plan.target, version=version, max_batch=max_batch, options=dict(options),
+        # the source travels as bytes; its name is only a name on the worker
+        request = BuildRequest(source.name, model, plan.target, version=version, max_batch=max_batch, options=dict(options),
                                accept_accuracy_loss=accept_accuracy_loss, fallback=fallback)
-        cached = find_cached(repo, request, source_sha)
+        cached = find_cached(stored_now, request, source_sha)
         if cached is not None:
-            say(f"  {plan.target.describe()}: cached ({cached.directory})")
+            say(f"  {plan.target.describe()}: cached ({cached.location})")
             outcomes.append(BuildOutcome(plan.target, cached, cached=True))
             continue
-        staging = repo.new_staging_dir()
-        ref = handles[plan.worker_id].build_from_bytes.remote(source_ref, request, str(staging), prepared.calibration, prepared.evaluation)
-        pending[ref] = (plan, staging, time.monotonic())
+        manifest_ref, data_ref = handles[plan.worker_id].build_from_bytes.options(num_returns=2).remote(
+            source_ref, request, prepared.calibration, prepared.evaluation)
+        pending[manifest_ref] = (plan, data_ref, time.monotonic())
         say(f"  {plan.target.describe()}: building on {plan.worker_id} ...")
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
-        plan, staging, t0 = pending.pop(done[0])
+        plan, data_ref, t0 = pending.pop(done[0])
         try:
-            ray.get(done[0])
-            stored = repo.publish(staging)
+            # the bytes go from the worker to the controller; only the manifest comes here
+            stored = get(controller.publish.remote(get(done[0]), data_ref))
         except Exception as exc:  # one failing target never stops the others
             cause = unwrap(exc)
             message = cause.message if isinstance(cause, FleetError) else f"{type(cause).__name__}: {cause}"
-            repo.discard(staging)
             say(f"  {plan.target.describe()}: FAILED on {plan.worker_id}: {message}")
             outcomes.append(BuildOutcome(plan.target, error=message, seconds=time.monotonic() - t0))
             continue

@@ -15,9 +15,9 @@ from workers.errors import FleetError
 from workers.ledger import format_bytes
 from workers.manifest import sha256_file
 
-from cluster.client import DEFAULT_URL, FleetClient
+from cluster.client import FleetClient
 from cluster.console import say
-from cluster.env import apply_ray_env, fleet_token, fleet_url
+from cluster.env import apply_ray_env, fleet_token
 
 DEMO_MODEL_DIR = Path("models")
 ACCURACY_COLUMNS = ("test_accuracy", "reference_accuracy", "top1_agreement", "rel_l2_error", "max_abs_error")
@@ -32,6 +32,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from cluster.config import load_config
 
     config = load_config(args.config, port=args.port, repository=args.repository)
+    deploy.check_repository(config)  # before Ray starts: a wrong URI or missing credentials fail here, clearly
     if args.demo and not config.simulated:
         _build_demo(config)
     address = args.address
@@ -41,7 +42,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         started_nodes = True
     try:
         nodes.connect(address)
-        say(f"deploying fleet '{config.name}' (repository {config.repository}) ...")
+        say(f"deploying fleet '{config.name}' (repository {config.store_spec().describe()}) ...")
         controller = deploy.deploy(config)
         if args.demo and config.simulated:  # build the demo for the declared GPUs' targets
             _build_demo_on_fleet(config, controller)
@@ -76,7 +77,7 @@ def _build_demo(config) -> None:
 
     say(f"building demo models into {DEMO_MODEL_DIR}/ ...")
     paths = make_demo_models(DEMO_MODEL_DIR)
-    repo = Repository(config.repository)
+    repo = Repository(config.store_spec())  # before the fleet (and its controller, the writer) starts
     for name, path in paths.items():
         max_batch = config.models[name].max_batch if name in config.models else DEMO_MODELS[name][1]
         request = BuildRequest(str(path), name, local_target(), max_batch=max_batch)
@@ -88,12 +89,11 @@ def _build_demo(config) -> None:
 def _build_demo_on_fleet(config, controller) -> None:
     from cluster.buildfarm import build_on_fleet
     from cluster.demo import DEMO_MODELS, make_demo_models
-    from cluster.repository import Repository
 
     paths = make_demo_models(DEMO_MODEL_DIR)
     for name, path in paths.items():
         max_batch = config.models[name].max_batch if name in config.models else DEMO_MODELS[name][1]
-        outcomes = build_on_fleet(Repository(config.repository), controller, path, model=name, max_batch=max_batch)
+        outcomes = build_on_fleet(controller, path, model=name, max_batch=max_batch)
         if not any(o.ok for o in outcomes):
             raise FleetError(f"demo model {name} failed to build on every target")
 
@@ -127,7 +127,9 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 # ---- status / models -----------------------------------------------------------
 def _client(args) -> FleetClient:
-    return FleetClient(args.url, token=fleet_token())
+    from cluster.running import url_of
+
+    return FleetClient(url_of(args), token=fleet_token())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -163,16 +165,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from cluster.config import load_config
-    from cluster.repository import Repository
+    from cluster.running import repository_of
 
-    repo = Repository(load_config(args.config, repository=args.repository).repository)
+    repo, _ = repository_of(args)  # the running fleet's, unless --config/--repository say otherwise
     arts = repo.artifacts()
     if args.json:
         print(json.dumps([a.manifest.to_dict() for a in arts], indent=2))
         return 0
     if not arts:
-        print(f"no models in {repo.root}; build one with `fleet build MODEL.onnx --name NAME`")
+        print(f"no models in {repo.describe()}; build one with `fleet build MODEL.onnx --name NAME`")
         return 0
     print(f"{'MODEL':<20} {'VER':<4} {'PRECISION':<10} {'TARGET':<40} {'FOOTPRINT':<10} ACCURACY (JUDGED ON)")
     for a in arts:
@@ -189,27 +190,20 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from cluster.buildfarm import build_locally, build_on_fleet, local_target, prepare_build
     from cluster.config import load_config, parse_bytes
-    from cluster.repository import Repository
+    from cluster.running import repository_of, require_fleet_for_targets
     from workers.build import BuildRequest
 
     source = Path(args.source)
     if not source.is_file():
         raise FleetError(f"source model {source} does not exist")
-    config = load_config(args.config, repository=args.repository)
-    repo = Repository(config.repository)
-    model_config = config.model_config_for(args.name)
+    model_config = load_config(args.config).model_config_for(args.name)
     max_batch = args.max_batch or model_config.max_batch
     options = {"footprint_bytes": parse_bytes(args.footprint)} if args.footprint else {}
-    controller = None
-    if not args.local:
-        from cluster import deploy, nodes
-
-        controller = nodes.running_controller(args.address)
-        if controller is None and args.targets not in (None, "cpu"):
-            raise FleetError(
-                f"--targets {args.targets} builds on the fleet's workers, but no fleet is running; "
-                f"start one with `fleet up --config ...` (or use --local for a CPU artifact)"
-            )
+    repo, fleet = repository_of(args)  # with a fleet running: its repository, written by its controller
+    require_fleet_for_targets(args.targets, fleet, bool(args.repository))
+    controller = fleet.controller if fleet is not None and not args.local else None
+    if fleet is not None:
+        say(f"fleet '{fleet.info['fleet']}' is running: its repository is {fleet.info['repository']}")
     prepared = prepare_build(repo, source, args.precision, calib_data=args.calib_data, calib_method=args.calib_method,
                              eval_data=args.eval_data)
     if controller is None:
@@ -218,7 +212,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                                accept_accuracy_loss=args.accept_accuracy_loss, fallback=model_config.fallback)
         say(f"building {args.name} v{args.version} ({prepared.precision}) from {source} on this machine for 1 target:")
         return 0 if build_locally(repo, request, sha256_file(source), prepared=prepared).ok else 1
-    outcomes = build_on_fleet(repo, controller, source, model=args.name, version=args.version, targets=args.targets or "auto",
+    outcomes = build_on_fleet(controller, source, model=args.name, version=args.version, targets=args.targets or "auto",
                               max_batch=max_batch, options=options, prepared=prepared,
                               accept_accuracy_loss=args.accept_accuracy_loss, fallback=model_config.fallback)
     return 0 if outcomes and all(o.ok for o in outcomes) else 1
@@ -250,11 +244,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 # ---- batch jobs ----------------------------------------------------------------
 def _dashboard(args) -> str:
-    if args.address:
-        return args.address
-    from cluster.config import load_config
+    from cluster.running import dashboard_of
 
-    return f"http://127.0.0.1:{load_config(args.config).dashboard_port}"
+    return dashboard_of(args)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -303,12 +295,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ---- parser --------------------------------------------------------------------
 def _with_url(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=fleet_url(DEFAULT_URL), help="fleet HTTP endpoint (env FLEET_URL; default %(default)s)")
+    p.add_argument("--url", help="fleet HTTP endpoint (env FLEET_URL; default: the running fleet's, asked of it)")
+    p.add_argument("--address", help="Ray address of the running fleet (default: RAY_ADDRESS, else this machine's)")
 
 
 def _with_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="fleet config YAML (default: built-in local config)")
-    p.add_argument("--repository", help="engine repository directory (overrides the config)")
+    p.add_argument("--repository", help="engine repository: a directory or a URI such as s3://bucket/prefix "
+                   "(overrides the config; for build and models it means: this one, not the running fleet's)")
 
 
 def _add_lifecycle_commands(sub) -> None:
@@ -355,7 +349,8 @@ def _add_build_command(sub) -> None:
     p.add_argument("--targets", help="auto (every target in the running fleet) or a list: compute capabilities, "
                    "GPU model names, cpu (e.g. 7.5,V100); default: auto with a running fleet, else this machine's CPU")
     p.add_argument("--footprint", help="device memory to reserve per loaded engine (e.g. 2GiB); default: estimated")
-    p.add_argument("--local", action="store_true", help="build on this machine even if a fleet is running")
+    p.add_argument("--local", action="store_true", help="build on this machine even if a fleet is running "
+                   "(published into its repository by its controller)")
     p.add_argument("--address", help="Ray address of the running fleet (default: auto)")
     p.set_defaults(func=cmd_build)
 

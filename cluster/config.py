@@ -15,9 +15,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workers.artifacts import DEFAULT_CACHE_BYTES
 from workers.devices import Device, parse_compute_capability
 from workers.errors import InvalidConfig
 from workers.messages import LoadOptions
+from workers.storage import StoreSpec
 from workers.targets import Runtime, parse_version
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -117,9 +119,39 @@ class ModelConfig(_Strict):
                            self.trust_version_compatible, self.reject_non_finite, self.allow_tf32, self.max_queue_size)
 
 
+# URI schemes pyarrow.fs opens (the repository may be any of them, or a local path)
+REPOSITORY_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
+class StorageOptions(_Strict):
+    """How to reach an S3 (or S3-compatible) repository. Unset fields come from the URI's query
+    (``?endpoint_override=...&scheme=http&region=...``) or the usual AWS environment variables
+    and files of each process that opens it (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_REGION``, ``~/.aws``)."""
+
+    endpoint_override: str | None = None  # host:port of an S3-compatible endpoint (MinIO, Ceph, ...)
+    scheme: Literal["http", "https"] | None = None
+    region: str | None = None
+    access_key: str | None = Field(None, repr=False)
+    secret_key: str | None = Field(None, repr=False)
+    connect_timeout_s: float = Field(5.0, gt=0, le=300)
+    request_timeout_s: float = Field(60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _pair(self):
+        if bool(self.access_key) != bool(self.secret_key):
+            raise ValueError("storage.access_key and storage.secret_key go together: set both or neither")
+        return self
+
+
 class FleetConfig(_Strict):
     name: str = "local"
-    repository: Path = Path("repository")
+    # A local directory (relative: to the current directory of `fleet up`) or a URI pyarrow.fs
+    # opens (s3://bucket/prefix, gs://..., hdfs://...); see docs/multihost.md.
+    repository: str = "repository"
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    # Each host's artifact cache (under its temporary directory, or $FLEET_ARTIFACT_CACHE), in bytes.
+    artifact_cache_bytes: int = DEFAULT_CACHE_BYTES
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     ray_port: int = Field(6379, ge=1, le=65535)
@@ -151,10 +183,23 @@ class FleetConfig(_Strict):
     allow_client_shm: bool = False
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
-    @field_validator("reserve_bytes", "max_request_bytes", "cpu_budget", mode="before")
+    @field_validator("reserve_bytes", "max_request_bytes", "cpu_budget", "artifact_cache_bytes", mode="before")
     @classmethod
     def _size(cls, v):
         return None if v is None else parse_bytes(v)
+
+    @field_validator("repository", mode="before")
+    @classmethod
+    def _repository(cls, v):
+        text = str(v).strip()
+        if not text:
+            raise ValueError("repository is empty: give a directory or a URI such as s3://bucket/prefix")
+        if "://" in text:
+            scheme = text.split("://", 1)[0].lower()
+            if scheme not in REPOSITORY_SCHEMES:
+                raise ValueError(f"repository URI scheme {scheme!r} is not one pyarrow.fs opens "
+                                 f"({', '.join(REPOSITORY_SCHEMES)})")
+        return text
 
     @model_validator(mode="after")
     def _check(self):
@@ -163,6 +208,10 @@ class FleetConfig(_Strict):
             raise ValueError(f"node names must be unique, got {names}")
         if not self.discover_nodes and not self.nodes:
             raise ValueError("discover_nodes is false and no nodes are declared: the fleet would have no workers")
+        s3_options = self.storage.model_dump(exclude={"connect_timeout_s", "request_timeout_s"}, exclude_none=True)
+        if s3_options and not self.repository.lower().startswith("s3://"):
+            raise ValueError(f"storage: {', '.join(sorted(s3_options))} apply to an s3:// repository, "
+                             f"and the repository is {self.repository}")
         return self
 
     @property
@@ -176,13 +225,24 @@ class FleetConfig(_Strict):
     def model_config_for(self, model: str) -> ModelConfig:
         return self.models.get(model) or ModelConfig()
 
+    @property
+    def repository_is_local(self) -> bool:
+        return "://" not in self.repository or self.repository.startswith("file://")
+
     def resolved(self, base_dir: Path | None = None) -> "FleetConfig":
-        """Absolute repository path; ``FLEET_AUTH_TOKEN`` fills ``auth_token``."""
+        """An absolute repository path (a URI stays as it is); ``FLEET_AUTH_TOKEN`` fills ``auth_token``."""
         repo = self.repository
-        if not repo.is_absolute():
-            repo = ((base_dir or Path.cwd()) / repo).resolve()
+        if self.repository_is_local:
+            path = Path(repo.removeprefix("file://")).expanduser()
+            repo = str(path if path.is_absolute() else ((base_dir or Path.cwd()) / path).resolve())
         token = self.auth_token or os.environ.get("FLEET_AUTH_TOKEN") or None
         return self.model_copy(update={"repository": repo, "auth_token": token})
+
+    def store_spec(self) -> StoreSpec:
+        """Where the repository is, for the controller and (for an object store) the workers."""
+        o = self.storage
+        return StoreSpec(self.repository, o.endpoint_override, o.scheme, o.region, o.access_key, o.secret_key,
+                         o.connect_timeout_s, o.request_timeout_s)
 
 
 def load_config(path: str | Path | None = None, **overrides) -> FleetConfig:

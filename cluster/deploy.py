@@ -13,14 +13,16 @@ import ray
 import requests
 from ray import serve
 
-from workers.errors import NotReady
+from workers.errors import NotReady, RepositoryUnavailable
 
 from cluster.config import Endpoints, FleetConfig
 from cluster.console import say
 from cluster.controller import FleetController
+from cluster.env import aws_credentials_found
 from cluster.frontdoor.haproxy import haproxy_binary
 from cluster.names import CONTROLLER_NAME, HEAD_NODE_RESOURCE, NAMESPACE, SERVE_APP_NAME
 from cluster.net import free_port
+from cluster.repository import Repository
 from cluster.serve_app import build_app
 
 log = logging.getLogger("forward-fleet.deploy")
@@ -45,9 +47,23 @@ def resolve_endpoints(config: FleetConfig) -> Endpoints:
     return Endpoints(front_door=True, serve_port=config.serve_port or free_port(config.host))
 
 
+def check_repository(config: FleetConfig) -> None:
+    """Reach the repository now (create a local one): a clear error naming what is missing, before
+    anything starts."""
+    spec = config.store_spec()
+    try:
+        Repository(spec).prepare()
+    except RepositoryUnavailable as exc:
+        hint = ""
+        if spec.url_scheme == "s3" and not spec.access_key and not aws_credentials_found():
+            hint = ("; and no S3 credentials were found: set storage.access_key and storage.secret_key in the fleet "
+                    "config, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or ~/.aws/credentials)")
+        raise RepositoryUnavailable(f"the repository cannot be used: {exc.message}{hint}") from None
+
+
 def deploy(config: FleetConfig, *, wait_s: float = 120.0) -> ray.actor.ActorHandle:
     """Start the controller (and its workers), the HTTP ingress and the front door on a connected Ray."""
-    config.repository.mkdir(parents=True, exist_ok=True)
+    check_repository(config)
     endpoints = resolve_endpoints(config)
     controller = ray.remote(FleetController).options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, get_if_exists=True,

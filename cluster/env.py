@@ -42,9 +42,26 @@ def auth_token_path() -> Path:
     return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
 
 
-def fleet_url(default: str = "http://127.0.0.1:8000") -> str:
-    return os.environ.get("FLEET_URL", default)
+def fleet_url() -> str | None:
+    """``FLEET_URL``: the fleet a command talks to over HTTP (else: ask the running fleet)."""
+    return os.environ.get("FLEET_URL") or None
 
 
 def fleet_token() -> str | None:
     return os.environ.get("FLEET_AUTH_TOKEN") or None
+
+
+def ray_address() -> str | None:
+    """``RAY_ADDRESS``: the Ray cluster a command acts on (else the one `ray start` last recorded here)."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def aws_credentials_found() -> bool:
+    """Whether this process has S3 credentials where pyarrow's AWS chain looks (environment, ~/.aws)."""
+    env = os.environ
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        return True
+    if any(env.get(k) for k in ("AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")):
+        return True
+    return Path(env.get("AWS_SHARED_CREDENTIALS_FILE") or Path.home() / ".aws" / "credentials").is_file()

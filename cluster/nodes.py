@@ -14,15 +14,17 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
-from workers.errors import NotReady
+from workers.errors import FleetError, NotReady
 
 from cluster.config import FleetConfig
 from cluster.console import say
-from cluster.env import auth_token_path, ray_env
+from cluster.calls import get
+from cluster.env import auth_token_path, ray_address, ray_env
 from cluster.names import CONTROLLER_NAME, GPU_LABEL, NAMESPACE, NODE_LABEL
 
 
@@ -97,13 +99,16 @@ def _probe_gcs(address: str, timeout_s: float = 3.0) -> None:
         ) from None
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None) -> str | None:
+    """Join a running Ray (or start a local one for "local"/None). Returns its dashboard's address
+    (host:port) when this call connected and Ray told it."""
     if ray.is_initialized():
-        return
+        return None
     if address not in (None, "local"):
         _probe_gcs(address)
     try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+        context = ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+        return getattr(context, "dashboard_url", None) or None
     except ConnectionError as exc:
         raise NotReady(
             f"cannot reach Ray's GCS at {address or 'auto'}: {exc}. Start the fleet with `fleet up`, "
@@ -119,17 +124,44 @@ def disconnect() -> None:
 
 def running_controller(address: str | None = None):
     """The controller of a running fleet (connecting to Ray if needed), or None."""
+    fleet = running_fleet(address)
+    return fleet.controller if fleet is not None else None
+
+
+@dataclass(frozen=True)
+class RunningFleet:
+    """A fleet found on the Ray cluster: its controller and what it says of itself (``describe``)."""
+
+    controller: object  # the controller's actor handle
+    info: dict  # url, ports, repository (FleetController.describe)
+    dashboard: str | None  # http://host:port of Ray's dashboard, when this process connected
+
+    @property
+    def url(self) -> str:
+        return self.info["url"]
+
+
+def running_fleet(address: str | None = None) -> RunningFleet | None:
+    """The fleet on the Ray cluster at ``address`` (else ``RAY_ADDRESS``, else the one `ray start`
+    recorded on this machine), or None when no Ray or no fleet runs there."""
+    dashboard = None
     if not ray.is_initialized():
+        address = address or ray_address()
         if address is None and not Path("/tmp/ray/ray_current_cluster").exists():
             return None
         try:
-            connect(address or "auto")
+            dashboard = connect(address or "auto")
         except NotReady:
             return None
     try:
-        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
     except ValueError:
         return None
+    try:
+        info = get(controller.describe.remote(), timeout=30)
+    except (FleetError, ray.exceptions.RayError) as exc:
+        raise NotReady(f"the fleet's controller did not answer: {exc}") from None
+    return RunningFleet(controller, info, f"http://{dashboard}" if dashboard and "://" not in dashboard else dashboard)
 
 
 @contextmanager

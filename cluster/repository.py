@@ -1,80 +1,191 @@
-"""The engine repository: ``<root>/<model>/<version>/<precision>/<target-key>/``.
+"""The engine repository: ``<root>/<model>/<version>/<precision>/<target-key>/``, on a local
+directory or on an object store (``workers.storage``: any URI ``pyarrow.fs`` opens).
 
-Each leaf holds one artifact plus ``manifest.json``. Artifacts are written into a
-staging directory on the same filesystem and renamed into place, so a reader
-never sees half an artifact; loads verify the sha256 recorded in the manifest.
+Each leaf holds ``manifest.json`` and the artifact. While a fleet runs its controller is
+the only writer (builds send their artifacts to it as bytes). Publishing is atomic:
+
+- on a local directory, a build is written into ``<root>/.staging/`` and renamed into
+  place, so a reader never sees half an artifact (``<leaf>/<artifact file>``);
+- on an object store (no rename there), the artifact goes first, under its own sha256
+  (``<leaf>/<sha256>/<artifact file>``), and the manifest last: a reader sees the old
+  manifest with its artifact or the new one with its, never a manifest whose artifact is
+  not all there. Older artifacts of the leaf are deleted after.
+
+A listed manifest must parse and its artifact must be listed too; its sha256 is checked
+on every load (``workers.artifacts``). int8 calibrations live under ``_calibration/``.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import hashlib
+import json
+import posixpath
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.errors import ArtifactCorrupt, ModelNotFound
-from workers.manifest import MANIFEST_NAME, Manifest, validate_model_ref, verify_artifact, version_sort_key
+from workers.artifacts import RepositoryObject
+from workers.errors import ArtifactCorrupt, FleetError, ModelNotFound
+from workers.manifest import MANIFEST_NAME, Manifest, validate_model_ref, version_sort_key
+from workers.precision import (
+    CALIBRATION_FILES,
+    HELDOUT_FILE,
+    RANGES_FILE,
+    CalibrationResult,
+    parse_calibration_key,
+    read_calibration,
+    write_calibration,
+)
+from workers.storage import Store, StoredFile, StoreSpec
 
 STAGING = ".staging"
 CALIBRATION = "_calibration"  # int8 calibrations, by source sha256 + data sha256 + method
+CHUNK = 4 << 20
 
 
 @dataclass(frozen=True)
 class StoredArtifact:
     manifest: Manifest
-    directory: Path
+    key: str  # the artifact's key under the repository's root
+    location: str  # where it is, as a person reads it (a path or a URI)
+
+
+def store_spec(where: StoreSpec | str | Path) -> StoreSpec:
+    if isinstance(where, StoreSpec):
+        return where
+    text = str(where)
+    return StoreSpec(text if "://" in text else str(Path(text).resolve()))
+
+
+def _leaf(manifest: Manifest) -> str:
+    return f"{manifest.model}/{manifest.version}/{manifest.precision}/{manifest.target.key()}"
 
 
 class Repository:
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    def __init__(self, where: StoreSpec | str | Path) -> None:
+        self.spec = store_spec(where)
+        self.store = Store(self.spec)
+        # manifests read before, by key: a listing re-reads only what changed (one GET each on a store)
+        self._read: dict[str, tuple[tuple[int, float], Manifest | None]] = {}
 
-    def artifact_dir(self, manifest: Manifest) -> Path:
-        return self.root / manifest.model / manifest.version / manifest.precision / manifest.target.key()
+    @property
+    def is_local(self) -> bool:
+        return self.spec.is_local
 
-    def new_staging_dir(self) -> Path:
-        path = self.root / STAGING / uuid.uuid4().hex
-        path.mkdir(parents=True)
-        return path
+    def describe(self) -> str:
+        return self.spec.describe()
 
-    def publish(self, staging_dir: str | Path) -> StoredArtifact:
-        """Check the staged artifact, then rename it into place (replacing an older build)."""
-        staging = Path(staging_dir)
-        manifest = Manifest.read(staging)
-        verify_artifact(staging, manifest)
-        final = self.artifact_dir(manifest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        old = None
-        if final.exists():
-            old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
-            os.rename(final, old)
-        os.rename(staging, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return StoredArtifact(manifest, final)
+    @property
+    def root(self) -> Path:
+        """The directory of a local repository."""
+        if not self.is_local:
+            raise ValueError(f"repository {self.describe()} is not a local directory")
+        return Path(self.store.path())
 
-    def discard(self, staging_dir: str | Path) -> None:
-        shutil.rmtree(staging_dir, ignore_errors=True)
+    def prepare(self) -> None:
+        """Make sure it can be used now (``fleet up``): create a local root; reach an object store.
+        RepositoryUnavailable / InvalidConfig say what is missing."""
+        if self.is_local:
+            self.store.make_dir("")
+        self.store.check()
+
+    # ---- artifacts ----------------------------------------------------------------
+    def artifact_key(self, manifest: Manifest) -> str:
+        leaf = _leaf(manifest)
+        if self.is_local:
+            return f"{leaf}/{manifest.artifact_file}"
+        return f"{leaf}/{manifest.artifact_sha256}/{manifest.artifact_file}"
+
+    def stored(self, manifest: Manifest) -> StoredArtifact:
+        key = self.artifact_key(manifest)
+        return StoredArtifact(manifest, key, self.store.where(posixpath.dirname(key)))
+
+    def object_source(self, manifest: Manifest) -> RepositoryObject:
+        """Where a worker fetches this artifact itself (for an object store every host reaches)."""
+        return RepositoryObject(self.spec, self.artifact_key(manifest))
+
+    def publish(self, manifest: Manifest, data: bytes) -> StoredArtifact:
+        """Check the artifact's bytes against its manifest, then publish both (replacing an older build)."""
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != manifest.artifact_sha256:
+            raise ArtifactCorrupt(
+                f"the artifact of {manifest.model} arrived corrupt: sha256 {actual[:12]}... does not match its "
+                f"manifest's {manifest.artifact_sha256[:12]}...; build it again")
+        if self.is_local:
+            self._publish_by_rename(manifest, data)
+        else:
+            self._publish_artifact_then_manifest(manifest, data)
+        return self.stored(manifest)
+
+    def _publish_by_rename(self, manifest: Manifest, data: bytes) -> None:
+        staging = f"{STAGING}/{uuid.uuid4().hex}"
+        leaf = _leaf(manifest)
+        try:
+            self.store.make_dir(staging)
+            self.store.write_bytes(f"{staging}/{manifest.artifact_file}", data)
+            self.store.write_bytes(f"{staging}/{MANIFEST_NAME}", manifest.to_json().encode())
+            self.store.make_dir(posixpath.dirname(leaf))
+            old = None
+            if Path(self.store.path(leaf)).exists():
+                old = f"{posixpath.dirname(leaf)}/.old-{posixpath.basename(leaf)}-{uuid.uuid4().hex[:8]}"
+                self.store.move(leaf, old)
+            self.store.move(staging, leaf)
+            if old is not None:
+                self.store.delete_prefix(old)
+        finally:
+            self.store.delete_prefix(staging)  # nothing half-written ever stays
+
+    def _publish_artifact_then_manifest(self, manifest: Manifest, data: bytes) -> None:
+        leaf = _leaf(manifest)
+        key = self.artifact_key(manifest)
+        self.store.write_bytes(key, data)
+        self.store.write_bytes(f"{leaf}/{MANIFEST_NAME}", manifest.to_json().encode())
+        for stale in self.store.list_files(leaf):  # artifacts of earlier builds of this leaf
+            if stale.key not in (key, f"{leaf}/{MANIFEST_NAME}"):
+                self.store.delete(stale.key)
+
+    def read_artifact(self, manifest: Manifest) -> bytes:
+        key = self.artifact_key(manifest)
+        try:
+            return self.store.read_bytes(key)
+        except FileNotFoundError:
+            raise ArtifactCorrupt(f"artifact {self.store.where(key)} is missing; rebuild it with `fleet build`") from None
 
     def artifacts(self, model: str | None = None) -> list[StoredArtifact]:
-        """Every published artifact (of one model), skipping staging and broken entries."""
-        if not self.root.is_dir():
-            return []
+        """Every published artifact (of one model): manifests that parse and whose artifact is there."""
+        if model is not None:
+            validate_model_ref(model)
+        files = self.store.list_files(model or "")
+        keys = {f.key for f in files}
         found = []
-        model_dirs = [self.root / model] if model else sorted(self.root.iterdir())
-        for model_dir in model_dirs:
-            if not model_dir.is_dir() or model_dir.name.startswith((".", "_")):
+        for f in files:
+            parts = f.key.split("/")
+            if len(parts) != 5 or parts[-1] != MANIFEST_NAME or any(p.startswith(".") for p in parts):
                 continue
-            for manifest_path in sorted(model_dir.glob(f"*/*/*/{MANIFEST_NAME}")):
-                leaf = manifest_path.parent
-                if any(part.startswith(".") for part in leaf.relative_to(self.root).parts):
-                    continue
-                try:
-                    found.append(StoredArtifact(Manifest.read(leaf), leaf))
-                except ArtifactCorrupt:
-                    continue  # reported by `fleet models --check`; never served
+            if parts[0].startswith("_"):
+                continue
+            manifest = self._manifest(f)
+            if manifest is not None and self.artifact_key(manifest) not in keys:
+                manifest = self._manifest(f, fresh=True)  # replaced within the store's time resolution?
+            if manifest is None or _leaf(manifest) != posixpath.dirname(f.key) or self.artifact_key(manifest) not in keys:
+                continue  # not where its own fields put it, or its artifact is not all there yet
+            found.append(self.stored(manifest))
         return found
+
+    def _manifest(self, f: StoredFile, fresh: bool = False) -> Manifest | None:
+        """The manifest at a listed key (read again only when its size or time changed); None if invalid."""
+        seen = self._read.get(f.key)
+        if seen is not None and seen[0] == (f.size, f.mtime) and not fresh:
+            return seen[1]
+        try:
+            manifest: Manifest | None = Manifest.from_dict(json.loads(self.store.read_bytes(f.key)))
+        except FileNotFoundError:
+            return None  # replaced while we listed
+        except (KeyError, TypeError, ValueError):
+            manifest = None  # an invalid manifest is never served
+        self._read[f.key] = ((f.size, f.mtime), manifest)
+        return manifest
 
     def models(self) -> dict[str, list[str]]:
         """Model name -> versions, newest last."""
@@ -87,7 +198,7 @@ class Repository:
         validate_model_ref(model, version)
         versions = self.models().get(model)
         if not versions:
-            raise ModelNotFound(f"model '{model}' is not in the repository {self.root}")
+            raise ModelNotFound(f"model '{model}' is not in the repository {self.describe()}")
         if version is None:
             return versions[-1]
         if version not in versions:
@@ -95,54 +206,73 @@ class Repository:
         return version
 
     def check(self, model: str | None = None) -> list[str]:
-        """Problems found by re-hashing every artifact (empty when all is well)."""
+        """Problems found by re-hashing every artifact where it is stored (empty when all is well)."""
         problems = []
         for art in self.artifacts(model):
+            digest = hashlib.sha256()
             try:
-                verify_artifact(art.directory, art.manifest)
-            except ArtifactCorrupt as exc:
-                problems.append(str(exc))
-        return problems
-
-    # ---- int8 calibrations -------------------------------------------------------
-    def calibration_dir(self, key: str) -> Path:
-        return self.root / CALIBRATION / key
-
-    def store_calibration(self, key: str, result) -> Path:
-        """Write a calibration (ranges, Q/DQ model, TensorRT cache) atomically under its key."""
-        from workers.precision import write_calibration
-
-        staging = self.new_staging_dir()
-        write_calibration(result, staging)
-        final = self.calibration_dir(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        return final
-
-    def find_calibration(self, source_sha256: str, method: str | None = None):
-        """The newest calibration of this source model (any data, the given method), or None."""
-        from workers.precision import parse_calibration_key, read_calibration
-
-        base = self.root / CALIBRATION
-        if not base.is_dir():
-            return None
-        found = []
-        for d in base.iterdir():
-            try:
-                src, _, m = parse_calibration_key(d.name)
-            except ValueError:
+                with self.store.open_input(art.key) as stream, self.store.errors("read", art.key):
+                    while chunk := stream.read(CHUNK):
+                        digest.update(chunk)
+            except (FileNotFoundError, FleetError) as exc:
+                problems.append(f"artifact {self.store.where(art.key)} cannot be read: {exc}")
                 continue
-            if src == source_sha256 and (method is None or m == method):
-                found.append((d.stat().st_mtime, d, m))
-        if not found:
-            return None
-        _, directory, m = max(found)
-        return read_calibration(directory, m)
+            if digest.hexdigest() != art.manifest.artifact_sha256:
+                problems.append(f"artifact {self.store.where(art.key)} is corrupt: sha256 {digest.hexdigest()[:12]}... "
+                                f"does not match the manifest's {art.manifest.artifact_sha256[:12]}...")
+        return problems
 
     def remove(self, model: str, version: str | None = None) -> None:
         validate_model_ref(model, version)
-        path = self.root / model / version if version else self.root / model
-        shutil.rmtree(path, ignore_errors=True)
+        self.store.delete_prefix(f"{model}/{version}" if version else model)
 
+    # ---- int8 calibrations -------------------------------------------------------
+    def store_calibration(self, key: str, result: CalibrationResult) -> str:
+        """Write a calibration (ranges, Q/DQ model, TensorRT cache) under its key, the ranges last.
+        Returns where it went."""
+        parse_calibration_key(key)
+        with tempfile.TemporaryDirectory(prefix="fleet-calibration-") as tmp:
+            write_calibration(result, tmp)
+            files = {name: (Path(tmp) / name).read_bytes() for name in CALIBRATION_FILES + (HELDOUT_FILE,)
+                     if (Path(tmp) / name).is_file()}  # the held-out rows are optional
+        final = f"{CALIBRATION}/{key}"
+        order = [n for n in files if n != RANGES_FILE] + [RANGES_FILE]
+        if self.is_local:
+            staging = f"{STAGING}/{uuid.uuid4().hex}"
+            try:
+                self.store.make_dir(staging)
+                for name in order:
+                    self.store.write_bytes(f"{staging}/{name}", files[name])
+                self.store.make_dir(CALIBRATION)
+                self.store.delete_prefix(final)
+                self.store.move(staging, final)
+            finally:
+                self.store.delete_prefix(staging)
+        else:
+            for name in order:
+                self.store.write_bytes(f"{final}/{name}", files[name])
+        return self.store.where(final)
+
+    def find_calibration(self, source_sha256: str, method: str | None = None) -> CalibrationResult | None:
+        """The newest calibration of this source model (any data, the given method), or None."""
+        found = []
+        for f in self.store.list_files(CALIBRATION):
+            parts = f.key.split("/")
+            if len(parts) != 3 or parts[2] != RANGES_FILE:
+                continue
+            try:
+                src, _, m = parse_calibration_key(parts[1])
+            except ValueError:
+                continue
+            if src == source_sha256 and (method is None or m == method):
+                found.append((f.mtime, parts[1], m))
+        if not found:
+            return None
+        _, key, m = max(found)
+        with tempfile.TemporaryDirectory(prefix="fleet-calibration-") as tmp:
+            for name in CALIBRATION_FILES + (HELDOUT_FILE,):
+                try:
+                    (Path(tmp) / name).write_bytes(self.store.read_bytes(f"{CALIBRATION}/{key}/{name}"))
+                except FileNotFoundError:
+                    pass  # read_calibration names what is missing
+            return read_calibration(tmp, m)

@@ -1,6 +1,8 @@
 from pathlib import Path
 
+import atexit
 import os
+import shutil
 import socket
 import tempfile
 
@@ -27,6 +29,12 @@ os.environ.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", f"{_haproxy}/haproxy.
 os.environ.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", f"{_haproxy}/admin.sock")
 os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", _haproxy)
 os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", f"{_haproxy}/server-state")
+
+# Workers keep fetched artifacts in a per-host cache (workers/artifacts.py); this session's
+# workers (and those of the Ray nodes it starts, which inherit it) use one of their own.
+_artifact_cache = tempfile.mkdtemp(prefix="ffcache", dir="/tmp")
+os.environ.setdefault("FLEET_ARTIFACT_CACHE", _artifact_cache)
+atexit.register(shutil.rmtree, _artifact_cache, True)
 
 # Ray reads RAY_AUTH_MODE at import: every Ray in the tests runs with token
 # authentication on, as `fleet up` does, so child drivers and CLI calls match it.

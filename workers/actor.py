@@ -4,10 +4,12 @@
 with ``ray.remote`` and pins it to one device (vLLM's worker: the orchestrator calls
 its lifecycle verbs by name). Verbs: ``info`` (once, at start), ``health`` (every
 second, cheap), ``stats`` (the status view), ``load``, ``unload``, ``infer``,
-``start_http``, ``register_shm`` / ``unregister_shm``, ``build``, ``shutdown``.
+``start_http``, ``register_shm`` / ``unregister_shm``, ``build_from_bytes``, ``shutdown``.
 
 What runs lives in its ``EngineRunner`` (``workers/runner.py``): the engine table,
 the ledger and the one inference path, which the worker's own HTTP endpoint uses too.
+Artifacts reach it as an ``ArtifactSource`` (never a path) through its host's
+``ArtifactCache`` (``workers/artifacts.py``); a build returns its artifact as bytes.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import logging
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
+from workers.artifacts import DEFAULT_CACHE_BYTES, ArtifactCache, ArtifactSource, default_cache_root
 from workers.build import BuildRequest, EvalData, build_artifact
 from workers.devices import CudaHostPinner, Device, discover_devices, nvml_used_bytes
 from workers.engines.onnxruntime import cuda_provider_available
@@ -55,6 +60,7 @@ class WorkerSpec:
     budget_bytes: int | None = None  # explicit override of fraction/reserve
     slots: int = 4  # concurrent inferences per engine
     intra_op_threads: int = 0
+    cache_bytes: int = DEFAULT_CACHE_BYTES  # this host's artifact cache (under its own temporary directory)
     labels: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -143,8 +149,11 @@ def _budget(spec: WorkerSpec, device: Device) -> int:
 
 
 class FleetWorker:
-    def __init__(self, spec: WorkerSpec) -> None:
+    def __init__(self, spec: WorkerSpec, read_object: Callable[[Any], bytes] | None = None) -> None:
+        """``read_object``: reads an artifact sent through Ray's object store (``ray.get``; the fleet's
+        subclass passes it)."""
         self.spec = spec
+        self.artifacts = ArtifactCache(default_cache_root(), spec.cache_bytes, read_object)
         self.device = _resolve_device(spec)
         self.caps = WorkerCaps(
             worker_id=spec.worker_id,
@@ -197,6 +206,7 @@ class FleetWorker:
             "rss_bytes": _rss_bytes(),
             "request_stats": self.request_stats.report(),
             "shm": self.shm.status(),
+            "artifact_cache": self.artifacts.report(),
         }
 
     def shutdown(self) -> None:
@@ -210,9 +220,14 @@ class FleetWorker:
             self._gpu_health.close()
 
     # ---- engines -----------------------------------------------------------
-    def load(self, manifest: Manifest, artifact_dir: str, options: LoadOptions | None = None) -> dict:
-        """Load an artifact, evicting idle LRU engines if needed. Returns the ledger entry."""
-        return self.runner.load(manifest, artifact_dir, options)
+    def load(self, manifest: Manifest, source: ArtifactSource, options: LoadOptions | None = None) -> dict:
+        """Load an artifact, evicting idle LRU engines if needed. Returns the ledger entry.
+
+        Refuses what this device cannot run before fetching a byte; then takes the artifact
+        from this host's cache, fetching it from ``source`` on a miss (sha256 verified)."""
+        self.runner.check_loadable(manifest, options or LoadOptions())
+        with self.artifacts.open(manifest, source) as path:
+            return self.runner.load(manifest, path, options)
 
     def unload(self, key: str) -> bool:
         return self.runner.unload(key)
@@ -253,17 +268,20 @@ class FleetWorker:
         self.runner.mark_gpu_unhealthy(reason)
 
     # ---- build -----------------------------------------------------------
-    def build_from_bytes(self, source: bytes, request: BuildRequest, out_dir: str,
-                         calibration: CalibrationResult | None = None, evaluation: EvalData | None = None) -> dict:
-        """Build from a source model shipped as bytes (the driver may be on another host)."""
+    def build_from_bytes(self, source: bytes, request: BuildRequest, calibration: CalibrationResult | None = None,
+                         evaluation: EvalData | None = None) -> tuple[dict, bytes]:
+        """Build for one of this worker's targets from a source model shipped as bytes (the driver may
+        be on another host); returns the manifest and the artifact's bytes, for the controller to publish.
+        Everything is written under this process's own temporary directory, and removed."""
         with tempfile.TemporaryDirectory(prefix="fleet-build-") as tmp:
             path = Path(tmp) / "source.onnx"
             path.write_bytes(source)
-            return self.build(dataclasses.replace(request, source_path=str(path)), out_dir, calibration, evaluation)
+            out = Path(tmp) / "artifact"
+            manifest = self._build(dataclasses.replace(request, source_path=str(path)), out, calibration, evaluation)
+            return manifest.to_dict(), (out / manifest.artifact_file).read_bytes()
 
-    def build(self, request: BuildRequest, out_dir: str, calibration: CalibrationResult | None = None,
-              evaluation: EvalData | None = None) -> dict:
-        """Build an artifact for one of this worker's targets into ``out_dir``."""
+    def _build(self, request: BuildRequest, out_dir: Path, calibration: CalibrationResult | None,
+               evaluation: EvalData | None) -> Manifest:
         verdict = can_run(request.target, self.caps)
         if not verdict:
             raise IncompatibleArtifact(
@@ -276,4 +294,4 @@ class FleetWorker:
                 f"worker {self.spec.worker_id} built {request.model} for {request.target.describe()} "
                 f"but cannot run it: {verdict.reason}"
             )
-        return manifest.to_dict()
+        return manifest

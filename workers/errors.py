@@ -64,6 +64,11 @@ class Overloaded(NotReady):
     retry_after_s = 1
 
 
+class RepositoryUnavailable(NotReady):
+    """The engine repository (an object store, or the head's directory) cannot be reached now:
+    builds and loads wait for it; what is loaded keeps serving."""
+
+
 class NoCapacity(FleetError):
     """No compatible device has budget left for the engine."""
 
@@ -118,6 +123,7 @@ ERROR_TYPES: dict[str, type[FleetError]] = {
         NotReady,
         EngineNotHere,
         Overloaded,
+        RepositoryUnavailable,
         NoCapacity,
         NoCompatibleWorker,
         IncompatibleArtifact,

@@ -35,7 +35,7 @@ from workers.errors import DeviceFailed, EngineNotHere, IncompatibleArtifact
 from workers.kserve.codec import InferRequest, ShmWritten, check_finite
 from workers.kserve.shm_io import shm_feeds, shm_output_arrays, write_shm_outputs
 from workers.ledger import Ledger
-from workers.manifest import Manifest, verify_artifact, version_sort_key
+from workers.manifest import Manifest, version_sort_key
 from workers.messages import LoadOptions, WorkerHealth
 from workers.shm import SharedMemoryRegistry
 from workers.targets import WorkerCaps, can_run
@@ -142,12 +142,13 @@ class EngineRunner:
             }
 
     # ---- load / unload ---------------------------------------------------
-    def load(self, manifest: Manifest, artifact_dir: str | Path, options: LoadOptions | None = None) -> dict:
-        """Load an artifact, evicting idle LRU engines if needed. Returns its ledger entry."""
+    def load(self, manifest: Manifest, artifact: str | Path, options: LoadOptions | None = None) -> dict:
+        """Load the artifact file (verified by the caller: ``workers.artifacts.ArtifactCache``), evicting
+        idle LRU engines if needed. Returns its ledger entry."""
         options = options or LoadOptions()
         if self.out_of_service:
             raise self._device_failed()
-        self._check_loadable(manifest, options)
+        self.check_loadable(manifest, options)
         key = manifest.engine_key
         entry, evicted = self._reserve(manifest)
         if entry is not None:
@@ -156,7 +157,7 @@ class EngineRunner:
         try:
             for loaded in evicted:
                 loaded.close()
-            engine, measured = self._open(manifest, verify_artifact(artifact_dir, manifest), options)
+            engine, measured = self._open(manifest, Path(artifact), options)
             entry = self._install(manifest, engine, options, measured)
             freeze_heap()
             return entry
@@ -174,7 +175,8 @@ class EngineRunner:
                 self._loading.pop(key).set()
                 self._lock.notify_all()
 
-    def _check_loadable(self, manifest: Manifest, options: LoadOptions) -> None:
+    def check_loadable(self, manifest: Manifest, options: LoadOptions) -> None:
+        """IncompatibleArtifact unless this device may run it (DESIGN.md rule 2)."""
         if manifest.target.version_compatible and not options.trust_version_compatible:
             raise IncompatibleArtifact(
                 f"{manifest.model} is a version-compatible TensorRT plan, which carries host code that would run in "

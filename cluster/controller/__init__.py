@@ -9,6 +9,11 @@ Ray Serve's controller and its state managers are the model:
   the routes after every inventory change and reloads HAProxy without blocking this one;
 - ``views``: the status document and the repository index.
 
+It is the repository's only writer (``publish``, ``store_calibration``): builds on the
+workers send their artifacts here as bytes. Loads hand each worker an ``ArtifactSource``,
+never a path: the object store's key, or the bytes through Ray when the repository is a
+directory on the head (where this actor runs).
+
 The controller owns the inventory (``cluster.inventory.Inventory``): the workers' own
 reports are the truth about what is loaded, and every change moves its epoch.
 """
@@ -22,8 +27,10 @@ import time
 
 import ray
 
-from workers.errors import FleetError, ModelNotFound
+from workers.artifacts import ArtifactSource, RayObject
+from workers.errors import FleetError, ModelNotFound, RepositoryUnavailable
 from workers.manifest import Manifest
+from workers.precision import CalibrationResult
 from workers.stats import merge
 
 from cluster.calls import call
@@ -38,7 +45,7 @@ from cluster.frontdoor.routes import routes_from
 from cluster.inventory import Inventory, Placement
 from cluster.names import FRONT_DOOR_NAME, HEAD_NODE_RESOURCE, NAMESPACE
 from cluster.net import is_wildcard, local_address
-from cluster.repository import Repository
+from cluster.repository import Repository, StoredArtifact
 from cluster.router import Router, WorkerState
 
 log = logging.getLogger("forward-fleet.controller")
@@ -51,14 +58,13 @@ class FleetController:
     def __init__(self, config_json: str, endpoints: Endpoints) -> None:
         self.config = FleetConfig.model_validate_json(config_json)
         self.endpoints = endpoints
-        self.repo = Repository(self.config.repository)
+        self.repo = Repository(self.config.store_spec())
         self.router = Router()
         self.events = EventLog()
         self.pool = WorkerPool(self.config, endpoints, self.events, self._changed, self._worker_started)
-        self.loader = Loader(self.config, self.pool, self.router, self.events, self._artifact_dir, lambda: self._epoch)
+        self.loader = Loader(self.config, self.pool, self.router, self.events, self._source, lambda: self._epoch)
         self.regions = ShmRegions(self.config.allow_client_shm, self.pool, self.events, self._changed)
         self._manifests: list[Manifest] = []
-        self._dirs: dict[str, str] = {}  # engine key -> artifact directory
         self._manifest_generation = 0
         self._epoch = 0
         self._front = None  # the FrontDoorActor's handle, with the front door on
@@ -72,7 +78,7 @@ class FleetController:
     async def start(self) -> dict:
         if self._started:
             return await self.status()
-        self._scan()
+        await self._scan()
         await self.pool.start(self._ingress_url())
         await self.loader.preload()
         if self.endpoints.front_door:
@@ -81,11 +87,26 @@ class FleetController:
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
         return await self.status()
 
-    def _ingress_url(self) -> str:
+    def _public_host(self) -> str:
         host = self.config.host
-        if is_wildcard(host):
-            host = ray.util.get_node_ip_address()  # the controller runs on the head node, as Serve does
-        return f"http://{host}:{self.endpoints.serve_port}"
+        return ray.util.get_node_ip_address() if is_wildcard(host) else host  # this actor runs on the head, as Serve does
+
+    def _ingress_url(self) -> str:
+        return f"http://{self._public_host()}:{self.endpoints.serve_port}"
+
+    async def describe(self) -> dict:
+        """Where this fleet is: its URL and ports and its repository (no secrets), for the CLI."""
+        return {
+            "fleet": self.config.name,
+            "url": f"http://{self._public_host()}:{self.config.port}",
+            "port": self.config.port,
+            "serve_port": self.endpoints.serve_port,
+            "front_door": self.endpoints.front_door,
+            "dashboard_port": self.config.dashboard_port,
+            "repository": self.repo.describe(),
+            "repository_is_local": self.repo.is_local,
+            "simulated": self.config.simulated,
+        }
 
     async def _start_front_door(self) -> None:
         host = self.config.host
@@ -98,8 +119,13 @@ class FleetController:
     async def _worker_started(self, worker_id: str) -> None:
         await self.regions.replay(worker_id)
 
-    def _artifact_dir(self, manifest: Manifest) -> str:
-        return self._dirs[manifest.engine_key]
+    async def _source(self, manifest: Manifest) -> ArtifactSource:
+        """Where a worker takes this artifact from: the object store itself, or (a directory on the
+        head) its bytes, read here and put into Ray's object store."""
+        if not self.repo.is_local:
+            return self.repo.object_source(manifest)
+        data = await asyncio.to_thread(self.repo.read_artifact, manifest)
+        return RayObject(ray.put(data), self.repo.stored(manifest).location)
 
     # ---- the inventory -------------------------------------------------------
     def _changed(self, manifests_changed: bool = False) -> None:
@@ -114,17 +140,41 @@ class FleetController:
     def _routes(self):
         return routes_from(self.router, {r.worker_id: r.info.http for r in self.pool.records() if r.info.http})
 
-    def _scan(self) -> None:
-        arts = self.repo.artifacts()
+    async def _scan(self) -> list[StoredArtifact]:
+        """Re-read the repository; RepositoryUnavailable (and the last listing kept) when it cannot be reached."""
+        try:
+            arts = await asyncio.to_thread(self.repo.artifacts)
+        except RepositoryUnavailable as exc:
+            self.events.add("repository-unreachable", reason=exc.message)
+            raise
         self._manifests = [a.manifest for a in arts]
-        self._dirs = {a.manifest.engine_key: str(a.directory) for a in arts}
         self._manifest_generation += 1
         self._changed(manifests_changed=True)
+        return arts
 
-    def rescan(self) -> dict[str, list[str]]:
+    async def rescan(self) -> dict[str, list[str]]:
         """Re-read the repository (after builds or on a miss)."""
-        self._scan()
-        return self.repo.models()
+        await self._scan()
+        return self.router.models()
+
+    async def artifacts(self, model: str | None = None) -> list[StoredArtifact]:
+        """What the repository holds now: everything (read again), or one model's (listed alone)."""
+        if model is None:
+            return await self._scan()
+        return await asyncio.to_thread(self.repo.artifacts, model)
+
+    # ---- writing the repository (this actor is its only writer) ----------------------
+    async def publish(self, manifest: dict, data: bytes) -> StoredArtifact:
+        """Publish a build: the artifact's bytes are checked against the manifest, then stored atomically."""
+        stored = await asyncio.to_thread(self.repo.publish, Manifest.from_dict(manifest), data)
+        self.events.add("published", engine=stored.manifest.engine_key, location=stored.location)
+        return stored
+
+    async def store_calibration(self, key: str, result: CalibrationResult) -> str:
+        return await asyncio.to_thread(self.repo.store_calibration, key, result)
+
+    async def find_calibration(self, source_sha256: str, method: str | None = None) -> CalibrationResult | None:
+        return await asyncio.to_thread(self.repo.find_calibration, source_sha256, method)
 
     async def inventory(self, since_epoch: int = -1, manifest_generation: int = -1) -> Inventory | None:
         """The inventory, or None when the caller's ``since_epoch`` is current; without the
@@ -135,11 +185,11 @@ class FleetController:
         return Inventory(self._epoch, self.pool.records(), self._manifest_generation,
                          None if same else tuple(self._manifests), self.regions.holders(), self.pool.handles())
 
-    def _resolve(self, model: str, version: str | None) -> str:
+    async def _resolve(self, model: str, version: str | None) -> str:
         try:
             return self.router.resolve(model, version)
         except ModelNotFound:
-            self._scan()  # a build may have published it since
+            await self._scan()  # a build may have published it since
             return self.router.resolve(model, version)
 
     # ---- health ------------------------------------------------------------
@@ -175,8 +225,8 @@ class FleetController:
     # ---- loading -----------------------------------------------------------
     async def ensure_loaded(self, model: str, version: str | None = None, *, allow_eviction: bool = True,
                             explicit: bool = False) -> Placement:
-        return await self.loader.ensure_loaded(model, self._resolve(model, version), allow_eviction=allow_eviction,
-                                               explicit=explicit)
+        return await self.loader.ensure_loaded(model, await self._resolve(model, version),
+                                               allow_eviction=allow_eviction, explicit=explicit)
 
     async def unload(self, model: str, version: str | None = None) -> list[str]:
         return await self.loader.unload(model, version, self._manifests)
@@ -231,7 +281,10 @@ class FleetController:
         return [m.to_dict() for m in self._manifests]
 
     async def repository_index(self) -> list[dict]:
-        self._scan()
+        try:
+            await self._scan()
+        except RepositoryUnavailable:
+            pass  # the index of the last listing: what is loaded keeps serving
         return repository_index(self.router, self.loader.unloaded)
 
     async def shutdown(self) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ray.exceptions import RayActorError
 
+from workers.artifacts import ArtifactSource
 from workers.errors import (
     ArtifactCorrupt,
     FleetError,
@@ -22,6 +23,7 @@ from workers.errors import (
     NoCapacity,
     NoCompatibleWorker,
     NotReady,
+    RepositoryUnavailable,
 )
 from workers.ledger import format_bytes
 from workers.manifest import Manifest
@@ -33,18 +35,19 @@ from cluster.controller.pool import WorkerPool
 from cluster.inventory import Placement
 from cluster.router import Router
 
-_REFUSALS = (NoCapacity, IncompatibleArtifact, ArtifactCorrupt)
+_REFUSALS = (NoCapacity, IncompatibleArtifact, ArtifactCorrupt, RepositoryUnavailable)
 WAIT_POLL_S = 0.25
 
 
 class Loader:
     def __init__(self, config: FleetConfig, pool: WorkerPool, router: Router, events: EventLog,
-                 artifact_dir: Callable[[Manifest], str], epoch: Callable[[], int]) -> None:
+                 source: Callable[[Manifest], Awaitable[ArtifactSource]], epoch: Callable[[], int]) -> None:
+        """``source``: where a worker takes an artifact from (the controller decides)."""
         self.config = config
         self.pool = pool
         self.router = router  # the controller's, kept current by it
         self.events = events
-        self._artifact_dir = artifact_dir
+        self._source = source
         self._epoch = epoch
         self._locks: dict[str, asyncio.Lock] = {}
         self.unloaded: set[str] = set()  # models unloaded through the repository API
@@ -75,13 +78,14 @@ class Loader:
                        if c.manifest.engine_key in self.router.workers[c.worker_id].loaded}
             problems: list[str] = []
             refusals: list[FleetError] = []
+            sources: dict[str, ArtifactSource] = {}  # one read of each artifact per call, however many workers
             for choice in placements:
                 if choice.worker_id in engines:
                     continue
                 fits = self.router.workers[choice.worker_id].free_bytes >= choice.manifest.footprint_bytes
                 if not fits and (engines or not allow_eviction):
                     continue
-                if await self._load_on(choice.worker_id, choice.manifest, problems, refusals):
+                if await self._load_on(choice.worker_id, choice.manifest, problems, refusals, sources):
                     engines[choice.worker_id] = choice.manifest.engine_key
             if not engines:
                 raise self._failure(model, version, problems, refusals)
@@ -104,12 +108,16 @@ class Loader:
                     announced = True
                 await asyncio.sleep(WAIT_POLL_S)
 
-    async def _load_on(self, worker_id: str, manifest: Manifest, problems: list[str], refusals: list[FleetError]) -> bool:
-        """Load one engine on one worker; False (noted in ``problems``) when the worker refused or died."""
+    async def _load_on(self, worker_id: str, manifest: Manifest, problems: list[str], refusals: list[FleetError],
+                       sources: dict[str, ArtifactSource]) -> bool:
+        """Load one engine on one worker; False (noted in ``problems``) when the worker refused or died,
+        or the artifact could not be had."""
         before = set(self.router.workers[worker_id].loaded)
         try:
+            if manifest.engine_key not in sources:
+                sources[manifest.engine_key] = await self._source(manifest)
             await call(self.pool.handle(worker_id).load.remote(
-                manifest, self._artifact_dir(manifest), self.config.model_config_for(manifest.model).load_options()))
+                manifest, sources[manifest.engine_key], self.config.model_config_for(manifest.model).load_options()))
         except _REFUSALS as exc:
             problems.append(f"{worker_id}: {exc}")
             refusals.append(exc)
@@ -127,6 +135,8 @@ class Loader:
 
     def _failure(self, model: str, version: str, problems: list[str], refusals: list[FleetError]) -> FleetError:
         kinds = {type(r) for r in refusals}
+        if RepositoryUnavailable in kinds:  # not the artifact's fault, nor the budgets': a 503 that says so
+            return RepositoryUnavailable(f"model '{model}' version {version} could not be loaded: {'; '.join(problems)}")
         if refusals and kinds <= {ArtifactCorrupt, IncompatibleArtifact}:
             # not a capacity problem: say what is wrong with the artifacts themselves
             return refusals[0].__class__(f"model '{model}' version {version} could not be loaded: {'; '.join(problems)}")

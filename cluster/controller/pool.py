@@ -39,7 +39,11 @@ WORKER_MAX_CONCURRENCY = 64
 
 
 class RayFleetWorker(FleetWorker):
-    """FleetWorker plus what only the fleet knows: its node's address and where misses go."""
+    """FleetWorker plus what only the fleet knows: its node's address, where misses go, and how to
+    read an artifact the controller sent through Ray's object store."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        super().__init__(spec, read_object=ray.get)
 
     def serve_http(self, options: HttpOptions, ingress_url: str) -> WorkerInfo:
         self.start_http(options, on_miss=IngressForwarder(ingress_url))
@@ -71,7 +75,7 @@ class _Member:
 def plan_workers(config: FleetConfig) -> list[tuple[WorkerSpec, dict]]:
     """One worker per declared (simulated) GPU, and per GPU (or CPU) of every other Ray node."""
     common = dict(memory_fraction=config.memory_fraction, reserve_bytes=config.reserve_bytes, slots=config.slots,
-                  intra_op_threads=config.intra_op_threads)
+                  intra_op_threads=config.intra_op_threads, cache_bytes=config.artifact_cache_bytes)
     base = {"num_cpus": 0, "max_concurrency": WORKER_MAX_CONCURRENCY}
     plan = []
     for node in config.nodes:

@@ -33,7 +33,7 @@ def gpu_fleet(tmp_path_factory, demo_models, big_mlp):
         controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
         repo = Repository(config.repository)
         for name, src, max_batch in (("cnn-small", demo_models["cnn-small"], 64), ("big-mlp", big_mlp, 256)):
-            outcomes = build_on_fleet(repo, controller, src, model=name, max_batch=max_batch)
+            outcomes = build_on_fleet(controller, src, model=name, max_batch=max_batch)
             assert outcomes and all(o.ok for o in outcomes), [o.error for o in outcomes]
         yield {"url": f"http://127.0.0.1:{config.port}", "controller": controller, "gpus": n, "repo": repo}
     finally:

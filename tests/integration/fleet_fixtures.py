@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +16,27 @@ from cluster.net import free_port
 from cluster.repository import Repository
 from workers.build import BuildRequest
 from workers.manifest import sha256_file
+
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment for a `fleet` or `python -m cluster...` subprocess started in another directory:
+    this checkout first on the path, whatever else is installed."""
+    path = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+def distinct_model(source: Path, out: Path, tag: str) -> Path:
+    """A copy of an ONNX model with its own bytes (and so its own sha256): no host's artifact cache
+    can hold it already, whatever ran before in this session."""
+    import onnx
+
+    model = onnx.load(str(source))
+    model.doc_string = f"forward-fleet test copy: {tag}"
+    onnx.save(model, str(out))
+    return out
 
 
 def build_cpu(repo_root: Path, source: Path, name: str, max_batch: int = 64, **options) -> None:

@@ -14,7 +14,6 @@ import ray
 from cluster.batch import TMP_GLOB, BatchJob, run_job
 from cluster.buildfarm import build_on_fleet
 from cluster.names import CONTROLLER_NAME, NAMESPACE
-from cluster.repository import Repository
 from tests.integration.fleet_fixtures import (
     digits_rows,
     read_parts,
@@ -35,7 +34,7 @@ def sim(tmp_path_factory, demo_models):
     with simulated_cluster("configs/hetero-sim.yaml") as cluster:
         with running_fleet("configs/hetero-sim.yaml", work / "repo", cluster_address=cluster.address) as (cfg, url):
             controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-            build_on_fleet(Repository(cfg.repository), controller, demo_models["digits-mlp"], model="digits-t4-v100",
+            build_on_fleet(controller, demo_models["digits-mlp"], model="digits-t4-v100",
                            targets="T4,V100", max_batch=256)
             X = digits_rows(ROWS)
             data = write_parquet_rows(work / "rows.parquet", X)

@@ -1,4 +1,5 @@
-"""The `fleet` CLI as a user runs it: up (real `ray start`), status, infer, models, down."""
+"""The `fleet` CLI as a user runs it: up (real `ray start`), status, infer, models, build, down; and the
+commands run from another directory, which act on the running fleet (its controller says where it is)."""
 
 import os
 import signal
@@ -10,16 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import yaml
 
 from cluster.demo import train_digits_mlp
-from tests.integration.fleet_fixtures import free_port
+from tests.integration.fleet_fixtures import checkout_env, free_port
 
 pytestmark = pytest.mark.integration
 FLEET = [sys.executable, "-m", "cluster.cli"]
 
 
-def run(args, cwd, timeout=120):
-    return subprocess.run(FLEET + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run(args, cwd, timeout=120, **env):
+    return subprocess.run(FLEET + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=checkout_env(**env))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def foreground_fleet(tmp_path_factory):
     )
     log = open(work / "up.log", "w")
     proc = subprocess.Popen(FLEET + ["up", "--config", str(config), "--demo", "--foreground"], cwd=work,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=checkout_env())
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -118,6 +120,42 @@ def test_models_lists_the_repository(foreground_fleet):
     result = run(["models", "--config", str(config)], work)
     assert result.returncode == 0
     assert "digits-mlp" in result.stdout and "cnn-small" in result.stdout and "ONNX Runtime cpu" in result.stdout
+
+
+def test_build_models_infer_from_another_directory_act_on_the_running_fleet(foreground_fleet, tmp_path, demo_models,
+                                                                           digits_test):
+    """The issue's new user: the fleet started in its directory, the commands run in another, with no
+    --url, --config or --repository; they find the fleet's repository and URL by asking the fleet."""
+    work, url, config, _ = foreground_fleet
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "model.onnx").write_bytes(Path(demo_models["digits-mlp"]).read_bytes())
+    # where `fleet up` started Ray: other Rays may run on this machine, and `auto` takes the newest
+    on_fleet = {"RAY_ADDRESS": f"127.0.0.1:{yaml.safe_load(config.read_text())['ray_port']}"}
+    built = run(["build", "model.onnx", "--name", "d-elsewhere"], elsewhere, timeout=300, **on_fleet)
+    assert built.returncode == 0, built.stderr
+    assert f"its repository is {work / 'repo'}" in built.stderr and "built on" in built.stderr
+    assert (work / "repo" / "d-elsewhere" / "1").is_dir() and not (elsewhere / "repository").exists()
+
+    models = run(["models"], elsewhere, **on_fleet)
+    assert models.returncode == 0, models.stderr
+    assert "d-elsewhere" in models.stdout and "digits-mlp" in models.stdout  # the fleet's repository, all of it
+
+    X = digits_test[0][:4]
+    np.save(elsewhere / "rows.npy", X)
+    inferred = run(["infer", "d-elsewhere", "--input", "rows.npy", "--output", "out.npz"], elsewhere, **on_fleet)
+    assert inferred.returncode == 0, inferred.stderr
+    assert "served by" in inferred.stderr and url.rsplit(":", 1)[1] != "8000"
+    with np.load(elsewhere / "out.npz") as got:
+        np.testing.assert_array_equal(got["label"], train_digits_mlp().predict(X))
+    status = run(["status"], elsewhere, **on_fleet)
+    assert status.returncode == 0 and status.stdout.splitlines()[0] == "fleet cli-test", status.stderr
+
+
+def test_without_a_fleet_the_url_is_not_guessed(tmp_path):
+    np.save(tmp_path / "rows.npy", np.zeros((1, 64), np.float32))
+    result = run(["infer", "digits-mlp", "--input", "rows.npy"], tmp_path, RAY_ADDRESS="127.0.0.1:9")
+    assert result.returncode == 2 and "no fleet is running" in result.stderr and "--url" in result.stderr
 
 
 def test_errors_are_clear_and_exit_nonzero(foreground_fleet):

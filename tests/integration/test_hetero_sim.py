@@ -7,6 +7,7 @@ the CPU, which everything reports as `simulated`.
 
 import collections
 from pathlib import Path
+import tempfile
 import threading
 import time
 
@@ -16,10 +17,9 @@ import ray
 import requests
 import yaml
 
-from cluster.buildfarm import build_on_fleet
+from cluster.buildfarm import FleetRepository, build_on_fleet
 from cluster.client import FleetClient
 from cluster.names import CONTROLLER_NAME, NAMESPACE
-from cluster.repository import Repository
 from tests.integration.fleet_fixtures import running_fleet, simulated_cluster, worker_handles
 from tests.needs import skip_unless
 from workers.errors import NoCapacity, NoCompatibleWorker
@@ -42,12 +42,12 @@ def sim(tmp_path_factory, demo_models):
     with simulated_cluster(config_path) as cluster:
         with running_fleet(str(config_path), work / "repo", cluster_address=cluster.address) as (cfg, url):
             controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-            yield {"url": url, "repo": Repository(cfg.repository), "controller": controller, "models": demo_models,
+            yield {"url": url, "controller": controller, "models": demo_models,
                    "cluster": cluster, "config": cfg}
 
 
 def build(sim, name, targets, **kw):
-    return build_on_fleet(sim["repo"], sim["controller"], sim["models"]["digits-mlp"], model=name, targets=targets, **kw)
+    return build_on_fleet(sim["controller"], sim["models"]["digits-mlp"], model=name, targets=targets, **kw)
 
 
 def status(sim):
@@ -169,9 +169,9 @@ def test_model_with_no_runnable_artifact_names_built_and_present_targets(sim):
     from workers.build import BuildRequest, build_artifact
     from workers.targets import Target
 
-    staging = sim["repo"].new_staging_dir()
-    build_artifact(BuildRequest(str(sim["models"]["digits-mlp"]), "for-h100", Target("tensorrt", "10.16.1", "9.0", provider="tensorrt", simulated=True)), staging)
-    sim["repo"].publish(staging)
+    with tempfile.TemporaryDirectory() as tmp:  # built here, published by the controller (the repository's writer)
+        manifest = build_artifact(BuildRequest(str(sim["models"]["digits-mlp"]), "for-h100", Target("tensorrt", "10.16.1", "9.0", provider="tensorrt", simulated=True)), tmp)
+        FleetRepository(sim["controller"]).publish(manifest, (Path(tmp) / manifest.artifact_file).read_bytes())
     resp = requests.post(sim["url"] + "/v2/models/for-h100/infer",
                          json={"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}, timeout=60)
     assert resp.status_code == 503 and resp.headers["X-Fleet-Error"] == NoCompatibleWorker.__name__

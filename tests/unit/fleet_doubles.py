@@ -81,7 +81,7 @@ class FakeWorker:
         (manifest,) = [m for m in self.loaded.values() if m.model == model]
         return InferReply(manifest.version, manifest.target.key(), {k: v * 2 for k, v in request.inputs.items()})
 
-    def _load(self, manifest, directory, options):
+    def _load(self, manifest, source, options):
         if self.dead:
             raise RayActorError()
         self.loaded[manifest.engine_key] = manifest

@@ -97,7 +97,7 @@ def test_worker_batches_concurrent_requests(tmp_path, demo_models, digits_test):
     repo = Repository(tmp_path)
     art = build_locally(repo, BuildRequest(str(demo_models["digits-mlp"]), "m", local_target()), sha256_file(demo_models["digits-mlp"])).artifact
     worker = FleetWorker(WorkerSpec("w", slots=2))
-    worker.load(art.manifest, str(art.directory), LoadOptions(max_queue_delay_us=20_000))
+    worker.load(art.manifest, repo.object_source(art.manifest), LoadOptions(max_queue_delay_us=20_000))
     key = art.manifest.engine_key
     X = digits_test[0][:32]
     barrier = threading.Barrier(32)

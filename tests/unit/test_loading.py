@@ -10,7 +10,8 @@ from cluster.controller.events import EventLog
 from cluster.controller.loading import Loader
 from cluster.router import Router, WorkerState
 from tests.unit.fleet_doubles import FakeWorker, manifest
-from workers.errors import NoCapacity, NoCompatibleWorker, NotReady
+from workers.artifacts import RayObject
+from workers.errors import NoCapacity, NoCompatibleWorker, NotReady, RepositoryUnavailable
 
 
 class FakePool:
@@ -38,10 +39,24 @@ class FakePool:
         return worker_id in self.returning
 
 
-def loader_for(workers, manifests, **config):
+class Sources:
+    """The controller's ``_source`` as the loader sees it: records each read of an artifact."""
+
+    def __init__(self) -> None:
+        self.reads: list[str] = []
+        self.failure: Exception | None = None
+
+    async def __call__(self, manifest):
+        self.reads.append(manifest.engine_key)
+        if self.failure is not None:
+            raise self.failure
+        return RayObject(ref=b"bytes", where=manifest.engine_key)
+
+
+def loader_for(workers, manifests, sources=None, **config):
     router = Router()
     pool = FakePool(workers, router, manifests)
-    loader = Loader(FleetConfig(discover_nodes=True, **config), pool, router, EventLog(), lambda m: "/nowhere", lambda: 7)
+    loader = Loader(FleetConfig(discover_nodes=True, **config), pool, router, EventLog(), sources or Sources(), lambda: 7)
     return loader, pool
 
 
@@ -49,11 +64,11 @@ def evicting(worker: FakeWorker) -> FakeWorker:
     """A worker whose ledger evicts everything idle to make room (what the real ledger does, roughly)."""
     load = worker.load.fn
 
-    def with_eviction(m, directory, options):
+    def with_eviction(m, source, options):
         used = sum(x.footprint_bytes for x in worker.loaded.values())
         if used + m.footprint_bytes > worker.budget:
             worker.loaded.clear()
-        return load(m, directory, options)
+        return load(m, source, options)
 
     worker.load.fn = with_eviction
     return worker
@@ -127,3 +142,23 @@ def test_an_unloaded_model_loads_again_only_when_asked_explicitly():
     with pytest.raises(NotReady, match="was unloaded; load it with POST /v2/repository/models/m/load"):
         asyncio.run(loader.ensure_loaded("m", "1"))
     assert asyncio.run(loader.ensure_loaded("m", "1", explicit=True)).workers == ["t4-a"]
+
+
+def test_each_artifact_is_read_once_per_load_and_workers_get_a_source_not_a_path():
+    a, b, p4 = FakeWorker("t4-a"), FakeWorker("t4-b"), FakeWorker("p4", "6.1")
+    sources = Sources()
+    loader, _ = loader_for([a, b, p4], [manifest("m", "7.5"), manifest("m", "6.1")], sources)
+    asyncio.run(loader.ensure_loaded("m", "1"))
+    assert sorted(sources.reads) == sorted({m.engine_key for m in (manifest("m", "7.5"), manifest("m", "6.1"))})
+    (call_args, _), = a.load.calls
+    assert isinstance(call_args[1], RayObject)  # what crossed to the worker: a source, never a path
+
+
+def test_an_unreachable_repository_is_a_503_that_says_so():
+    a = FakeWorker("t4-a")
+    sources = Sources()
+    sources.failure = RepositoryUnavailable("could not read s3://b/r/m/...: Could not connect to server")
+    loader, _ = loader_for([a], [manifest("m", "7.5")], sources)
+    with pytest.raises(RepositoryUnavailable, match="could not be loaded: t4-a: could not read s3://b/r/m/.*connect") as info:
+        asyncio.run(loader.ensure_loaded("m", "1"))
+    assert info.value.http_status == 503 and not a.loaded

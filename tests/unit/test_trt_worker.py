@@ -31,7 +31,8 @@ H100 = Device("NVIDIA H100 80GB HBM3", "GPU-0000", "gpu", "9.0", 80 << 30)
 
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory, demo_models):
-    """cnn-small as a TensorRT 10.16 plan, built by the fake builder: version-compatible and not."""
+    """cnn-small as a TensorRT 10.16 plan, built by the fake builder: version-compatible and not
+    (each with the plan file, as a worker's artifact cache hands it to the runner)."""
     source = demo_models["cnn-small"]
     inputs, outputs = describe_model(source)
     made = {}
@@ -43,7 +44,7 @@ def plans(tmp_path_factory, demo_models):
         manifest = Manifest("cnn", "1", "float32", target, "model.plan", sha256_file(info.plan_path), sha256_file(source),
                             inputs, outputs, footprint_bytes=64 << 20, max_batch=8)
         (out / MANIFEST_NAME).write_text(manifest.to_json())
-        made[vc] = (manifest, out)
+        made[vc] = (manifest, out / "model.plan")
     return made
 
 
@@ -61,39 +62,39 @@ def run_cnn(runner, source):
 
 
 def test_version_compatible_plan_needs_the_models_trust(plans):
-    manifest, directory = plans[True]
+    manifest, plan = plans[True]
     _, runner = runner_with("10.16.1.11", lean=False)
     with pytest.raises(IncompatibleArtifact, match=r"models\.cnn\.trust_version_compatible: true"):
-        runner.load(manifest, directory)
+        runner.load(manifest, plan)
     assert runner.health().loaded == frozenset() and runner.ledger.used_bytes == 0
 
 
 def test_trusted_version_compatible_plan_loads_with_host_code_allowed(plans, demo_models):
-    manifest, directory = plans[True]
+    manifest, plan = plans[True]
     fake, runner = runner_with("10.16.1.11", lean=False)
-    runner.load(manifest, directory, LoadOptions(trust_version_compatible=True))
+    runner.load(manifest, plan, LoadOptions(trust_version_compatible=True))
     assert fake.assignments == [("Runtime.engine_host_code_allowed", True)]
     run_cnn(runner, demo_models["cnn-small"])
     runner.close()
 
 
 def test_lean_worker_runs_version_compatible_plans_with_the_lean_runtime(plans, demo_models):
-    manifest, directory = plans[True]
+    manifest, plan = plans[True]
     fake, runner = runner_with("lean-10.16.1.11", lean=True)
-    runner.load(manifest, directory, LoadOptions(trust_version_compatible=True))
+    runner.load(manifest, plan, LoadOptions(trust_version_compatible=True))
     assert fake.assignments == []  # the lean runtime has no engine_host_code_allowed
     run_cnn(runner, demo_models["cnn-small"])
-    plain, plain_dir = plans[False]
+    plain, plain_plan = plans[False]
     with pytest.raises(IncompatibleArtifact, match="lean runtime 10.16.1 runs version-compatible plans only"):
-        runner.load(plain, plain_dir)
+        runner.load(plain, plain_plan)
     runner.close()
 
 
 def test_plain_plan_loads_on_full_tensorrt_without_host_code(plans, demo_models):
-    manifest, directory = plans[False]
+    manifest, plan = plans[False]
     fake, runner = runner_with("10.16.1.11", lean=False)
-    runner.load(manifest, directory)
+    runner.load(manifest, plan)
     assert fake.assignments == []
-    assert json.loads((directory / "model.plan").read_text())  # the fake's plan is JSON: it was really parsed
+    assert json.loads(plan.read_text())  # the fake's plan is JSON: it was really parsed
     run_cnn(runner, demo_models["cnn-small"])
     runner.close()

@@ -10,12 +10,14 @@ import pytest
 from cluster.buildfarm import build_locally, local_target
 from cluster.repository import Repository
 from workers.actor import FleetWorker, WorkerSpec
+from workers.artifacts import CACHE_ENV, RepositoryObject
 from workers.build import BuildRequest
 from workers.devices import Device
 from workers.errors import ArtifactCorrupt, EngineNotHere, IncompatibleArtifact, InvalidInput, NoCapacity
 from workers.kserve.codec import InferRequest
 from workers.manifest import Manifest, sha256_file
 from workers.messages import LoadOptions
+from workers.storage import StoreSpec
 from workers.targets import Runtime, Target
 
 
@@ -47,7 +49,7 @@ def wait_until(condition, timeout_s=10.0, what="condition"):
 def test_load_infer_matches_onnxruntime(repo, demo_models, digits_test):
     worker = FleetWorker(WorkerSpec("w"))
     a = art(repo, "digits-mlp")
-    worker.load(a.manifest, str(a.directory))
+    worker.load(a.manifest, repo.object_source(a.manifest))
     X = digits_test[0][:8]
     reply = worker.infer("digits-mlp", InferRequest({"input": X}))
     ref = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})
@@ -65,7 +67,7 @@ def test_load_infer_matches_onnxruntime(repo, demo_models, digits_test):
 def test_bad_feeds_are_refused_by_name(repo):
     worker = FleetWorker(WorkerSpec("w"))
     a = art(repo, "digits-mlp")
-    worker.load(a.manifest, str(a.directory))
+    worker.load(a.manifest, repo.object_source(a.manifest))
     with pytest.raises(InvalidInput, match="unknown input 'x'"):
         infer(worker, "digits-mlp", {"x": np.zeros((1, 64), np.float32)})
     with pytest.raises(InvalidInput, match=r"dimension 1 is 63, expected 64"):
@@ -80,8 +82,8 @@ def test_bad_feeds_are_refused_by_name(repo):
 def test_non_finite_inputs_refused_only_where_the_model_config_says(repo):
     a = art(repo, "digits-mlp")
     strict, lenient = FleetWorker(WorkerSpec("strict")), FleetWorker(WorkerSpec("lenient"))
-    strict.load(a.manifest, str(a.directory), LoadOptions(reject_non_finite=True))
-    lenient.load(a.manifest, str(a.directory))
+    strict.load(a.manifest, repo.object_source(a.manifest), LoadOptions(reject_non_finite=True))
+    lenient.load(a.manifest, repo.object_source(a.manifest))
     x = np.zeros((2, 64), np.float32)
     x[1, 3] = np.nan
     with pytest.raises(InvalidInput, match="1 NaN or Inf"):
@@ -93,7 +95,7 @@ def test_request_over_max_batch_is_split(repo, demo_models, digits_test):
     worker = FleetWorker(WorkerSpec("w"))
     a = art(repo, "digits-mlp")
     assert a.manifest.max_batch == 64
-    worker.load(a.manifest, str(a.directory))
+    worker.load(a.manifest, repo.object_source(a.manifest))
     X = digits_test[0][:150]
     out = infer(worker, "digits-mlp", {"input": X})
     ref = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})
@@ -105,7 +107,7 @@ def test_request_over_max_batch_is_split(repo, demo_models, digits_test):
 def test_concurrent_inference_is_correct(repo, digits_test):
     worker = FleetWorker(WorkerSpec("w", slots=4))
     a = art(repo, "digits-mlp")
-    worker.load(a.manifest, str(a.directory))
+    worker.load(a.manifest, repo.object_source(a.manifest))
     X = digits_test[0]
     expected = infer(worker, "digits-mlp", {"input": X})["label"]
     errors = []
@@ -130,15 +132,15 @@ def test_budget_evicts_lru_idle_and_refuses_what_never_fits(repo):
     cnn, mlp = art(repo, "cnn-small"), art(repo, "digits-mlp")
     budget = max(cnn.manifest.footprint_bytes, mlp.manifest.footprint_bytes) + 1000
     worker = FleetWorker(WorkerSpec("w", budget_bytes=budget))
-    worker.load(cnn.manifest, str(cnn.directory))
-    worker.load(mlp.manifest, str(mlp.directory))  # does not fit beside cnn: evicts it
+    worker.load(cnn.manifest, repo.object_source(cnn.manifest))
+    worker.load(mlp.manifest, repo.object_source(mlp.manifest))  # does not fit beside cnn: evicts it
     health = worker.health()
     assert health.loaded == {mlp.manifest.engine_key}
     assert health.counters["evictions"] == 1
     assert health.used_bytes <= budget
     tiny = FleetWorker(WorkerSpec("tiny", budget_bytes=1000))
     with pytest.raises(NoCapacity, match="more than the whole budget"):
-        tiny.load(mlp.manifest, str(mlp.directory))
+        tiny.load(mlp.manifest, repo.object_source(mlp.manifest))
     assert tiny.health().used_bytes == 0
 
 
@@ -146,7 +148,7 @@ def test_unload_waits_for_in_flight_inference_then_releases_the_engine(repo):
     worker = FleetWorker(WorkerSpec("w"))
     a = art(repo, "cnn-small")
     key = a.manifest.engine_key
-    worker.load(a.manifest, str(a.directory))
+    worker.load(a.manifest, repo.object_source(a.manifest))
     engine = worker.runner._engines[key].engine
     batch = np.random.default_rng(0).standard_normal((64, 3, 64, 64)).astype(np.float32)
     results = []
@@ -163,21 +165,23 @@ def test_unload_waits_for_in_flight_inference_then_releases_the_engine(repo):
     assert worker.ledger.get(key) is None and worker.health().loaded == frozenset()
 
 
-def test_worker_refuses_wrong_target_and_corrupt_artifacts(repo, tmp_path):
+def test_worker_refuses_wrong_target_and_corrupt_artifacts(repo, tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # a host that has never seen this artifact
     a = art(repo, "digits-mlp")
     p4 = Device("Tesla P4", "SIM-1", "gpu", "6.1", 8 << 30, simulated=True)
     plan_t4 = Manifest.from_dict(a.manifest.to_dict() | {
         "target": Target("tensorrt", "10.16.1", "7.5", provider="tensorrt", simulated=True).to_dict()})
     worker = FleetWorker(WorkerSpec("p4", simulated_devices=(p4,), simulated_runtimes=(Runtime("tensorrt", "8.6.1", "tensorrt", simulated=True),)))
     with pytest.raises(IncompatibleArtifact, match="refuses digits-mlp built for 7.5 .*device has 6.1"):
-        worker.load(plan_t4, str(a.directory))
+        worker.load(plan_t4, repo.object_source(a.manifest))
+    assert worker.artifacts.stats.fills == 0  # refused before a byte was fetched
     # corrupt copy: sha256 mismatch is refused before ONNX Runtime sees the bytes
     broken = tmp_path / "broken"
     broken.mkdir()
-    data = (a.directory / "model.onnx").read_bytes()
+    data = (repo.root / a.key).read_bytes()
     (broken / "model.onnx").write_bytes(data[:-10] + b"0123456789")
     with pytest.raises(ArtifactCorrupt, match="does not match the manifest"):
-        FleetWorker(WorkerSpec("w")).load(a.manifest, str(broken))
+        FleetWorker(WorkerSpec("w")).load(a.manifest, RepositoryObject(StoreSpec(str(broken)), "model.onnx"))
 
 
 def test_a_load_never_evicts_an_engine_that_is_still_loading(repo):
@@ -205,18 +209,18 @@ def test_a_load_never_evicts_an_engine_that_is_still_loading(repo):
     budget = max(cnn.manifest.footprint_bytes, mlp.manifest.footprint_bytes) + 1000
     worker = FleetWorker(WorkerSpec("w", budget_bytes=budget))
     runner = EngineRunner(worker.caps, budget, engine_factory=slow_open)
-    first = threading.Thread(target=runner.load, args=(cnn.manifest, cnn.directory))
+    first = threading.Thread(target=runner.load, args=(cnn.manifest, repo.root / cnn.key))
     first.start()
     try:
         assert activating.wait(30)
         assert runner.ledger.get(cnn.manifest.engine_key).loading
         with pytest.raises(NoCapacity, match="busy or still loading"):
-            runner.load(mlp.manifest, mlp.directory)
+            runner.load(mlp.manifest, repo.root / mlp.key)
     finally:
         release.set()
         first.join(30)
     assert runner.health().loaded == {cnn.manifest.engine_key}
-    runner.load(mlp.manifest, mlp.directory)  # now cnn is idle and in service: it is evicted
+    runner.load(mlp.manifest, repo.root / mlp.key)  # now cnn is idle and in service: it is evicted
     assert runner.health().loaded == {mlp.manifest.engine_key} and runner.health().counters["evictions"] == 1
     runner.close()
 
@@ -235,9 +239,10 @@ def test_the_models_allow_tf32_reaches_the_engine(repo):
     a = art(repo, "digits-mlp")
     worker = FleetWorker(WorkerSpec("w"))
     runner = EngineRunner(worker.caps, 1 << 30, engine_factory=recording)
-    runner.load(a.manifest, a.directory, LoadOptions(allow_tf32=True))
+    artifact = repo.root / a.key
+    runner.load(a.manifest, artifact, LoadOptions(allow_tf32=True))
     runner.unload(a.manifest.engine_key)
-    runner.load(a.manifest, a.directory)
+    runner.load(a.manifest, artifact)
     assert opened == [True, False]
     runner.close()
     from workers.engines.onnxruntime import OnnxRuntimeEngine

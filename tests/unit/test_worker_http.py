@@ -61,7 +61,7 @@ def served(tmp_path_factory, demo_models):
     worker = FleetWorker(WorkerSpec("w0", budget_bytes=1 << 30))
     for name in demo_models:
         (a,) = repo.artifacts(name)
-        worker.load(a.manifest, str(a.directory), LoadOptions(reject_non_finite=name == "digits-mlp"))
+        worker.load(a.manifest, repo.object_source(a.manifest), LoadOptions(reject_non_finite=name == "digits-mlp"))
     host, port = worker.start_http(HttpOptions(policy=InferPolicy(max_request_bytes=4 << 20)),
                                    on_miss=IngressForwarder(f"http://127.0.0.1:{ingress.server_address[1]}"))
     yield worker, f"http://{host}:{port}", ingress
@@ -152,7 +152,7 @@ def test_inference_token(tmp_path, demo_models, digits_test):
     build_locally(repo, BuildRequest(str(path), "digits-mlp", local_target()), sha256_file(path))
     (a,) = repo.artifacts("digits-mlp")
     worker = FleetWorker(WorkerSpec("w1", budget_bytes=1 << 30))
-    worker.load(a.manifest, str(a.directory))
+    worker.load(a.manifest, repo.object_source(a.manifest))
     _, port = worker.start_http(HttpOptions(policy=InferPolicy(auth_token="s3cret", auth_inference=True)))
     try:
         infer = f"http://127.0.0.1:{port}/v2/models/digits-mlp/infer"
