@@ -50,10 +50,15 @@ class LoadOptions:
     # A version-compatible TensorRT plan carries host code that would run in the worker.
     trust_version_compatible: bool = False
     reject_non_finite: bool = False  # 400 for NaN/Inf in float inputs
+    max_batch: int | None = None  # rows per engine run, at most the artifact's max batch (None: the artifact's)
+
+    def max_batch_for(self, built: int) -> int:
+        """Rows per engine run for an artifact built for ``built``."""
+        return min(self.max_batch, built) if self.max_batch else built
 
     def batching(self, max_batch: int) -> BatchingOptions:
-        return BatchingOptions(max_batch, self.max_queue_delay_us, tuple(self.preferred_batch_sizes),
-                               self.dynamic_batching)
+        return BatchingOptions(self.max_batch_for(max_batch), self.max_queue_delay_us,
+                               tuple(self.preferred_batch_sizes), self.dynamic_batching)
 
 
 @dataclass

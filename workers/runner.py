@@ -90,7 +90,7 @@ class LoadedEngine:
 
     def submit(self, feeds: Feeds, out: Feeds | None, executor: ThreadPoolExecutor) -> Future:
         """Run one request of any size; ``out`` (see ``Engine.run``) only when it is one batch."""
-        max_batch = self.manifest.max_batch
+        max_batch = self.options.max_batch_for(self.manifest.max_batch)
         if self.batcher is None:
             return executor.submit(self._run_alone, feeds, out)
         rows = batch_rows(feeds)
@@ -110,22 +110,13 @@ class LoadedEngine:
                     self.stats.failure += 1
                 raise
             with self._stats_lock:
-                s, rows = self.stats, batch_rows(feeds)
-                s.compute_us += (time.perf_counter() - started) * 1e6
-                s.success += 1
-                s.exec_count += 1
-                s.inference_count += rows
-                s.batch_sizes[rows] += 1
+                self.stats.ran(1, batch_rows(feeds), time.perf_counter() - started)
             return outputs
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
         self.engine.deactivate()
-
-
-def _batchable(manifest: Manifest) -> bool:
-    return all(s.shape and s.shape[0] < 0 for s in manifest.inputs + manifest.outputs)
 
 
 def _warm_up(engine: Engine, manifest: Manifest) -> None:
@@ -298,7 +289,7 @@ class EngineRunner:
             stats = self._stats.setdefault(key, (manifest, EngineStats()))[1]
             slots = self._slots(manifest)
             batching = options.batching(manifest.max_batch)
-            batcher = DynamicBatcher(engine.run, batching, slots, stats) if batching.enabled and _batchable(manifest) else None
+            batcher = DynamicBatcher(engine.run, batching, slots, stats) if batching.enabled and manifest.batched else None
             self._engines[key] = LoadedEngine(manifest, engine, options, batcher, threading.Semaphore(slots), stats, measured)
             self._by_model.setdefault(manifest.model, {})[manifest.version] = key
             self.ledger.mark_loaded(key)

@@ -22,7 +22,9 @@ import time
 
 import ray
 
-from workers.errors import FleetError, ModelNotFound
+from workers.engines import executes_on_cpu
+from workers.errors import FleetError, ModelNotFound, SharedMemoryError
+from workers.kserve.model_config import apply_config, config_json, model_config, read_config
 from workers.manifest import Manifest
 from workers.stats import merge
 
@@ -32,7 +34,7 @@ from cluster.controller.events import EventLog
 from cluster.controller.loading import Loader
 from cluster.controller.pool import WorkerPool
 from cluster.controller.regions import ShmRegions
-from cluster.controller.views import fallbacks, nodes_view, repository_index
+from cluster.controller.views import fallbacks, model_statistics, nodes_view, repository_index
 from cluster.frontdoor.actor import FrontDoorActor
 from cluster.frontdoor.routes import routes_from
 from cluster.inventory import Inventory, Placement
@@ -180,6 +182,49 @@ class FleetController:
 
     async def unload(self, model: str, version: str | None = None) -> list[str]:
         return await self.loader.unload(model, version, self._manifests)
+
+    async def load(self, model: str, config: str | None = None) -> Placement:
+        """The repository API's load (Triton's semantics): with ``config`` (JSON of Triton's
+        ModelConfig), the model is served as it says from now on, checked against the model
+        first; without, as the fleet config says. Loaded engines whose options change are
+        unloaded and loaded again."""
+        version = self._resolve(model, None)
+        base = self.config.model_config_for(model).load_options()
+        options = base
+        if config is not None:
+            options = apply_config(read_config(config, model), self.router.manifests(model, version)[0], base)
+        if options != self.loader.options_for(model):
+            await self.loader.unload(model, None, self._manifests)
+        if options == base:
+            self.loader.overrides.pop(model, None)
+        else:
+            self.loader.overrides[model] = options
+        return await self.ensure_loaded(model, version, explicit=True)
+
+    async def model_config(self, model: str, version: str | None = None) -> dict:
+        """Triton's model configuration of a model version, as served now (JSON)."""
+        manifests = self.router.manifests(model, self._resolve(model, version))
+        gpu = not all(executes_on_cpu(m.target) for m in manifests)
+        return config_json(model_config(manifests, self.loader.options_for(model), slots=self.config.slots, gpu=gpu))
+
+    async def model_statistics(self, model: str | None = None, version: str | None = None) -> dict:
+        """Triton's statistics of one model (every version, or ``version``), or of every model."""
+        models = self.router.models()
+        if model is None:
+            wanted = [(m, v) for m, versions in models.items() for v in versions]
+        else:
+            resolved = self._resolve(model, version)
+            wanted = [(model, v) for v in models[model] if version is None or v == resolved]
+        self._stats_at = float("-inf")  # tools compare two readings: they must be of now
+        return model_statistics(await self._worker_stats(), wanted)
+
+    async def cuda_shm_register(self, name: str) -> None:
+        """Triton's CUDA shared memory: not served by the fleet; say why in the terms of this fleet."""
+        gpus = [r.worker_id for r in self.pool.records() if r.info.caps.device.is_real_gpu]
+        where = ("no worker of this fleet has a CUDA device" if not gpus else
+                 "the fleet does not map CUDA IPC handles yet")
+        raise SharedMemoryError(f"CUDA shared memory region '{name}' cannot be registered: CUDA shared memory is "
+                                f"not supported here ({where}); use system shared memory (/v2/systemsharedmemory)")
 
     # ---- system shared memory ------------------------------------------------
     async def register_shm(self, name: str, key: str, offset: int = 0, byte_size: int = 0) -> list[str]:
