@@ -31,7 +31,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from cluster import deploy, nodes
     from cluster.config import load_config
 
-    config = load_config(args.config, port=args.port, repository=args.repository)
+    config = load_config(args.config, port=args.port, grpc_port=args.grpc_port, repository=args.repository)
     if args.demo and not config.simulated:
         _build_demo(config)
     address = args.address
@@ -309,6 +309,7 @@ def _add_lifecycle_commands(sub) -> None:
     p = sub.add_parser("up", help="start Ray (or join --address), deploy the fleet, return when ready")
     _with_config(p)
     p.add_argument("--port", type=int, help="HTTP port (default from config: 8000)")
+    p.add_argument("--grpc-port", type=int, help="KServe v2 / Triton gRPC port (default from config: 8001)")
     p.add_argument("--address", help="join a running Ray cluster instead of starting one")
     p.add_argument("--demo", action="store_true", help="build and serve the demo models (digits-mlp, cnn-small)")
     p.add_argument("--foreground", action="store_true", help="keep running until Ctrl-C, then shut everything down")

@@ -36,3 +36,33 @@ def make_int64_add(path: Path) -> Path:
     x = helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 3])
     y = helper.make_tensor_value_info("y", TensorProto.INT64, ["N", 3])
     return _save(helper.make_graph([helper.make_node("Add", ["x", "seven"], ["y"])], "int64-add", [x], [y], [seven]), path)
+
+
+def make_simple(path: Path) -> Path:
+    """Triton's example model "simple": INT32 INPUT0, INPUT1 [N,16] -> OUTPUT0 sum, OUTPUT1 difference."""
+    ins = [helper.make_tensor_value_info(n, TensorProto.INT32, ["N", 16]) for n in ("INPUT0", "INPUT1")]
+    nodes = [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+             helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])]
+    outs = [helper.make_tensor_value_info(n, TensorProto.INT32, ["N", 16]) for n in ("OUTPUT0", "OUTPUT1")]
+    return _save(helper.make_graph(nodes, "simple", ins, outs), path)
+
+
+def make_simple_string(path: Path) -> Path:
+    """Triton's example "simple_string": BYTES INPUT0, INPUT1 [N,16] holding integers as text ->
+    OUTPUT0 their sum, OUTPUT1 their difference, as text."""
+    ins = [helper.make_tensor_value_info(n, TensorProto.STRING, ["N", 16]) for n in ("INPUT0", "INPUT1")]
+    nodes = [helper.make_node("Cast", ["INPUT0"], ["a"], to=TensorProto.INT32),
+             helper.make_node("Cast", ["INPUT1"], ["b"], to=TensorProto.INT32),
+             helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Sub", ["a", "b"], ["diff"]),
+             helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=TensorProto.STRING),
+             helper.make_node("Cast", ["diff"], ["OUTPUT1"], to=TensorProto.STRING)]
+    outs = [helper.make_tensor_value_info(n, TensorProto.STRING, ["N", 16]) for n in ("OUTPUT0", "OUTPUT1")]
+    return _save(helper.make_graph(nodes, "simple_string", ins, outs), path)
+
+
+def make_simple_identity(path: Path) -> Path:
+    """Triton's example "simple_identity": BYTES INPUT0 [N, M] -> OUTPUT0, the same bytes."""
+    x = helper.make_tensor_value_info("INPUT0", TensorProto.STRING, ["N", "M"])
+    y = helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, ["N", "M"])
+    return _save(helper.make_graph([helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], "simple_identity",
+                                   [x], [y]), path)

@@ -26,6 +26,7 @@ class WorkerInfo:
     pid: int
     cuda_visible_devices: str | None = None
     http: tuple[str, int] | None = None  # the worker's own KServe v2 endpoint, once started
+    grpc: tuple[str, int] | None = None  # its own KServe v2 gRPC endpoint, once started
 
     @property
     def simulated(self) -> bool:

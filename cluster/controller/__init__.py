@@ -24,6 +24,7 @@ import ray
 
 from workers.engines import executes_on_cpu
 from workers.errors import FleetError, ModelNotFound, SharedMemoryError
+from workers.kserve.handler import InferPolicy
 from workers.kserve.model_config import apply_config, config_json, model_config, read_config
 from workers.manifest import Manifest
 from workers.stats import merge
@@ -36,6 +37,7 @@ from cluster.controller.pool import WorkerPool
 from cluster.controller.regions import ShmRegions
 from cluster.controller.views import fallbacks, model_statistics, nodes_view, repository_index
 from cluster.frontdoor.actor import FrontDoorActor
+from cluster.frontdoor.grpc_router import GrpcFront
 from cluster.frontdoor.routes import routes_from
 from cluster.inventory import Inventory, Placement
 from cluster.names import FRONT_DOOR_NAME, HEAD_NODE_RESOURCE, NAMESPACE
@@ -92,10 +94,14 @@ class FleetController:
     async def _start_front_door(self) -> None:
         host = self.config.host
         threads = max(1, min(4, (os.cpu_count() or 2) // 4))
+        grpc = None
+        if self.config.grpc_port is not None:
+            policy = InferPolicy(self.config.max_request_bytes, self.config.auth_token, self.config.auth_inference)
+            grpc = GrpcFront((host, self.config.grpc_port), policy)
         self._front = ray.remote(FrontDoorActor).options(
             name=FRONT_DOOR_NAME, namespace=NAMESPACE, num_cpus=0, resources=HEAD_NODE_RESOURCE, get_if_exists=True,
-        ).remote((host, self.config.port), (local_address(host), self.endpoints.serve_port), threads)
-        await call(self._front.start.remote(self._epoch, self._routes()))
+        ).remote((host, self.config.port), (local_address(host), self.endpoints.serve_port), threads, grpc)
+        await call(self._front.start.remote(self._epoch, self._routes(), self._grpc_addresses()))
 
     async def _worker_started(self, worker_id: str) -> None:
         await self.regions.replay(worker_id)
@@ -110,11 +116,16 @@ class FleetController:
                                   same_manifests=not manifests_changed)
         self._stats_at = float("-inf")  # the status view shows the change at once
         self._epoch += 1
-        if self._front is not None:
-            self._front.apply.remote(self._epoch, self._routes())  # not awaited: a reload never blocks us
+        if self._front is not None:  # not awaited: a reload never blocks us
+            self._front.apply.remote(self._epoch, self._routes(), self._grpc_addresses())
 
     def _routes(self):
-        return routes_from(self.router, {r.worker_id: r.info.http for r in self.pool.records() if r.info.http})
+        records = self.pool.records()
+        return routes_from(self.router, {r.worker_id: r.info.http for r in records if r.info.http},
+                           {r.worker_id: r.info.grpc[1] for r in records if r.info.grpc})
+
+    def _grpc_addresses(self) -> dict[str, tuple[str, int]]:
+        return {r.worker_id: r.info.grpc for r in self.pool.records() if r.info.grpc and r.alive}
 
     def _scan(self) -> None:
         arts = self.repo.artifacts()

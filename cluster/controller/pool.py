@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.actor import FleetWorker, WorkerSpec
 from workers.errors import FleetError, NotReady
+from workers.grpc_server import GrpcOptions
 from workers.http import HttpOptions
 from workers.kserve.handler import InferPolicy
 from workers.messages import WorkerHealth, WorkerInfo
@@ -41,11 +42,17 @@ WORKER_MAX_CONCURRENCY = 64
 class RayFleetWorker(FleetWorker):
     """FleetWorker plus what only the fleet knows: its node's address and where misses go."""
 
-    def serve_http(self, options: HttpOptions, ingress_url: str) -> WorkerInfo:
+    def serve_http(self, options: HttpOptions, ingress_url: str, grpc: GrpcOptions | None = None) -> WorkerInfo:
+        """Start the worker's own endpoints (HTTP; gRPC too when the fleet serves gRPC)."""
         self.start_http(options, on_miss=IngressForwarder(ingress_url))
+        if grpc is not None:
+            self.start_grpc(grpc)
         info = self.info()
-        if info.http is not None and is_wildcard(info.http[0]):
-            info = dataclasses.replace(info, http=(ray.util.get_node_ip_address(), info.http[1]))
+        node = ray.util.get_node_ip_address()
+        for name in ("http", "grpc"):
+            address = getattr(info, name)
+            if address is not None and is_wildcard(address[0]):
+                info = dataclasses.replace(info, **{name: (node, address[1])})
         return info
 
 
@@ -140,14 +147,20 @@ class WorkerPool:
         # One-host fleets stay on loopback; on many hosts the front door reaches workers by node IP.
         return HttpOptions(host="127.0.0.1" if is_loopback(cfg.host) else "0.0.0.0", policy=policy)
 
+    def _grpc_options(self) -> GrpcOptions | None:
+        if self.config.grpc_port is None:
+            return None
+        http = self._http_options()
+        return GrpcOptions(host=http.host, policy=http.policy)
+
     async def _start(self, worker_id: str) -> None:
         member = self._members[worker_id]
         spec = member.spec
         handle = WorkerActor.options(**member.options).remote(spec)
         try:
             if self.endpoints.front_door:
-                info = await asyncio.wait_for(call(handle.serve_http.remote(self._http_options(), self._ingress_url)),
-                                              WORKER_START_TIMEOUT_S)
+                info = await asyncio.wait_for(call(handle.serve_http.remote(
+                    self._http_options(), self._ingress_url, self._grpc_options())), WORKER_START_TIMEOUT_S)
             else:
                 info = await asyncio.wait_for(call(handle.info.remote()), WORKER_START_TIMEOUT_S)
             health = await call(handle.health.remote())

@@ -22,6 +22,7 @@ class Server:
     name: str  # the worker id
     host: str
     port: int
+    grpc_port: int | None = None  # the worker's own gRPC endpoint (the gRPC router's route; HAProxy ignores it)
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,14 @@ class Route:
     servers: tuple[Server, ...]
 
 
-def routes_from(router: Router, http_addresses: dict[str, tuple[str, int]]) -> list[Route]:
+def routes_from(router: Router, http_addresses: dict[str, tuple[str, int]],
+                grpc_ports: dict[str, int] | None = None) -> list[Route]:
     """One route per (model, version) that some live worker with an HTTP endpoint holds."""
     routes = []
+    grpc_ports = grpc_ports or {}
     for model, versions in router.models().items():
         for version in versions:
-            servers = tuple(Server(w, *http_addresses[w]) for w in sorted(router.holders(model, version))
+            servers = tuple(Server(w, *http_addresses[w], grpc_ports.get(w)) for w in sorted(router.holders(model, version))
                             if w in http_addresses)
             if servers:
                 routes.append(Route(model, version, version == versions[-1], servers))

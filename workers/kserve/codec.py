@@ -173,7 +173,7 @@ def _decode_input(index: int, item, reader: _BinaryReader, request: InferRequest
     if not isinstance(datatype, str) or datatype not in DATATYPE_TO_NUMPY:
         raise InvalidInput(
             f"input '{name}': datatype {datatype!r} is not a KServe v2 datatype ({', '.join(DATATYPE_TO_NUMPY)})")
-    shape = _parse_shape(name, item.get("shape"))
+    shape = parse_shape(name, item.get("shape"))
     params = item.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInput(f"input '{name}': 'parameters' must be an object")
@@ -182,7 +182,7 @@ def _decode_input(index: int, item, reader: _BinaryReader, request: InferRequest
     if ref is not None:
         if "data" in item or size is not None:
             raise InvalidInput(f"input '{name}': names a shared memory region and also carries data")
-        _check_shm_size(name, datatype, shape, ref)
+        check_shm_size(name, datatype, shape, ref)
         request.shm_inputs[name] = ShmInput(ref, datatype, shape)
     elif size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -216,7 +216,7 @@ def _decode_outputs(raw_outputs) -> list[RequestedOutput] | None:
 
 
 # ---- tensors ------------------------------------------------------------------------
-def _parse_shape(name: str, shape) -> tuple[int, ...]:
+def parse_shape(name: str, shape) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInput(f"input '{name}': 'shape' must be a list of integers, got {shape!r}")
     for d in shape:
@@ -303,7 +303,7 @@ def _decode_json_data(name: str, datatype: str, shape: tuple[int, ...], data) ->
     return array.reshape(shape)
 
 
-def _check_shm_size(name: str, datatype: str, shape: tuple[int, ...], ref: ShmRef) -> None:
+def check_shm_size(name: str, datatype: str, shape: tuple[int, ...], ref: ShmRef) -> None:
     if datatype == "BYTES":
         return  # serialized strings: their length is known once read
     expected = element_count(shape) * DATATYPE_TO_NUMPY[datatype].itemsize

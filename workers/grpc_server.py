@@ -1,0 +1,156 @@
+"""The worker's own KServe v2 gRPC endpoint: ``ModelInfer`` straight into its runner.
+
+The fleet's gRPC router (``cluster/frontdoor/grpc_router.py``) forwards a
+``ModelInferRequest`` here, as bytes, when this worker holds the model's engine: one
+hop, as the HTTP front door does. The same ``run_infer`` as HTTP does the checks, the
+token rule (gRPC metadata ``authorization``) and the statistics; errors become gRPC
+status codes through the one table (``FleetError.grpc_status``), with the error's type in
+trailing metadata (``x-fleet-error``). An engine this worker does not hold (evicted a
+moment ago) answers UNAVAILABLE with type ``EngineNotHere``: the router loads the model
+where a budget allows and tries again.
+
+grpc.aio on its own event loop, in a thread of the worker process (ONNX Runtime runs on
+the batcher's threads and releases the GIL), as the HTTP endpoint does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+
+from workers.errors import FleetError, InvalidInput
+from workers.kserve.grpc_codec import grpc_response, read_grpc_request
+from workers.kserve.handler import ERROR_TYPE_HEADER, InferPolicy, Served, run_infer, served_by
+from workers.kserve.codec import InferRequest
+from workers.kserve.proto import grpc_service_pb2 as pb
+from workers.runner import EngineRunner
+from workers.stats import RequestStats
+
+log = logging.getLogger("forward-fleet.worker-grpc")
+
+SERVICE = "inference.GRPCInferenceService"
+MODEL_INFER = f"/{SERVICE}/ModelInfer"
+
+
+def channel_options(max_receive_bytes: int) -> list[tuple[str, int]]:
+    """Message size limits for servers and channels that carry tensors (gRPC's default is 4 MiB)."""
+    return [("grpc.max_receive_message_length", max_receive_bytes), ("grpc.max_send_message_length", -1)]
+
+
+def status_of(exc: FleetError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, exc.grpc_status)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End the call with the error's status code and type (a bug: INTERNAL, and keep serving)."""
+    if isinstance(exc, FleetError):
+        await context.abort(status_of(exc), exc.message, trailing_metadata=((ERROR_TYPE_HEADER, type(exc).__name__),))
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True)
+class GrpcOptions:
+    """How a worker serves gRPC; decided by the controller from the fleet config."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port
+    policy: InferPolicy = field(default_factory=InferPolicy)
+
+
+class WorkerGrpcServer:
+    """grpc.aio (a thread with its own event loop) in front of one EngineRunner."""
+
+    def __init__(self, runner: EngineRunner, options: GrpcOptions, stats: RequestStats) -> None:
+        self.runner = runner
+        self.options = options
+        self.stats = stats
+        self.port = 0
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.options.host, self.port
+
+    def start(self) -> int:
+        started = threading.Event()
+        failed: list[BaseException] = []
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._start())
+            except BaseException as exc:  # noqa: BLE001 (reported to start's caller)
+                failed.append(exc)
+                started.set()
+                return
+            started.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="worker-grpc", daemon=True)
+        self._thread.start()
+        started.wait(30)
+        if failed:
+            raise failed[0]
+        return self.port
+
+    async def _start(self) -> None:
+        server = grpc.aio.server(options=channel_options(self.options.policy.max_request_bytes))
+        handlers = {
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(
+                self.model_infer, request_deserializer=pb.ModelInferRequest.FromString,
+                response_serializer=pb.ModelInferResponse.SerializeToString),
+            "ServerLive": grpc.unary_unary_rpc_method_handler(
+                self.server_live, request_deserializer=pb.ServerLiveRequest.FromString,
+                response_serializer=pb.ServerLiveResponse.SerializeToString),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self.port = server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        await server.start()
+        self._server = server
+
+    def stop(self) -> None:
+        loop, server = self._loop, self._server
+        if loop is not None and loop.is_running():
+            if server is not None:
+                asyncio.run_coroutine_threadsafe(server.stop(grace=2), loop).result(timeout=10)
+            loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ---- calls -------------------------------------------------------------------
+    async def server_live(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def model_infer(self, message: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        headers = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        model, version = message.model_name, message.model_version or None
+        if not model:
+            await abort(context, InvalidInput("ModelInferRequest needs a model_name"))
+
+        def decode() -> InferRequest:
+            return read_grpc_request(message, limit=self.options.policy.max_request_bytes)
+
+        def encode(served: Served, request: InferRequest) -> pb.ModelInferResponse:
+            return grpc_response(model, served.version, served.outputs, request, served.parameters)
+
+        try:
+            return await run_infer(model, version, headers, decode, encode, policy=self.options.policy,
+                                   serve=self._serve, stats=self.stats)
+        except Exception as exc:
+            await abort(context, exc)
+            raise  # abort raised already
+
+    async def _serve(self, model: str, version: str | None, request: InferRequest) -> Served:
+        result = await asyncio.wrap_future(self.runner.submit(request, model, version))
+        manifest = result.manifest
+        return Served(manifest.version, result.outputs,
+                      served_by(self.runner.worker_id, self.runner.device, manifest.target.key()))
