@@ -33,6 +33,7 @@ def worker_view(record: WorkerRecord, stats: dict | None, manifests: list[Manife
         "nvml_used_bytes": stats.get("nvml_used_bytes"),
         "rss_bytes": stats.get("rss_bytes"),
         "http": f"{info.http[0]}:{info.http[1]}" if info.http else None,
+        "grpc": f"{info.grpc[0]}:{info.grpc[1]}" if info.grpc else None,
         "runnable_not_loaded": runnable,
     }
 

@@ -185,7 +185,8 @@ class GrpcRouter:
         try:
             return await self.forward(raw, _forwarded(context.invocation_metadata()))
         except grpc.aio.AioRpcError as err:  # the worker's own answer, as it came
-            await context.abort(err.code(), err.details() or "", trailing_metadata=err.trailing_metadata())
+            await context.abort(err.code(), err.details() or "",
+                                trailing_metadata=tuple(err.trailing_metadata() or ()))
         except Exception as exc:
             if not isinstance(exc, FleetError):
                 log.exception("internal error routing a gRPC request")

@@ -349,7 +349,7 @@ def encode_response(
                 f"the model's outputs are {', '.join(repr(n) for n in outputs)}"
             )
     blobs: list[bytes] = []
-    out_list = [shm_entry(req.name, value) if isinstance(value := outputs[req.name], ShmWritten)
+    out_list = [written_entry(req.name, value) if isinstance(value := outputs[req.name], ShmWritten)
                 else tensor_entry(req.name, np.asarray(value), req.binary, blobs) for req in wanted]
     body = {"model_name": model, "model_version": version, "outputs": out_list}
     if request.id is not None:
@@ -373,6 +373,13 @@ def tensor_entry(name: str, array: np.ndarray, binary: bool, blobs: list[bytes])
     else:
         entry["data"] = _json_ready(array)
     return entry
+
+
+def written_entry(name: str, tensor: ShmWritten) -> dict:
+    """An output written into shared memory, as Triton answers it: no data and no parameters (the
+    client knows where it asked for it; Triton's C++ client reads any output's ``parameters`` as
+    binary data)."""
+    return {"name": name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
 
 
 def shm_entry(name: str, tensor: "ShmWritten | ShmInput") -> dict:
