@@ -66,3 +66,13 @@ def make_simple_identity(path: Path) -> Path:
     y = helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, ["N", "M"])
     return _save(helper.make_graph([helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], "simple_identity",
                                    [x], [y]), path)
+
+
+def make_mixed_scale(path: Path) -> Path:
+    """Two inputs of different types, one with a dynamic dimension besides the batch: FP32 x [N, D]
+    and INT64 k [N, 1] -> y = x * k (FP32 [N, D])."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "D"])
+    k = helper.make_tensor_value_info("k", TensorProto.INT64, ["N", 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "D"])
+    nodes = [helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["x", "kf"], ["y"])]
+    return _save(helper.make_graph(nodes, "mixed-scale", [x, k], [y]), path)
