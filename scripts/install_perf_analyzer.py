@@ -10,7 +10,7 @@ wheel; no GPU is needed to run it). This script, idempotent and quiet when done 
 3. apt-installs ``libb64-0d`` when it is missing (as root, or with sudo -n);
 4. writes ``DIR/bin/perf_analyzer``, a wrapper that sets ``LD_LIBRARY_PATH`` and runs it.
 
-    python scripts/install_perf_analyzer.py [DIR]     # default: .venv/perf-analyzer
+    python scripts/install_perf_analyzer.py [DIR]     # default: <the venv>/perf-analyzer
     DIR/bin/perf_analyzer -m digits-mlp -u 127.0.0.1:8000 -i http
 
 Prints the wrapper's path last.
@@ -26,8 +26,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DIR = ROOT / ".venv" / "perf-analyzer"
+DEFAULT_DIR = Path(sys.prefix) / "perf-analyzer"  # in the venv that runs this script
 WHEEL = "tritonclient==2.41.0"
 MEMBER = "tritonclient-2.41.0.data/data/bin/perf_analyzer"
 CUDART = "nvidia-cuda-runtime-cu12==12.9.79"
