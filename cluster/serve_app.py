@@ -343,8 +343,9 @@ class FleetIngress:
             if config is not None and not isinstance(config, str):
                 raise InvalidInput("parameters.config must be a string: the model configuration as JSON")
             if any(key.startswith("file:") for key in params):
-                raise InvalidInput("failed to poll from model repository: model files in a load request are not "
-                                   "supported; publish the model to the fleet's repository (`fleet build`)")
+                # Triton's answer and status (500 / INTERNAL), which its model control example checks
+                raise FleetError("failed to poll from model repository: model files in a load request are not "
+                                 "supported; publish the model to the fleet's repository (`fleet build`)")
             await self.plane.resolve(model, None)
             await call(self.controller.load.remote(model, config))
         except FleetError as exc:  # Triton's wording, which clients match on
