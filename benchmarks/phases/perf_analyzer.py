@@ -30,8 +30,8 @@ def measure(spec: dict, system: str, protocol: str, url: str, concurrency: int, 
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "pa.csv"
         command = [spec["perf_analyzer"], "-m", model, "-u", url, "-i", protocol, "--concurrency-range", str(concurrency),
-                   "--measurement-interval", str(int(spec["window_s"] * 1000)), "--stability-percentage", "30",
-                   "--max-trials", "6", "-f", str(report), "--percentile", "99"]
+                   "--measurement-interval", str(int(spec["window_s"] * 1000)), "--stability-percentage", "100",
+                   "--max-trials", "10", "-f", str(report)]
         for name, value in (headers or {}).items():
             command += ["-H", f"{name}:{value}"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
