@@ -25,7 +25,7 @@ from workers.build import BuildRequest, EvalData, build_artifact
 from workers.devices import CudaHostPinner, Device, discover_devices, nvml_used_bytes
 from workers.engines.onnxruntime import cuda_provider_available
 from workers.errors import IncompatibleArtifact, NotReady
-from workers.grpc_server import GrpcOptions, WorkerGrpcServer
+from workers.grpc_server import GrpcOptions, MissFn, WorkerGrpcServer
 from workers.http import HttpOptions, MissHandler, WorkerHttpServer
 from workers.kserve.codec import InferRequest
 from workers.manifest import Manifest
@@ -214,10 +214,10 @@ class FleetWorker:
             freeze_heap()
         return self._http.address
 
-    def start_grpc(self, options: GrpcOptions) -> tuple[str, int]:
-        """Serve KServe v2 gRPC inference from this process (what the fleet's gRPC router forwards to)."""
+    def start_grpc(self, options: GrpcOptions, on_miss: MissFn | None = None) -> tuple[str, int]:
+        """Serve KServe v2 gRPC inference from this process (the fleet's one-hop path over gRPC)."""
         if self._grpc is None:
-            self._grpc = WorkerGrpcServer(self.runner, options, self.request_stats)
+            self._grpc = WorkerGrpcServer(self.runner, options, self.request_stats, on_miss)
             self._grpc.start()
             freeze_heap()
         return self._grpc.address

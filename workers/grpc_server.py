@@ -1,13 +1,15 @@
 """The worker's own KServe v2 gRPC endpoint: ``ModelInfer`` straight into its runner.
 
-The fleet's gRPC router (``cluster/frontdoor/grpc_router.py``) forwards a
-``ModelInferRequest`` here, as bytes, when this worker holds the model's engine: one
-hop, as the HTTP front door does. The same ``run_infer`` as HTTP does the checks, the
-token rule (gRPC metadata ``authorization``) and the statistics; errors become gRPC
-status codes through the one table (``FleetError.grpc_status``), with the error's type in
-trailing metadata (``x-fleet-error``). An engine this worker does not hold (evicted a
-moment ago) answers UNAVAILABLE with type ``EngineNotHere``: the router loads the model
-where a budget allows and tries again.
+The fleet's front door (HAProxy on the gRPC port, or the gRPC router) sends a
+``ModelInferRequest`` here when this worker holds the model's engine: one hop, as over
+HTTP. The same ``run_infer`` as HTTP does the checks, the token rule (gRPC metadata
+``authorization``) and the statistics; errors become gRPC status codes through the one
+table (``FleetError.grpc_status``), with the error's type in trailing metadata
+(``x-fleet-error``). A request for an engine this worker does not hold (evicted a moment
+ago) goes to ``on_miss``, which the fleet supplies (it passes the request on to its gRPC
+router, which loads the model where a budget allows); a request the router itself sent
+(metadata ``x-fleet-routed``) answers UNAVAILABLE with type ``EngineNotHere`` instead, and
+the router tries again.
 
 grpc.aio on its own event loop, in a thread of the worker process (ONNX Runtime runs on
 the batcher's threads and releases the GIL), as the HTTP endpoint does.
@@ -18,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
-from workers.errors import FleetError, InvalidInput
+from workers.errors import EngineNotHere, FleetError, InvalidInput
 from workers.kserve.grpc_codec import grpc_response, read_grpc_request
 from workers.kserve.handler import ERROR_TYPE_HEADER, InferPolicy, Served, run_infer, served_by
 from workers.kserve.codec import InferRequest
@@ -34,6 +37,9 @@ log = logging.getLogger("forward-fleet.worker-grpc")
 
 SERVICE = "inference.GRPCInferenceService"
 MODEL_INFER = f"/{SERVICE}/ModelInfer"
+ROUTED_HEADER = "x-fleet-routed"  # sent by the fleet's gRPC router: a miss here goes back to it as an error
+Metadata = tuple[tuple[str, str], ...]
+MissFn = Callable[[bytes, Metadata], Awaitable[bytes]]
 
 
 def channel_options(max_receive_bytes: int) -> list[tuple[str, int]]:
@@ -64,10 +70,12 @@ class GrpcOptions:
 class WorkerGrpcServer:
     """grpc.aio (a thread with its own event loop) in front of one EngineRunner."""
 
-    def __init__(self, runner: EngineRunner, options: GrpcOptions, stats: RequestStats) -> None:
+    def __init__(self, runner: EngineRunner, options: GrpcOptions, stats: RequestStats,
+                 on_miss: MissFn | None = None) -> None:
         self.runner = runner
         self.options = options
         self.stats = stats
+        self.on_miss = on_miss
         self.port = 0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -105,9 +113,7 @@ class WorkerGrpcServer:
     async def _start(self) -> None:
         server = grpc.aio.server(options=channel_options(self.options.policy.max_request_bytes))
         handlers = {
-            "ModelInfer": grpc.unary_unary_rpc_method_handler(
-                self.model_infer, request_deserializer=pb.ModelInferRequest.FromString,
-                response_serializer=pb.ModelInferResponse.SerializeToString),
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),  # bytes: a miss passes them on
             "ServerLive": grpc.unary_unary_rpc_method_handler(
                 self.server_live, request_deserializer=pb.ServerLiveRequest.FromString,
                 response_serializer=pb.ServerLiveResponse.SerializeToString),
@@ -130,24 +136,39 @@ class WorkerGrpcServer:
     async def server_live(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def model_infer(self, message: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        headers = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
-        model, version = message.model_name, message.model_version or None
-        if not model:
-            await abort(context, InvalidInput("ModelInferRequest needs a model_name"))
-
-        def decode() -> InferRequest:
-            return read_grpc_request(message, limit=self.options.policy.max_request_bytes)
-
-        def encode(served: Served, request: InferRequest) -> pb.ModelInferResponse:
-            return grpc_response(model, served.version, served.outputs, request, served.parameters)
-
+    async def model_infer(self, raw: bytes, context) -> bytes:
+        metadata = tuple((k.lower(), v) for k, v in context.invocation_metadata() if isinstance(v, str))
+        headers = dict(metadata)
         try:
-            return await run_infer(model, version, headers, decode, encode, policy=self.options.policy,
-                                   serve=self._serve, stats=self.stats)
+            message = pb.ModelInferRequest.FromString(raw)
+        except Exception:  # noqa: BLE001 (protobuf's DecodeError: the client's bytes)
+            await abort(context, InvalidInput("the request is not a valid ModelInferRequest"))
+        model, version = message.model_name, message.model_version or None
+        miss = self.on_miss if ROUTED_HEADER not in headers else None
+        try:
+            if not model:
+                raise InvalidInput("ModelInferRequest needs a model_name")
+            if miss is not None and self.runner.engine_key(model, version) is None:
+                return await miss(raw, metadata)  # not here: the router loads it and routes it
+
+            def decode() -> InferRequest:
+                return read_grpc_request(message, limit=self.options.policy.max_request_bytes)
+
+            def encode(served: Served, request: InferRequest) -> bytes:
+                return grpc_response(model, served.version, served.outputs, request, served.parameters).SerializeToString()
+
+            try:
+                return await run_infer(model, version, headers, decode, encode, policy=self.options.policy,
+                                       serve=self._serve, stats=self.stats)
+            except EngineNotHere:
+                if miss is None:
+                    raise
+                return await miss(raw, metadata)  # evicted between the look and the run
+        except grpc.aio.AioRpcError as err:  # the router's answer to a miss, as it came
+            await context.abort(err.code(), err.details() or "", trailing_metadata=tuple(err.trailing_metadata() or ()))
         except Exception as exc:
             await abort(context, exc)
-            raise  # abort raised already
+        raise AssertionError("unreachable: abort raises")
 
     async def _serve(self, model: str, version: str | None, request: InferRequest) -> Served:
         result = await asyncio.wrap_future(self.runner.submit(request, model, version))

@@ -77,7 +77,7 @@ class FleetController:
         if self._started:
             return await self.status()
         self._scan()
-        await self.pool.start(self._ingress_url())
+        await self.pool.start(self._ingress_url(), self._grpc_front())
         await self.loader.preload()
         if self.endpoints.front_door:
             await self._start_front_door()
@@ -85,11 +85,20 @@ class FleetController:
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
         return await self.status()
 
-    def _ingress_url(self) -> str:
+    def _head_address(self) -> str:
         host = self.config.host
         if is_wildcard(host):
             host = ray.util.get_node_ip_address()  # the controller runs on the head node, as Serve does
-        return f"http://{host}:{self.endpoints.serve_port}"
+        return host
+
+    def _ingress_url(self) -> str:
+        return f"http://{self._head_address()}:{self.endpoints.serve_port}"
+
+    def _grpc_front(self) -> str | None:
+        """The fleet's gRPC port (the front door's HAProxy), where workers pass on their gRPC misses."""
+        if self.config.grpc_port is None or not self.endpoints.front_door:
+            return None
+        return f"{self._head_address()}:{self.config.grpc_port}"
 
     async def _start_front_door(self) -> None:
         host = self.config.host

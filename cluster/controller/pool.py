@@ -27,7 +27,7 @@ from workers.messages import WorkerHealth, WorkerInfo
 from cluster.calls import call
 from cluster.config import Endpoints, FleetConfig
 from cluster.controller.events import EventLog
-from cluster.forward import IngressForwarder
+from cluster.forward import GrpcMissForwarder, IngressForwarder
 from cluster.inventory import WorkerRecord
 from cluster.names import NODE_LABEL
 from cluster.net import is_loopback, is_wildcard
@@ -42,11 +42,13 @@ WORKER_MAX_CONCURRENCY = 64
 class RayFleetWorker(FleetWorker):
     """FleetWorker plus what only the fleet knows: its node's address and where misses go."""
 
-    def serve_http(self, options: HttpOptions, ingress_url: str, grpc: GrpcOptions | None = None) -> WorkerInfo:
-        """Start the worker's own endpoints (HTTP; gRPC too when the fleet serves gRPC)."""
+    def serve_http(self, options: HttpOptions, ingress_url: str, grpc: GrpcOptions | None = None,
+                   grpc_front: str | None = None) -> WorkerInfo:
+        """Start the worker's own endpoints (HTTP; gRPC too when the fleet serves gRPC: its misses go
+        back to the fleet's gRPC port, ``grpc_front``)."""
         self.start_http(options, on_miss=IngressForwarder(ingress_url))
         if grpc is not None:
-            self.start_grpc(grpc)
+            self.start_grpc(grpc, on_miss=GrpcMissForwarder(grpc_front) if grpc_front else None)
         info = self.info()
         node = ray.util.get_node_ip_address()
         for name in ("http", "grpc"):
@@ -135,8 +137,10 @@ class WorkerPool:
         return self._members[worker_id].info
 
     # ---- starting -------------------------------------------------------------
-    async def start(self, ingress_url: str) -> None:
+    async def start(self, ingress_url: str, grpc_front: str | None = None) -> None:
+        """Start every worker; ``grpc_front``: the fleet's gRPC address, where workers pass on their gRPC misses."""
         self._ingress_url = ingress_url
+        self._grpc_front = grpc_front
         for spec, options in plan_workers(self.config):
             self._members[spec.worker_id] = _Member(spec, options)
         await asyncio.gather(*(self._start(wid) for wid in self._members))
@@ -160,7 +164,8 @@ class WorkerPool:
         try:
             if self.endpoints.front_door:
                 info = await asyncio.wait_for(call(handle.serve_http.remote(
-                    self._http_options(), self._ingress_url, self._grpc_options())), WORKER_START_TIMEOUT_S)
+                    self._http_options(), self._ingress_url, self._grpc_options(), self._grpc_front)),
+                    WORKER_START_TIMEOUT_S)
             else:
                 info = await asyncio.wait_for(call(handle.info.remote()), WORKER_START_TIMEOUT_S)
             health = await call(handle.health.remote())

@@ -4,8 +4,9 @@ As Ray Serve's proxies follow the routes its controller publishes, this actor ta
 routes the fleet's controller pushes (``apply``, never awaited by the controller) and
 reloads HAProxy on a thread of its own: a reload never blocks the controller, and a
 burst of changes costs one reload with the newest routes. A watchdog starts HAProxy
-again if it dies or is killed, with the routes it had. With gRPC on, the same routes
-feed the gRPC router (``grpc_router``) on the fleet's gRPC port, at once (no reload).
+again if it dies or is killed, with the routes it had. With gRPC on, HAProxy also takes
+the fleet's gRPC port, and the gRPC router (``grpc_router``) runs here for what HAProxy
+sends it, fed the same routes at once (no reload).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import ray
 from cluster.calls import call
 from cluster.frontdoor.grpc_router import GrpcFront, GrpcRouter
 from cluster.frontdoor.haproxy import FrontDoor
-from cluster.frontdoor.routes import Route
+from cluster.frontdoor.routes import GrpcFrontend, Route
 from cluster.inventory import Placement
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 
@@ -45,11 +46,12 @@ class FrontDoorActor:
     async def start(self, epoch: int, routes: list[Route], grpc_addresses: dict | None = None) -> dict:
         """Start HAProxy (and the gRPC router) with these routes; returns once they listen."""
         self._wake, self._lock = asyncio.Event(), asyncio.Lock()
-        await asyncio.to_thread(self.door.start, routes)
-        if self.grpc is not None:
+        if self.grpc is not None:  # first: HAProxy's gRPC frontend sends it what it cannot route
             self.grpc.set_addresses(grpc_addresses or {})
             self.grpc.set_routes(routes)
-            await self.grpc.start()
+            port = await self.grpc.start()
+            self.door.grpc = GrpcFrontend(self.grpc.front.bind, (self.grpc.front.router_host, port))
+        await asyncio.to_thread(self.door.start, routes)
         self._epoch, self._desired = epoch, routes
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._apply_changes()), loop.create_task(self._watch())]
@@ -103,7 +105,7 @@ class FrontDoorActor:
         self._events.append({"time": time.time(), "event": kind, **fields})
 
     async def describe(self) -> dict:
-        grpc = f"{self.grpc.front.bind[0]}:{self.grpc.port}" if self.grpc is not None else None
+        grpc = f"{self.grpc.front.bind[0]}:{self.grpc.front.bind[1]}" if self.grpc is not None else None
         return dict(self.door.describe(), grpc=grpc, events=list(self._events))
 
     async def stop(self) -> None:

@@ -1,16 +1,20 @@
-"""The fleet's gRPC port: a thin router for KServe v2 / Triton gRPC (``inference.GRPCInferenceService``).
+"""The gRPC router: what HAProxy cannot do on the fleet's gRPC port (``inference.GRPCInferenceService``).
 
-HAProxy routes HTTP inference by its path; a gRPC request carries the model's name
-inside its protobuf body. So the front door's actor runs this router on the fleet's
-gRPC port:
+HAProxy takes the fleet's gRPC port and sends ``ModelInfer`` for a model some worker
+holds straight to that worker (``routes.py``: it reads the model's name out of the
+buffered body). Everything else comes here, beside HAProxy in the front door's actor
+(on loopback), as the rest of HTTP goes to the ingress:
 
-- ``ModelInfer``: reads only fields 1 and 2 of the raw request (``model_name_of``), picks
+- ``ModelInfer`` that HAProxy could not route (no worker holds the model, a body larger
+  than HAProxy's buffer, a worker's miss passed back): reads only fields 1 and 2 of the
+  raw request (``model_name_of``), picks
   a worker that holds the model from the routes the controller pushes (least in flight),
   and forwards the raw bytes over a generic channel to that worker's own gRPC endpoint
-  (``workers/grpc_server.py``), whose answer (or status) goes back as it came: one hop to
-  the worker, as HTTP. No worker holds the model: the router asks the controller to load
-  it (``load``: after the token check, as the HTTP ingress does) and routes by the placement.
-  A worker gone, or an engine evicted a moment ago, costs another attempt.
+  (``workers/grpc_server.py``, told by ``x-fleet-routed`` not to pass a miss back), whose
+  answer (or status) goes back as it came. No worker holds the model: the router asks the
+  controller to load it (``load``: after the token check, as the HTTP ingress does) and
+  routes by the placement. A worker gone, or an engine evicted a moment ago, costs another
+  attempt.
 - ``ModelStreamInfer``: each request of the stream is routed as ``ModelInfer``; answers go
   back as they finish (per-request errors in ``error_message``, as Triton's).
 - Every other call: the ingress over HTTP (``grpc_gateway``).
@@ -27,13 +31,13 @@ from dataclasses import dataclass, field
 import grpc
 
 from workers.errors import FleetError, NotReady
-from workers.grpc_server import MODEL_INFER, SERVICE, abort, channel_options
+from workers.grpc_server import MODEL_INFER, ROUTED_HEADER, SERVICE, abort, channel_options
 from workers.kserve.grpc_codec import model_name_of
 from workers.kserve.handler import ERROR_TYPE_HEADER, InferPolicy
 from workers.manifest import validate_model_ref
 
 from cluster.frontdoor.grpc_gateway import IngressGateway
-from cluster.frontdoor.routes import Route
+from cluster.frontdoor.routes import GRPC_MISS_HEADER, Route
 from cluster.inventory import Placement
 
 log = logging.getLogger("forward-fleet.grpc-router")
@@ -46,10 +50,11 @@ LoadFn = Callable[[str, "str | None"], Awaitable[Placement]]
 
 @dataclass(frozen=True)
 class GrpcFront:
-    """Where the fleet serves gRPC and its inference policy (the token rule for loads on a miss)."""
+    """Where the fleet serves gRPC (HAProxy's bind) and its inference policy (the token rule for loads on a miss)."""
 
     bind: tuple[str, int]
     policy: InferPolicy = field(default_factory=InferPolicy)
+    router_host: str = "127.0.0.1"  # the router itself, beside HAProxy
 
 
 def _length_delimited(number: int, payload: bytes) -> bytes:
@@ -63,8 +68,10 @@ def _length_delimited(number: int, payload: bytes) -> bytes:
 
 
 def _forwarded(metadata) -> tuple[tuple[str, str], ...]:
-    """The caller's metadata that goes on to the worker (not gRPC's own)."""
-    return tuple((k, v) for k, v in metadata if not k.startswith(("grpc-", ":")) and k not in ("user-agent", "te"))
+    """The caller's metadata that goes on to the worker (not gRPC's own, not the miss mark), marked as routed."""
+    kept = tuple((k, v) for k, v in metadata
+                 if not k.startswith(("grpc-", ":")) and k not in ("user-agent", "te", GRPC_MISS_HEADER, ROUTED_HEADER))
+    return (*kept, (ROUTED_HEADER, "1"))
 
 
 def _worker_went_away(err: grpc.aio.AioRpcError) -> tuple[bool, bool]:
@@ -98,10 +105,7 @@ class GrpcRouter:
         handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(self.model_infer)  # raw bytes both ways
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(self.model_stream_infer)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        host, port = self.front.bind
-        self.port = server.add_insecure_port(f"{host}:{port}")
-        if not self.port:
-            raise NotReady(f"the gRPC port {host}:{port} is taken")
+        self.port = server.add_insecure_port(f"{self.front.router_host}:0")
         await server.start()
         self._server = server
         return self.port

@@ -33,7 +33,14 @@ def worker(tmp_path_factory, demo_models):
     worker = FleetWorker(WorkerSpec("w0", budget_bytes=1 << 30))
     (artifact,) = repo.artifacts("digits-mlp")
     worker.load(artifact.manifest, str(artifact.directory))
-    host, port = worker.start_grpc(GrpcOptions(policy=InferPolicy(auth_token=TOKEN, auth_inference=True)))
+    missed: list = []
+
+    async def on_miss(raw: bytes, metadata) -> bytes:  # stands in for the fleet's router
+        missed.append((pb.ModelInferRequest.FromString(raw).model_name, dict(metadata).get("x-fleet-miss")))
+        return pb.ModelInferResponse(model_name="passed-on").SerializeToString()
+
+    host, port = worker.start_grpc(GrpcOptions(policy=InferPolicy(auth_token=TOKEN, auth_inference=True)), on_miss)
+    worker.missed = missed
     yield worker, f"{host}:{port}", path
     worker.shutdown()
 
@@ -65,8 +72,11 @@ def test_a_worker_serves_model_infer_with_the_same_checks_as_http(worker):
         "Unauthorized")
     code, details, kind = failure(address, grpc_request("digits-mlp", {"input": X[:, :8]}))
     assert (code, kind) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidInput") and "dimension 1 is 8" in details
-    code, details, kind = failure(address, grpc_request("cnn-small", {"input": X}))
-    assert (code, kind) == (grpc.StatusCode.UNAVAILABLE, "EngineNotHere")  # the router loads it elsewhere
+    assert call(address, grpc_request("cnn-small", {"input": X})).model_name == "passed-on"  # a miss: passed on
+    assert fleet_worker.missed == [("cnn-small", None)]
+    code, details, kind = failure(address, grpc_request("cnn-small", {"input": X}), AUTH + (("x-fleet-routed", "1"),))
+    assert (code, kind) == (grpc.StatusCode.UNAVAILABLE, "EngineNotHere")  # from the router: it tries elsewhere
+    assert len(fleet_worker.missed) == 1
     assert fleet_worker.request_stats.report()["models"]["digits-mlp"]["success"] >= 1
 
 
