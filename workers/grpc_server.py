@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from workers.kserve.grpc_codec import grpc_response, read_grpc_request
 from workers.kserve.handler import ERROR_TYPE_HEADER, InferPolicy, Served, run_infer, served_by
 from workers.kserve.codec import InferRequest
 from workers.kserve.proto import grpc_service_pb2 as pb
+from workers.loopthread import LoopThread
 from workers.runner import EngineRunner
 from workers.stats import RequestStats
 
@@ -77,8 +77,7 @@ class WorkerGrpcServer:
         self.stats = stats
         self.on_miss = on_miss
         self.port = 0
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = LoopThread("worker-grpc")  # grpc.aio: asyncio's own loop
         self._server: grpc.aio.Server | None = None
 
     @property
@@ -86,28 +85,7 @@ class WorkerGrpcServer:
         return self.options.host, self.port
 
     def start(self) -> int:
-        started = threading.Event()
-        failed: list[BaseException] = []
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._start())
-            except BaseException as exc:  # noqa: BLE001 (reported to start's caller)
-                failed.append(exc)
-                started.set()
-                return
-            started.set()
-            loop.run_forever()
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="worker-grpc", daemon=True)
-        self._thread.start()
-        started.wait(30)
-        if failed:
-            raise failed[0]
+        self._loop.start(self._start, self._stop)
         return self.port
 
     async def _start(self) -> None:
@@ -123,14 +101,12 @@ class WorkerGrpcServer:
         await server.start()
         self._server = server
 
+    async def _stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=2)
+
     def stop(self) -> None:
-        loop, server = self._loop, self._server
-        if loop is not None and loop.is_running():
-            if server is not None:
-                asyncio.run_coroutine_threadsafe(server.stop(grace=2), loop).result(timeout=10)
-            loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._loop.stop()
 
     # ---- calls -------------------------------------------------------------------
     async def server_live(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:

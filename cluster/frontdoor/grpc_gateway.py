@@ -30,6 +30,11 @@ Headers = dict[str, str]
 TIMEOUT_S = 300
 
 
+def _region_path(kind: str, name: str, action: str) -> str:
+    """``/v2/{kind}/region/{name}/{action}``, or ``/v2/{kind}/{action}`` for every region (no name)."""
+    return f"/v2/{kind}/region/{quote(name, safe='')}/{action}" if name else f"/v2/{kind}/{action}"
+
+
 def _model_path(name: str, version: str, tail: str = "") -> str:
     validate_model_ref(name, version or None)
     return f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + tail
@@ -137,38 +142,36 @@ class IngressGateway:
         await self._http("POST", f"/v2/repository/models/{request.model_name}/unload", headers, {})
         return {}
 
-    # ---- shared memory -----------------------------------------------------------------
+    # ---- shared memory (system: "systemsharedmemory", CUDA: "cudasharedmemory") ----------
+    async def _regions(self, kind: str, request, headers: Headers) -> dict:
+        listed = (await self._http("GET", _region_path(kind, request.name, "status"), headers))[1]
+        return {"regions": {r["name"]: r for r in listed}}  # type: ignore[union-attr]
+
+    async def _unregister(self, kind: str, request, headers: Headers) -> dict:
+        await self._http("POST", _region_path(kind, request.name, "unregister"), headers, {})
+        return {}
+
     async def shm_status(self, request, headers: Headers) -> dict:
-        path = f"/v2/systemsharedmemory/region/{quote(request.name, safe='')}/status" if request.name \
-            else "/v2/systemsharedmemory/status"
-        return {"regions": {r["name"]: r for r in (await self._http("GET", path, headers))[1]}}  # type: ignore[union-attr]
+        return await self._regions("systemsharedmemory", request, headers)
 
     async def shm_register(self, request, headers: Headers) -> dict:
         body = {"key": request.key, "offset": request.offset, "byte_size": request.byte_size}
-        await self._http("POST", f"/v2/systemsharedmemory/region/{quote(request.name, safe='')}/register", headers, body)
+        await self._http("POST", _region_path("systemsharedmemory", request.name, "register"), headers, body)
         return {}
 
     async def shm_unregister(self, request, headers: Headers) -> dict:
-        path = f"/v2/systemsharedmemory/region/{quote(request.name, safe='')}/unregister" if request.name \
-            else "/v2/systemsharedmemory/unregister"
-        await self._http("POST", path, headers, {})
-        return {}
+        return await self._unregister("systemsharedmemory", request, headers)
 
     async def cuda_status(self, request, headers: Headers) -> dict:
-        path = f"/v2/cudasharedmemory/region/{quote(request.name, safe='')}/status" if request.name \
-            else "/v2/cudasharedmemory/status"
-        return {"regions": {r["name"]: r for r in (await self._http("GET", path, headers))[1]}}  # type: ignore[union-attr]
+        return await self._regions("cudasharedmemory", request, headers)
 
     async def cuda_register(self, request, headers: Headers) -> dict:
-        await self._http("POST", f"/v2/cudasharedmemory/region/{quote(request.name, safe='')}/register", headers,
-                         {"device_id": request.device_id, "byte_size": request.byte_size})
+        body = {"device_id": request.device_id, "byte_size": request.byte_size}
+        await self._http("POST", _region_path("cudasharedmemory", request.name, "register"), headers, body)
         return {}
 
     async def cuda_unregister(self, request, headers: Headers) -> dict:
-        path = f"/v2/cudasharedmemory/region/{quote(request.name, safe='')}/unregister" if request.name \
-            else "/v2/cudasharedmemory/unregister"
-        await self._http("POST", path, headers, {})
-        return {}
+        return await self._unregister("cudasharedmemory", request, headers)
 
 
 def http_headers(context: grpc.aio.ServicerContext) -> Headers:
