@@ -99,7 +99,8 @@ def _build_demo_on_fleet(config, controller) -> None:
 
 
 def _print_ready(url: str, config) -> None:
-    print(f"\nforward-fleet '{config.name}' is serving on {url}\n")
+    grpc = f" and gRPC on {config.host}:{config.grpc_port}" if config.grpc_port and config.front_door else ""
+    print(f"\nforward-fleet '{config.name}' is serving on {url}{grpc}\n")
     print("Try:")
     print(f"  curl -s {url}/v2/health/ready")
     print(f"  curl -s {url}/v2/models/digits-mlp")
@@ -107,6 +108,9 @@ def _print_ready(url: str, config) -> None:
         f"  curl -s -X POST {url}/v2/models/digits-mlp/infer -H 'Content-Type: application/json' \\\n"
         f"       -d '{{\"inputs\":[{{\"name\":\"input\",\"shape\":[1,64],\"datatype\":\"FP32\",\"data\":{json.dumps(SAMPLE_DIGIT)}}}]}}'"
     )
+    if grpc:
+        print(f"  .venv/perf-analyzer/bin/perf_analyzer -m digits-mlp -u {config.host}:{config.grpc_port} -i grpc"
+              f"   (after: python scripts/install_perf_analyzer.py)")
     print("  fleet status")
     print("  fleet infer digits-mlp --input rows.npy\n", flush=True)
 
