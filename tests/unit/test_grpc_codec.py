@@ -21,19 +21,32 @@ ARRAYS = {
 
 
 def tritonclient_request(model: str, version: str, feeds: dict) -> bytes:
-    """The bytes tritonclient.grpc itself sends for this request."""
-    inputs = []
-    for name, array in feeds.items():
-        datatype = grpcclient.np_to_triton_dtype(array.dtype) if array.dtype != np.object_ else "BYTES"
-        inp = grpcclient.InferInput(name, list(array.shape), datatype)
-        inp.set_data_from_numpy(array)
-        inputs.append(inp)
-    from tritonclient.grpc._utils import _get_inference_request
+    """The bytes tritonclient.grpc itself sends for this request (caught by a real gRPC server)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    request = _get_inference_request(model_name=model, inputs=inputs, model_version=version, request_id="7",
-                                     outputs=None, sequence_id=0, sequence_start=False, sequence_end=False, priority=0,
-                                     timeout=None, parameters=None)
-    return request.SerializeToString()
+    caught: list[bytes] = []
+
+    def infer(raw, context):
+        caught.append(raw)
+        return pb.ModelInferResponse(model_name=model).SerializeToString()
+
+    server = grpc.server(ThreadPoolExecutor(1))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        inputs = []
+        for name, array in feeds.items():
+            datatype = grpcclient.np_to_triton_dtype(array.dtype) if array.dtype != np.object_ else "BYTES"
+            inp = grpcclient.InferInput(name, list(array.shape), datatype)
+            inp.set_data_from_numpy(array)
+            inputs.append(inp)
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as client:
+            client.infer(model, inputs, model_version=version, request_id="7")
+    finally:
+        server.stop(0)
+    return caught[0]
 
 
 def test_tritonclients_request_decodes_to_the_same_tensors():
