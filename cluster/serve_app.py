@@ -182,29 +182,25 @@ class FleetIngress:
 
     @app.get("/v2/models/{model}/stats")
     async def model_statistics(self, model: str, request: Request) -> dict:
-        return await self._statistics(request, model, None)
+        return await self._model_view("model_statistics", request, model, None)
 
     @app.get("/v2/models/{model}/versions/{version}/stats")
     async def model_version_statistics(self, model: str, version: str, request: Request) -> dict:
-        return await self._statistics(request, model, version)
-
-    async def _statistics(self, request: Request, model: str, version: "str | None") -> dict:
-        self._authorize(request, admin=False)
-        await self.plane.resolve(model, version)
-        return await call(self.controller.model_statistics.remote(model, version))
+        return await self._model_view("model_statistics", request, model, version)
 
     @app.get("/v2/models/{model}/config")
     async def model_config(self, model: str, request: Request) -> dict:
-        return await self._config(request, model, None)
+        return await self._model_view("model_config", request, model, None)
 
     @app.get("/v2/models/{model}/versions/{version}/config")
     async def model_version_config(self, model: str, version: str, request: Request) -> dict:
-        return await self._config(request, model, version)
+        return await self._model_view("model_config", request, model, version)
 
-    async def _config(self, request: Request, model: str, version: "str | None") -> dict:
+    async def _model_view(self, what: str, request: Request, model: str, version: "str | None") -> dict:
+        """The controller's ``model_statistics`` or ``model_config`` of a model (version) that exists."""
         self._authorize(request, admin=False)
         await self.plane.resolve(model, version)
-        return await call(self.controller.model_config.remote(model, version))
+        return await call(getattr(self.controller, what).remote(model, version))
 
     @app.get("/v2/models/{model}")
     async def model_metadata(self, model: str, request: Request) -> dict:
