@@ -152,7 +152,8 @@ class WorkerPool:
         return HttpOptions(host="127.0.0.1" if is_loopback(cfg.host) else "0.0.0.0", policy=policy)
 
     def _grpc_options(self) -> GrpcOptions | None:
-        if self.config.grpc_port is None:
+        """The workers' own gRPC endpoints, when the fleet serves gRPC (through its front door)."""
+        if self.config.grpc_port is None or not self.endpoints.front_door:
             return None
         http = self._http_options()
         return GrpcOptions(host=http.host, policy=http.policy)
