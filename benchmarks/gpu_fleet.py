@@ -28,7 +28,7 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
     """Rows for every (system, batch, level) of ``args`` (benchmarks.gpu's options; ``args.levels[batch]``
     are per-GPU concurrencies) on a fleet of ``n_gpus`` serving the model at ``model_path`` (named by its stem)."""
     model = model_path.stem
-    config = load_config(str(CONFIG), repository=str(work / "repository"), port=free_port(),
+    config = load_config(str(CONFIG), repository=str(work / "repository"), port=free_port(), grpc_port=free_port(),
                          models={model: {"max_batch": max(args.batches)}}, allow_client_shm=True)
     if args.ray_address:  # a running cluster (e.g. one Ray node per GPU); it decides how many GPUs there are
         ray.init(address=args.ray_address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cluster.net import free_port
 
-from benchmarks.common import prepare
+from benchmarks.common import REPO_ROOT, prepare
 from benchmarks.httpbench import check_saved_answers
 from benchmarks.serve_modes import SERVE_MODES, shipped_mode
 
@@ -135,6 +135,22 @@ def _triton(phase: str, ctx: Context) -> Plan:
     return Plan([Run(phase, spec, python=python)], check=partial(_checked_triton, prepared=ctx.prepared))
 
 
+def _perf_analyzer(phase: str, ctx: Context) -> Plan:
+    """perf_analyzer against the fleet (HTTP, gRPC) and, with a PyTriton environment, against Triton."""
+    binary = Path(sys.prefix) / "perf-analyzer" / "bin" / "perf_analyzer"
+    if not binary.is_file():
+        installed = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "install_perf_analyzer.py")],
+                                   capture_output=True, text=True)
+        if installed.returncode != 0:
+            return Plan(skipped=f"perf_analyzer could not be installed: {installed.stderr.strip()[-500:]}")
+    python, _ = _triton_python(ctx.triton_python)
+    prepared = ctx.prepared if "digits-mlp" in ctx.prepared["models"] else prepare(ctx.workdir, ["digits-mlp"])
+    spec = dict(ctx.base(), prepared=prepared, models=["digits-mlp"], model="digits-mlp", levels=[1, 8, 32],
+                window_s=2.0 if ctx.quick else 4.0, perf_analyzer=str(binary), triton_python=python,
+                ports={"http": free_port(), "grpc": free_port(), "metrics": free_port()})
+    return Plan([Run(phase, spec, timeout_s=900)])
+
+
 def _triton_python(chosen: str | None) -> tuple[str | None, str]:
     """The python of an environment with PyTriton, or None and why there is none."""
     if chosen:
@@ -160,5 +176,5 @@ def _checked_triton(res: dict, prepared: dict) -> dict:
 
 _PLANS: dict[str, Callable[[str, Context], Plan]] = {
     "bare": _bare, "fleet-http": _by_mode, "fleet-levers": _by_mode, "fleet-client": _fleet_client,
-    "naive-serve": _by_mode, "triton": _triton, "router": _router, "cold-start": _cold_start, "profile": _profile,
+    "naive-serve": _by_mode, "triton": _triton, "perf-analyzer": _perf_analyzer, "router": _router, "cold-start": _cold_start, "profile": _profile,
 }

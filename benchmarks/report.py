@@ -26,6 +26,7 @@ THRESHOLDS = {
     "router_median_us": 50.0,
     "router_p99_us": 200.0,
     "cold_start_s": 20.0,
+    "pa_vs_triton": 1.2,  # perf_analyzer, digits-mlp c=32: fleet / Triton, per protocol (issue 17)
 }
 
 
@@ -154,6 +155,7 @@ def evaluate_targets(doc: dict) -> list[dict]:
             targets.append({"name": f"router {what} per decision (us)", "value": None,
                             "threshold": t[f"router_{what}_us"], "met": None, "detail": "not measured"})
 
+    targets += perf_analyzer_targets(rows)
     cold = find(rows, system="cold-start")
     if cold:
         c = cold[0]
@@ -163,6 +165,36 @@ def evaluate_targets(doc: dict) -> list[dict]:
     else:
         targets.append({"name": "cold start: fleet up to first good inference (s)", "value": None,
                         "threshold": t["cold_start_s"], "met": None, "detail": "not measured"})
+    return targets
+
+
+def perf_analyzer_targets(rows: list[dict]) -> list[dict]:
+    """Issue 17's targets, measured by perf_analyzer on digits-mlp at c=32: fleet >= 1.2x Triton per protocol,
+    p99 no worse than Triton's, and fleet gRPC >= fleet HTTP."""
+    pa = {name: _one(rows, system=f"pa-{name}", model="digits-mlp", concurrency=32)
+          for name in ("fleet-http", "fleet-grpc", "triton-http", "triton-grpc")}
+    targets = []
+    for protocol in ("grpc", "http"):
+        ours, theirs = pa[f"fleet-{protocol}"], pa[f"triton-{protocol}"]
+        name = f"perf_analyzer digits-mlp c=32: fleet {protocol} / Triton {protocol}, infer/s"
+        if ours is None or theirs is None:
+            targets += [{"name": name, "value": None, "threshold": THRESHOLDS["pa_vs_triton"], "met": None,
+                         "detail": "not measured"},
+                        {"name": f"perf_analyzer digits-mlp c=32: fleet {protocol} p99 <= Triton {protocol} p99 (ms)",
+                         "value": None, "threshold": None, "met": None, "detail": "not measured"}]
+            continue
+        ratio = ours["req_per_s"] / theirs["req_per_s"]
+        targets.append({"name": name, "value": round(ratio, 3), "threshold": THRESHOLDS["pa_vs_triton"],
+                        "met": ratio >= THRESHOLDS["pa_vs_triton"],
+                        "detail": f"{ours['req_per_s']:.0f} vs {theirs['req_per_s']:.0f} infer/s"})
+        targets.append({"name": f"perf_analyzer digits-mlp c=32: fleet {protocol} p99 <= Triton {protocol} p99 (ms)",
+                        "value": round(ours["p99_ms"], 2), "threshold": round(theirs["p99_ms"], 2),
+                        "met": ours["p99_ms"] <= theirs["p99_ms"], "detail": "lower is better"})
+    grpc, http = pa["fleet-grpc"], pa["fleet-http"]
+    targets.append({"name": "perf_analyzer digits-mlp c=32: fleet gRPC / fleet HTTP, infer/s",
+                    "value": round(grpc["req_per_s"] / http["req_per_s"], 3) if grpc and http else None,
+                    "threshold": 1.0, "met": grpc["req_per_s"] >= http["req_per_s"] if grpc and http else None,
+                    "detail": f"{grpc['req_per_s']:.0f} vs {http['req_per_s']:.0f} infer/s" if grpc and http else "not measured"})
     return targets
 
 

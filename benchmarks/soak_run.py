@@ -53,7 +53,7 @@ class Tally:
 def soak(args) -> dict:
     """Set up the fleet, run traffic and the killer for ``args.minutes``, return the summary."""
     work = Path(tempfile.mkdtemp(prefix="fleet-soak-"))
-    config = load_config(args.config, repository=str(work / "repo"), port=18555)
+    config = load_config(args.config, repository=str(work / "repo"), port=18555, grpc_port=18556)
     t_start = time.monotonic()
     with simulated_cluster(config) as cluster:
         ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)

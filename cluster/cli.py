@@ -31,7 +31,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from cluster import deploy, nodes
     from cluster.config import load_config
 
-    config = load_config(args.config, port=args.port, repository=args.repository)
+    config = load_config(args.config, port=args.port, grpc_port=args.grpc_port, repository=args.repository)
     deploy.check_repository(config)  # before Ray starts: a wrong URI or missing credentials fail here, clearly
     if args.demo and not config.simulated:
         _build_demo(config)
@@ -99,7 +99,8 @@ def _build_demo_on_fleet(config, controller) -> None:
 
 
 def _print_ready(url: str, config) -> None:
-    print(f"\nforward-fleet '{config.name}' is serving on {url}\n")
+    grpc = f" and gRPC on {config.host}:{config.grpc_port}" if config.grpc_port and config.front_door else ""
+    print(f"\nforward-fleet '{config.name}' is serving on {url}{grpc}\n")
     print("Try:")
     print(f"  curl -s {url}/v2/health/ready")
     print(f"  curl -s {url}/v2/models/digits-mlp")
@@ -107,6 +108,9 @@ def _print_ready(url: str, config) -> None:
         f"  curl -s -X POST {url}/v2/models/digits-mlp/infer -H 'Content-Type: application/json' \\\n"
         f"       -d '{{\"inputs\":[{{\"name\":\"input\",\"shape\":[1,64],\"datatype\":\"FP32\",\"data\":{json.dumps(SAMPLE_DIGIT)}}}]}}'"
     )
+    if grpc:
+        print(f"  .venv/perf-analyzer/bin/perf_analyzer -m digits-mlp -u {config.host}:{config.grpc_port} -i grpc"
+              f"   (after: python scripts/install_perf_analyzer.py)")
     print("  fleet status")
     print("  fleet infer digits-mlp --input rows.npy\n", flush=True)
 
@@ -309,6 +313,7 @@ def _add_lifecycle_commands(sub) -> None:
     p = sub.add_parser("up", help="start Ray (or join --address), deploy the fleet, return when ready")
     _with_config(p)
     p.add_argument("--port", type=int, help="HTTP port (default from config: 8000)")
+    p.add_argument("--grpc-port", type=int, help="KServe v2 / Triton gRPC port (default from config: 8001)")
     p.add_argument("--address", help="join a running Ray cluster instead of starting one")
     p.add_argument("--demo", action="store_true", help="build and serve the demo models (digits-mlp, cnn-small)")
     p.add_argument("--foreground", action="store_true", help="keep running until Ctrl-C, then shut everything down")

@@ -1,6 +1,7 @@
-"""Python client for a running fleet (KServe v2 over HTTP, binary by default).
+"""Python client for a running fleet (KServe v2 over HTTP, binary by default, or over gRPC).
 
-On the fleet's own hosts, ``shared_memory=True`` keeps the tensors in a POSIX shared
+``protocol="grpc"`` sends the same calls as Triton's gRPC (``cluster/grpc_client.py``) to the
+fleet's gRPC port (``grpc_port``, 8001 by default). On the fleet's own hosts, ``shared_memory=True`` keeps the tensors in a POSIX shared
 memory region (Triton's system shared memory extension, ``cluster/shm_arena.py``):
 only their descriptions travel over HTTP.
 
@@ -22,9 +23,9 @@ from workers.errors import FleetError, error_from_wire
 from workers.kserve.client_codec import decode_response, encode_request
 from workers.kserve.codec import HEADER_LENGTH
 from workers.kserve.handler import ERROR_TYPE_HEADER
-from workers.shm import PARAM_REGION, ShmRef
 from workers.tensors import batch_rows
 
+from cluster.grpc_client import GrpcTransport
 from cluster.shm_arena import ShmArena
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -51,18 +52,25 @@ class FleetClient:
     """Blocking client. ``infer`` returns ``{output name: numpy array}``.
 
     ``shared_memory=True`` (on a host of the fleet, which must allow it: ``allow_client_shm``)
-    sends tensors through a shared memory region of this client instead of the HTTP body.
+    sends tensors through a shared memory region of this client instead of the request body.
+    ``protocol="grpc"``: ``url`` is the fleet's gRPC address (``host:8001``); the calls, their
+    results and their errors are the same. ``status()`` is HTTP's only.
     One client is for one thread at a time (``infer_many`` makes one per thread)."""
 
     def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0, binary: bool = True,
-                 shared_memory: bool = False):
+                 shared_memory: bool = False, protocol: str = "http"):
+        if protocol not in ("http", "grpc"):
+            raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.binary = binary
         self.shared_memory = shared_memory
+        self.protocol = protocol
+        self._token = token
         self._session = requests.Session()
         if token:
             self._session.headers["Authorization"] = f"Bearer {token}"
+        self._grpc = GrpcTransport(url, token=token, timeout=timeout) if protocol == "grpc" else None
         self.last_parameters: dict = {}
         self._arena = ShmArena(self.register_system_shared_memory, self.unregister_system_shared_memory)
         self._output_specs: dict[tuple[str, str | None], list[dict]] = {}
@@ -70,6 +78,8 @@ class FleetClient:
     def close(self) -> None:
         self._arena.release()
         self._session.close()
+        if self._grpc is not None:
+            self._grpc.close()
 
     def __enter__(self) -> "FleetClient":
         return self
@@ -104,6 +114,9 @@ class FleetClient:
     ) -> dict[str, np.ndarray]:
         if self.shared_memory:
             return self._infer_shm(model, inputs, version, outputs)
+        if self._grpc is not None:
+            self.last_parameters, arrays, _ = self._grpc.infer(model, inputs, version=version, outputs=outputs)
+            return arrays
         body, headers = encode_request(inputs, binary=self.binary, outputs=outputs)
         resp = self._request("POST", _infer_path(model, version), data=body, headers=headers)
         header, arrays = decode_response(resp.content, resp.headers.get(HEADER_LENGTH))
@@ -118,34 +131,43 @@ class FleetClient:
             specs = self._output_specs[(model, version)] = self.model_metadata(model, version)["outputs"]
         wanted = outputs or [s["name"] for s in specs]
         plan = self._arena.place(arrays, [s for s in specs if s["name"] in wanted], batch_rows(arrays))
-        body, headers = encode_request({n: a for n, a in arrays.items() if n not in plan.inputs}, binary=self.binary,
-                                       outputs=wanted, shm_inputs=plan.inputs, shm_outputs=plan.outputs)
-        resp = self._request("POST", _infer_path(model, version), data=body, headers=headers)
-        header, received = decode_response(resp.content, resp.headers.get(HEADER_LENGTH))
-        self.last_parameters = header.get("parameters", {})
-        result = {}
-        for out in header.get("outputs", []):
-            params = out.get("parameters") or {}
-            if PARAM_REGION in params:
-                ref = ShmRef.from_params(params, f"output '{out['name']}'")
-                result[out["name"]] = self._arena.read(ref, out["datatype"], out["shape"])
-            else:
-                result[out["name"]] = received[out["name"]]
-        return result
+        rest = {n: a for n, a in arrays.items() if n not in plan.inputs}
+        if self._grpc is not None:
+            self.last_parameters, received, written = self._grpc.infer(
+                model, rest, version=version, outputs=wanted, shm_inputs=plan.inputs, shm_outputs=plan.outputs)
+            described = [(n, w.datatype, list(w.shape)) for n, w in written.items()]
+        else:
+            body, headers = encode_request(rest, binary=self.binary, outputs=wanted, shm_inputs=plan.inputs,
+                                           shm_outputs=plan.outputs)
+            resp = self._request("POST", _infer_path(model, version), data=body, headers=headers)
+            header, received = decode_response(resp.content, resp.headers.get(HEADER_LENGTH))
+            self.last_parameters = header.get("parameters", {})
+            described = [(o["name"], o["datatype"], o["shape"]) for o in header.get("outputs", [])
+                         if o["name"] not in received]
+        result = dict(received)
+        for name, datatype, shape in described:  # written into the region: copied out of it
+            result[name] = self._arena.read(plan.outputs[name], datatype, shape)
+        return {name: result[name] for name in wanted if name in result}
 
     # ---- system shared memory (Triton's extension; tritonclient's method names) -------
     def register_system_shared_memory(self, name: str, key: str, byte_size: int, offset: int = 0) -> None:
         """Register ``byte_size`` bytes at ``offset`` of the POSIX shared memory object ``key``
         (on a host of the fleet) as region ``name``."""
+        if self._grpc is not None:
+            return self._grpc.register_system_shared_memory(name, key, byte_size, offset)
         self._request("POST", f"/v2/systemsharedmemory/region/{name}/register",
                       json={"key": key, "offset": offset, "byte_size": byte_size})
 
     def unregister_system_shared_memory(self, name: str | None = None) -> None:
         """Unregister one region (None: every region of the fleet)."""
+        if self._grpc is not None:
+            return self._grpc.unregister_system_shared_memory(name)
         path = f"/v2/systemsharedmemory/region/{name}/unregister" if name else "/v2/systemsharedmemory/unregister"
         self._request("POST", path)
 
     def get_system_shared_memory_status(self, name: str | None = None) -> list[dict]:
+        if self._grpc is not None:
+            return self._grpc.get_system_shared_memory_status(name)
         path = f"/v2/systemsharedmemory/region/{name}/status" if name else "/v2/systemsharedmemory/status"
         return self._request("GET", path).json()
 
@@ -159,10 +181,8 @@ class FleetClient:
     ) -> list[dict[str, np.ndarray]]:
         """Pipeline many requests with at most ``concurrency`` in flight; results in order."""
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            clients = [FleetClient(self.url, timeout=self.timeout, binary=self.binary, shared_memory=self.shared_memory)
-                       for _ in range(concurrency)]
-            for c in clients:
-                c._session.headers.update(self._session.headers)
+            clients = [FleetClient(self.url, token=self._token, timeout=self.timeout, binary=self.binary,
+                                   shared_memory=self.shared_memory, protocol=self.protocol) for _ in range(concurrency)]
             try:
                 futures = [
                     pool.submit(clients[i % concurrency].infer, model, feeds, version=version)
@@ -174,25 +194,37 @@ class FleetClient:
                     c.close()
 
     def models(self) -> list[dict]:
+        if self._grpc is not None:
+            return self._grpc.models()
         return self._request("POST", "/v2/repository/index").json()
 
     def model_metadata(self, model: str, version: str | None = None) -> dict:
+        if self._grpc is not None:
+            return self._grpc.model_metadata(model, version)
         path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
         return self._request("GET", path).json()
 
     def status(self) -> dict:
+        if self._grpc is not None:
+            raise FleetError("the fleet's status is served over HTTP: use FleetClient(http_url).status()")
         return self._request("GET", "/v2/fleet/status").json()
 
     def ready(self) -> bool:
+        if self._grpc is not None:
+            return self._grpc.ready()
         try:
             return self._session.get(self.url + "/v2/health/ready", timeout=self.timeout).status_code == 200
         except requests.ConnectionError:
             return False
 
     def load(self, model: str) -> dict:
+        if self._grpc is not None:
+            return self._grpc.load(model)
         return self._request("POST", f"/v2/repository/models/{model}/load").json()
 
     def unload(self, model: str) -> dict:
+        if self._grpc is not None:
+            return self._grpc.unload(model)
         return self._request("POST", f"/v2/repository/models/{model}/unload").json()
 
 

@@ -174,6 +174,10 @@ class FleetConfig(_Strict):
     # the rest goes to Ray Serve on `serve_port` (None: a free port picked at start).
     front_door: bool = True
     serve_port: int | None = Field(None, ge=1, le=65535)
+    # KServe v2 / Triton gRPC (inference.GRPCInferenceService) on its own port, as Triton's 8001;
+    # None: no gRPC. Served by the front door's router, which forwards inference to a worker's own
+    # gRPC endpoint in one hop (needs the front door).
+    grpc_port: int | None = Field(8001, ge=1, le=65535)
     # How long a request, a load or a batch part waits for a worker that can run its model while
     # that worker is being replaced (it crashed, was killed, lost its GPU context), before a 503.
     worker_wait_s: float = Field(60.0, ge=0, le=3600)

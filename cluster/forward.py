@@ -1,20 +1,24 @@
-"""Passing a request a worker cannot serve on to the Serve ingress.
+"""Passing a request a worker cannot serve on to the Serve ingress (HTTP) or the gRPC router.
 
 A request the front door sent to a worker whose engine was evicted a moment ago (or
 that names another host's shared memory region) is a miss: the ingress loads the
 model where a budget allows, or routes it to the worker that has the region. The
-worker's HTTP endpoint gets this forwarder as its ``on_miss``; the worker layer
-itself never learns where the ingress is.
+worker's HTTP endpoint gets ``IngressForwarder`` as its ``on_miss``, its gRPC endpoint
+``GrpcMissForwarder``; the worker layer itself never learns where they go.
 """
 
 from __future__ import annotations
 
 import aiohttp
+import grpc
 
 from workers.errors import NotReady
+from workers.grpc_server import MODEL_INFER, Metadata, channel_options
 from workers.httpwire import RawHttpRequest
 from workers.kserve.codec import HEADER_LENGTH
 from workers.kserve.handler import ERROR_TYPE_HEADER, HttpAnswer, error_answer
+
+from cluster.frontdoor.routes import GRPC_MISS_HEADER
 
 # Headers passed on with the request, and back with the answer.
 _FORWARD_REQUEST = ("content-type", "content-encoding", HEADER_LENGTH, "authorization")
@@ -42,3 +46,18 @@ class IngressForwarder:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+class GrpcMissForwarder:
+    """A worker's gRPC miss: the request's bytes, with its metadata, to the fleet's gRPC port, marked so
+    that the front door gives it to the gRPC router (which loads the model and routes it)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._call = None  # a channel of the worker's gRPC event loop, made on first use
+
+    async def __call__(self, raw: bytes, metadata: Metadata) -> bytes:
+        if self._call is None:
+            channel = grpc.aio.insecure_channel(self.target, options=channel_options(-1))
+            self._call = channel.unary_unary(MODEL_INFER)
+        return await self._call(raw, metadata=(*metadata, (GRPC_MISS_HEADER, "1")), timeout=300)

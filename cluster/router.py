@@ -145,11 +145,12 @@ class Router:
     def resolve(self, model: str, version: str | None) -> str:
         versions = self._manifests.get(model)
         if not versions:
-            raise ModelNotFound(f"model '{model}' is not in the repository")
+            raise ModelNotFound(f"Request for unknown model: model '{model}' is not in the repository")
         if version is None:
             return self._latest[model]
         if version not in versions:
-            raise ModelNotFound(f"model '{model}' has no version '{version}' (versions: {', '.join(sorted(versions))})")
+            raise ModelNotFound(f"Request for unknown model: model '{model}' has no version '{version}' "
+                                f"(versions: {', '.join(sorted(versions))})")
         return version
 
     def manifests(self, model: str, version: str) -> list[Manifest]:

@@ -180,10 +180,38 @@ class FleetIngress:
 
     @app.get("/v2")
     async def server_metadata(self) -> dict:
-        extensions = ["binary_tensor_data", "model_repository"]
+        extensions = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
         if self.config.allow_client_shm:
             extensions.append("system_shared_memory")
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": extensions}
+
+    # ---- Triton's model configuration and statistics extensions --------------------
+    @app.get("/v2/models/stats")
+    async def all_statistics(self, request: Request) -> dict:
+        self._authorize(request, admin=False)
+        return await call(self.controller.model_statistics.remote())
+
+    @app.get("/v2/models/{model}/stats")
+    async def model_statistics(self, model: str, request: Request) -> dict:
+        return await self._model_view("model_statistics", request, model, None)
+
+    @app.get("/v2/models/{model}/versions/{version}/stats")
+    async def model_version_statistics(self, model: str, version: str, request: Request) -> dict:
+        return await self._model_view("model_statistics", request, model, version)
+
+    @app.get("/v2/models/{model}/config")
+    async def model_config(self, model: str, request: Request) -> dict:
+        return await self._model_view("model_config", request, model, None)
+
+    @app.get("/v2/models/{model}/versions/{version}/config")
+    async def model_version_config(self, model: str, version: str, request: Request) -> dict:
+        return await self._model_view("model_config", request, model, version)
+
+    async def _model_view(self, what: str, request: Request, model: str, version: "str | None") -> dict:
+        """The controller's ``model_statistics`` or ``model_config`` of a model (version) that exists."""
+        self._authorize(request, admin=False)
+        await self.plane.resolve(model, version)
+        return await call(getattr(self.controller, what).remote(model, version))
 
     @app.get("/v2/models/{model}")
     async def model_metadata(self, model: str, request: Request) -> dict:
@@ -273,6 +301,33 @@ class FleetIngress:
         await self.plane.refresh(force=True)
         return {}
 
+    # ---- CUDA shared memory (Triton's extension): answered, not served ----------------
+    @app.get("/v2/cudasharedmemory/status")
+    async def cuda_shm_status(self, request: Request) -> list:
+        self._authorize(request, admin=False)
+        return []
+
+    @app.get("/v2/cudasharedmemory/region/{name}/status")
+    async def cuda_shm_region_status(self, name: str, request: Request) -> list:
+        self._authorize(request, admin=False)
+        raise SharedMemoryError(f"Unable to find cuda shared memory region: '{name}' (none is registered here)")
+
+    @app.post("/v2/cudasharedmemory/region/{name}/register")
+    async def cuda_shm_register(self, name: str, request: Request) -> dict:
+        self._authorize(request, admin=True)
+        await call(self.controller.cuda_shm_register.remote(name))
+        return {}
+
+    @app.post("/v2/cudasharedmemory/region/{name}/unregister")
+    async def cuda_shm_unregister(self, name: str, request: Request) -> dict:
+        self._authorize(request, admin=True)
+        return {}
+
+    @app.post("/v2/cudasharedmemory/unregister")
+    async def cuda_shm_unregister_all(self, request: Request) -> dict:
+        self._authorize(request, admin=True)
+        return {}
+
     # ---- fleet and repository ----------------------------------------------------
     @app.get("/v2/fleet/status")
     async def fleet_status(self, request: Request) -> dict:
@@ -291,8 +346,23 @@ class FleetIngress:
     @app.post("/v2/repository/models/{model}/load")
     async def repository_load(self, model: str, request: Request) -> dict:
         self._authorize(request, admin=True)
-        await self.plane.resolve(model, None)
-        await self.plane.load(model, explicit=True)
+        params = (await _json_body(request)).get("parameters") or {}
+        try:
+            if not isinstance(params, dict):
+                raise InvalidInput("'parameters' must be an object")
+            config = params.get("config")
+            if config is not None and not isinstance(config, str):
+                raise InvalidInput("parameters.config must be a string: the model configuration as JSON")
+            if any(key.startswith("file:") for key in params):
+                # Triton's answer and status (500 / INTERNAL), which its model control example checks
+                raise FleetError("failed to poll from model repository: model files in a load request are not "
+                                 "supported; publish the model to the fleet's repository (`fleet build`)")
+            await self.plane.resolve(model, None)
+            await call(self.controller.load.remote(model, config))
+        except FleetError as exc:  # Triton's wording, which clients match on
+            message = exc.message if exc.message.startswith("failed to load") else f"failed to load '{model}': {exc.message}"
+            raise type(exc)(message) from None
+        await self.plane.refresh(force=True)
         return {}
 
     @app.post("/v2/repository/models/{model}/unload")

@@ -16,4 +16,8 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
   fi
   rm -f "$apt_log"
 fi
+# Triton's perf_analyzer (tests/integration/shared_fleet/test_perf_analyzer.py): into .venv/perf-analyzer when missing.
+if [ ! -x .venv/perf-analyzer/bin/perf_analyzer ]; then
+  python scripts/install_perf_analyzer.py >/dev/null || echo "perf_analyzer could not be installed; its tests will be skipped (on CI: they fail)" >&2
+fi
 exec python -m pytest "$@"

@@ -57,3 +57,43 @@ def make_heavy_mlp(path: Path, width: int = 2048, layers: int = 3) -> Path:
     inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 64])
     out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])
     return _save(helper.make_graph(nodes, "heavy-mlp", [inp], [out], inits), path)
+
+
+def make_simple(path: Path) -> Path:
+    """Triton's example model "simple": INT32 INPUT0, INPUT1 [N,16] -> OUTPUT0 sum, OUTPUT1 difference."""
+    ins = [helper.make_tensor_value_info(n, TensorProto.INT32, ["N", 16]) for n in ("INPUT0", "INPUT1")]
+    nodes = [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+             helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])]
+    outs = [helper.make_tensor_value_info(n, TensorProto.INT32, ["N", 16]) for n in ("OUTPUT0", "OUTPUT1")]
+    return _save(helper.make_graph(nodes, "simple", ins, outs), path)
+
+
+def make_simple_string(path: Path) -> Path:
+    """Triton's example "simple_string": BYTES INPUT0, INPUT1 [N,16] holding integers as text ->
+    OUTPUT0 their sum, OUTPUT1 their difference, as text."""
+    ins = [helper.make_tensor_value_info(n, TensorProto.STRING, ["N", 16]) for n in ("INPUT0", "INPUT1")]
+    nodes = [helper.make_node("Cast", ["INPUT0"], ["a"], to=TensorProto.INT32),
+             helper.make_node("Cast", ["INPUT1"], ["b"], to=TensorProto.INT32),
+             helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Sub", ["a", "b"], ["diff"]),
+             helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=TensorProto.STRING),
+             helper.make_node("Cast", ["diff"], ["OUTPUT1"], to=TensorProto.STRING)]
+    outs = [helper.make_tensor_value_info(n, TensorProto.STRING, ["N", 16]) for n in ("OUTPUT0", "OUTPUT1")]
+    return _save(helper.make_graph(nodes, "simple_string", ins, outs), path)
+
+
+def make_simple_identity(path: Path) -> Path:
+    """Triton's example "simple_identity": BYTES INPUT0 [N, M] -> OUTPUT0, the same bytes."""
+    x = helper.make_tensor_value_info("INPUT0", TensorProto.STRING, ["N", "M"])
+    y = helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, ["N", "M"])
+    return _save(helper.make_graph([helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])], "simple_identity",
+                                   [x], [y]), path)
+
+
+def make_mixed_scale(path: Path) -> Path:
+    """Two inputs of different types, one with a dynamic dimension besides the batch: FP32 x [N, D]
+    and INT64 k [N, 1] -> y = x * k (FP32 [N, D])."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "D"])
+    k = helper.make_tensor_value_info("k", TensorProto.INT64, ["N", 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "D"])
+    nodes = [helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["x", "kf"], ["y"])]
+    return _save(helper.make_graph(nodes, "mixed-scale", [x, k], [y]), path)

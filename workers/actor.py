@@ -4,7 +4,7 @@
 with ``ray.remote`` and pins it to one device (vLLM's worker: the orchestrator calls
 its lifecycle verbs by name). Verbs: ``info`` (once, at start), ``health`` (every
 second, cheap), ``stats`` (the status view), ``load``, ``unload``, ``infer``,
-``start_http``, ``register_shm`` / ``unregister_shm``, ``build_from_bytes``, ``shutdown``.
+``start_http``, ``start_grpc``, ``register_shm`` / ``unregister_shm``, ``build_from_bytes``, ``shutdown``.
 
 What runs lives in its ``EngineRunner`` (``workers/runner.py``): the engine table,
 the ledger and the one inference path, which the worker's own HTTP endpoint uses too.
@@ -32,6 +32,7 @@ from workers.devices import CudaHostPinner, Device, discover_devices, nvml_used_
 from workers.engines.onnxruntime import cuda_provider_available
 from workers.errors import IncompatibleArtifact, NotReady
 from workers.gpu_health import GpuHealthProbe
+from workers.grpc_server import GrpcOptions, MissFn, WorkerGrpcServer
 from workers.http import HttpOptions, MissHandler, WorkerHttpServer
 from workers.kserve.codec import InferRequest
 from workers.manifest import Manifest
@@ -174,8 +175,9 @@ class FleetWorker:
         self.runner = EngineRunner(self.caps, _budget(spec, self.device), slots=spec.slots,
                                    intra_op_threads=spec.intra_op_threads, shm=self.shm,
                                    memory_probe=self._memory_probe)
-        self.request_stats = RequestStats()  # requests that came in over this worker's own HTTP
+        self.request_stats = RequestStats()  # requests that came in over this worker's own HTTP and gRPC
         self._http: WorkerHttpServer | None = None
+        self._grpc: WorkerGrpcServer | None = None
 
     @property
     def ledger(self):
@@ -185,7 +187,8 @@ class FleetWorker:
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.spec.worker_id, self.caps, socket.gethostname(), os.getpid(),
                           os.environ.get("CUDA_VISIBLE_DEVICES"),
-                          self._http.address if self._http is not None else None)
+                          self._http.address if self._http is not None else None,
+                          self._grpc.address if self._grpc is not None else None)
 
     def health(self) -> WorkerHealth:
         if self._gpu_health is not None and not self.runner.gpu_unhealthy:
@@ -210,10 +213,13 @@ class FleetWorker:
         }
 
     def shutdown(self) -> None:
-        """Stop serving HTTP, then unload everything (contexts and engines first), waiting for in-flight work."""
+        """Stop serving HTTP and gRPC, then unload everything (contexts and engines first), waiting for in-flight work."""
         if self._http is not None:
             self._http.stop()
             self._http = None
+        if self._grpc is not None:
+            self._grpc.stop()
+            self._grpc = None
         self.runner.close()
         self.shm.close()
         if self._gpu_health is not None:
@@ -244,6 +250,14 @@ class FleetWorker:
             self._http.start()
             freeze_heap()
         return self._http.address
+
+    def start_grpc(self, options: GrpcOptions, on_miss: MissFn | None = None) -> tuple[str, int]:
+        """Serve KServe v2 gRPC inference from this process (the fleet's one-hop path over gRPC)."""
+        if self._grpc is None:
+            self._grpc = WorkerGrpcServer(self.runner, options, self.request_stats, on_miss)
+            self._grpc.start()
+            freeze_heap()
+        return self._grpc.address
 
     # ---- system shared memory ------------------------------------------------
     def register_shm(self, name: str, key: str, offset: int, byte_size: int) -> bool:

@@ -38,16 +38,32 @@ class EngineStats:
     inference_count: int = 0  # rows
     exec_count: int = 0  # engine runs (batches)
     queue_us: float = 0.0
-    compute_us: float = 0.0
+    compute_us: float = 0.0  # per engine run
+    request_compute_us: float = 0.0  # each request charged its run's time (Triton's compute_infer)
+    last_inference_ms: int = 0  # wall clock of the last run's end, ms since the epoch
     batch_sizes: Counter = field(default_factory=Counter)
     rejected: int = 0  # refused because the engine's queue was full (max_queue_size)
+    batch_compute_us: Counter = field(default_factory=Counter)  # per batch size
+
+    def ran(self, requests: int, rows: int, compute_s: float) -> None:
+        """One engine run of ``requests`` requests and ``rows`` rows that took ``compute_s`` (under the caller's lock)."""
+        self.success += requests
+        self.exec_count += 1
+        self.inference_count += rows
+        self.batch_sizes[rows] += 1
+        self.compute_us += compute_s * 1e6
+        self.request_compute_us += compute_s * 1e6 * requests
+        self.batch_compute_us[rows] += compute_s * 1e6
+        self.last_inference_ms = int(time.time() * 1000)
 
     def to_dict(self) -> dict:
         return {
             "success": self.success, "failure": self.failure, "rejected": self.rejected,
             "inference_count": self.inference_count,
             "exec_count": self.exec_count, "queue_us": self.queue_us, "compute_us": self.compute_us,
+            "request_compute_us": self.request_compute_us, "last_inference_ms": self.last_inference_ms,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "batch_compute_us": {str(k): v for k, v in sorted(self.batch_compute_us.items())},
         }
 
 
@@ -162,14 +178,8 @@ class DynamicBatcher:
                 return
             finished = self._clock()
             with self._stats_lock:
-                s = self.stats
-                s.success += len(batch)
-                s.exec_count += 1
-                rows = sum(p.rows for p in batch)
-                s.inference_count += rows
-                s.batch_sizes[rows] += 1
-                s.compute_us += (finished - started) * 1e6
-                s.queue_us += sum((started - p.enqueued) * 1e6 for p in batch)
+                self.stats.ran(len(batch), sum(p.rows for p in batch), finished - started)
+                self.stats.queue_us += sum((started - p.enqueued) * 1e6 for p in batch)
             for p, out in zip(batch, outputs):
                 p.future.set_result(out)
         finally:

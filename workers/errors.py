@@ -1,9 +1,10 @@
 """One exception hierarchy for the whole system.
 
-The HTTP layer, the Python client and the batch job all speak these types. Each
-class carries its HTTP status, so the mapping lives in exactly one place; the
-client maps a status (plus the ``X-Fleet-Error`` header) back to the same type.
-Every exception takes a single message argument so it pickles across Ray.
+The HTTP and gRPC layers, the Python client and the batch job all speak these types.
+Each class carries its HTTP status and its gRPC status code (by name: no grpc import
+here), so each mapping lives in exactly one place; the client maps a status (plus the
+``X-Fleet-Error`` header, or the same key in gRPC trailing metadata) back to the same
+type. Every exception takes a single message argument so it pickles across Ray.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ class FleetError(Exception):
     """Base of every error forward-fleet raises on purpose."""
 
     http_status = 500
+    grpc_status = "INTERNAL"
 
     @property
     def message(self) -> str:
@@ -23,6 +25,7 @@ class InvalidInput(FleetError):
     """The request is malformed or does not match the model's inputs."""
 
     http_status = 400
+    grpc_status = "INVALID_ARGUMENT"
 
 
 class SharedMemoryError(InvalidInput):
@@ -33,24 +36,29 @@ class InvalidConfig(FleetError):
     """A config file, CLI option or build option is wrong."""
 
     http_status = 400
+    grpc_status = "INVALID_ARGUMENT"
 
 
 class Unauthorized(FleetError):
     http_status = 401
+    grpc_status = "UNAUTHENTICATED"
 
 
 class ModelNotFound(FleetError):
     http_status = 404
+    grpc_status = "NOT_FOUND"
 
 
 class PayloadTooLarge(FleetError):
     http_status = 413
+    grpc_status = "RESOURCE_EXHAUSTED"
 
 
 class NotReady(FleetError):
     """The fleet or a model is starting up, or no worker is alive."""
 
     http_status = 503
+    grpc_status = "UNAVAILABLE"
 
 
 class EngineNotHere(NotReady):
@@ -73,36 +81,42 @@ class NoCapacity(FleetError):
     """No compatible device has budget left for the engine."""
 
     http_status = 503
+    grpc_status = "UNAVAILABLE"
 
 
 class NoCompatibleWorker(FleetError):
     """No worker in the fleet can run any artifact of the model."""
 
     http_status = 503
+    grpc_status = "UNAVAILABLE"
 
 
 class IncompatibleArtifact(FleetError):
     """A worker refused an artifact that was built for another target."""
 
     http_status = 409
+    grpc_status = "FAILED_PRECONDITION"
 
 
 class ArtifactCorrupt(FleetError):
     """An artifact's bytes do not match the sha256 in its manifest."""
 
     http_status = 500
+    grpc_status = "DATA_LOSS"
 
 
 class BuildError(FleetError):
     """Building an artifact failed (parser error, accuracy check, ...)."""
 
     http_status = 500
+    grpc_status = "INTERNAL"
 
 
 class WorkerLost(FleetError):
     """The worker died while serving; the request may be retried elsewhere."""
 
     http_status = 503
+    grpc_status = "UNAVAILABLE"
 
 
 class DeviceFailed(WorkerLost):
@@ -144,7 +158,23 @@ _BY_STATUS: dict[int, type[FleetError]] = {
 }
 
 
+_BY_GRPC_STATUS: dict[str, type[FleetError]] = {
+    "INVALID_ARGUMENT": InvalidInput,
+    "UNAUTHENTICATED": Unauthorized,
+    "NOT_FOUND": ModelNotFound,
+    "FAILED_PRECONDITION": IncompatibleArtifact,
+    "RESOURCE_EXHAUSTED": PayloadTooLarge,
+    "UNAVAILABLE": NotReady,
+}
+
+
 def error_from_wire(status: int, message: str, type_name: str | None = None) -> FleetError:
     """Rebuild the server's exception on the client side."""
     cls = ERROR_TYPES.get(type_name or "") or _BY_STATUS.get(status, FleetError)
+    return cls(message)
+
+
+def error_from_grpc(code_name: str, message: str, type_name: str | None = None) -> FleetError:
+    """Rebuild the server's exception from a gRPC status (``StatusCode.X.name``) and trailing metadata."""
+    cls = ERROR_TYPES.get(type_name or "") or _BY_GRPC_STATUS.get(code_name, FleetError)
     return cls(message)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from workers.kserve.codec import InferRequest
 from workers.kserve.handler import HttpAnswer, InferPolicy, Served, handle_infer, json_answer, served_by
 from workers.httpwire import HttpConnection, RawHttpRequest
+from workers.loopthread import LoopThread
 from workers.runner import EngineRunner
 from workers.stats import RequestStats
 
@@ -58,8 +58,7 @@ class WorkerHttpServer:
         self.stats = stats
         self.on_miss = on_miss
         self.port = 0
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = LoopThread("worker-http", fast=True)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -72,37 +71,25 @@ class WorkerHttpServer:
         sock.bind((self.options.host, self.options.port))
         sock.listen(2048)
         self.port = sock.getsockname()[1]
-        started = threading.Event()
         limit = self.options.policy.max_request_bytes
+        servers: list[asyncio.AbstractServer] = []
 
-        def serve() -> None:
-            try:
-                import uvloop
+        async def setup() -> None:
+            loop = asyncio.get_running_loop()
+            servers.append(await loop.create_server(lambda: HttpConnection(self.handle, limit), sock=sock))
 
-                loop = uvloop.new_event_loop()
-            except ImportError:
-                loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-            server = loop.run_until_complete(loop.create_server(lambda: HttpConnection(self.handle, limit), sock=sock))
-            started.set()
-            loop.run_forever()
-            server.close()
+        async def teardown() -> None:
+            for server in servers:
+                server.close()
             closer = getattr(self.on_miss, "aclose", None)
             if closer is not None:
-                loop.run_until_complete(closer())
-            loop.close()
+                await closer()
 
-        self._thread = threading.Thread(target=serve, name="worker-http", daemon=True)
-        self._thread.start()
-        started.wait(10)
+        self._loop.start(setup, teardown)
         return self.port
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._loop.stop()
 
     # ---- requests ----------------------------------------------------------------
     async def handle(self, request: RawHttpRequest) -> HttpAnswer:

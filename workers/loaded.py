@@ -86,7 +86,7 @@ class LoadedEngine:
             self.pending -= 1
 
     def _start(self, feeds: Feeds, out: Feeds | None, executor: ThreadPoolExecutor) -> Future:
-        max_batch = self.manifest.max_batch
+        max_batch = self.options.max_batch_for(self.manifest.max_batch)
         if self.batcher is None:
             return executor.submit(self._run_alone, feeds, out)
         rows = batch_rows(feeds)
@@ -106,22 +106,13 @@ class LoadedEngine:
                     self.stats.failure += 1
                 raise
             with self._stats_lock:
-                s, rows = self.stats, batch_rows(feeds)
-                s.compute_us += (time.perf_counter() - started) * 1e6
-                s.success += 1
-                s.exec_count += 1
-                s.inference_count += rows
-                s.batch_sizes[rows] += 1
+                self.stats.ran(1, batch_rows(feeds), time.perf_counter() - started)
             return outputs
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
         self.engine.deactivate()
-
-
-def batchable(manifest: Manifest) -> bool:
-    return all(s.shape and s.shape[0] < 0 for s in manifest.inputs + manifest.outputs)
 
 
 def warm_up(engine: Engine, manifest: Manifest) -> None:

@@ -92,6 +92,11 @@ class Manifest:
     def simulated(self) -> bool:
         return self.target.simulated
 
+    @property
+    def batched(self) -> bool:
+        """Every input and output has the batch as its first dimension (-1): requests can be merged."""
+        return all(s.shape and s.shape[0] < 0 for s in self.inputs + self.outputs)
+
     def to_dict(self) -> dict:
         return {
             "schema_version": self.schema_version,

@@ -26,6 +26,7 @@ class WorkerInfo:
     pid: int
     cuda_visible_devices: str | None = None
     http: tuple[str, int] | None = None  # the worker's own KServe v2 endpoint, once started
+    grpc: tuple[str, int] | None = None  # its own KServe v2 gRPC endpoint, once started
 
     @property
     def simulated(self) -> bool:
@@ -54,10 +55,15 @@ class LoadOptions:
     reject_non_finite: bool = False  # 400 for NaN/Inf in float inputs
     allow_tf32: bool = False  # float32 matrix products in TF32 on tensor cores (ONNX Runtime CUDA)
     max_queue_size: int = 256  # requests waiting for the engine beyond its slots; more get a 503 at once (0: no bound)
+    max_batch: int | None = None  # rows per engine run, at most the artifact's max batch (None: the artifact's)
+
+    def max_batch_for(self, built: int) -> int:
+        """Rows per engine run for an artifact built for ``built``."""
+        return min(self.max_batch, built) if self.max_batch else built
 
     def batching(self, max_batch: int) -> BatchingOptions:
-        return BatchingOptions(max_batch, self.max_queue_delay_us, tuple(self.preferred_batch_sizes),
-                               self.dynamic_batching)
+        return BatchingOptions(self.max_batch_for(max_batch), self.max_queue_delay_us,
+                               tuple(self.preferred_batch_sizes), self.dynamic_batching)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from workers.batcher import DynamicBatcher, EngineStats
-from workers.loaded import Feeds, LoadedEngine, batchable, warm_up
+from workers.loaded import Feeds, LoadedEngine, warm_up
 from workers.engines import Engine, executes_on_cpu, open_engine
 from workers.engines.base import check_feeds
 from workers.device_faults import is_sticky_cuda_error
@@ -240,7 +240,7 @@ class EngineRunner:
             stats = self._stats.setdefault(key, (manifest, EngineStats()))[1]
             slots = self._slots(manifest)
             batching = options.batching(manifest.max_batch)
-            batcher = DynamicBatcher(engine.run, batching, slots, stats) if batching.enabled and batchable(manifest) else None
+            batcher = DynamicBatcher(engine.run, batching, slots, stats) if batching.enabled and manifest.batched else None
             self._engines[key] = LoadedEngine(manifest, engine, options, batcher, threading.Semaphore(slots), stats,
                                               measured, slot_count=slots)
             self._by_model.setdefault(manifest.model, {})[manifest.version] = key

@@ -11,8 +11,8 @@ Standard library only, as ``__main__`` is: the triton phase runs in PyTriton's o
 environment, which has numpy and onnxruntime but not the project's dependencies.
 """
 
-PHASES = ("bare", "fleet-http", "fleet-levers", "fleet-client", "naive-serve", "triton", "router", "cold-start",
-          "profile")
+PHASES = ("bare", "fleet-http", "fleet-levers", "fleet-client", "naive-serve", "triton", "perf-analyzer", "router",
+          "cold-start", "profile")
 RESULT_MARK = "BENCH_RESULT "  # the line of a phase process's stdout that carries its result
 
 

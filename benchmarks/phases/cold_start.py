@@ -59,7 +59,7 @@ def _fresh_directory(tmp: Path, prepared: dict) -> tuple[Path, int, int]:
     """A config with fresh ports and repository, and the ONNX sources, in ``tmp``: (config, port, Ray's port)."""
     port, ray_port, dash_port = free_port(), free_port(), free_port()
     config = yaml.safe_load(CONFIG.read_text())
-    config.update(port=port, ray_port=ray_port, dashboard_port=dash_port, repository=str(tmp / "repository"))
+    config.update(port=port, grpc_port=free_port(), ray_port=ray_port, dashboard_port=dash_port, repository=str(tmp / "repository"))
     cfg_path = tmp / "fleet.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     (tmp / "models").mkdir()

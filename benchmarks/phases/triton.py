@@ -12,6 +12,10 @@ the checkout's root. So this module needs only numpy, onnxruntime, pytriton and
 ONNX Runtime runs inside the Python callable, one instance, Triton's dynamic batcher
 on (500 us queue delay, the fleet's default). The request bodies are the exact bytes
 the fleet phases send. Each endpoint's first answer is saved for that check.
+
+``python -m benchmarks.phases.triton SPEC.json`` serves the same Triton until its stdin
+closes (the perf-analyzer phase measures it with Triton's own load generator): it prints
+one line ``TRITON_READY`` once it answers.
 """
 
 from __future__ import annotations
@@ -189,3 +193,31 @@ def _load_all(spec: dict, base: str, out: dict) -> None:
                 if not _alive(base):
                     out["incidents"].append("tritonserver is no longer answering; the remaining levels were not run")
                     return
+
+
+def serve_until_stdin_closes(spec: dict) -> None:
+    """Triton (PyTriton) with the spec's models on ``spec["ports"]``, its restricted APIs behind
+    ``spec["access_token"]``, until stdin closes."""
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+
+    _match_libpython()
+    ports = spec["ports"]
+    config = TritonConfig(http_address="127.0.0.1", http_port=ports["http"], grpc_address="127.0.0.1",
+                          grpc_port=ports["grpc"], metrics_port=ports["metrics"], log_verbose=0, exit_on_error=True)
+    triton = Triton(config=config, security_config=TritonSecurityConfig(access_token=spec["access_token"]))
+    try:
+        for model in spec["models"]:
+            info = spec["prepared"]["models"][model]
+            bind_model(triton, model, info["onnx"], info["max_batch"], spec.get("queue_delay_us", 500))
+        triton.run()
+        _wait_ready(f"http://127.0.0.1:{ports['http']}", 120)
+        print("TRITON_READY", flush=True)
+        sys.stdin.read()
+    finally:
+        triton.stop()
+
+
+if __name__ == "__main__":
+    import json
+
+    serve_until_stdin_closes(json.loads(Path(sys.argv[1]).read_text()))

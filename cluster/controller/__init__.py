@@ -28,7 +28,10 @@ import time
 import ray
 
 from workers.artifacts import ArtifactSource, RayObject
-from workers.errors import FleetError, ModelNotFound, RepositoryUnavailable
+from workers.engines import executes_on_cpu
+from workers.errors import FleetError, ModelNotFound, RepositoryUnavailable, SharedMemoryError
+from workers.kserve.handler import InferPolicy
+from workers.kserve.model_config import apply_config, config_json, model_config, read_config
 from workers.manifest import Manifest
 from workers.precision import CalibrationResult
 from workers.stats import merge
@@ -39,8 +42,9 @@ from cluster.controller.events import EventLog
 from cluster.controller.loading import Loader
 from cluster.controller.pool import WorkerPool
 from cluster.controller.regions import ShmRegions
-from cluster.controller.views import builds, fallbacks, nodes_view, repository_index
+from cluster.controller.views import builds, fallbacks, model_statistics, nodes_view, repository_index
 from cluster.frontdoor.actor import FrontDoorActor
+from cluster.frontdoor.grpc_router import GrpcFront
 from cluster.frontdoor.routes import routes_from
 from cluster.inventory import Inventory, Placement
 from cluster.names import FRONT_DOOR_NAME, HEAD_NODE_RESOURCE, NAMESPACE
@@ -79,7 +83,7 @@ class FleetController:
         if self._started:
             return await self.status()
         await self._scan()
-        await self.pool.start(self._ingress_url())
+        await self.pool.start(self._ingress_url(), self._grpc_front())
         await self.loader.preload()
         if self.endpoints.front_door:
             await self._start_front_door()
@@ -106,15 +110,26 @@ class FleetController:
             "repository": self.repo.describe(),
             "repository_is_local": self.repo.is_local,
             "simulated": self.config.simulated,
+            "grpc_port": self.config.grpc_port if self.endpoints.front_door else None,
         }
+
+    def _grpc_front(self) -> str | None:
+        """The fleet's gRPC port (the front door's HAProxy), where workers pass on their gRPC misses."""
+        if self.config.grpc_port is None or not self.endpoints.front_door:
+            return None
+        return f"{self._public_host()}:{self.config.grpc_port}"
 
     async def _start_front_door(self) -> None:
         host = self.config.host
         threads = max(1, min(4, (os.cpu_count() or 2) // 4))
+        grpc = None
+        if self.config.grpc_port is not None:
+            policy = InferPolicy(self.config.max_request_bytes, self.config.auth_token, self.config.auth_inference)
+            grpc = GrpcFront((host, self.config.grpc_port), policy)
         self._front = ray.remote(FrontDoorActor).options(
             name=FRONT_DOOR_NAME, namespace=NAMESPACE, num_cpus=0, resources=HEAD_NODE_RESOURCE, get_if_exists=True,
-        ).remote((host, self.config.port), (local_address(host), self.endpoints.serve_port), threads)
-        await call(self._front.start.remote(self._epoch, self._routes()))
+        ).remote((host, self.config.port), (local_address(host), self.endpoints.serve_port), threads, grpc)
+        await call(self._front.start.remote(self._epoch, self._routes(), self._grpc_addresses()))
 
     async def _worker_started(self, worker_id: str) -> None:
         await self.regions.replay(worker_id)
@@ -134,11 +149,16 @@ class FleetController:
                                   same_manifests=not manifests_changed)
         self._stats_at = float("-inf")  # the status view shows the change at once
         self._epoch += 1
-        if self._front is not None:
-            self._front.apply.remote(self._epoch, self._routes())  # not awaited: a reload never blocks us
+        if self._front is not None:  # not awaited: a reload never blocks us
+            self._front.apply.remote(self._epoch, self._routes(), self._grpc_addresses())
 
     def _routes(self):
-        return routes_from(self.router, {r.worker_id: r.info.http for r in self.pool.records() if r.info.http})
+        records = self.pool.records()
+        return routes_from(self.router, {r.worker_id: r.info.http for r in records if r.info.http},
+                           {r.worker_id: r.info.grpc[1] for r in records if r.info.grpc})
+
+    def _grpc_addresses(self) -> dict[str, tuple[str, int]]:
+        return {r.worker_id: r.info.grpc for r in self.pool.records() if r.info.grpc and r.alive}
 
     async def _scan(self) -> list[StoredArtifact]:
         """Re-read the repository; RepositoryUnavailable (and the last listing kept) when it cannot be reached."""
@@ -230,6 +250,49 @@ class FleetController:
 
     async def unload(self, model: str, version: str | None = None) -> list[str]:
         return await self.loader.unload(model, version, self._manifests)
+
+    async def load(self, model: str, config: str | None = None) -> Placement:
+        """The repository API's load (Triton's semantics): with ``config`` (JSON of Triton's
+        ModelConfig), the model is served as it says from now on, checked against the model
+        first; without, as the fleet config says. Loaded engines whose options change are
+        unloaded and loaded again."""
+        version = self._resolve(model, None)
+        base = self.config.model_config_for(model).load_options()
+        options = base
+        if config is not None:
+            options = apply_config(read_config(config, model), self.router.manifests(model, version)[0], base)
+        if options != self.loader.options_for(model):
+            await self.loader.unload(model, None, self._manifests)
+        if options == base:
+            self.loader.overrides.pop(model, None)
+        else:
+            self.loader.overrides[model] = options
+        return await self.ensure_loaded(model, version, explicit=True)
+
+    async def model_config(self, model: str, version: str | None = None) -> dict:
+        """Triton's model configuration of a model version, as served now (JSON)."""
+        manifests = self.router.manifests(model, self._resolve(model, version))
+        gpu = not all(executes_on_cpu(m.target) for m in manifests)
+        return config_json(model_config(manifests, self.loader.options_for(model), slots=self.config.slots, gpu=gpu))
+
+    async def model_statistics(self, model: str | None = None, version: str | None = None) -> dict:
+        """Triton's statistics of one model (every version, or ``version``), or of every model."""
+        models = self.router.models()
+        if model is None:
+            wanted = [(m, v) for m, versions in models.items() for v in versions]
+        else:
+            resolved = self._resolve(model, version)
+            wanted = [(model, v) for v in models[model] if version is None or v == resolved]
+        self._stats_at = float("-inf")  # tools compare two readings: they must be of now
+        return model_statistics(await self._worker_stats(), wanted)
+
+    async def cuda_shm_register(self, name: str) -> None:
+        """Triton's CUDA shared memory: not served by the fleet; say why in the terms of this fleet."""
+        gpus = [r.worker_id for r in self.pool.records() if r.info.caps.device.is_real_gpu]
+        where = ("no worker of this fleet has a CUDA device" if not gpus else
+                 "the fleet does not map CUDA IPC handles yet")
+        raise SharedMemoryError(f"CUDA shared memory region '{name}' cannot be registered: CUDA shared memory is "
+                                f"not supported here ({where}); use system shared memory (/v2/systemsharedmemory)")
 
     # ---- system shared memory ------------------------------------------------
     async def register_shm(self, name: str, key: str, offset: int = 0, byte_size: int = 0) -> list[str]:

@@ -27,6 +27,7 @@ from workers.errors import (
 )
 from workers.ledger import format_bytes
 from workers.manifest import Manifest
+from workers.messages import LoadOptions
 
 from cluster.calls import call
 from cluster.config import FleetConfig
@@ -51,6 +52,11 @@ class Loader:
         self._epoch = epoch
         self._locks: dict[str, asyncio.Lock] = {}
         self.unloaded: set[str] = set()  # models unloaded through the repository API
+        self.overrides: dict[str, LoadOptions] = {}  # serving options a load with a config override set
+
+    def options_for(self, model: str) -> LoadOptions:
+        """How the model's engines are served: a load's config override, else the fleet config."""
+        return self.overrides.get(model) or self.config.model_config_for(model).load_options()
 
     async def preload(self) -> None:
         for model, versions in self.router.models().items():
@@ -117,7 +123,7 @@ class Loader:
             if manifest.engine_key not in sources:
                 sources[manifest.engine_key] = await self._source(manifest)
             await call(self.pool.handle(worker_id).load.remote(
-                manifest, sources[manifest.engine_key], self.config.model_config_for(manifest.model).load_options()))
+                manifest, sources[manifest.engine_key], self.options_for(manifest.model)))
         except _REFUSALS as exc:
             problems.append(f"{worker_id}: {exc}")
             refusals.append(exc)
@@ -148,7 +154,7 @@ class Loader:
         """Unload the model from every worker. Returns the engine keys unloaded."""
         keys = {m.engine_key for m in manifests if m.model == model and (version is None or m.version == version)}
         if not keys and model not in self.router.models():
-            raise ModelNotFound(f"model '{model}' is not in the repository")
+            raise ModelNotFound(f"Request for unknown model: model '{model}' is not in the repository")
         self.unloaded.add(model)
         done = []
         for worker_id, state in list(self.router.workers.items()):

@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.actor import FleetWorker, WorkerSpec
 from workers.errors import FleetError, NotReady
+from workers.grpc_server import GrpcOptions
 from workers.http import HttpOptions
 from workers.kserve.handler import InferPolicy
 from workers.messages import WorkerHealth, WorkerInfo
@@ -26,7 +27,7 @@ from workers.messages import WorkerHealth, WorkerInfo
 from cluster.calls import call
 from cluster.config import Endpoints, FleetConfig
 from cluster.controller.events import EventLog
-from cluster.forward import IngressForwarder
+from cluster.forward import GrpcMissForwarder, IngressForwarder
 from cluster.inventory import WorkerRecord
 from cluster.names import NODE_LABEL
 from cluster.net import is_loopback, is_wildcard
@@ -45,11 +46,19 @@ class RayFleetWorker(FleetWorker):
     def __init__(self, spec: WorkerSpec) -> None:
         super().__init__(spec, read_object=ray.get)
 
-    def serve_http(self, options: HttpOptions, ingress_url: str) -> WorkerInfo:
+    def serve_http(self, options: HttpOptions, ingress_url: str, grpc: GrpcOptions | None = None,
+                   grpc_front: str | None = None) -> WorkerInfo:
+        """Start the worker's own endpoints (HTTP; gRPC too when the fleet serves gRPC: its misses go
+        back to the fleet's gRPC port, ``grpc_front``)."""
         self.start_http(options, on_miss=IngressForwarder(ingress_url))
+        if grpc is not None:
+            self.start_grpc(grpc, on_miss=GrpcMissForwarder(grpc_front) if grpc_front else None)
         info = self.info()
-        if info.http is not None and is_wildcard(info.http[0]):
-            info = dataclasses.replace(info, http=(ray.util.get_node_ip_address(), info.http[1]))
+        node = ray.util.get_node_ip_address()
+        for name in ("http", "grpc"):
+            address = getattr(info, name)
+            if address is not None and is_wildcard(address[0]):
+                info = dataclasses.replace(info, **{name: (node, address[1])})
         return info
 
 
@@ -132,8 +141,10 @@ class WorkerPool:
         return self._members[worker_id].info
 
     # ---- starting -------------------------------------------------------------
-    async def start(self, ingress_url: str) -> None:
+    async def start(self, ingress_url: str, grpc_front: str | None = None) -> None:
+        """Start every worker; ``grpc_front``: the fleet's gRPC address, where workers pass on their gRPC misses."""
         self._ingress_url = ingress_url
+        self._grpc_front = grpc_front
         for spec, options in plan_workers(self.config):
             self._members[spec.worker_id] = _Member(spec, options)
         await asyncio.gather(*(self._start(wid) for wid in self._members))
@@ -144,14 +155,22 @@ class WorkerPool:
         # One-host fleets stay on loopback; on many hosts the front door reaches workers by node IP.
         return HttpOptions(host="127.0.0.1" if is_loopback(cfg.host) else "0.0.0.0", policy=policy)
 
+    def _grpc_options(self) -> GrpcOptions | None:
+        """The workers' own gRPC endpoints, when the fleet serves gRPC (through its front door)."""
+        if self.config.grpc_port is None or not self.endpoints.front_door:
+            return None
+        http = self._http_options()
+        return GrpcOptions(host=http.host, policy=http.policy)
+
     async def _start(self, worker_id: str) -> None:
         member = self._members[worker_id]
         spec = member.spec
         handle = WorkerActor.options(**member.options).remote(spec)
         try:
             if self.endpoints.front_door:
-                info = await asyncio.wait_for(call(handle.serve_http.remote(self._http_options(), self._ingress_url)),
-                                              WORKER_START_TIMEOUT_S)
+                info = await asyncio.wait_for(call(handle.serve_http.remote(
+                    self._http_options(), self._ingress_url, self._grpc_options(), self._grpc_front)),
+                    WORKER_START_TIMEOUT_S)
             else:
                 info = await asyncio.wait_for(call(handle.info.remote()), WORKER_START_TIMEOUT_S)
             health = await call(handle.health.remote())

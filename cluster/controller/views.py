@@ -35,6 +35,7 @@ def worker_view(record: WorkerRecord, stats: dict | None, manifests: list[Manife
         "nvml_health_watches": stats.get("nvml_health_watches"),
         "rss_bytes": stats.get("rss_bytes"),
         "http": f"{info.http[0]}:{info.http[1]}" if info.http else None,
+        "grpc": f"{info.grpc[0]}:{info.grpc[1]}" if info.grpc else None,
         "runnable_not_loaded": runnable,
     }
 
@@ -82,3 +83,48 @@ def repository_index(router: Router, unloaded: set[str]) -> list[dict]:
                 index.append({"name": model, "version": version, "state": "UNAVAILABLE",
                               "reason": "not loaded; loads on first request"})
     return index
+
+
+def _duration(count: float, us: float) -> dict:
+    return {"count": int(count), "ns": int(us * 1000)}
+
+
+def model_statistics(worker_stats: dict[str, dict], versions: list[tuple[str, str]]) -> dict:
+    """Triton's statistics (``/v2/models/{m}/stats``, gRPC ``ModelStatistics``) of these model
+    versions, summed over every worker's engines of them. ``success`` is queue plus compute time;
+    the fleet does not time input and output copies apart from the run (``compute_input`` and
+    ``compute_output`` are 0)."""
+    totals: dict[tuple[str, str], dict] = {key: {} for key in versions}
+    for view in worker_stats.values():
+        for engine in (view.get("engines") or {}).values():
+            total = totals.get((engine["model"], engine["version"]))
+            if total is None:
+                continue
+            for name in ("success", "failure", "inference_count", "exec_count", "queue_us", "request_compute_us"):
+                total[name] = total.get(name, 0) + engine.get(name, 0)
+            total["last_inference_ms"] = max(total.get("last_inference_ms", 0), engine.get("last_inference_ms", 0))
+            for size, runs in (engine.get("batch_sizes") or {}).items():
+                total.setdefault("runs", {})[int(size)] = total.get("runs", {}).get(int(size), 0) + runs
+                us = (engine.get("batch_compute_us") or {}).get(size, 0.0)
+                total.setdefault("run_us", {})[int(size)] = total.get("run_us", {}).get(int(size), 0.0) + us
+    return {"model_stats": [_model_stats(model, version, totals[(model, version)]) for model, version in versions]}
+
+
+def _model_stats(model: str, version: str, t: dict) -> dict:
+    success, compute = t.get("success", 0), t.get("request_compute_us", 0.0)
+    zero = _duration(0, 0)
+    return {
+        "name": model, "version": version, "last_inference": t.get("last_inference_ms", 0),
+        "inference_count": t.get("inference_count", 0), "execution_count": t.get("exec_count", 0),
+        "inference_stats": {
+            "success": _duration(success, t.get("queue_us", 0.0) + compute), "fail": _duration(t.get("failure", 0), 0),
+            "queue": _duration(success, t.get("queue_us", 0.0)), "compute_input": _duration(success, 0),
+            "compute_infer": _duration(success, compute), "compute_output": _duration(success, 0),
+            "cache_hit": zero, "cache_miss": zero,
+        },
+        "batch_stats": [{"batch_size": size, "compute_input": _duration(runs, 0),
+                         "compute_infer": _duration(runs, t["run_us"][size]), "compute_output": _duration(runs, 0)}
+                        for size, runs in sorted(t.get("runs", {}).items())],
+        "memory_usage": [],
+        "response_stats": {},
+    }

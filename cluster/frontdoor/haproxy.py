@@ -20,7 +20,7 @@ from pathlib import Path
 
 from workers.errors import NotReady
 
-from cluster.frontdoor.routes import ERRORS, Route, error_response, render_config
+from cluster.frontdoor.routes import ERRORS, GrpcFrontend, Route, error_response, render_config
 from cluster.net import local_address
 
 
@@ -54,12 +54,13 @@ def _die_with_parent() -> None:
 class FrontDoor:
     """One HAProxy (master-worker) process on the fleet's port."""
 
-    def __init__(self, bind: tuple[str, int], ingress: tuple[str, int], threads: int = 1) -> None:
+    def __init__(self, bind: tuple[str, int], ingress: tuple[str, int], threads: int = 1,
+                 grpc: GrpcFrontend | None = None) -> None:
         binary = haproxy_binary()
         if binary is None:
             raise NotReady("HAProxy is not installed (it comes with ray[serve] on Linux); set front_door: false")
         self.binary = binary
-        self.bind, self.ingress, self.threads = bind, ingress, threads
+        self.bind, self.ingress, self.threads, self.grpc = bind, ingress, threads, grpc
         self.dir = Path(tempfile.mkdtemp(prefix="ffd-"))  # short: the admin socket path must stay short
         self.config_path = self.dir / "haproxy.cfg"
         self._proc: subprocess.Popen | None = None
@@ -73,7 +74,7 @@ class FrontDoor:
     def _render(self, routes: list[Route]) -> str:
         return render_config(routes, bind=self.bind, ingress=self.ingress,
                              admin_socket=str(self.dir / "admin.sock"), threads=self.threads, maxconn=_maxconn(),
-                             errors_dir=str(self.dir))
+                             errors_dir=str(self.dir), grpc=self.grpc)
 
     def _write_checked(self, text: str) -> None:
         candidate = self.dir / "haproxy.cfg.new"

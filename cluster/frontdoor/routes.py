@@ -5,6 +5,13 @@ worker that holds an engine of that model (``workers/http.py``), least connectio
 first. Everything else, and a model that no worker holds right now, goes to the Ray
 Serve ingress. The backends list only workers the router found compatible
 (``can_run``) and holding the engine, so the routing rules stay where they are.
+
+With gRPC on, a second frontend on the gRPC port (HTTP/2) does the same for
+``ModelInfer``: HAProxy reads the model's name and version out of the buffered protobuf
+body (its ``ungrpc`` converter: fields 1 and 2 of ``ModelInferRequest``) and sends the
+request to a holder's own gRPC endpoint (``workers/grpc_server.py``). Everything else
+(a miss, a body larger than HAProxy's buffer, streams, every other call) goes to the
+fleet's gRPC router (``grpc_router.py``), as the rest of HTTP goes to the ingress.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ class Server:
     name: str  # the worker id
     host: str
     port: int
+    grpc_port: int | None = None  # the worker's own gRPC endpoint (the gRPC router's route; HAProxy ignores it)
 
 
 @dataclass(frozen=True)
@@ -32,12 +40,14 @@ class Route:
     servers: tuple[Server, ...]
 
 
-def routes_from(router: Router, http_addresses: dict[str, tuple[str, int]]) -> list[Route]:
+def routes_from(router: Router, http_addresses: dict[str, tuple[str, int]],
+                grpc_ports: dict[str, int] | None = None) -> list[Route]:
     """One route per (model, version) that some live worker with an HTTP endpoint holds."""
     routes = []
+    grpc_ports = grpc_ports or {}
     for model, versions in router.models().items():
         for version in versions:
-            servers = tuple(Server(w, *http_addresses[w]) for w in sorted(router.holders(model, version))
+            servers = tuple(Server(w, *http_addresses[w], grpc_ports.get(w)) for w in sorted(router.holders(model, version))
                             if w in http_addresses)
             if servers:
                 routes.append(Route(model, version, version == versions[-1], servers))
@@ -65,8 +75,55 @@ def error_response(code: int) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + answer.body
 
 
+GRPC_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
+GRPC_MISS_HEADER = "x-fleet-miss"  # a worker passes on a request it cannot serve: to the gRPC router
+
+
+@dataclass(frozen=True)
+class GrpcFrontend:
+    bind: tuple[str, int]  # the fleet's gRPC port
+    router: tuple[str, int]  # the gRPC router, beside HAProxy
+
+
+def _grpc_config(routes: list[Route], grpc: GrpcFrontend) -> list[str]:
+    """The gRPC frontend: ModelInfer of a held model straight to a holder's gRPC endpoint, the rest to the router."""
+    lines = [
+        "frontend fleet_grpc",
+        f"    bind {grpc.bind[0]}:{grpc.bind[1]} proto h2",
+        f"    acl grpc_infer path {GRPC_INFER_PATH}",
+        f"    acl grpc_miss req.hdr({GRPC_MISS_HEADER}) -m found",
+        # the body of a unary ModelInfer only (a stream's body never ends): up to the buffer's size
+        "    http-request wait-for-body time 1s if grpc_infer !grpc_miss",
+        "    http-request set-var(txn.model) req.body,ungrpc(1) if grpc_infer !grpc_miss",
+        "    http-request set-var(txn.version) req.body,ungrpc(2) if grpc_infer !grpc_miss",
+        "    acl grpc_versioned var(txn.version) -m found",
+    ]
+    for i, route in enumerate(routes):
+        servers = [s for s in route.servers if s.grpc_port]
+        if not servers:
+            continue
+        model = f"{{ var(txn.model) -m str {route.model} }}"
+        up = f"{{ nbsrv(grpc_model_{i}) gt 0 }}"
+        lines.append(f"    use_backend grpc_model_{i} if grpc_infer !grpc_miss {model} "
+                     f"{{ var(txn.version) -m str {route.version} }} {up}")
+        if route.latest:
+            lines.append(f"    use_backend grpc_model_{i} if grpc_infer !grpc_miss {model} !grpc_versioned {up}")
+    lines += ["    default_backend grpc_router", ""]
+    for i, route in enumerate(routes):
+        servers = [s for s in route.servers if s.grpc_port]
+        if not servers:
+            continue
+        lines += [f"backend grpc_model_{i}", f"    # {route.model} version {route.version}", "    balance leastconn"]
+        lines += [f"    server {s.name} {s.host}:{s.grpc_port} proto h2 check inter 2s fall 2 rise 1 observe layer4 "
+                  f"error-limit 1 on-error mark-down" for s in servers]
+        lines += [f"    server router {grpc.router[0]}:{grpc.router[1]} proto h2 backup", ""]
+    lines += ["backend grpc_router", f"    server router {grpc.router[0]}:{grpc.router[1]} proto h2", ""]
+    return lines
+
+
 def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[str, int], admin_socket: str,
-                  threads: int = 1, maxconn: int = 4096, errors_dir: str | None = None) -> str:
+                  threads: int = 1, maxconn: int = 4096, errors_dir: str | None = None,
+                  grpc: GrpcFrontend | None = None) -> str:
     """The HAProxy configuration for these routes (model names are already validated: [A-Za-z0-9_.-])."""
     lines = [
         "global",
@@ -121,6 +178,8 @@ def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[
         lines.append(f"    server ingress {ingress[0]}:{ingress[1]} backup")
         lines.append("")
     lines += ["backend ingress", f"    server serve {ingress[0]}:{ingress[1]}", ""]
+    if grpc is not None:
+        lines += _grpc_config(routes, grpc)
     return "\n".join(lines)
 
 

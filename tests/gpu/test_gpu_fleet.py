@@ -23,7 +23,8 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(scope="module")
 def gpu_fleet(tmp_path_factory, demo_models, big_mlp):
     work = tmp_path_factory.mktemp("gpu-fleet")
-    config = load_config("configs/local.yaml", repository=str(work / "repo"), port=free_port(), allow_client_shm=True)
+    config = load_config("configs/local.yaml", repository=str(work / "repo"), port=free_port(), grpc_port=free_port(),
+                         allow_client_shm=True)
     pynvml.nvmlInit()
     n = pynvml.nvmlDeviceGetCount()
     pynvml.nvmlShutdown()

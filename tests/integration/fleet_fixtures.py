@@ -48,6 +48,7 @@ def build_cpu(repo_root: Path, source: Path, name: str, max_batch: int = 64, **o
 @contextmanager
 def running_fleet(config_path: str | None, repo_root: Path, *, cluster_address: str | None = None, **overrides):
     """Deploy a fleet on a fresh Ray (or on ``cluster_address``); yields (config, url)."""
+    overrides.setdefault("grpc_port", free_port())  # never Triton's 8001: other fleets share this machine
     config = load_config(config_path, repository=str(repo_root), port=free_port(), **overrides)
     if cluster_address is None:
         ray.init(address="local", namespace=NAMESPACE, num_cpus=2, log_to_driver=False, include_dashboard=False)

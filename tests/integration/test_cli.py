@@ -31,7 +31,7 @@ def foreground_fleet(tmp_path_factory):
     config = work / "fleet.yaml"
     config.write_text(
         f"name: cli-test\nrepository: {work / 'repo'}\nport: {port}\nray_port: {free_port()}\n"
-        f"dashboard_port: {free_port()}\ncpu_budget: 2GiB\nmodels:\n  digits-mlp:\n    max_batch: 256\n"
+        f"dashboard_port: {free_port()}\ngrpc_port: {free_port()}\ncpu_budget: 2GiB\nmodels:\n  digits-mlp:\n    max_batch: 256\n"
     )
     log = open(work / "up.log", "w")
     proc = subprocess.Popen(FLEET + ["up", "--config", str(config), "--demo", "--foreground"], cwd=work,

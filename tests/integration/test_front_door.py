@@ -33,9 +33,9 @@ def fleet(tmp_path_factory, demo_models):
     build_cpu(repo, demo_models["digits-mlp"], "spare")
     config = work / "fleet.yaml"
     config.write_text(f"auth_token: {TOKEN}\nauth_inference: true\nallow_client_shm: true\n")
-    with running_fleet(str(config), repo) as (_, url):
+    with running_fleet(str(config), repo) as (cfg, url):
         status = requests.get(f"{url}/v2/fleet/status", headers=auth(), timeout=30).json()
-        yield {"url": url, "status": status}
+        yield {"url": url, "status": status, "grpc": f"127.0.0.1:{cfg.grpc_port}"}
 
 
 def auth(token: str = TOKEN) -> dict:
@@ -83,6 +83,49 @@ def test_registering_shared_memory_needs_the_token(fleet):
     finally:
         region.close()
         region.unlink()
+
+
+def test_the_token_is_needed_over_grpc_too(fleet):
+    """The same rule over gRPC (metadata ``authorization``): through the fleet's gRPC router, straight at a
+    worker's own gRPC endpoint, for the calls the ingress answers, and before a miss loads anything."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    def inputs():
+        inp = grpcclient.InferInput("input", [1, 64], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 64), np.float32))
+        return [inp]
+
+    def refused(call) -> None:
+        for headers in (None, {"authorization": "Bearer guess"}):
+            with pytest.raises(InferenceServerException) as caught:
+                call(headers)
+            assert caught.value.status() == "StatusCode.UNAUTHENTICATED", caught.value.message()
+
+    token = {"authorization": f"Bearer {TOKEN}"}
+    worker = fleet["status"]["nodes"][0]["workers"][0]["grpc"]
+    for address in (fleet["grpc"], worker):
+        client = grpcclient.InferenceServerClient(address)
+        refused(lambda h: client.infer("digits-mlp", inputs(), headers=h))
+        assert client.infer("digits-mlp", inputs(), headers=token).as_numpy("label").shape == (1,)
+    client = grpcclient.InferenceServerClient(fleet["grpc"])
+    for call in (lambda h: client.get_model_metadata("digits-mlp", headers=h),
+                 lambda h: client.get_model_config("digits-mlp", headers=h),
+                 lambda h: client.get_inference_statistics("digits-mlp", headers=h),
+                 lambda h: client.get_system_shared_memory_status(headers=h),
+                 lambda h: client.load_model("spare", headers=h)):
+        refused(call)
+        call(token)
+    with FleetClient(fleet["url"], token=TOKEN) as admin:
+        admin.unload("spare")  # no worker holds it: a request for it is a miss
+        refused(lambda h: client.infer("spare", inputs(), headers=h))
+        with pytest.raises(InferenceServerException, match="was unloaded"):
+            client.infer("spare", inputs(), headers=token)
+        admin.load("spare")
+    with FleetClient(fleet["grpc"], protocol="grpc") as anonymous, pytest.raises(Unauthorized):
+        anonymous.infer("digits-mlp", {"input": np.zeros((1, 64), np.float32)})
+    with FleetClient(fleet["grpc"], protocol="grpc", token=TOKEN) as client_with_token:
+        assert client_with_token.infer("digits-mlp", {"input": np.zeros((1, 64), np.float32)})["label"].shape == (1,)
 
 
 def test_reloads_under_traffic_lose_no_request(fleet):

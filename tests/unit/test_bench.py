@@ -160,8 +160,21 @@ def test_targets_fall_back_to_the_default_variant_of_older_documents():
 def test_missing_phases_give_unmeasured_targets_not_failures():
     doc = {"phases": {"router": _doc()["phases"]["router"]}}
     targets = report.evaluate_targets(doc)
-    assert len(targets) == 7
-    assert sum(t["met"] is None for t in targets) == 5
+    assert len(targets) == 12
+    assert sum(t["met"] is None for t in targets) == 10
+
+
+def test_perf_analyzer_targets_compare_fleet_and_triton_per_protocol():
+    rows = [dict(_row(f"pa-{name}", "digits-mlp", 32, rate, p99), variant="perf_analyzer")
+            for name, rate, p99 in (("fleet-http", 3000.0, 9.0), ("fleet-grpc", 2000.0, 12.0),
+                                    ("triton-http", 2000.0, 20.0), ("triton-grpc", 1900.0, 11.0))]
+    by_name = {t["name"]: t for t in report.perf_analyzer_targets(rows)}
+    http = by_name["perf_analyzer digits-mlp c=32: fleet http / Triton http, infer/s"]
+    grpc = by_name["perf_analyzer digits-mlp c=32: fleet grpc / Triton grpc, infer/s"]
+    assert http["value"] == pytest.approx(1.5) and http["met"] is True
+    assert grpc["value"] == pytest.approx(2000 / 1900, abs=1e-3) and grpc["met"] is False  # under 1.2x
+    assert by_name["perf_analyzer digits-mlp c=32: fleet grpc p99 <= Triton grpc p99 (ms)"]["met"] is False
+    assert by_name["perf_analyzer digits-mlp c=32: fleet gRPC / fleet HTTP, infer/s"]["met"] is False
 
 
 def test_result_document_schema():

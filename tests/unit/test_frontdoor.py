@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from cluster.frontdoor.haproxy import FrontDoor, haproxy_binary
-from cluster.frontdoor.routes import Route, Server, render_config, routes_from
+from cluster.frontdoor.routes import GRPC_MISS_HEADER, GrpcFrontend, Route, Server, render_config, routes_from
 from cluster.router import Router, WorkerState
 from workers.devices import Device
 from workers.manifest import Manifest
@@ -161,3 +161,62 @@ def test_real_haproxy_routes_moves_and_falls_back(tmp_path):
         for server in (ingress, w1):
             server.shutdown()
     assert not door.dir.exists()
+
+
+class _GrpcNamed:
+    """A tiny real gRPC server (HTTP/2) whose ModelInfer answers with its own name and the caller's miss mark."""
+
+    def __init__(self, name: str) -> None:
+        import grpc
+        from concurrent.futures import ThreadPoolExecutor
+
+        def infer(raw, context):
+            marked = dict(context.invocation_metadata()).get(GRPC_MISS_HEADER, "")
+            return f"{name} {marked}".strip().encode()
+
+        self.server = grpc.server(ThreadPoolExecutor(4))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}),))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+def _grpc_who(port: int, model: str, version: str = "", rows: int = 1, metadata=()) -> str:
+    import grpc
+    import numpy as np
+
+    from workers.kserve.grpc_codec import grpc_request
+
+    raw = grpc_request(model, {"x": np.zeros((rows, 4), np.float32)}, version=version).SerializeToString()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(raw, metadata=metadata, timeout=10).decode()
+
+
+def test_config_routes_grpc_model_infer_by_the_name_in_its_body():
+    routes = [Route("mlp", "2", True, (Server("a", "127.0.0.1", 1001, 2001), Server("b", "127.0.0.1", 1002)))]
+    text = render_config(routes, bind=("127.0.0.1", 8000), ingress=("127.0.0.1", 9000), admin_socket="/x.sock",
+                         grpc=GrpcFrontend(("127.0.0.1", 8001), ("127.0.0.1", 9001)))
+    assert "bind 127.0.0.1:8001 proto h2" in text and "req.body,ungrpc(1)" in text
+    assert "server a 127.0.0.1:2001 proto h2" in text and "server b 127.0.0.1:1002 proto h2" not in text  # no gRPC
+    assert "default_backend grpc_router" in text and "server router 127.0.0.1:9001 proto h2 backup" in text
+
+
+@needs_haproxy
+def test_real_haproxy_routes_grpc_to_a_holder_and_the_rest_to_the_router(tmp_path):
+    worker, router, ingress = _GrpcNamed("w1"), _GrpcNamed("router"), _Named("ingress")
+    port, grpc_port = _free_port(), _free_port()
+    door = FrontDoor(bind=("127.0.0.1", port), ingress=("127.0.0.1", ingress.port),
+                     grpc=GrpcFrontend(("127.0.0.1", grpc_port), ("127.0.0.1", router.port)))
+    try:
+        door.start([Route("mlp", "1", True, (Server("w1", "127.0.0.1", 1, worker.port),))])
+        assert _grpc_who(grpc_port, "mlp") == "w1"  # the latest version: no version in the request
+        assert _grpc_who(grpc_port, "mlp", "1") == "w1"
+        assert _grpc_who(grpc_port, "mlp", "7") == "router"  # nobody holds it: the router loads it
+        assert _grpc_who(grpc_port, "other") == "router"
+        assert _grpc_who(grpc_port, "mlp", rows=8192) == "router"  # 128 KiB: over HAProxy's buffer
+        assert _grpc_who(grpc_port, "mlp", metadata=((GRPC_MISS_HEADER, "1"),)) == "router 1"  # a worker's miss
+    finally:
+        door.stop()
+        worker.server.stop(0)
+        router.server.stop(0)
+        ingress.shutdown()

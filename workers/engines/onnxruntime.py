@@ -140,7 +140,7 @@ class OnnxRuntimeEngine(Engine):
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self._session is not None
         try:
-            results = self._session.run(self._output_names, feeds)
+            results = self._session.run(self._output_names, {name: _ort_strings(name, a) for name, a in feeds.items()})
         except OrtInvalidArgument as exc:
             raise self._refused(exc) from None
         return dict(zip(self._output_names, results))
@@ -165,6 +165,18 @@ class OnnxRuntimeEngine(Engine):
             raise self._refused(exc) from None
         values = binding.get_outputs()
         return {name: out[name] if name in out else value.numpy() for name, value in zip(self._output_names, values)}
+
+
+def _ort_strings(name: str, array: np.ndarray) -> np.ndarray:
+    """BYTES tensors arrive as ``bytes`` objects; ONNX Runtime's string tensors take ``str``
+    (bytes would become their repr, "b'...'"), and give ``str`` back (the codec encodes it)."""
+    if array.dtype != np.object_ or not array.size or not isinstance(array.flat[0], bytes):
+        return array
+    try:
+        return np.array([b.decode() if isinstance(b, bytes) else b for b in array.reshape(-1)],
+                        dtype=np.object_).reshape(array.shape)
+    except UnicodeDecodeError:
+        raise InvalidInput(f"input '{name}': ONNX Runtime takes strings as UTF-8; this BYTES element is not") from None
 
 
 def describe_model(model_path: str | Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

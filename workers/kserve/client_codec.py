@@ -50,7 +50,7 @@ def encode_request(
 
 def decode_response(body: bytes, header_length: str | None) -> tuple[dict, dict[str, np.ndarray]]:
     """The response JSON and its outputs as numpy arrays (not those the server wrote into
-    shared memory: their entries in the JSON say where they are)."""
+    shared memory: their entries have no data)."""
     header_bytes, binary = split_body(body, header_length)
     header = json.loads(header_bytes)
     offset = 0
@@ -58,8 +58,8 @@ def decode_response(body: bytes, header_length: str | None) -> tuple[dict, dict[
     for out in header.get("outputs", []):
         name, shape, datatype = out["name"], tuple(out["shape"]), out["datatype"]
         params = out.get("parameters") or {}
-        if "shared_memory_region" in params:
-            continue
+        if "shared_memory_region" in params or ("data" not in out and "binary_data_size" not in params):
+            continue  # written into shared memory: the entry only describes it
         size = params.get("binary_data_size")
         if size is not None:
             arrays[name] = decode_binary_tensor(name, datatype, shape, binary[offset:offset + size]).copy()

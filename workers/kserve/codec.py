@@ -175,7 +175,7 @@ def _decode_input(index: int, item, reader: _BinaryReader, request: InferRequest
     if not isinstance(datatype, str) or datatype not in DATATYPE_TO_NUMPY:
         raise InvalidInput(
             f"input '{name}': datatype {datatype!r} is not a KServe v2 datatype ({', '.join(DATATYPE_TO_NUMPY)})")
-    shape = _parse_shape(name, item.get("shape"))
+    shape = parse_shape(name, item.get("shape"))
     params = item.get("parameters") or {}
     if not isinstance(params, dict):
         raise InvalidInput(f"input '{name}': 'parameters' must be an object")
@@ -184,7 +184,7 @@ def _decode_input(index: int, item, reader: _BinaryReader, request: InferRequest
     if ref is not None:
         if "data" in item or size is not None:
             raise InvalidInput(f"input '{name}': names a shared memory region and also carries data")
-        _check_shm_size(name, datatype, shape, ref)
+        check_shm_size(name, datatype, shape, ref)
         request.shm_inputs[name] = ShmInput(ref, datatype, shape)
     elif size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -218,7 +218,7 @@ def _decode_outputs(raw_outputs) -> list[RequestedOutput] | None:
 
 
 # ---- tensors ------------------------------------------------------------------------
-def _parse_shape(name: str, shape) -> tuple[int, ...]:
+def parse_shape(name: str, shape) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInput(f"input '{name}': 'shape' must be a list of integers, got {shape!r}")
     for d in shape:
@@ -305,7 +305,7 @@ def _decode_json_data(name: str, datatype: str, shape: tuple[int, ...], data) ->
     return array.reshape(shape)
 
 
-def _check_shm_size(name: str, datatype: str, shape: tuple[int, ...], ref: ShmRef) -> None:
+def check_shm_size(name: str, datatype: str, shape: tuple[int, ...], ref: ShmRef) -> None:
     if datatype == "BYTES":
         return  # serialized strings: their length is known once read
     expected = element_count(shape) * DATATYPE_TO_NUMPY[datatype].itemsize
@@ -351,7 +351,7 @@ def encode_response(
                 f"the model's outputs are {', '.join(repr(n) for n in outputs)}"
             )
     blobs: list[bytes] = []
-    out_list = [shm_entry(req.name, value) if isinstance(value := outputs[req.name], ShmWritten)
+    out_list = [written_entry(req.name, value) if isinstance(value := outputs[req.name], ShmWritten)
                 else tensor_entry(req.name, np.asarray(value), req.binary, blobs) for req in wanted]
     body = {"model_name": model, "model_version": version, "outputs": out_list}
     if request.id is not None:
@@ -375,6 +375,13 @@ def tensor_entry(name: str, array: np.ndarray, binary: bool, blobs: list[bytes])
     else:
         entry["data"] = _json_ready(array)
     return entry
+
+
+def written_entry(name: str, tensor: ShmWritten) -> dict:
+    """An output written into shared memory, as Triton answers it: no data and no parameters (the
+    client knows where it asked for it; Triton's C++ client reads any output's ``parameters`` as
+    binary data)."""
+    return {"name": name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
 
 
 def shm_entry(name: str, tensor: "ShmWritten | ShmInput") -> dict:

@@ -1,11 +1,12 @@
-"""The one KServe v2 infer handler and the one error answer, for every HTTP entry point.
+"""The one KServe v2 infer handler and the one error answer, for every entry point.
 
-``handle_infer`` runs checks, decoding, the call that serves the request, encoding
-and the request statistics the same way for the worker's own endpoint
-(``workers/http.py``) and the Serve ingress (``cluster/serve_app.py``); they differ
-only in the ``serve`` coroutine they pass (the worker's runner, or the data plane's
-router). ``error_answer`` is the only place an error body is made, the front door's
-HAProxy error files included.
+``run_infer`` runs checks, decoding, the call that serves the request, encoding and the
+request statistics the same way whatever the protocol; ``handle_infer`` is it over HTTP
+for the worker's own endpoint (``workers/http.py``) and the Serve ingress
+(``cluster/serve_app.py``), and ``workers/grpc.py`` runs it over gRPC. They differ only
+in how they decode and encode, and in the ``serve`` coroutine they pass (the worker's
+runner, or the data plane's router). ``error_answer`` is the only place an error body
+is made, the front door's HAProxy error files included.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -117,6 +119,49 @@ def served_by(worker_id: str, device: Device, target_key: str) -> dict:
     }
 
 
+R = TypeVar("R")
+
+
+async def run_infer(
+    model: str,
+    version: str | None,
+    headers: Mapping[str, str],
+    decode: Callable[[], InferRequest],
+    encode: Callable[[Served, InferRequest], R],
+    *,
+    policy: InferPolicy,
+    serve: ServeFn,
+    stats: RequestStats,
+    body_size: int | None = None,
+) -> R:
+    """One inference, whatever the protocol: checks, ``decode``, ``serve``, ``encode``, statistics.
+
+    Raises what went wrong for the protocol's wrapper to answer: a FleetError (EngineNotHere
+    is not counted: another worker or the ingress serves the request), or a bug (logged).
+    Requests for names that are not models (typos, probes) are not counted."""
+    validate_model_ref(model, version)
+    started = time.perf_counter()
+    served_version = version
+    try:
+        policy.admit(headers, body_size)
+        request = decode()
+        served = await serve(model, version, request)
+        served_version = served.version
+        result = encode(served, request)
+    except (EngineNotHere, DeviceFailed):
+        raise  # not counted here: another worker serves it (or the caller answers the 503)
+    except FleetError as exc:
+        if not isinstance(exc, ModelNotFound):
+            stats.record(model, served_version, time.perf_counter() - started, type(exc).__name__)
+        raise
+    except Exception as exc:
+        log.exception("internal error serving %s", model)
+        stats.record(model, served_version, time.perf_counter() - started, type(exc).__name__)
+        raise
+    stats.record(model, served.version, time.perf_counter() - started)
+    return result
+
+
 async def handle_infer(
     model: str,
     version: str | None,
@@ -129,36 +174,28 @@ async def handle_infer(
     body_size: int | None = None,
     on_miss: "Callable[[], Awaitable[HttpAnswer]] | None" = None,
 ) -> HttpAnswer:
-    """One ``POST /v2/models/{model}[/versions/{version}]/infer``, start to end.
+    """One ``POST /v2/models/{model}[/versions/{version}]/infer``, start to end (``run_infer`` over HTTP).
 
     ``headers`` have lower-case names. ``on_miss``: what to answer instead when ``serve``
     finds no engine of the model here (``EngineNotHere``) or this worker's GPU failed under
-    the request (``DeviceFailed``: another worker can serve it); without it, a 503.
-    Requests for names that are not models (typos, probes) are not counted."""
-    try:
-        validate_model_ref(model, version)
-    except InvalidInput as exc:
-        return error_answer(exc)
-    started = time.perf_counter()
-    served_version = version
-    try:
-        policy.admit(headers, body_size)
-        request = read_infer_request(body, headers.get("content-encoding"), headers.get(HEADER_LENGTH),
-                                     limit=policy.max_request_bytes)
-        served = await serve(model, version, request)
-        served_version = served.version
+    the request (``DeviceFailed``: another worker can serve it); without it, a 503."""
+
+    def decode() -> InferRequest:
+        return read_infer_request(body, headers.get("content-encoding"), headers.get(HEADER_LENGTH),
+                                  limit=policy.max_request_bytes)
+
+    def encode(served: Served, request: InferRequest) -> HttpAnswer:
         content, out_headers = encode_response(model, served.version, served.outputs, request, served.parameters)
+        return HttpAnswer(200, list(out_headers.items()), content)
+
+    try:
+        return await run_infer(model, version, headers, decode, encode, policy=policy, serve=serve, stats=stats,
+                               body_size=body_size)
     except (EngineNotHere, DeviceFailed) as exc:
         if on_miss is not None:
             return await on_miss()
         return error_answer(exc)
     except FleetError as exc:
-        if not isinstance(exc, ModelNotFound):
-            stats.record(model, served_version, time.perf_counter() - started, type(exc).__name__)
         return error_answer(exc)
     except Exception as exc:
-        log.exception("internal error serving %s", model)
-        stats.record(model, served_version, time.perf_counter() - started, type(exc).__name__)
         return internal_error_answer(exc)
-    stats.record(model, served.version, time.perf_counter() - started)
-    return HttpAnswer(200, list(out_headers.items()), content)

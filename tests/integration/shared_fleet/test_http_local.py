@@ -55,7 +55,8 @@ def test_versioned_infer_and_client_equal_direct_onnxruntime(fleet_url, demo_mod
             np.testing.assert_array_equal(out["logits"], expected)
     with FleetClient(fleet_url) as client:
         index = client.models()
-        assert {m["name"] for m in index} == {"digits-mlp", "cnn-small", "add-sub", "fp16-scale", "int64-add"}
+        assert {m["name"] for m in index} == {"digits-mlp", "cnn-small", "add-sub", "fp16-scale", "int64-add", "mixed-scale",
+                                              "simple", "simple_string", "simple_identity"}
         status = client.status()
         worker = status["nodes"][0]["workers"][0]
         assert worker["device"]["kind"] == "cpu" and worker["budget_bytes"] == 4 << 30

@@ -98,7 +98,8 @@ def test_repository_index(server):
     url, _ = server
     client = httpclient.InferenceServerClient(url)
     index = {m["name"]: m for m in client.get_model_repository_index()}
-    assert set(index) == {"digits-mlp", "cnn-small", "add-sub", "fp16-scale", "int64-add"}
+    assert set(index) == {"digits-mlp", "cnn-small", "add-sub", "fp16-scale", "int64-add", "mixed-scale", "simple",
+                          "simple_string", "simple_identity"}
     assert all(m["version"] == "1" and m["state"] in ("READY", "UNAVAILABLE") for m in index.values())
 
 
