@@ -144,6 +144,40 @@ class StorageOptions(_Strict):
         return self
 
 
+class GcsFaultTolerance(_Strict):
+    """Ray's GCS fault tolerance: the head's GCS keeps its tables in Redis, so when the GCS
+    process dies and comes back, the workers, their engines and the routes live on (see
+    docs/reliability.md). Applies when `fleet up` starts the head."""
+
+    # "host:port" of a Redis (password, if any, in $FLEET_GCS_REDIS_PASSWORD), or "local":
+    # `fleet up` starts redis-server on the head (127.0.0.1:local_redis_port, append-only file).
+    redis: str | None = None
+    local_redis_port: int = Field(6390, ge=1, le=65535)
+    # How long raylets and workers wait for a GCS that went away before they exit (Ray's own
+    # default, without fault tolerance, is 60 s).
+    reconnect_timeout_s: int = Field(300, ge=10, le=86400)
+    # `fleet up` keeps the head's GCS process running: started again restart_delay_s after it dies.
+    restart: bool = True
+    restart_delay_s: float = Field(1.0, ge=0, le=600)
+
+    @field_validator("redis")
+    @classmethod
+    def _redis(cls, v):
+        if v is None or v == "local":
+            return v
+        host, _, port = v.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"gcs_fault_tolerance.redis must be host:port or \"local\", got {v!r}")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.redis is not None
+
+    def redis_address(self) -> str | None:
+        return f"127.0.0.1:{self.local_redis_port}" if self.redis == "local" else self.redis
+
+
 class FleetConfig(_Strict):
     name: str = "local"
     # A local directory (relative: to the current directory of `fleet up`) or a URI pyarrow.fs
@@ -185,6 +219,7 @@ class FleetConfig(_Strict):
     # memory objects and send only tensor descriptions. Off by default (Triton's
     # --allow-client-shm): workers then read and write any object a client names.
     allow_client_shm: bool = False
+    gcs_fault_tolerance: GcsFaultTolerance = Field(default_factory=GcsFaultTolerance)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
     @field_validator("reserve_bytes", "max_request_bytes", "cpu_budget", "artifact_cache_bytes", mode="before")

@@ -21,6 +21,7 @@ import ray
 
 from workers.errors import FleetError, NotReady
 
+from cluster import gcs_ft
 from cluster.config import FleetConfig
 from cluster.console import say
 from cluster.calls import get
@@ -33,8 +34,8 @@ def ray_cli_path() -> str:
     return str(here) if here.exists() else (shutil.which("ray") or "ray")
 
 
-def _ray_cli(args: list[str], what: str) -> None:
-    proc = subprocess.run([ray_cli_path(), *args], env=ray_env(), capture_output=True, text=True)
+def _ray_cli(args: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    proc = subprocess.run([ray_cli_path(), *args], env={**ray_env(), **(env or {})}, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise NotReady(f"{what} failed (ray {' '.join(args[:2])} exited {proc.returncode}):\n{tail}")
@@ -48,36 +49,85 @@ def node_labels(node) -> str:
 
 
 def start_nodes(config: FleetConfig) -> str:
-    """`ray start` a head on 127.0.0.1 plus one node per declared simulated node."""
+    """`ray start` a head on 127.0.0.1 plus one node per declared simulated node (all stopped
+    again if one fails)."""
     if not auth_token_path().exists():
         _ray_cli(["get-auth-token", "--generate"], "creating the Ray auth token")
-    address = f"127.0.0.1:{config.ray_port}"
     t0 = time.monotonic()
-    say(f"starting Ray head on {address} (dashboard 127.0.0.1:{config.dashboard_port}) ...")
-    _ray_cli(
-        [
-            "start", "--head", f"--port={config.ray_port}", "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={config.dashboard_port}",
-            "--disable-usage-stats",
-        ],
-        "starting the Ray head",
-    )
-    for node in config.nodes:
-        say(f"starting simulated node {node.name} with {len(node.gpus)} GPU(s) [{node_labels(node)}] ...")
-        _ray_cli(
-            [
-                "start", f"--address={address}", "--node-ip-address=127.0.0.1", f"--num-gpus={len(node.gpus)}",
-                "--num-cpus=0", f"--labels={node_labels(node)}", "--disable-usage-stats",
-            ],
-            f"starting node {node.name}",
-        )
+    try:
+        address = _start_head(config)
+        for node in config.nodes:
+            say(f"starting simulated node {node.name} with {len(node.gpus)} GPU(s) [{node_labels(node)}] ...")
+            _ray_cli(
+                [
+                    "start", f"--address={address}", "--node-ip-address=127.0.0.1", f"--num-gpus={len(node.gpus)}",
+                    "--num-cpus=0", f"--labels={node_labels(node)}", "--disable-usage-stats",
+                ],
+                f"starting node {node.name}",
+                gcs_ft.node_env(config.gcs_fault_tolerance),
+            )
+    except BaseException:
+        stop_nodes()
+        raise
     say(f"Ray is up in {time.monotonic() - t0:.1f} s")
     return address
 
 
+def _start_head(config: FleetConfig) -> str:
+    address = f"127.0.0.1:{config.ray_port}"
+    ft = config.gcs_fault_tolerance
+    if ft.redis == "local":
+        gcs_ft.start_local_redis(ft)
+    head_env, head_flags = gcs_ft.ray_start_settings(ft)
+    agent_port = _free_port()
+    say(f"starting Ray head on {address} (dashboard 127.0.0.1:{config.dashboard_port}"
+        f"{', GCS tables in Redis at ' + str(ft.redis_address()) if ft.enabled else ''}) ...")
+    _ray_cli(
+        [
+            "start", "--head", f"--port={config.ray_port}", "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={config.dashboard_port}",
+            f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats", *head_flags,
+        ],
+        "starting the Ray head",
+        head_env,
+    )
+    _wait_for_job_agent(agent_port)
+    gcs_ft.after_head_started(ft, config.ray_port)
+    return address
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_job_agent(port: int, timeout_s: float = 60.0) -> None:
+    """The head's dashboard agent takes jobs (`ray job submit`); Ray's job server gives up after
+    10 s without one ("No available agent to submit job"), which a loaded machine can take."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/healthz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            say(f"warning: Ray's dashboard agent (127.0.0.1:{port}) is not up after {timeout_s:.0f} s; "
+                f"`ray job submit` may answer 'No available agent' for a while")
+            return
+        time.sleep(0.25)
+
+
 def stop_nodes() -> None:
-    """`ray stop`: ends every Ray process this host started."""
+    """`ray stop`: ends every Ray process this host started (first the GCS keepers, so that none
+    starts the GCS again; after it, a Redis `fleet up` started for the GCS)."""
+    gcs_ft.stop_keepers()
     subprocess.run([ray_cli_path(), "stop", "--force"], env=ray_env(), capture_output=True, text=True)
+    gcs_ft.stop_local_redis()
 
 
 def _probe_gcs(address: str, timeout_s: float = 3.0) -> None:
@@ -151,8 +201,11 @@ def running_fleet(address: str | None = None) -> RunningFleet | None:
             return None
         try:
             dashboard = connect(address or "auto")
-        except NotReady:
-            return None
+        except NotReady as exc:
+            # A cluster is recorded here (or named) but its head does not answer: its GCS may be
+            # restarting. Acting on something else (a local build) would surprise; say so instead.
+            raise NotReady(f"{exc.message} If the fleet was stopped, `fleet down` clears what is left; "
+                           f"--repository acts on a repository without a fleet") from None
     try:
         controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
     except ValueError:

@@ -28,7 +28,10 @@ def url_of(args: argparse.Namespace) -> str:
     url = getattr(args, "url", None) or fleet_url()
     if url:
         return url
-    fleet = running_fleet(getattr(args, "address", None))
+    try:
+        fleet = running_fleet(getattr(args, "address", None))
+    except NotReady as exc:
+        raise NotReady(f"{exc.message}; or name the fleet with --url / FLEET_URL") from None
     if fleet is None:
         raise NotReady(f"{NO_FLEET}; or name the fleet with --url / FLEET_URL")
     return fleet.url

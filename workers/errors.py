@@ -77,6 +77,13 @@ class RepositoryUnavailable(NotReady):
     builds and loads wait for it; what is loaded keeps serving."""
 
 
+class HeadUnavailable(NotReady):
+    """The head's GCS does not answer (it died and is coming back, with GCS fault tolerance):
+    loads and builds wait for it; engines already loaded keep serving."""
+
+    retry_after_s = 5
+
+
 class NoCapacity(FleetError):
     """No compatible device has budget left for the engine."""
 
@@ -138,6 +145,7 @@ ERROR_TYPES: dict[str, type[FleetError]] = {
         EngineNotHere,
         Overloaded,
         RepositoryUnavailable,
+        HeadUnavailable,
         NoCapacity,
         NoCompatibleWorker,
         IncompatibleArtifact,

@@ -39,6 +39,7 @@ from workers.stats import merge
 from cluster.calls import call
 from cluster.config import Endpoints, FleetConfig
 from cluster.controller.events import EventLog
+from cluster.controller.head import GcsWatch
 from cluster.controller.loading import Loader
 from cluster.controller.pool import WorkerPool
 from cluster.controller.regions import ShmRegions
@@ -77,11 +78,13 @@ class FleetController:
         self._request_stats: dict[str, dict] = {}  # ingress replica -> its latest report
         self._health_task: asyncio.Task | None = None
         self._started = False
+        self.gcs: GcsWatch | None = None  # whether the head's GCS answers (set at start)
 
     # ---- start-up ----------------------------------------------------------
     async def start(self) -> dict:
         if self._started:
             return await self.status()
+        self.gcs = GcsWatch(ray.get_runtime_context().gcs_address)
         await self._scan()
         await self.pool.start(self._ingress_url(), self._grpc_front())
         await self.loader.preload()
@@ -186,6 +189,7 @@ class FleetController:
     # ---- writing the repository (this actor is its only writer) ----------------------
     async def publish(self, manifest: dict, data: bytes) -> StoredArtifact:
         """Publish a build: the artifact's bytes are checked against the manifest, then stored atomically."""
+        self._need_gcs("publishing a build")
         stored = await asyncio.to_thread(self.repo.publish, Manifest.from_dict(manifest), data)
         self.events.add("published", engine=stored.manifest.engine_key, location=stored.location)
         return stored
@@ -216,8 +220,26 @@ class FleetController:
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(HEALTH_PERIOD_S)
-            await self.pool.check_all()
-            await self._check_front_door()
+            gcs_up = await self._check_gcs()
+            await self.pool.check_all()  # calls between running actors need no GCS
+            if gcs_up:
+                await self._check_front_door()  # starting another would wait for the GCS
+
+    async def _check_gcs(self) -> bool:
+        assert self.gcs is not None
+        change = self.gcs.observe(await asyncio.to_thread(self.gcs.probe))
+        if change == "down":
+            self.events.add("gcs-down", address=self.gcs.address)
+            log.error("the head's GCS (%s) does not answer: loads and builds wait; loaded models serve on",
+                      self.gcs.address)
+        elif change == "back":
+            self.events.add("gcs-back", address=self.gcs.address, outage_s=round(self.gcs.last_outage_s or 0, 2))
+            log.warning("the head's GCS is back after %.1f s", self.gcs.last_outage_s or 0)
+        return self.gcs.up
+
+    def _need_gcs(self, what: str) -> None:
+        if self.gcs is not None:
+            self.gcs.require(what)
 
     async def _check_front_door(self) -> None:
         """The front door's actor died (HAProxy itself is restarted by that actor): start another."""
@@ -245,6 +267,7 @@ class FleetController:
     # ---- loading -----------------------------------------------------------
     async def ensure_loaded(self, model: str, version: str | None = None, *, allow_eviction: bool = True,
                             explicit: bool = False) -> Placement:
+        self._need_gcs(f"loading {model}")
         return await self.loader.ensure_loaded(model, await self._resolve(model, version),
                                                allow_eviction=allow_eviction, explicit=explicit)
 
@@ -256,7 +279,8 @@ class FleetController:
         ModelConfig), the model is served as it says from now on, checked against the model
         first; without, as the fleet config says. Loaded engines whose options change are
         unloaded and loaded again."""
-        version = self._resolve(model, None)
+        self._need_gcs(f"loading {model}")
+        version = await self._resolve(model, None)
         base = self.config.model_config_for(model).load_options()
         options = base
         if config is not None:
@@ -271,7 +295,7 @@ class FleetController:
 
     async def model_config(self, model: str, version: str | None = None) -> dict:
         """Triton's model configuration of a model version, as served now (JSON)."""
-        manifests = self.router.manifests(model, self._resolve(model, version))
+        manifests = self.router.manifests(model, await self._resolve(model, version))
         gpu = not all(executes_on_cpu(m.target) for m in manifests)
         return config_json(model_config(manifests, self.loader.options_for(model), slots=self.config.slots, gpu=gpu))
 
@@ -281,7 +305,7 @@ class FleetController:
         if model is None:
             wanted = [(m, v) for m, versions in models.items() for v in versions]
         else:
-            resolved = self._resolve(model, version)
+            resolved = await self._resolve(model, version)
             wanted = [(model, v) for v in models[model] if version is None or v == resolved]
         self._stats_at = float("-inf")  # tools compare two readings: they must be of now
         return model_statistics(await self._worker_stats(), wanted)
@@ -328,6 +352,7 @@ class FleetController:
             "builds": builds(self._manifests),
             "fallbacks": fallbacks(self._manifests),
             "front_door": front,
+            "gcs": self.gcs.to_dict() if self.gcs is not None else None,
             "events": self.events.recent(),
         }
 

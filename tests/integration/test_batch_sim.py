@@ -177,7 +177,7 @@ def test_another_job_into_the_same_output_is_refused(sim):
 def test_a_job_whose_only_worker_is_killed_waits_for_its_replacement_and_finishes(sim, demo_models):
     """Only the P4 can run this build; it is killed mid-job (a CUDA fault, an OOM kill). The job
     waits, bounded and saying so, for the controller's replacement, then finishes every row once."""
-    build_on_fleet(Repository(sim["repo_root"]), sim["controller"], demo_models["digits-mlp"], model="digits-p4",
+    build_on_fleet(sim["controller"], demo_models["digits-mlp"], model="digits-p4",
                    targets="P4", max_batch=256)
     out = sim["work"] / "out-only-worker"
     thread = after_parts(out, 3, lambda: ray.kill(worker_handles(sim["controller"])["p4-node-gpu0"], no_restart=True))

@@ -155,7 +155,10 @@ def test_build_models_infer_from_another_directory_act_on_the_running_fleet(fore
 def test_without_a_fleet_the_url_is_not_guessed(tmp_path):
     np.save(tmp_path / "rows.npy", np.zeros((1, 64), np.float32))
     result = run(["infer", "digits-mlp", "--input", "rows.npy"], tmp_path, RAY_ADDRESS="127.0.0.1:9")
-    assert result.returncode == 2 and "no fleet is running" in result.stderr and "--url" in result.stderr
+    assert result.returncode == 2 and "--url" in result.stderr, result.stderr
+    assert "cannot reach Ray's GCS at 127.0.0.1:9" in result.stderr  # named, not a local guess
+    result = run(["infer", "digits-mlp", "--input", "rows.npy"], tmp_path, RAY_ADDRESS="")
+    assert result.returncode == 2 and "--url" in result.stderr, result.stderr
 
 
 def test_errors_are_clear_and_exit_nonzero(foreground_fleet):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
 import numpy as np
 import onnxruntime as ort
@@ -71,7 +72,9 @@ def bucket_files(s3, prefix: str) -> list[str]:
 
 def test_build_serve_batch_with_the_repository_on_s3(fleet, demo_models):
     s3, controller = fleet["s3"], fleet["controller"]
-    outcomes = build_on_fleet(controller, demo_models["digits-mlp"], model="digits-s3", targets="T4,V100", max_batch=256)
+    # bytes of its own: an artifact no host has cached from another test, so the workers must fetch it
+    source = distinct_model(demo_models["digits-mlp"], fleet["work"] / "digits-s3.onnx", f"s3 {uuid.uuid4()}")
+    outcomes = build_on_fleet(controller, source, model="digits-s3", targets="T4,V100", max_batch=256)
     assert len(outcomes) == 2 and all(o.ok for o in outcomes), [o.error for o in outcomes]
     stored = bucket_files(s3, "repo/digits-s3")
     assert len([f for f in stored if f.endswith("/manifest.json")]) == 2
@@ -79,7 +82,7 @@ def test_build_serve_batch_with_the_repository_on_s3(fleet, demo_models):
     assert all(o.artifact.location.startswith(f"s3://{BUCKET}/repo/digits-s3/") for o in outcomes)
 
     X_rows = digits_rows(ROWS)
-    expected = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X_rows})[0]
+    expected = ort.InferenceSession(str(source)).run(None, {"input": X_rows})[0]
     with FleetClient(fleet["url"]) as client:
         np.testing.assert_array_equal(client.infer("digits-s3", {"input": X_rows[:8]})["label"], expected[:8])
     fetched = [ray.get(h.stats.remote())["artifact_cache"] for h in worker_handles(controller).values()]
@@ -104,7 +107,7 @@ def test_build_serve_batch_with_the_repository_on_s3(fleet, demo_models):
 
 def test_a_corrupted_object_in_the_bucket_is_refused_and_reported(fleet, demo_models):
     s3 = fleet["s3"]
-    source = distinct_model(demo_models["digits-mlp"], fleet["work"] / "fragile.onnx", "fragile-s3")  # in no cache
+    source = distinct_model(demo_models["digits-mlp"], fleet["work"] / "fragile.onnx", f"fragile-s3 {uuid.uuid4()}")  # in no cache
     (outcome,) = build_on_fleet(fleet["controller"], source, model="fragile-s3", targets="V100")
     assert outcome.ok, outcome.error
     key = f"{BUCKET}/repo/{outcome.artifact.key}"

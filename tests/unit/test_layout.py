@@ -13,7 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("workers", "cluster", "benchmarks")
 PURE = ("workers.targets", "workers.ledger", "workers.manifest", "workers.tensors", "workers.messages",
-        "workers.devices", "cluster.router", "cluster.inventory", "cluster.frontdoor.routes", "cluster.controller.views")
+        "workers.devices", "cluster.router", "cluster.inventory", "cluster.frontdoor.routes", "cluster.controller.views",
+        "cluster.controller.head", "workers.gpu_health")
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
 

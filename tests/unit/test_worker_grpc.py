@@ -32,7 +32,7 @@ def worker(tmp_path_factory, demo_models):
     build_locally(repo, BuildRequest(str(path), "digits-mlp", local_target(), max_batch=64), sha256_file(path))
     worker = FleetWorker(WorkerSpec("w0", budget_bytes=1 << 30))
     (artifact,) = repo.artifacts("digits-mlp")
-    worker.load(artifact.manifest, str(artifact.directory))
+    worker.load(artifact.manifest, repo.object_source(artifact.manifest))
     missed: list = []
 
     async def on_miss(raw: bytes, metadata) -> bytes:  # stands in for the fleet's router

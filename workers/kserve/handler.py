@@ -26,7 +26,6 @@ from workers.errors import (
     DeviceFailed,
     EngineNotHere,
     FleetError,
-    InvalidInput,
     ModelNotFound,
     PayloadTooLarge,
     Unauthorized,
