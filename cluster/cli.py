@@ -18,6 +18,7 @@ from workers.manifest import sha256_file
 from cluster.client import FleetClient
 from cluster.console import say
 from cluster.env import apply_ray_env, fleet_token
+from cluster.triton.commands import add_commands as add_triton_commands
 
 DEMO_MODEL_DIR = Path("models")
 ACCURACY_COLUMNS = ("test_accuracy", "reference_accuracy", "top1_agreement", "rel_l2_error", "max_abs_error")
@@ -31,7 +32,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from cluster import deploy, nodes
     from cluster.config import load_config
 
-    config = load_config(args.config, port=args.port, grpc_port=args.grpc_port, repository=args.repository)
+    config = load_config(args.config, port=args.port, grpc_port=args.grpc_port, repository=args.repository,
+                         triton_repository=args.triton_repository)
     deploy.check_repository(config)  # before Ray starts: a wrong URI or missing credentials fail here, clearly
     if args.demo and not config.simulated:
         _build_demo(config)
@@ -316,6 +318,8 @@ def _add_lifecycle_commands(sub) -> None:
     p.add_argument("--grpc-port", type=int, help="KServe v2 / Triton gRPC port (default from config: 8001)")
     p.add_argument("--address", help="join a running Ray cluster instead of starting one")
     p.add_argument("--demo", action="store_true", help="build and serve the demo models (digits-mlp, cnn-small)")
+    p.add_argument("--triton-repository", help="serve this Triton model repository too: imported at start "
+                   "(as `fleet import-triton`; default from config: triton_repository)")
     p.add_argument("--foreground", action="store_true", help="keep running until Ctrl-C, then shut everything down")
     p.set_defaults(func=cmd_up)
 
@@ -401,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspection_commands(sub)
     _add_build_command(sub)
     _add_serving_commands(sub)
+    add_triton_commands(sub, _with_config)
     return parser
 
 

@@ -184,6 +184,10 @@ class FleetConfig(_Strict):
     # opens (s3://bucket/prefix, gs://..., hdfs://...); see docs/multihost.md.
     repository: str = "repository"
     storage: StorageOptions = Field(default_factory=StorageOptions)
+    # A Triton model repository (a directory or a URI) the fleet serves too: deploying the fleet imports
+    # it into `repository` (as `fleet import-triton`: ONNX models built for the fleet's targets, plans
+    # published per compute capability) and loads its models. Never written to.
+    triton_repository: str | None = None
     # Each host's artifact cache (under its temporary directory, or $FLEET_ARTIFACT_CACHE), in bytes.
     artifact_cache_bytes: int = DEFAULT_CACHE_BYTES
     host: str = "127.0.0.1"
@@ -275,7 +279,11 @@ class FleetConfig(_Strict):
             path = Path(repo.removeprefix("file://")).expanduser()
             repo = str(path if path.is_absolute() else ((base_dir or Path.cwd()) / path).resolve())
         token = self.auth_token or os.environ.get("FLEET_AUTH_TOKEN") or None
-        return self.model_copy(update={"repository": repo, "auth_token": token})
+        triton = self.triton_repository
+        if triton and "://" not in triton:
+            path = Path(triton).expanduser()
+            triton = str(path if path.is_absolute() else ((base_dir or Path.cwd()) / path).resolve())
+        return self.model_copy(update={"repository": repo, "auth_token": token, "triton_repository": triton})
 
     def store_spec(self) -> StoreSpec:
         """Where the repository is, for the controller and (for an object store) the workers."""

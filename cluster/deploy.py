@@ -13,8 +13,9 @@ import ray
 import requests
 from ray import serve
 
-from workers.errors import NotReady, RepositoryUnavailable
+from workers.errors import InvalidConfig, NotReady, RepositoryUnavailable
 
+from cluster.buildfarm import FleetRepository
 from cluster.config import Endpoints, FleetConfig
 from cluster.console import say
 from cluster.controller import FleetController
@@ -24,6 +25,8 @@ from cluster.names import CONTROLLER_NAME, HEAD_NODE_RESOURCE, NAMESPACE, SERVE_
 from cluster.net import free_port
 from cluster.repository import Repository
 from cluster.serve_app import build_app
+from cluster.triton.importer import import_repository
+from cluster.triton.source import triton_models_in
 
 log = logging.getLogger("forward-fleet.deploy")
 
@@ -51,6 +54,13 @@ def check_repository(config: FleetConfig) -> None:
     """Reach the repository now (create a local one): a clear error naming what is missing, before
     anything starts."""
     spec = config.store_spec()
+    triton = triton_models_in(spec.uri) if spec.is_local else []
+    if triton:
+        raise InvalidConfig(
+            f"the repository {spec.describe()} is a Triton model repository (config.pbtxt of {', '.join(triton[:5])}"
+            f"{', ...' if len(triton) > 5 else ''}); the fleet keeps the engines it builds in `repository`: point "
+            f"`triton_repository` (or `fleet up --triton-repository`) at it and `repository` at another directory, "
+            f"or run `fleet import-triton {spec.describe()}` with a fleet up")
     try:
         Repository(spec).prepare()
     except RepositoryUnavailable as exc:
@@ -79,7 +89,19 @@ def deploy(config: FleetConfig, *, wait_s: float = 120.0) -> ray.actor.ActorHand
         teardown()
         raise
     wait_ready(f"http://{config.host}:{config.port}", wait_s)
+    if config.triton_repository:
+        import_triton(config, controller)
     return controller
+
+
+def import_triton(config: FleetConfig, controller) -> None:
+    """Serve the config's Triton model repository: import it into the fleet's repository (its ONNX
+    models built on the workers), then load its models."""
+    assert config.triton_repository is not None
+    report = import_repository(config.triton_repository, FleetRepository(controller), controller=controller)
+    if not report.imported:
+        raise InvalidConfig(f"nothing of the Triton model repository {config.triton_repository} could be served: "
+                            + "; ".join(report.skipped.values()))
 
 
 def wait_ready(url: str, timeout_s: float) -> None:

@@ -40,6 +40,7 @@ from cluster.calls import call
 from cluster.config import Endpoints, FleetConfig
 from cluster.controller.events import EventLog
 from cluster.controller.head import GcsWatch
+from cluster.controller.imported import Imported, read_imported
 from cluster.controller.loading import Loader
 from cluster.controller.pool import WorkerPool
 from cluster.controller.regions import ShmRegions
@@ -70,6 +71,7 @@ class FleetController:
         self.loader = Loader(self.config, self.pool, self.router, self.events, self._source, lambda: self._epoch)
         self.regions = ShmRegions(self.config.allow_client_shm, self.pool, self.events, self._changed)
         self._manifests: list[Manifest] = []
+        self._imported: dict[str, Imported] = {}  # models imported from a Triton repository
         self._manifest_generation = 0
         self._epoch = 0
         self._front = None  # the FrontDoorActor's handle, with the front door on
@@ -171,9 +173,18 @@ class FleetController:
             self.events.add("repository-unreachable", reason=exc.message)
             raise
         self._manifests = [a.manifest for a in arts]
+        await self._read_imported()
         self._manifest_generation += 1
         self._changed(manifests_changed=True)
         return arts
+
+    async def _read_imported(self) -> None:
+        """The imported Triton configurations: how those models are served and what their config shows."""
+        imported, problems = read_imported(await asyncio.to_thread(self.repo.triton_configs), self.config)
+        for model, reason in problems.items():
+            self.events.add("triton-config-unreadable", model=model, reason=reason)
+        self._imported = imported
+        self.loader.imported = {model: i.options for model, i in imported.items()}
 
     async def rescan(self) -> dict[str, list[str]]:
         """Re-read the repository (after builds or on a miss)."""
@@ -193,6 +204,27 @@ class FleetController:
         stored = await asyncio.to_thread(self.repo.publish, Manifest.from_dict(manifest), data)
         self.events.add("published", engine=stored.manifest.engine_key, location=stored.location)
         return stored
+
+    async def store_triton_config(self, model: str, files: dict[str, bytes]) -> str:
+        """A model's Triton configuration as imported (``fleet import-triton``)."""
+        self._need_gcs("storing an imported configuration")
+        return await asyncio.to_thread(self.repo.store_triton_config, model, files)
+
+    async def triton_configs(self) -> dict[str, dict[str, bytes]]:
+        return await asyncio.to_thread(self.repo.triton_configs)
+
+    async def remove(self, model: str, version: str) -> None:
+        """Take a model version out of service and out of the repository (an import whose version policy
+        no longer selects it)."""
+        self._need_gcs(f"removing {model} version {version}")
+        if any(m.model == model and m.version == version for m in self._manifests):
+            await self.loader.unload(model, version, self._manifests, explicit=False)
+        await asyncio.to_thread(self.repo.remove, model, version)
+        await self._scan()
+
+    async def read_artifact(self, manifest: dict) -> bytes:
+        """An artifact's bytes (``fleet export-triton`` on another host)."""
+        return await asyncio.to_thread(self.repo.read_artifact, Manifest.from_dict(manifest))
 
     async def store_calibration(self, key: str, result: CalibrationResult) -> str:
         return await asyncio.to_thread(self.repo.store_calibration, key, result)
@@ -281,7 +313,7 @@ class FleetController:
         unloaded and loaded again."""
         self._need_gcs(f"loading {model}")
         version = await self._resolve(model, None)
-        base = self.config.model_config_for(model).load_options()
+        base = self.loader.base_options(model)
         options = base
         if config is not None:
             options = apply_config(read_config(config, model), self.router.manifests(model, version)[0], base)
@@ -296,6 +328,8 @@ class FleetController:
     async def model_config(self, model: str, version: str | None = None) -> dict:
         """Triton's model configuration of a model version, as served now (JSON)."""
         manifests = self.router.manifests(model, await self._resolve(model, version))
+        if model in self._imported and model not in self.loader.overrides:
+            return config_json(self._imported[model].config)  # as imported: what Triton would show
         gpu = not all(executes_on_cpu(m.target) for m in manifests)
         return config_json(model_config(manifests, self.loader.options_for(model), slots=self.config.slots, gpu=gpu))
 
