@@ -81,6 +81,20 @@ def test_export_then_import_gives_the_same_models_versions_and_io(source, tmp_pa
                                       run_artifact(b, "plan-cc", "1", {"x": x}, key)["y"])
 
 
+def test_export_for_one_target_writes_only_its_plan(source, tmp_path):
+    repo, exported = tmp_path / "repo", tmp_path / "exported"
+    import_repository(source, Repository(repo))
+    assert fleet("export-triton", str(exported), "--repository", str(repo), "--target", "7.5") == 0
+    config = read_config((exported / "plan-cc" / "config.pbtxt").read_text(), "plan-cc", pbtxt=True)
+    assert config.platform == "tensorrt_plan" and dict(config.cc_model_filenames) == {"7.5": "model_7.5.plan"}
+    assert sorted(p.name for p in (exported / "plan-cc" / "1").iterdir()) == ["model_7.5.plan"]
+    assert (exported / "plan-cc" / "1" / "model_7.5.plan").read_bytes() == (source / "plan-cc" / "1" / PLAN_FILES["7.5"]).read_bytes()
+    # built on this machine's CPU, the ONNX models have no 7.5 plan: exported as ONNX, which runs on any GPU
+    simple = read_config((exported / "simple" / "config.pbtxt").read_text(), "simple", pbtxt=True)
+    assert simple.platform == "onnxruntime_onnx" and (exported / "simple" / "1" / "model.onnx").is_file()
+    assert (exported / "simple" / "warmup" / "ones.bin").read_bytes() == (source / "simple" / "warmup" / "ones.bin").read_bytes()
+
+
 def test_a_changed_version_policy_removes_what_it_no_longer_selects(tmp_path):
     src, repo = tmp_path / "src", Repository(tmp_path / "repo")
     for version in (1, 2, 3):
