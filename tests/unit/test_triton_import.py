@@ -132,6 +132,19 @@ def test_reshape_and_the_outputs_listed_are_served_as_declared(tmp_path):
     assert set(got) == {"y"}
 
 
+def test_fp16_precision_mode_builds_float16(tmp_path):
+    make_add_constant(tmp_path / "src" / "half" / "1" / "model.onnx", 1.0)
+    write(tmp_path / "src" / "half" / "config.pbtxt", """max_batch_size: 4
+        optimization { execution_accelerators { gpu_execution_accelerator [ { name: "tensorrt"
+          parameters { key: "precision_mode" value: "FP16" } } ] } }""")
+    repo = Repository(tmp_path / "repo")
+    assert import_repository(tmp_path / "src", repo).imported == {"half": ["1"]}
+    (art,) = repo.artifacts("half")
+    assert art.manifest.precision == "float16"
+    x = np.full((2, 4), 0.5, np.float32)
+    np.testing.assert_allclose(run_artifact(repo, "half", "1", {"x": x})["y"], x + 1, rtol=1e-3)
+
+
 def test_an_optional_input_may_be_left_out(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     scale = helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1])
