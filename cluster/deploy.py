@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import ray
 import requests
@@ -54,6 +55,8 @@ def check_repository(config: FleetConfig) -> None:
     """Reach the repository now (create a local one): a clear error naming what is missing, before
     anything starts."""
     spec = config.store_spec()
+    if config.triton_repository and "://" not in config.triton_repository and not Path(config.triton_repository).is_dir():
+        raise InvalidConfig(f"triton_repository {config.triton_repository} is not a directory")
     triton = triton_models_in(spec.uri) if spec.is_local else []
     if triton:
         raise InvalidConfig(
@@ -90,7 +93,11 @@ def deploy(config: FleetConfig, *, wait_s: float = 120.0) -> ray.actor.ActorHand
         raise
     wait_ready(f"http://{config.host}:{config.port}", wait_s)
     if config.triton_repository:
-        import_triton(config, controller)
+        try:
+            import_triton(config, controller)
+        except BaseException:
+            teardown()  # `fleet up` failed: no half-served fleet left behind
+            raise
     return controller
 
 

@@ -138,4 +138,3 @@ def check_engine_io(engine: Engine, manifest: Manifest) -> None:
             raise IncompatibleArtifact(
                 f"the artifact of {manifest.model} version {manifest.version} ({manifest.target.describe()}) has "
                 f"{kind} {sorted(have)}, its manifest says {sorted(want)}; import or build it again")
-

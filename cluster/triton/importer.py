@@ -195,8 +195,9 @@ class Importer:
                 raise refuse(plan.name, [f"{filename} is a TensorRT plan: declare its inputs and outputs in {TRITON_CONFIG}"])
             else:
                 io = served_specs(plan.config)
-            if warmup_problems(plan.config, warmup, io[0]):
-                raise refuse(plan.name, warmup_problems(plan.config, warmup, io[0]))
+            bad_warmup = warmup_problems(plan.config, warmup, io[0])
+            if bad_warmup:
+                raise refuse(plan.name, bad_warmup)
             manifest = plan_manifest(plan, version, Target("tensorrt", trt, cc, provider="tensorrt", simulated=simulated),
                                      path, io, filename)
             stored = self.repo.publish(manifest, data)

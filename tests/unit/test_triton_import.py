@@ -187,6 +187,8 @@ def test_problems_in_files_skip_that_model_and_say_what_to_do(source, tmp_path):
 def test_a_triton_repository_given_as_the_fleets_own_is_named(source, tmp_path):
     with pytest.raises(InvalidConfig, match="is a Triton model repository .*point `triton_repository`"):
         deploy.check_repository(load_config(None, repository=str(source)))
+    with pytest.raises(InvalidConfig, match="triton_repository .*missing is not a directory"):
+        deploy.check_repository(load_config(None, repository=str(tmp_path / "repo"), triton_repository=str(tmp_path / "missing")))
 
 
 def test_warm_up_runs_before_the_engine_serves_and_a_failing_one_keeps_it_out(source, tmp_path):
