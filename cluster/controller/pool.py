@@ -196,14 +196,17 @@ class WorkerPool:
         member = self._members[worker_id]
         if member.handle is None or member.replacing:
             return False
+        handle = member.handle
         try:
-            health = await asyncio.wait_for(member.handle.health.remote(), HEALTH_TIMEOUT_S)
+            health = await asyncio.wait_for(handle.health.remote(), HEALTH_TIMEOUT_S)
         except (RayActorError, asyncio.TimeoutError):
-            self._lost(worker_id)
+            self._lost(worker_id, handle)
             return False
+        if member.handle is not handle or member.replacing:
+            return False  # another check (the periodic one, a refresh after a failed request) got here first
         if health.broken:  # a sticky CUDA error: the process lives on but computes no more
             self.events.add("worker-device-failed", worker=worker_id, reason=health.broken)
-            self._lost(worker_id)
+            self._lost(worker_id, handle)
             return False
         if health.gpu_unhealthy:  # the GPU itself (ECC, Xid): a new process would fail the same way
             if member.alive:
@@ -220,8 +223,12 @@ class WorkerPool:
             member.health = health  # counters move without changing the inventory
         return True
 
-    def _lost(self, worker_id: str) -> None:
+    def _lost(self, worker_id: str, handle) -> None:
         member = self._members[worker_id]
+        if member.handle is not handle or member.replacing:
+            # Concurrent checks of one dead worker: one replacement only (a second would start
+            # another actor on the same GPU and leave it holding the slot).
+            return
         self.events.add("worker-lost", worker=worker_id)
         member.alive = False
         if member.health is not None:
