@@ -39,6 +39,7 @@ from workers.manifest import Manifest, version_sort_key
 from workers.messages import LoadOptions, WorkerHealth
 from workers.shm import SharedMemoryRegistry
 from workers.targets import WorkerCaps, can_run
+from workers.trust import check_trusted
 from workers.tensors import batch_rows
 from workers.warmup import run_warmup
 
@@ -84,6 +85,7 @@ class EngineRunner:
         self._lock = threading.Condition()
         self._engines: dict[str, LoadedEngine] = {}
         self._by_model: dict[str, dict[str, str]] = {}  # model -> version -> engine key
+        self._defaults: dict[str, str] = {}  # model -> version for unversioned requests (else: latest loaded)
         self._loading: dict[str, threading.Event] = {}
         self._warmups: dict[str, int] = {}  # engine key -> warm-up runs of the load under way
         # Per engine key, kept across evictions so exported counters never go backwards.
@@ -180,12 +182,7 @@ class EngineRunner:
 
     def check_loadable(self, manifest: Manifest, options: LoadOptions) -> None:
         """IncompatibleArtifact unless this device may run it (DESIGN.md rule 2)."""
-        if manifest.target.version_compatible and not options.trust_version_compatible:
-            raise IncompatibleArtifact(
-                f"{manifest.model} is a version-compatible TensorRT plan, which carries host code that would run in "
-                f"this worker; load it only from a trusted source by setting models.{manifest.model}."
-                f"trust_version_compatible: true in the fleet config"
-            )
+        check_trusted(manifest, options)  # host code loads only when pinned by its sha256
         verdict = can_run(manifest, self.caps)
         if not verdict:
             raise IncompatibleArtifact(
@@ -320,8 +317,16 @@ class EngineRunner:
         if not versions:
             return None
         if version is None:
+            default = self._defaults.get(model)
+            if default is not None:  # the fleet's rollout decided (a version may be held but not yet the default)
+                return versions.get(default)
             return versions[max(versions, key=version_sort_key)]
         return versions.get(version)
+
+    def set_default_versions(self, defaults: dict[str, str]) -> None:
+        """Model -> the version this worker serves requests naming no version with (the fleet's rollout)."""
+        with self._lock:
+            self._defaults = dict(defaults)
 
     def _begin(self, model: str, version: str | None) -> LoadedEngine:
         """The engine for (model, version), marked in use (never evicted while in use)."""

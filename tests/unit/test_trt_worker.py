@@ -5,8 +5,11 @@ with its embedded lean runtime allowed (full TensorRT), and only when the model'
 trusts it; on a worker with only the lean runtime, with the lean module.
 """
 
+import dataclasses
 import functools
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,18 +64,38 @@ def run_cnn(runner, source):
     np.testing.assert_allclose(got, precision.run_model(source, {"input": x})["logits"], rtol=1e-5, atol=1e-5)
 
 
-def test_version_compatible_plan_needs_the_models_trust(plans):
+def test_version_compatible_plan_needs_its_sha256_pinned(plans):
     manifest, plan = plans[True]
     _, runner = runner_with("10.16.1.11", lean=False)
-    with pytest.raises(IncompatibleArtifact, match=r"models\.cnn\.trust_version_compatible: true"):
+    with pytest.raises(IncompatibleArtifact, match=rf"models\.cnn\.trusted_sha256: \[{manifest.artifact_sha256}\]"):
         runner.load(manifest, plan)
+    # trusting the model by name is not enough: a writer of the repository could swap the plan
+    with pytest.raises(IncompatibleArtifact, match="pinned by content"):
+        runner.load(manifest, plan, LoadOptions(trust_version_compatible=True))
     assert runner.health().loaded == frozenset() and runner.ledger.used_bytes == 0
+
+
+def test_swapped_plan_with_a_pinned_sha256_is_refused(plans, tmp_path):
+    """A writer of the bucket swaps the plan and writes a manifest to match: the pin refuses it."""
+    manifest, plan = plans[True]
+    swapped_bytes = Path(plan).read_bytes() + b"\0evil"
+    swapped = tmp_path / "swapped.plan"
+    swapped.write_bytes(swapped_bytes)
+    forged = dataclasses.replace(manifest, artifact_sha256=hashlib.sha256(swapped_bytes).hexdigest())
+    _, runner = runner_with("10.16.1.11", lean=False)
+    pinned = LoadOptions(trusted_sha256=(manifest.artifact_sha256,))
+    with pytest.raises(IncompatibleArtifact, match=r"is not one pinned in models\.cnn\.trusted_sha256.*may have been swapped"):
+        runner.load(forged, swapped, pinned)
+    assert runner.health().loaded == frozenset()
+    runner.load(manifest, plan, pinned)  # the pinned one loads
+    assert runner.health().loaded == frozenset({manifest.engine_key})
+    runner.close()
 
 
 def test_trusted_version_compatible_plan_loads_with_host_code_allowed(plans, demo_models):
     manifest, plan = plans[True]
     fake, runner = runner_with("10.16.1.11", lean=False)
-    runner.load(manifest, plan, LoadOptions(trust_version_compatible=True))
+    runner.load(manifest, plan, LoadOptions(trusted_sha256=(manifest.artifact_sha256,)))
     assert fake.assignments == [("Runtime.engine_host_code_allowed", True)]
     run_cnn(runner, demo_models["cnn-small"])
     runner.close()
@@ -81,7 +104,7 @@ def test_trusted_version_compatible_plan_loads_with_host_code_allowed(plans, dem
 def test_lean_worker_runs_version_compatible_plans_with_the_lean_runtime(plans, demo_models):
     manifest, plan = plans[True]
     fake, runner = runner_with("lean-10.16.1.11", lean=True)
-    runner.load(manifest, plan, LoadOptions(trust_version_compatible=True))
+    runner.load(manifest, plan, LoadOptions(trusted_sha256=(manifest.artifact_sha256,)))
     assert fake.assignments == []  # the lean runtime has no engine_host_code_allowed
     run_cnn(runner, demo_models["cnn-small"])
     plain, plain_plan = plans[False]
