@@ -22,6 +22,8 @@ from workers.messages import LoadOptions
 from workers.storage import StoreSpec
 from workers.targets import Runtime, parse_version
 
+from cluster.runtime_policy import RuntimeProfile, RuntimeProfiles
+
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KI": 1024, "KIB": 1024, "M": 1000**2, "MB": 1000**2,
           "MI": 1024**2, "MIB": 1024**2, "G": 1000**3, "GB": 1000**3, "GI": 1024**3, "GIB": 1024**3,
@@ -94,6 +96,37 @@ class NodeDecl(_Strict):
         return tuple(Runtime("tensorrt", v, "tensorrt", simulated=True) for v in versions)
 
 
+class GpuTypeConfig(_Strict):
+    """The runtime environment and precision policy of one GPU type (``gpu_types:``, keyed by a GPU
+    model such as ``T4`` or a compute capability such as ``"6.1"``). Its workers start in a Python
+    environment with these packages (prepared once per host, ``cluster.runtime_envs``); what they
+    really have is probed at start, and that is what routing uses. Defaults: docs/runtimes.md."""
+
+    onnxruntime: str | None = None  # e.g. "1.31.1": onnxruntime (simulated GPUs) / onnxruntime-gpu (real)
+    tensorrt: str | None = None  # real GPUs only (a simulated GPU declares its TensorRT in nodes:)
+    pip: list[str] = Field(default_factory=list)  # more requirements
+    precisions: list[Literal["float32", "float16", "int8", "int8_calib"]] | None = None  # None: all
+
+    @field_validator("onnxruntime", "tensorrt", mode="before")
+    @classmethod
+    def _version(cls, v):
+        if v is not None:
+            parse_version(str(v))
+        return None if v is None else str(v)
+
+    @field_validator("pip")
+    @classmethod
+    def _requirements(cls, v):
+        for req in v:  # requirements only: no pip options, which could point pip anywhere
+            if not req or req.lstrip().startswith("-"):
+                raise ValueError(f"gpu_types.*.pip takes requirements (name==version), not {req!r}")
+        return v
+
+    def profile(self) -> RuntimeProfile:
+        return RuntimeProfile(self.onnxruntime, self.tensorrt, tuple(self.pip),
+                              tuple(self.precisions) if self.precisions is not None else None)
+
+
 class ModelConfig(_Strict):
     """Per-model serving options (``models:`` in the fleet config)."""
 
@@ -106,6 +139,9 @@ class ModelConfig(_Strict):
     # Version-compatible TensorRT plans embed host code that runs in the worker: load
     # them only from sources you trust.
     trust_version_compatible: bool = False
+    # ...and only artifacts whose sha256 is listed here: a writer of the repository cannot swap them
+    # (plans with host code and artifacts with native libraries; `fleet models` shows the sha256).
+    trusted_sha256: list[str] = Field(default_factory=list)
     reject_non_finite: bool = False  # 400 for NaN/Inf in float inputs
     # float32 artifacts on ONNX Runtime CUDA compute matrix products in TF32 (tensor cores): ~1.8x,
     # ~4e-4 relative error (docs/gpu-results.md). Off: float32 computes in float32.
@@ -116,7 +152,16 @@ class ModelConfig(_Strict):
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(self.dynamic_batching, self.max_queue_delay_us, tuple(self.preferred_batch_sizes),
-                           self.trust_version_compatible, self.reject_non_finite, self.allow_tf32, self.max_queue_size)
+                           self.trust_version_compatible, self.reject_non_finite, self.allow_tf32, self.max_queue_size,
+                           trusted_sha256=tuple(self.trusted_sha256))
+
+    @field_validator("trusted_sha256")
+    @classmethod
+    def _sha256(cls, v):
+        for digest in v:
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"trusted_sha256 takes full sha256 digests (64 hex digits, lower case), got {digest!r}")
+        return v
 
 
 # URI schemes pyarrow.fs opens (the repository may be any of them, or a local path)
@@ -259,6 +304,24 @@ class FleetConfig(_Strict):
     gcs_fault_tolerance: GcsFaultTolerance = Field(default_factory=GcsFaultTolerance)
     tls: TlsOptions = Field(default_factory=TlsOptions)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    # Per GPU type (a model name such as T4, or a compute capability such as "6.1"): the ONNX Runtime /
+    # TensorRT its workers run (each type its own Python environment) and the precisions it may serve.
+    gpu_types: dict[str, GpuTypeConfig] = Field(default_factory=dict)
+    # Types not in gpu_types take the documented defaults (docs/runtimes.md; real GPUs only).
+    gpu_type_defaults: bool = False
+
+    def runtime_profiles(self) -> RuntimeProfiles:
+        return RuntimeProfiles({k: v.profile() for k, v in self.gpu_types.items()}, self.gpu_type_defaults)
+
+    @field_validator("gpu_types")
+    @classmethod
+    def _gpu_type_keys(cls, v):
+        for key in v:
+            if re.fullmatch(r"\d+\.\d+", key):
+                parse_compute_capability(key)
+            elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", key):
+                raise ValueError(f"gpu_types keys are GPU models (T4, V100) or compute capabilities (\"7.5\"), got {key!r}")
+        return v
 
     @field_validator("reserve_bytes", "max_request_bytes", "cpu_budget", "artifact_cache_bytes", mode="before")
     @classmethod

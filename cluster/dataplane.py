@@ -110,17 +110,24 @@ class DataPlane:
 
         A request naming shared memory regions goes to a worker that mapped all of them (one on
         the client's host); its outputs in shared memory come back as ShmWritten."""
+        pinned = version is not None
         version = await self.resolve(model, version)
         regions = request.regions()
         among = await self._shm_holders(regions) if regions else None
         last_error: FleetError | None = None
+
+        def pick() -> Choice | None:
+            # no version named: each worker serves its own default (cluster.rollout), so a version 2
+            # built for the T4s only does not pull every request onto the T4s
+            return self.router.choose(model, version, among) if pinned else self.router.choose_unpinned(model, among)
+
         for _ in range(ATTEMPTS):
-            choice = self.router.choose(model, version, among)
+            choice = pick()
             if choice is None:
                 if not regions:  # bad input fails before anything loads for it
                     check_feeds(self.router.manifests(model, version)[0].inputs, request.inputs)
-                await self.load(model, version)
-                choice = self.router.choose(model, version, among)
+                await self.load(model, version if pinned else None)
+                choice = pick()
                 if choice is None:
                     if among is not None:
                         last_error = NotReady(
@@ -128,7 +135,7 @@ class DataPlane:
                             f"{', '.join(sorted(regions))} (workers there: {', '.join(sorted(among)) or 'none alive'})")
                     continue
             try:
-                return await self._call(choice, model, version, request)
+                return await self._call(choice, model, choice.manifest.version, request)
             except _Retry as retry:
                 last_error = retry.error
         raise last_error or NotReady(f"model '{model}' could not be served; try again")

@@ -39,6 +39,8 @@ class Inventory:
     manifests: tuple[Manifest, ...] | None
     shm: dict[str, frozenset[str]] = field(default_factory=dict)  # region -> workers that mapped it
     handles: dict[str, Any] = field(default_factory=dict, compare=False)  # worker id -> Ray actor handle
+    rollout: Any = None  # cluster.rollout.RolloutState: promotions (None: the caller's are current)
+    precision_policy: Any = None  # cluster.runtime_policy.PrecisionPolicy: which precisions serve on which GPU type
 
     def live_workers(self) -> list[WorkerRecord]:
         return [w for w in self.workers if w.alive]

@@ -15,6 +15,8 @@ from workers.manifest import Manifest, version_sort_key
 from workers.targets import WorkerCaps, can_run
 
 from cluster.inventory import Inventory, Placement, WorkerRecord
+from cluster.rollout import RolloutState, default_version, gpu_type, missing_types, rollout_view
+from cluster.runtime_policy import PrecisionPolicy
 
 
 def _kind(caps: WorkerCaps) -> tuple:
@@ -55,7 +57,7 @@ class Choice:
 
 
 class Router:
-    def __init__(self) -> None:
+    def __init__(self, precision_policy: PrecisionPolicy | None = None) -> None:
         self.workers: dict[str, WorkerState] = {}
         self._manifests: dict[str, dict[str, list[Manifest]]] = {}  # model -> version -> manifests
         self._latest: dict[str, str] = {}
@@ -64,6 +66,10 @@ class Router:
         self._holders: dict[tuple[str, str], list[Choice]] = {}
         self._turn = 0
         self._random = random.Random(0)
+        self.rollout = RolloutState()
+        self.precision_policy = precision_policy or PrecisionPolicy()
+        # model -> worker id -> the version it serves unpinned requests with (cluster.rollout)
+        self._defaults: dict[str, dict[str, str]] = {}
 
     # ---- inventory -------------------------------------------------------
     @classmethod
@@ -76,8 +82,16 @@ class Router:
         """Take a controller snapshot. Compatibility is worked out again only when the
         artifacts or the kinds of workers changed, not when engines came and went."""
         manifests = list(inventory.manifests) if inventory.manifests is not None else self.all_manifests()
+        rollout_changed = inventory.rollout is not None and inventory.rollout != self.rollout
+        if inventory.rollout is not None:
+            self.rollout = inventory.rollout
+        policy_changed = inventory.precision_policy is not None and inventory.precision_policy != self.precision_policy
+        if policy_changed:
+            self.precision_policy = inventory.precision_policy
         self.set_inventory([WorkerState.of(w) for w in inventory.workers], manifests,
-                           same_manifests=inventory.manifests is None)
+                           same_manifests=inventory.manifests is None and not policy_changed)
+        if rollout_changed:
+            self._reindex_defaults()
 
     def all_manifests(self) -> list[Manifest]:
         return [m for versions in self._manifests.values() for ms in versions.values() for m in ms]
@@ -106,10 +120,31 @@ class Router:
                 pairs = []
                 for members in kinds.values():
                     for m in ms:
-                        if can_run(m, members[0].caps):
+                        if can_run(m, members[0].caps) and self.precision_policy.allows(m, members[0].caps):
                             pairs.extend((w.worker_id, m) for w in members)
                 self._compatible[(model, version)] = pairs
+        self._reindex_defaults()
         self._reindex_loaded()
+
+    def set_rollout(self, state: RolloutState) -> None:
+        """Promotions changed (``fleet promote`` / ``fleet rollback``)."""
+        self.rollout = state
+        self._reindex_defaults()
+
+    def _reindex_defaults(self) -> None:
+        """Each worker's default version of each model (cluster.rollout): from the compatibility index."""
+        self._defaults = {}
+        for model, versions in self._manifests.items():
+            runs_on: dict[str, set[str]] = {}  # version -> workers that can run it
+            for version in versions:
+                runs_on[version] = {w for w, _ in self._compatible.get((model, version), [])}
+            promoted = self.rollout.promoted(model)
+            defaults = {}
+            for wid in self.workers:
+                version = default_version(versions, _runs_on_worker(runs_on, wid), promoted)
+                if version is not None:
+                    defaults[wid] = version
+            self._defaults[model] = defaults
 
     def _reindex_loaded(self) -> None:
         """(model, version) -> the live compatible workers holding one of its engines."""
@@ -147,11 +182,70 @@ class Router:
         if not versions:
             raise ModelNotFound(f"Request for unknown model: model '{model}' is not in the repository")
         if version is None:
-            return self._latest[model]
+            return self.fleet_default(model)
         if version not in versions:
             raise ModelNotFound(f"Request for unknown model: model '{model}' has no version '{version}' "
                                 f"(versions: {', '.join(sorted(versions))})")
         return version
+
+    def fleet_default(self, model: str) -> str:
+        """The one version that stands for unpinned requests where one must (metadata, a model's
+        config): the promoted version, else the highest default of a live worker, else the latest."""
+        promoted = self.rollout.promoted(model)
+        if promoted is not None and promoted in self._manifests.get(model, {}):
+            return promoted
+        live = [v for w, v in self._defaults.get(model, {}).items() if self.workers[w].alive]
+        return max(live, key=version_sort_key) if live else self._latest[model]
+
+    def defaults(self, model: str) -> dict[str, str]:
+        """Live worker id -> the version it serves unpinned requests of ``model`` with."""
+        return {w: v for w, v in self._defaults.get(model, {}).items() if self.workers[w].alive}
+
+    def default_of(self, worker_id: str) -> dict[str, str]:
+        """Model -> the version this worker serves unpinned requests with (pushed to the worker)."""
+        return {model: d[worker_id] for model, d in self._defaults.items() if worker_id in d}
+
+    def unpinned_holders(self, model: str) -> list[Choice]:
+        """Live workers holding an engine of their own default version of ``model``."""
+        found = []
+        for wid, version in self.defaults(model).items():
+            for choice in self._holders.get((model, version), []):
+                if choice.worker_id == wid:
+                    found.append(choice)
+        return found
+
+    def choose_unpinned(self, model: str, among: "set[str] | None" = None) -> Choice | None:
+        """A worker for a request that names no version: one holding its own default version."""
+        return self._least_loaded(self.unpinned_holders(model), among)
+
+    def unpinned_versions(self, model: str) -> dict[str, list[str]]:
+        """Default version -> the live workers serving it (what an unpinned request needs loaded)."""
+        by_version: dict[str, list[str]] = {}
+        for wid, version in sorted(self.defaults(model).items()):
+            by_version.setdefault(version, []).append(wid)
+        return by_version
+
+    def _types(self) -> dict[str, list[str]]:
+        types: dict[str, list[str]] = {}
+        for wid, w in sorted(self.workers.items()):
+            if w.alive:
+                types.setdefault(gpu_type(w.caps.device), []).append(wid)
+        return types
+
+    def _type_runs(self, model: str, members: list[str]):
+        pairs = {(w, m.engine_key) for version in self._manifests.get(model, {})
+                 for w, m in self._compatible.get((model, version), [])}
+        return lambda m: any((w, m.engine_key) in pairs for w in members)
+
+    def rollout_view(self, model: str) -> dict:
+        """Per GPU type: the version unpinned requests get and the newer one it waits for (``fleet status``)."""
+        types = {t: (members, self._type_runs(model, members)) for t, members in self._types().items()}
+        return rollout_view(model, self._manifests.get(model, {}), types, self.rollout.promoted(model))
+
+    def types_missing(self, model: str, version: str) -> list[str]:
+        """GPU types of the live fleet with no artifact of (model, version) they can run."""
+        types = {t: (members, self._type_runs(model, members)) for t, members in self._types().items()}
+        return missing_types(version, self._manifests.get(model, {}), types)
 
     def manifests(self, model: str, version: str) -> list[Manifest]:
         return self._manifests.get(model, {}).get(version, [])
@@ -176,7 +270,9 @@ class Router:
         a decision O(1) on large fleets with nearly the same balance. ``among``: only these
         workers (e.g. those on the host of a request's shared memory).
         """
-        holders = self._holders.get((model, version))
+        return self._least_loaded(self._holders.get((model, version)) or [], among)
+
+    def _least_loaded(self, holders: list[Choice], among: "set[str] | None") -> Choice | None:
         if holders and among is not None:
             holders = [c for c in holders if c.worker_id in among]
         if not holders:
@@ -195,9 +291,12 @@ class Router:
                 best, best_load = choice, load
         return best
 
-    def placement(self, model: str, version: str) -> list[Choice]:
-        """Where to load, best first: fits without eviction, then most free budget."""
+    def placement(self, model: str, version: str, only: "set[str] | None" = None) -> list[Choice]:
+        """Where to load, best first: fits without eviction, then most free budget. ``only``: these
+        workers (those whose default the version is, for an unpinned request)."""
         pairs = self.compatible(model, version)
+        if only is not None:
+            pairs = [(w, m) for w, m in pairs if w in only]
         if not pairs:
             raise self.no_compatible_worker(model, version)
 
@@ -236,3 +335,8 @@ class Router:
         w = self.workers.get(worker_id)
         if w is not None and w.outstanding > 0:
             w.outstanding -= 1
+
+
+def _runs_on_worker(runs_on: dict[str, set[str]], worker_id: str):
+    """For default_version: whether an artifact runs on this worker (by the compatibility index)."""
+    return lambda m: worker_id in runs_on.get(m.version, ())

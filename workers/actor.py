@@ -238,6 +238,10 @@ class FleetWorker:
     def unload(self, key: str) -> bool:
         return self.runner.unload(key)
 
+    def set_default_versions(self, defaults: dict[str, str]) -> None:
+        """Which version of each model answers requests that name none (the controller's rollout)."""
+        self.runner.set_default_versions(defaults)
+
     def infer(self, model: str, request: InferRequest, version: str | None = None) -> InferReply:
         """One request from inside the cluster (the ingress, the batch job, in-cluster clients)."""
         result = self.runner.infer(request, model, version)

@@ -53,6 +53,8 @@ from cluster.inventory import Inventory, Placement
 from cluster.names import FRONT_DOOR_NAME, HEAD_NODE_RESOURCE, NAMESPACE
 from cluster.net import free_port, is_wildcard, local_address
 from cluster.repository import Repository, StoredArtifact
+from cluster.controller.rollouts import Rollouts
+from cluster.rollout_store import read_rollout
 from cluster.router import Router, WorkerState
 
 log = logging.getLogger("forward-fleet.controller")
@@ -66,10 +68,11 @@ class FleetController:
         self.config = FleetConfig.model_validate_json(config_json)
         self.endpoints = endpoints
         self.repo = Repository(self.config.store_spec())
-        self.router = Router()
+        self.router = Router(self.config.runtime_profiles().precision_policy())
         self.events = EventLog()
         self.pool = WorkerPool(self.config, endpoints, self.events, self._changed, self._worker_started)
         self.loader = Loader(self.config, self.pool, self.router, self.events, self._source, lambda: self._epoch)
+        self.rollouts = Rollouts(self.repo, self.router, self.pool, self.loader, self.events, lambda: self._changed())
         self.regions = ShmRegions(self.config.allow_client_shm, self.pool, self.events, self._changed)
         self._manifests: list[Manifest] = []
         self._imported: dict[str, Imported] = {}  # models imported from a Triton repository
@@ -160,6 +163,7 @@ class FleetController:
         """Something in the inventory changed: route with it, move the epoch, tell the front door."""
         self.router.set_inventory([WorkerState.of(r) for r in self.pool.records()], self._manifests,
                                   same_manifests=not manifests_changed)
+        self.rollouts.push_defaults()
         self._stats_at = float("-inf")  # the status view shows the change at once
         self._epoch += 1
         if self._front is not None:  # not awaited: a reload never blocks us
@@ -181,6 +185,7 @@ class FleetController:
             self.events.add("repository-unreachable", reason=exc.message)
             raise
         self._manifests = [a.manifest for a in arts]
+        self.router.rollout = await asyncio.to_thread(read_rollout, self.repo)
         await self._read_imported()
         self._manifest_generation += 1
         self._changed(manifests_changed=True)
@@ -247,7 +252,8 @@ class FleetController:
             return None
         same = manifest_generation == self._manifest_generation
         return Inventory(self._epoch, self.pool.records(), self._manifest_generation,
-                         None if same else tuple(self._manifests), self.regions.holders(), self.pool.handles())
+                         None if same else tuple(self._manifests), self.regions.holders(), self.pool.handles(),
+                         self.router.rollout, self.router.precision_policy)
 
     async def _resolve(self, model: str, version: str | None) -> str:
         try:
@@ -307,9 +313,21 @@ class FleetController:
     # ---- loading -----------------------------------------------------------
     async def ensure_loaded(self, model: str, version: str | None = None, *, allow_eviction: bool = True,
                             explicit: bool = False) -> Placement:
+        """Load a version; without one, what requests naming no version need: each worker's default."""
         self._need_gcs(f"loading {model}")
-        return await self.loader.ensure_loaded(model, await self._resolve(model, version),
-                                               allow_eviction=allow_eviction, explicit=explicit)
+        resolved, how = await self._resolve(model, version), dict(allow_eviction=allow_eviction, explicit=explicit)
+        return await (self.loader.ensure_defaults(model, **how) if version is None else
+                      self.loader.ensure_loaded(model, resolved, **how))
+
+    async def promote(self, model: str, version: str, force: bool = False) -> dict:
+        """`fleet promote`: ``version`` serves requests naming none (cluster.controller.rollouts)."""
+        self._need_gcs(f"promoting {model}")
+        return await self.rollouts.promote(model, await self._resolve(model, version), force)
+
+    async def rollback(self, model: str) -> dict:
+        """`fleet rollback`: undo the last promotion of ``model``."""
+        self._need_gcs(f"rolling back {model}")
+        return await self.rollouts.rollback(model)
 
     async def unload(self, model: str, version: str | None = None) -> list[str]:
         return await self.loader.unload(model, version, self._manifests)
@@ -331,7 +349,7 @@ class FleetController:
             self.loader.overrides.pop(model, None)
         else:
             self.loader.overrides[model] = options
-        return await self.ensure_loaded(model, version, explicit=True)
+        return await self.ensure_loaded(model, None, explicit=True)
 
     async def model_config(self, model: str, version: str | None = None) -> dict:
         """Triton's model configuration of a model version, as served now (JSON)."""
@@ -391,6 +409,7 @@ class FleetController:
             "restarts": self.pool.restarts,
             "nodes": nodes_view(self.pool.records(), await self._worker_stats(), self._manifests),
             "models": self.router.models(),
+            "rollout": [self.router.rollout_view(m) for m in sorted(self.router.models())],
             "builds": builds(self._manifests),
             "fallbacks": fallbacks(self._manifests),
             "front_door": front,

@@ -65,26 +65,47 @@ class Loader:
         return self.overrides.get(model) or self.base_options(model)
 
     async def preload(self) -> None:
-        for model, versions in self.router.models().items():
+        for model in self.router.models():
             if not self.config.model_config_for(model).preload:
                 continue
             try:
-                await self.ensure_loaded(model, versions[-1], allow_eviction=False)
+                await self.ensure_defaults(model, allow_eviction=False)
             except FleetError as exc:
                 self.events.add("preload-skipped", model=model, reason=exc.message)
 
+    async def ensure_defaults(self, model: str, *, allow_eviction: bool = True, explicit: bool = False) -> Placement:
+        """Load what requests naming no version need: on each worker, its own default version
+        (cluster.rollout: per GPU type the latest it has an artifact for, or the promoted one)."""
+        by_version = self.router.unpinned_versions(model)
+        if not by_version:
+            raise self.router.no_compatible_worker(model, self.router.fleet_default(model))
+        engines: dict[str, str] = {}
+        failures: list[FleetError] = []
+        for version, workers in sorted(by_version.items()):
+            try:
+                placement = await self.ensure_loaded(model, version, allow_eviction=allow_eviction, explicit=explicit,
+                                                     only=set(workers))
+                engines.update(placement.engines)
+            except FleetError as exc:
+                failures.append(exc)
+        if not engines:
+            raise failures[0]
+        for exc in failures:  # some types serve; say why the others do not
+            self.events.add("load-partial", model=model, reason=exc.message)
+        return Placement(model, self.router.fleet_default(model), engines, self._epoch())
+
     async def ensure_loaded(self, model: str, version: str, *, allow_eviction: bool = True,
-                            explicit: bool = False) -> Placement:
+                            explicit: bool = False, only: "set[str] | None" = None) -> Placement:
         """Load the model where it fits (every compatible device with room; else evict on the best one).
 
         ``explicit`` (the repository API's load) also lifts an earlier explicit unload;
-        on-demand loads from inference do not."""
+        on-demand loads from inference do not. ``only``: on these workers only."""
         if explicit:
             self.unloaded.discard(model)
         elif model in self.unloaded:
             raise NotReady(f"model '{model}' was unloaded; load it with POST /v2/repository/models/{model}/load")
         async with self._locks.setdefault(f"{model}:{version}", asyncio.Lock()):
-            placements = await self._placement(model, version)
+            placements = await self._placement(model, version, only)
             # One engine of this model per worker: keep what is loaded, add where it fits.
             engines = {c.worker_id: c.manifest.engine_key for c in placements
                        if c.manifest.engine_key in self.router.workers[c.worker_id].loaded}
@@ -103,14 +124,14 @@ class Loader:
                 raise self._failure(model, version, problems, refusals)
             return Placement(model, version, engines, self._epoch())
 
-    async def _placement(self, model: str, version: str):
+    async def _placement(self, model: str, version: str, only: "set[str] | None" = None):
         """Where the model can go; while the only workers that can run it are being replaced (a
         crash, an out-of-memory kill, a driver reset), wait for them, bounded (``worker_wait_s``)."""
         deadline = time.monotonic() + self.config.worker_wait_s
         announced = False
         while True:
             try:
-                return self.router.placement(model, version)
+                return self.router.placement(model, version, only)
             except NoCompatibleWorker:
                 coming = [w for w in self.router.down_but_compatible(model, version) if self.pool.coming_back(w)]
                 if not coming or time.monotonic() >= deadline:

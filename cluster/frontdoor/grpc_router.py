@@ -93,7 +93,6 @@ class GrpcRouter:
         self.gateway = IngressGateway(ingress_url)
         self._load = load
         self._table: dict[tuple[str, str], list[str]] = {}  # (model, version) -> worker ids holding it
-        self._latest: dict[str, str] = {}
         self._addresses: dict[str, str] = {}  # worker id -> "host:port" of its gRPC endpoint
         self._in_flight: dict[str, int] = defaultdict(int)
         self._stubs: dict[str, Callable] = {}
@@ -129,8 +128,8 @@ class GrpcRouter:
                 if s.grpc_port:
                     self._addresses[s.name] = f"{s.host}:{s.grpc_port}"
             table[(route.model, route.version)] = held
-            if route.latest:
-                self._latest[route.model] = route.version
+            if route.latest:  # the unversioned requests (a route of its own, "", when defaults differ)
+                table[(route.model, "")] = held
         self._table = table
 
     def set_addresses(self, addresses: dict[str, tuple[str, int]]) -> None:
@@ -143,8 +142,7 @@ class GrpcRouter:
         return min(usable, key=lambda w: self._in_flight[w]) if usable else None
 
     def _holders(self, model: str, version: str | None) -> list[str]:
-        version = version or self._latest.get(model)
-        return self._table.get((model, version), []) if version else []
+        return self._table.get((model, version or ""), [])
 
     def _stub(self, worker_id: str) -> Callable:
         address = self._addresses[worker_id]
@@ -181,7 +179,7 @@ class GrpcRouter:
                 last = err
                 avoid.add(worker)
                 if not gone:  # evicted there: the routes are behind; load it (again) on the next attempt
-                    self._table[(model, version or self._latest.get(model, ""))] = []
+                    self._table[(model, version or "")] = []
             finally:
                 self._in_flight[worker] -= 1
         assert last is not None

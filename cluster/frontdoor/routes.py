@@ -35,22 +35,33 @@ class Server:
 @dataclass(frozen=True)
 class Route:
     model: str
-    version: str
+    version: str  # "": the unversioned path only (workers serving different default versions)
     latest: bool  # also serves the unversioned path
     servers: tuple[Server, ...]
 
 
 def routes_from(router: Router, http_addresses: dict[str, tuple[str, int]],
                 grpc_ports: dict[str, int] | None = None) -> list[Route]:
-    """One route per (model, version) that some live worker with an HTTP endpoint holds."""
+    """One route per (model, version) that some live worker with an HTTP endpoint holds. The
+    unversioned path goes to the workers holding their own default version (cluster.rollout): the
+    route of that version when all of them serve the same one, else a route of its own (a worker
+    answers an unversioned request with its default, which the controller told it)."""
     routes = []
     grpc_ports = grpc_ports or {}
+
+    def servers_of(workers) -> tuple[Server, ...]:
+        return tuple(Server(w, *http_addresses[w], grpc_ports.get(w)) for w in sorted(workers) if w in http_addresses)
+
     for model, versions in router.models().items():
+        unpinned = servers_of(c.worker_id for c in router.unpinned_holders(model))
+        defaults = {router.defaults(model)[s.name] for s in unpinned}
+        shared = next(iter(defaults)) if len(defaults) == 1 else None
         for version in versions:
-            servers = tuple(Server(w, *http_addresses[w], grpc_ports.get(w)) for w in sorted(router.holders(model, version))
-                            if w in http_addresses)
+            servers = servers_of(router.holders(model, version))
             if servers:
-                routes.append(Route(model, version, version == versions[-1], servers))
+                routes.append(Route(model, version, version == shared and servers == unpinned, servers))
+        if unpinned and not any(r.latest for r in routes if r.model == model):
+            routes.append(Route(model, "", True, unpinned))
     return routes
 
 
@@ -116,8 +127,9 @@ def _grpc_config(routes: list[Route], grpc: GrpcFrontend, tls: TlsFiles | None) 
             continue
         model = f"{{ var(txn.model) -m str {route.model} }}"
         up = f"{{ nbsrv(grpc_model_{i}) gt 0 }}"
-        lines.append(f"    use_backend grpc_model_{i} if grpc_infer !grpc_miss {model} "
-                     f"{{ var(txn.version) -m str {route.version} }} {up}")
+        if route.version:
+            lines.append(f"    use_backend grpc_model_{i} if grpc_infer !grpc_miss {model} "
+                         f"{{ var(txn.version) -m str {route.version} }} {up}")
         if route.latest:
             lines.append(f"    use_backend grpc_model_{i} if grpc_infer !grpc_miss {model} !grpc_versioned {up}")
     lines += ["    default_backend grpc_router", ""]
@@ -125,7 +137,8 @@ def _grpc_config(routes: list[Route], grpc: GrpcFrontend, tls: TlsFiles | None) 
         servers = [s for s in route.servers if s.grpc_port]
         if not servers:
             continue
-        lines += [f"backend grpc_model_{i}", f"    # {route.model} version {route.version}", "    balance leastconn"]
+        lines += [f"backend grpc_model_{i}", f"    # {route.model} version {route.version or '(each worker its default)'}",
+                  "    balance leastconn"]
         lines += [f"    server {s.name} {s.host}:{s.grpc_port} proto h2 check inter 2s fall 2 rise 1 observe layer4 "
                   f"error-limit 1 on-error mark-down" for s in servers]
         lines += [f"    server router {grpc.router[0]}:{grpc.router[1]} proto h2 backup", ""]
@@ -169,7 +182,7 @@ def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[
         f"    bind {bind[0]}:{bind[1]}{tls.bind_options('http/1.1') if tls else ''}",
     ]
     for i, route in enumerate(routes):
-        paths = [f"/v2/models/{route.model}/versions/{route.version}/infer"]
+        paths = [f"/v2/models/{route.model}/versions/{route.version}/infer"] if route.version else []
         if route.latest:
             paths.insert(0, f"/v2/models/{route.model}/infer")
         lines.append(f"    acl infer_{i} path {' '.join(paths)}")
@@ -178,7 +191,7 @@ def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[
     for i, route in enumerate(routes):
         lines += [
             f"backend model_{i}",
-            f"    # {route.model} version {route.version}",
+            f"    # {route.model} version {route.version or '(each worker its default)'}",
             "    balance leastconn",
             "    option httpchk GET /v2/health/live",
         ]
