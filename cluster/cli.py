@@ -19,6 +19,7 @@ from cluster.client import FleetClient
 from cluster.client_tls import ClientTls
 from cluster.console import say
 from cluster.env import apply_ray_env, fleet_token
+from cluster.fleet_commands import add_commands as add_fleet_commands, print_rollout, print_runtime_problems
 from cluster.triton.commands import add_commands as add_triton_commands
 
 DEMO_MODEL_DIR = Path("models")
@@ -171,6 +172,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         for w in node["workers"]:
             if w.get("out_of_service"):
                 print(f"\n{w['worker_id']}: out of service: {w['out_of_service']}")
+    print_runtime_problems(status)
+    print_rollout(status.get("rollout", []))
     idle = [(w["worker_id"], w["runnable_not_loaded"]) for n in status["nodes"] for w in n["workers"] if w["runnable_not_loaded"]]
     if idle:
         print("\ncould also run (built, not loaded):")
@@ -415,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_command(sub)
     _add_serving_commands(sub)
     add_triton_commands(sub, _with_config)
+    add_fleet_commands(sub, _with_url)
     return parser
 
 

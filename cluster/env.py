@@ -65,3 +65,8 @@ def aws_credentials_found() -> bool:
                                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")):
         return True
     return Path(env.get("AWS_SHARED_CREDENTIALS_FILE") or Path.home() / ".aws" / "credentials").is_file()
+
+
+def runtime_cache_root() -> Path:
+    """Where each host keeps the Python environments of its GPU types (``FLEET_RUNTIME_CACHE``)."""
+    return Path(os.environ.get("FLEET_RUNTIME_CACHE") or Path.home() / ".cache" / "forward-fleet" / "runtimes")

@@ -24,12 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
-
 from workers.artifacts import DEFAULT_CACHE_BYTES, ArtifactCache, ArtifactSource, default_cache_root
-from workers.build import BuildRequest, EvalData, build_artifact
+from workers.build import BuildRequest, EvalData, build_artifact, onnx_opset
 from workers.devices import CudaHostPinner, Device, discover_devices, nvml_used_bytes
-from workers.engines.onnxruntime import cuda_provider_available
 from workers.errors import IncompatibleArtifact, NotReady
 from workers.gpu_health import GpuHealthProbe
 from workers.grpc_server import GrpcOptions, MissFn, WorkerGrpcServer
@@ -41,6 +38,7 @@ from workers.precision import CalibrationResult
 from workers.runner import EngineRunner, freeze_heap
 from workers.shm import RegionNotHere, SharedMemoryRegistry
 from workers.stats import RequestStats
+from workers.probe import probe_runtimes
 from workers.targets import Runtime, WorkerCaps, can_run
 
 log = logging.getLogger(__name__)
@@ -63,6 +61,7 @@ class WorkerSpec:
     intra_op_threads: int = 0
     cache_bytes: int = DEFAULT_CACHE_BYTES  # this host's artifact cache (under its own temporary directory)
     labels: dict = field(default_factory=dict, hash=False, compare=False)
+    environment: tuple[str, ...] = ()  # requirements of the Python environment it starts in (its GPU type's)
 
     def __post_init__(self) -> None:
         if not 0 < self.memory_fraction <= 1:
@@ -116,20 +115,6 @@ def _declared_budget(spec: WorkerSpec, device: Device) -> int | None:
     return None
 
 
-def _local_runtimes(device: Device) -> tuple[Runtime, ...]:
-    runtimes = [Runtime("onnxruntime", ort.__version__, "cpu")]
-    if device.is_real_gpu and cuda_provider_available():
-        runtimes.append(Runtime("onnxruntime", ort.__version__, "cuda"))
-    if device.is_real_gpu:
-        try:
-            import tensorrt  # noqa: F401  (optional: forward-fleet[trt])
-
-            runtimes.append(Runtime("tensorrt", tensorrt.__version__, "tensorrt"))
-        except ImportError:
-            pass
-    return tuple(runtimes)
-
-
 def _gpu_health_probe(uuid: str) -> GpuHealthProbe | None:
     try:
         probe = GpuHealthProbe(uuid)
@@ -156,10 +141,11 @@ class FleetWorker:
         self.spec = spec
         self.artifacts = ArtifactCache(default_cache_root(), spec.cache_bytes, read_object)
         self.device = _resolve_device(spec)
+        runtimes, self.probe = probe_runtimes(self.device, spec.environment)  # what it can really do, not what was declared
         self.caps = WorkerCaps(
             worker_id=spec.worker_id,
             device=self.device,
-            runtimes=tuple(spec.simulated_runtimes) + _local_runtimes(self.device),
+            runtimes=tuple(spec.simulated_runtimes) + runtimes,
             node_id=spec.node_name,
             labels=dict(spec.labels),
         )
@@ -188,7 +174,7 @@ class FleetWorker:
         return WorkerInfo(self.spec.worker_id, self.caps, socket.gethostname(), os.getpid(),
                           os.environ.get("CUDA_VISIBLE_DEVICES"),
                           self._http.address if self._http is not None else None,
-                          self._grpc.address if self._grpc is not None else None)
+                          self._grpc.address if self._grpc is not None else None, self.probe.to_dict())
 
     def health(self) -> WorkerHealth:
         if self._gpu_health is not None and not self.runner.gpu_unhealthy:
@@ -300,6 +286,9 @@ class FleetWorker:
 
     def _build(self, request: BuildRequest, out_dir: Path, calibration: CalibrationResult | None,
                evaluation: EvalData | None) -> Manifest:
+        if request.target.executed_by_onnxruntime:  # refuse a source this worker's ONNX Runtime cannot load, clearly
+            request = dataclasses.replace(request, target=dataclasses.replace(
+                request.target, opset=onnx_opset(request.source_path)))
         verdict = can_run(request.target, self.caps)
         if not verdict:
             raise IncompatibleArtifact(

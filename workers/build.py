@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 import onnxruntime as ort
 
@@ -155,6 +156,15 @@ def check_build_accuracy(source: Path, artifact: Path, request: BuildRequest, ta
     return record
 
 
+def onnx_opset(path: str | Path) -> int:
+    """The ai.onnx opset an ONNX model imports (0 when it cannot be read)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return 0
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
 def build_artifact(
     request: BuildRequest,
     out_dir: str | Path,
@@ -200,6 +210,8 @@ def build_artifact(
     else:
         artifact = _prepare_onnx(source, target, out, calibration)
         footprint = estimate_footprint(artifact, inputs + outputs, request.max_batch)
+    if target.executed_by_onnxruntime:  # workers whose ONNX Runtime cannot load this opset refuse it (can_run)
+        target = dataclasses.replace(target, opset=onnx_opset(artifact))
     accuracy = check_build_accuracy(source, artifact, request, target, evaluation, trt_api)
     manifest = Manifest(
         model=request.model,

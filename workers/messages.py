@@ -28,6 +28,7 @@ class WorkerInfo:
     cuda_visible_devices: str | None = None
     http: tuple[str, int] | None = None  # the worker's own KServe v2 endpoint, once started
     grpc: tuple[str, int] | None = None  # its own KServe v2 gRPC endpoint, once started
+    probe: dict = field(default_factory=dict, hash=False, compare=False)  # workers.probe.ProbeReport, as found at start
 
     @property
     def simulated(self) -> bool:

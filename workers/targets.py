@@ -51,6 +51,13 @@ class Target:
     version_compatible: bool = False
     precision: str = "float32"
     simulated: bool = False  # built for a declared (virtual) GPU, executed by ONNX Runtime
+    # The ai.onnx opset of an artifact ONNX Runtime executes (0: not recorded): it needs an ONNX Runtime
+    # that loads that opset, which each worker probes (Runtime.max_opset).
+    opset: int = 0
+
+    @property
+    def executed_by_onnxruntime(self) -> bool:
+        return self.backend == "onnxruntime" or self.simulated
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -124,6 +131,7 @@ class Runtime:
     lean: bool = False  # TensorRT lean runtime: runs version-compatible plans only
     # The CUDA provider of the installed ONNX Runtime build supports devices from here up.
     min_compute_capability: str = "6.0"
+    max_opset: int = 0  # ONNX Runtime: the highest ai.onnx opset it loads, probed at start (0: not probed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -236,6 +244,18 @@ def _fp16_ok(target: Target, device: Device) -> Verdict:
     )
 
 
+def _opset_ok(target: Target, worker: WorkerCaps) -> Verdict:
+    """An artifact ONNX Runtime executes needs an ONNX Runtime on the worker that loads its opset."""
+    if not target.opset or not target.executed_by_onnxruntime:
+        return Verdict(True)
+    probed = [r for r in worker.runtimes if r.backend == "onnxruntime" and r.max_opset]
+    if not probed or any(r.max_opset >= target.opset for r in probed):
+        return Verdict(True)
+    best = max(probed, key=lambda r: r.max_opset)
+    return Verdict(False, f"artifact uses ONNX opset {target.opset}; ONNX Runtime {best.version} on this worker "
+                          f"loads opsets up to {best.max_opset}")
+
+
 def can_run(artifact: Target | HasTarget, worker: WorkerCaps) -> Verdict:
     """Whether ``worker`` can execute ``artifact`` (a Target or anything with ``.target``).
 
@@ -243,6 +263,9 @@ def can_run(artifact: Target | HasTarget, worker: WorkerCaps) -> Verdict:
     """
     target = _target_of(artifact)
     device = worker.device
+    opset = _opset_ok(target, worker)
+    if not opset:
+        return opset
     reasons = []
     for runtime in worker.runtimes:
         if runtime.backend != target.backend:

@@ -13,11 +13,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import time
+
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.actor import FleetWorker, WorkerSpec
+from workers.devices import Device
 from workers.errors import FleetError, NotReady
 from workers.grpc_server import GrpcOptions
 from workers.http import HttpOptions
@@ -29,7 +32,8 @@ from cluster.config import Endpoints, FleetConfig
 from cluster.controller.events import EventLog
 from cluster.forward import GrpcMissForwarder, IngressForwarder
 from cluster.inventory import WorkerRecord
-from cluster.names import NODE_LABEL
+from cluster.names import GPU_LABEL, NODE_LABEL
+from cluster.runtime_envs import PIP_TIMEOUT_S, prepare_environment
 from cluster.net import is_loopback, is_wildcard
 
 log = logging.getLogger("forward-fleet.pool")
@@ -63,6 +67,7 @@ class RayFleetWorker(FleetWorker):
 
 
 WorkerActor = ray.remote(RayFleetWorker)
+_prepare = ray.remote(prepare_environment)
 
 
 @dataclass
@@ -87,11 +92,15 @@ def plan_workers(config: FleetConfig) -> list[tuple[WorkerSpec, dict]]:
                   intra_op_threads=config.intra_op_threads, cache_bytes=config.artifact_cache_bytes)
     base = {"num_cpus": 0, "max_concurrency": WORKER_MAX_CONCURRENCY}
     plan = []
+    profiles = config.runtime_profiles()
     for node in config.nodes:
+        devices = node.simulated_devices()
         for i, _ in enumerate(node.gpus):
+            profile = profiles.for_device(devices[i])
             spec = WorkerSpec(worker_id=f"{node.name}-gpu{i}", node_name=node.name,
-                              simulated_devices=node.simulated_devices(), simulated_runtimes=node.simulated_runtimes(),
-                              simulated_budgets=tuple(g.budget for g in node.gpus), labels=dict(node.labels), **common)
+                              simulated_devices=devices, simulated_runtimes=node.simulated_runtimes(),
+                              simulated_budgets=tuple(g.budget for g in node.gpus), labels=dict(node.labels),
+                              environment=profile.packages(simulated=True) if profile else (), **common)
             plan.append((spec, dict(base, num_gpus=1, label_selector={NODE_LABEL: node.name})))
     if not config.discover_nodes:
         return plan
@@ -101,8 +110,13 @@ def plan_workers(config: FleetConfig) -> list[tuple[WorkerSpec, dict]]:
         short = node.get("NodeManagerAddress", "node") + "-" + node["NodeID"][:6]
         pinned = dict(base, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
         gpus = int(node.get("Resources", {}).get("GPU", 0))
+        # a real host's GPU type comes from its node label (`ray start --labels fleet.gpu=T4`)
+        label = (node.get("Labels") or {}).get(GPU_LABEL)
+        profile = profiles.for_device(Device(label, "", "gpu", None, 0)) if label else None
+        environment = profile.packages(simulated=False) if profile else ()
         for i in range(gpus):
-            plan.append((WorkerSpec(worker_id=f"{short}-gpu{i}", node_name=short, **common), dict(pinned, num_gpus=1)))
+            plan.append((WorkerSpec(worker_id=f"{short}-gpu{i}", node_name=short, environment=environment, **common),
+                         dict(pinned, num_gpus=1)))
         if not gpus:
             spec = WorkerSpec(worker_id=f"{short}-cpu", node_name=short, budget_bytes=config.cpu_budget, **common)
             plan.append((spec, pinned))
@@ -147,7 +161,36 @@ class WorkerPool:
         self._grpc_front = grpc_front
         for spec, options in plan_workers(self.config):
             self._members[spec.worker_id] = _Member(spec, options)
+        await self._prepare_environments()
         await asyncio.gather(*(self._start(wid) for wid in self._members))
+
+    async def _prepare_environments(self) -> None:
+        """Each GPU type's Python environment, prepared on each node that needs it (once per host: cached)
+        and given to its workers as their runtime_env. One that fails is reported; its workers start in
+        the fleet's own environment, and what they really have is what they report (probe, don't declare)."""
+        jobs: dict[tuple, list[_Member]] = {}
+        for member in self._members.values():
+            if member.spec.environment:
+                where = member.options.get("label_selector") or member.options.get("scheduling_strategy")
+                jobs.setdefault((repr(where), member.spec.environment), []).append(member)
+
+        async def prepare(members: list[_Member]) -> None:
+            first = members[0]
+            placement = {k: v for k, v in first.options.items() if k in ("label_selector", "scheduling_strategy")}
+            t0 = time.monotonic()
+            try:
+                python = await asyncio.wait_for(call(_prepare.options(num_cpus=0, **placement).remote(
+                    first.spec.environment)), PIP_TIMEOUT_S + 60)
+            except (FleetError, asyncio.TimeoutError, RayError) as exc:
+                self.events.add("runtime-env-failed", node=first.spec.node_name, packages=list(first.spec.environment),
+                                reason=getattr(exc, "message", None) or str(exc) or type(exc).__name__)
+                return
+            self.events.add("runtime-env-ready", node=first.spec.node_name, packages=list(first.spec.environment),
+                            seconds=round(time.monotonic() - t0, 1))
+            for member in members:
+                member.options = dict(member.options, runtime_env={"py_executable": python})
+
+        await asyncio.gather(*(prepare(members) for members in jobs.values()))
 
     def _http_options(self) -> HttpOptions:
         cfg = self.config

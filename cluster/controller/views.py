@@ -26,6 +26,8 @@ def worker_view(record: WorkerRecord, stats: dict | None, manifests: list[Manife
         "device": caps.device.to_dict(),
         "simulated": caps.device.simulated,
         "runtimes": [r.to_dict() for r in caps.runtimes],
+        "probe": info.probe,  # what its runtimes really are (workers.probe), and the environment it was given
+        "runtime_problems": list(info.probe.get("problems", [])),
         "budget_bytes": health.budget_bytes,
         "used_bytes": health.used_bytes,
         "ledger": ledger.get("entries", []) if record.alive else [],
