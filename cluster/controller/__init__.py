@@ -53,7 +53,7 @@ from cluster.inventory import Inventory, Placement
 from cluster.names import FRONT_DOOR_NAME, HEAD_NODE_RESOURCE, NAMESPACE
 from cluster.net import free_port, is_wildcard, local_address
 from cluster.repository import Repository, StoredArtifact
-from cluster.controller.rollouts import Rollouts
+from cluster.controller.rollouts import Rollouts, RolloutVerbs
 from cluster.rollout_store import read_rollout
 from cluster.router import Router, WorkerState
 
@@ -63,7 +63,7 @@ HEALTH_PERIOD_S = 1.0
 STATS_MAX_AGE_S = 1.0  # /metrics and the status page reuse the workers' views for this long
 
 
-class FleetController:
+class FleetController(RolloutVerbs):
     def __init__(self, config_json: str, endpoints: Endpoints) -> None:
         self.config = FleetConfig.model_validate_json(config_json)
         self.endpoints = endpoints
@@ -318,16 +318,6 @@ class FleetController:
         resolved, how = await self._resolve(model, version), dict(allow_eviction=allow_eviction, explicit=explicit)
         return await (self.loader.ensure_defaults(model, **how) if version is None else
                       self.loader.ensure_loaded(model, resolved, **how))
-
-    async def promote(self, model: str, version: str, force: bool = False) -> dict:
-        """`fleet promote`: ``version`` serves requests naming none (cluster.controller.rollouts)."""
-        self._need_gcs(f"promoting {model}")
-        return await self.rollouts.promote(model, await self._resolve(model, version), force)
-
-    async def rollback(self, model: str) -> dict:
-        """`fleet rollback`: undo the last promotion of ``model``."""
-        self._need_gcs(f"rolling back {model}")
-        return await self.rollouts.rollback(model)
 
     async def unload(self, model: str, version: str | None = None) -> list[str]:
         return await self.loader.unload(model, version, self._manifests)

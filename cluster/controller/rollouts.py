@@ -11,6 +11,8 @@ from workers.errors import FleetError, InvalidInput
 from cluster.controller.events import EventLog
 from cluster.controller.loading import Loader
 from cluster.controller.pool import WorkerPool
+from cluster.controller.views import worker_view
+from cluster.doctor import diagnose
 from cluster.repository import Repository
 from cluster.rollout import RolloutState, promote, rollback
 from cluster.rollout_store import write_rollout
@@ -74,3 +76,23 @@ class Rollouts:
                 continue
             self._pushed[wid] = (handle, defaults)
             handle.set_default_versions.remote(defaults)  # not awaited: ordered before later calls on this handle
+
+
+class RolloutVerbs:
+    """The controller's verbs for rollout and runtimes (``FleetController`` has them; the CLI calls them)."""
+
+    async def promote(self, model: str, version: str, force: bool = False) -> dict:
+        """`fleet promote`: ``version`` serves the requests of ``model`` that name none."""
+        self._need_gcs(f"promoting {model}")
+        return await self.rollouts.promote(model, await self._resolve(model, version), force)
+
+    async def rollback(self, model: str) -> dict:
+        """`fleet rollback`: undo the last promotion of ``model``."""
+        self._need_gcs(f"rolling back {model}")
+        return await self.rollouts.rollback(model)
+
+    async def doctor(self) -> dict:
+        """`fleet doctor`: per host and GPU, what is installed, what the repository's targets miss, the fixes."""
+        records = self.pool.records()
+        views = [dict(worker_view(r, None, self._manifests), host=r.info.host, node=r.info.caps.node_id) for r in records]
+        return diagnose(views, self.config, self._manifests, self.events.recent(200))
