@@ -177,7 +177,9 @@ def find_cached(stored: list[StoredArtifact], request: BuildRequest, source_sha2
         if (
             m.version == request.version
             and m.source_sha256 == source_sha256
-            and (m.target == request.target or m.build_options.get("fallback_from") == request.target.key())
+            # the build records the artifact's opset in its target; the request does not know it yet
+            and (dataclasses.replace(m.target, opset=request.target.opset) == request.target
+                 or m.build_options.get("fallback_from") == request.target.key())
             and m.max_batch == request.max_batch
             and {k: v for k, v in m.build_options.items() if not k.startswith("fallback_")} == dict(request.options)
         ):
