@@ -106,6 +106,12 @@ class ModelConfig(_Strict):
     # Version-compatible TensorRT plans embed host code that runs in the worker: load
     # them only from sources you trust.
     trust_version_compatible: bool = False
+    # Custom-op / plugin libraries (`fleet build --custom-ops`) are native code that runs in the
+    # workers: load them only for models whose libraries come from sources you trust.
+    trust_custom_ops: bool = False
+    # What `fleet build` takes as --custom-ops for this model when none are given: library paths
+    # (relative: to the directory `fleet build` runs in).
+    custom_ops: list[str] = Field(default_factory=list)
     reject_non_finite: bool = False  # 400 for NaN/Inf in float inputs
     # float32 artifacts on ONNX Runtime CUDA compute matrix products in TF32 (tensor cores): ~1.8x,
     # ~4e-4 relative error (docs/gpu-results.md). Off: float32 computes in float32.
@@ -116,7 +122,8 @@ class ModelConfig(_Strict):
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(self.dynamic_batching, self.max_queue_delay_us, tuple(self.preferred_batch_sizes),
-                           self.trust_version_compatible, self.reject_non_finite, self.allow_tf32, self.max_queue_size)
+                           self.trust_version_compatible, self.reject_non_finite, self.allow_tf32, self.max_queue_size,
+                           trust_custom_ops=self.trust_custom_ops)
 
 
 # URI schemes pyarrow.fs opens (the repository may be any of them, or a local path)

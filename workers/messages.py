@@ -59,6 +59,8 @@ class LoadOptions:
     max_batch: int | None = None  # rows per engine run, at most the artifact's max batch (None: the artifact's)
     slots: int | None = None  # concurrent runs of the engine (Triton's instance count); None: the fleet's `slots`
     warmup: tuple[WarmupSample, ...] = ()  # run on a new engine before it takes traffic (Triton's model_warmup)
+    # Custom-op / plugin libraries are native code that runs in the worker: loaded only when trusted.
+    trust_custom_ops: bool = False
 
     def max_batch_for(self, built: int) -> int:
         """Rows per engine run for an artifact built for ``built``."""

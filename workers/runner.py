@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from workers.batcher import DynamicBatcher, EngineStats
+from workers.custom_ops import LibraryFile
 from workers.loaded import Feeds, LoadedEngine, check_engine_io, warm_up
 from workers.engines import Engine, executes_on_cpu, open_engine
 from workers.engines.base import check_feeds
@@ -145,9 +146,11 @@ class EngineRunner:
             }
 
     # ---- load / unload ---------------------------------------------------
-    def load(self, manifest: Manifest, artifact: str | Path, options: LoadOptions | None = None) -> dict:
-        """Load the artifact file (verified by the caller: ``workers.artifacts.ArtifactCache``), evicting
-        idle LRU engines if needed. Returns its ledger entry."""
+    def load(self, manifest: Manifest, artifact: str | Path, options: LoadOptions | None = None,
+             libraries: tuple[LibraryFile, ...] = ()) -> dict:
+        """Load the artifact file (verified by the caller: ``workers.artifacts.ArtifactCache``, as are the
+        custom-op ``libraries`` the manifest names), evicting idle LRU engines if needed. Returns its
+        ledger entry."""
         options = options or LoadOptions()
         if self.out_of_service:
             raise self._device_failed()
@@ -160,7 +163,7 @@ class EngineRunner:
         try:
             for loaded in evicted:
                 loaded.close()
-            engine, measured = self._open(manifest, Path(artifact), options)
+            engine, measured = self._open(manifest, Path(artifact), options, libraries)
             entry = self._install(manifest, engine, options, measured)
             freeze_heap()
             return entry
@@ -185,6 +188,12 @@ class EngineRunner:
                 f"{manifest.model} is a version-compatible TensorRT plan, which carries host code that would run in "
                 f"this worker; load it only from a trusted source by setting models.{manifest.model}."
                 f"trust_version_compatible: true in the fleet config"
+            )
+        if manifest.custom_ops and not options.trust_custom_ops:
+            raise IncompatibleArtifact(
+                f"{manifest.model} needs custom-op libraries ({', '.join(lib.describe() for lib in manifest.custom_ops)}), "
+                f"native code that would run in this worker; the fleet config does not trust them: load them only from "
+                f"a trusted source, by setting models.{manifest.model}.trust_custom_ops: true in the fleet config"
             )
         verdict = can_run(manifest, self.caps)
         if not verdict:
@@ -213,16 +222,19 @@ class EngineRunner:
                     return None, evicted
             pending.wait()
 
-    def _open(self, manifest: Manifest, path: Path, options: LoadOptions) -> tuple[Engine, int | None]:
+    def _open(self, manifest: Manifest, path: Path, options: LoadOptions,
+              libraries: tuple[LibraryFile, ...] = ()) -> tuple[Engine, int | None]:
         """Open, activate and warm the engine; on a real GPU, measure what it took (NVML)."""
         with self._measure_lock if self._probe else contextlib.nullcontext():
             before = self._probe() if self._probe else None
             with self._lock:
                 allowed = self.ledger.free_bytes + manifest.footprint_bytes  # reserved plus free
+            # only models with libraries pass them: engine factories bound for tests need not know the keyword
+            extra = {"custom_ops": libraries} if manifest.custom_ops else {}
             engine = self._open_engine(
                 path, manifest.target, device_id=self.device.cuda_ordinal or 0, slots=self._slots(manifest, options),
                 intra_op_threads=self._intra_op_threads(manifest, options), lean=not self._has_full_tensorrt(),
-                gpu_mem_limit=allowed, footprint_bytes=manifest.footprint_bytes, allow_tf32=options.allow_tf32)
+                gpu_mem_limit=allowed, footprint_bytes=manifest.footprint_bytes, allow_tf32=options.allow_tf32, **extra)
             try:
                 engine.activate()
                 check_engine_io(engine, manifest)

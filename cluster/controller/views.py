@@ -58,15 +58,18 @@ def fallbacks(manifests: list[Manifest]) -> dict[str, str]:
 ACCURACY_FIGURES = ("top1_agreement", "test_accuracy", "rel_l2_error", "max_abs_error", "exact_agreement")
 
 
-def builds(manifests: list[Manifest]) -> list[dict]:
-    """Every artifact's precision, its accuracy against the float32 source and the data it was judged on."""
+def builds(manifests: list[Manifest], trusted: "set[str] | frozenset[str]" = frozenset()) -> list[dict]:
+    """Every artifact's precision, its accuracy against the float32 source and the data it was judged on,
+    and the custom-op libraries it needs, with whether the fleet trusts them (``trusted``: those models)."""
     rows = []
     for m in sorted(manifests, key=lambda m: (m.model, m.version, m.precision, m.target.key())):
         acc = m.accuracy
         figures = ", ".join(f"{k} {acc[k]:.4g}" for k in ACCURACY_FIGURES if isinstance(acc.get(k), (int, float)))
         rows.append({"model": m.model, "version": m.version, "precision": m.precision, "target": m.target.key(),
                      "accuracy": figures, "judged_on": acc.get("eval_data", ""),
-                     "weak": bool((acc.get("check") or {}).get("note"))})
+                     "weak": bool((acc.get("check") or {}).get("note")),
+                     "custom_ops": [lib.file_name for lib in m.custom_ops],
+                     "custom_ops_trusted": m.model in trusted if m.custom_ops else None})
     return rows
 
 
