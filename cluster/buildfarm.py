@@ -23,6 +23,7 @@ import ray
 
 from workers import precision as precision_mod
 from workers.build import BuildRequest, EvalData, build_artifact
+from workers.custom_ops import ONNXRUNTIME, LibraryFile, describe_library, for_backend
 from workers.engines.onnxruntime import describe_model
 from workers.errors import BuildError, FleetError, InvalidInput
 from workers.manifest import Manifest, sha256_file
@@ -83,8 +84,8 @@ class FleetRepository:
     def artifacts(self, model: str | None = None) -> list[StoredArtifact]:
         return get(self.controller.artifacts.remote(model))
 
-    def publish(self, manifest: Manifest, data: bytes) -> StoredArtifact:
-        return get(self.controller.publish.remote(manifest.to_dict(), data))
+    def publish(self, manifest: Manifest, data: bytes, libraries: dict[str, bytes] | None = None) -> StoredArtifact:
+        return get(self.controller.publish.remote(manifest.to_dict(), data, libraries))
 
     def store_calibration(self, key: str, result: precision_mod.CalibrationResult) -> str:
         return get(self.controller.store_calibration.remote(key, result))
@@ -108,12 +109,26 @@ class FleetRepository:
 AnyRepository = Repository | FleetRepository
 
 
+def library_files(paths: "tuple[str, ...] | list[str]") -> tuple[LibraryFile, ...]:
+    """The custom-op libraries named for a build, described (read, not loaded)."""
+    return tuple(LibraryFile(str(Path(p).resolve()), describe_library(p)) for p in paths)
+
+
+def library_bytes(paths: "tuple[str, ...] | list[str]") -> dict[str, bytes]:
+    """The libraries' bytes by sha256, for the controller to publish beside the artifact."""
+    return {f.library.sha256: Path(f.path).read_bytes() for f in library_files(paths)}
+
+
 def prepare_build(repo: AnyRepository, source: Path, precision: str, *, calib_data: str | None = None,
-                  calib_method: str | None = None, eval_data: str | None = None, progress=None) -> BuildInputs:
-    """Calibrate (int8_calib), find the stored calibration (int8), load held-out samples."""
+                  calib_method: str | None = None, eval_data: str | None = None, progress=None,
+                  custom_ops: "tuple[str, ...]" = ()) -> BuildInputs:
+    """Calibrate (int8_calib), find the stored calibration (int8), load held-out samples. ``custom_ops``:
+    paths of the libraries the model's custom operators need (loaded here, by the user's own build)."""
     progress = progress or sys.stderr
-    check_source(source)  # before anything else: a clear error for a file that is not ONNX or cannot run
-    inputs, _ = describe_model(source)
+    ort_libraries = for_backend(library_files(custom_ops), ONNXRUNTIME)
+    # before anything else: a clear error for a file that is not ONNX or cannot run
+    check_source(source, custom_ops=ort_libraries)
+    inputs, _ = describe_model(source, custom_ops=ort_libraries)
     source_sha = sha256_file(source)
     result = BuildInputs(precision)
     if eval_data:
@@ -126,7 +141,7 @@ def prepare_build(repo: AnyRepository, source: Path, precision: str, *, calib_da
         data = precision_mod.load_calibration_data(calib_data, inputs, keep_out=not eval_data)
         kept = f", {data.heldout_rows} more kept out to judge the build on" if data.heldout is not None else ""
         print(f"calibrating {source.name} ({calib_method}) on {data.samples} samples{kept} ...", file=progress, flush=True)
-        calibration = precision_mod.calibrate(source, data.batches, calib_method)
+        calibration = precision_mod.calibrate(source, data.batches, calib_method, ort_libraries)
         calibration = dataclasses.replace(calibration, heldout=data.heldout)
         key = precision_mod.calibration_key(source_sha, precision_mod.calibration_data_sha256(data.batches), calib_method)
         where = repo.store_calibration(key, calibration)
@@ -167,11 +182,16 @@ def _accuracy_note(manifest) -> str:
     elif check.get("note"):
         note += " [a weak verdict: pass --eval-data with real rows]"
     fallback = manifest.build_options.get("fallback_from")
-    return note + (" [served by ONNX Runtime: TensorRT's parser refused it]" if fallback else "")
+    note += " [served by ONNX Runtime: TensorRT's parser refused it]" if fallback else ""
+    if manifest.custom_ops:
+        note += f" [custom ops: {', '.join(lib.file_name for lib in manifest.custom_ops)}; loaded only with " \
+                f"their sha256 in models.{manifest.model}.trusted_sha256]"
+    return note
 
 
 def find_cached(stored: list[StoredArtifact], request: BuildRequest, source_sha256: str) -> StoredArtifact | None:
-    """An artifact already built from the same source, precision, target and options."""
+    """An artifact already built from the same source, precision, target, options and custom-op libraries."""
+    libraries = sorted(f.library.sha256 for f in library_files(request.custom_ops))
     for art in stored:
         m = art.manifest
         if (
@@ -182,6 +202,7 @@ def find_cached(stored: list[StoredArtifact], request: BuildRequest, source_sha2
                  or m.build_options.get("fallback_from") == request.target.key())
             and m.max_batch == request.max_batch
             and {k: v for k, v in m.build_options.items() if not k.startswith("fallback_")} == dict(request.options)
+            and sorted(lib.sha256 for lib in m.custom_ops) == libraries
         ):
             return art
     return None
@@ -202,7 +223,7 @@ def build_locally(repo: AnyRepository, request: BuildRequest, source_sha256: str
         with tempfile.TemporaryDirectory(prefix="fleet-build-") as tmp:
             manifest = build_artifact(request, tmp, calibration=prepared.calibration, evaluation=prepared.evaluation)
             data = (Path(tmp) / manifest.artifact_file).read_bytes()
-        stored = repo.publish(manifest, data)
+        stored = repo.publish(manifest, data, library_bytes(request.custom_ops))
     except (FleetError, OSError) as exc:  # OSError: disk full, file too large, permissions
         message = exc.message if isinstance(exc, FleetError) else f"could not write the artifact: {exc}"
         print(f"  {request.target.describe()}: FAILED: {message}", file=progress, flush=True)
@@ -300,9 +321,10 @@ def build_on_fleet(
     prepared: BuildInputs | None = None,
     accept_accuracy_loss: bool = False,
     fallback: str = "none",
+    custom_ops: "tuple[str, ...]" = (),
 ) -> list[BuildOutcome]:
-    """Build on the workers in parallel; each sends its artifact to the controller, which publishes it.
-    Reports every target."""
+    """Build on the workers in parallel; each sends its artifact to the controller, which publishes it
+    (with the custom-op libraries at the paths ``custom_ops``, sent to both as bytes). Reports every target."""
     progress = progress or sys.stderr
     prepared = prepared or BuildInputs(precision)
     precision = prepared.precision
@@ -319,18 +341,21 @@ def build_on_fleet(
     outcomes: list[BuildOutcome] = []
     pending = {}
     source_ref = ray.put(source.read_bytes()) if planned else None
+    libraries = {Path(p).name: Path(p).read_bytes() for p in custom_ops}
+    libraries_ref = ray.put(libraries) if planned and libraries else None
+    by_sha = ray.put(library_bytes(custom_ops)) if planned and libraries else None
     stored_now = get(controller.artifacts.remote(model)) if planned else []
     for plan in planned:
         # the source travels as bytes; its name is only a name on the worker
         request = BuildRequest(source.name, model, plan.target, version=version, max_batch=max_batch, options=dict(options),
-                               accept_accuracy_loss=accept_accuracy_loss, fallback=fallback)
+                               accept_accuracy_loss=accept_accuracy_loss, fallback=fallback, custom_ops=tuple(custom_ops))
         cached = find_cached(stored_now, request, source_sha)
         if cached is not None:
             say(f"  {plan.target.describe()}: cached ({cached.location})")
             outcomes.append(BuildOutcome(plan.target, cached, cached=True))
             continue
         manifest_ref, data_ref = handles[plan.worker_id].build_from_bytes.options(num_returns=2).remote(
-            source_ref, request, prepared.calibration, prepared.evaluation)
+            source_ref, request, prepared.calibration, prepared.evaluation, libraries_ref)
         pending[manifest_ref] = (plan, data_ref, time.monotonic())
         say(f"  {plan.target.describe()}: building on {plan.worker_id} ...")
     while pending:
@@ -338,7 +363,7 @@ def build_on_fleet(
         plan, data_ref, t0 = pending.pop(done[0])
         try:
             # the bytes go from the worker to the controller; only the manifest comes here
-            stored = get(controller.publish.remote(get(done[0]), data_ref))
+            stored = get(controller.publish.remote(get(done[0]), data_ref, by_sha))
         except Exception as exc:  # one failing target never stops the others
             cause = unwrap(exc)
             message = cause.message if isinstance(cause, FleetError) else f"{type(cause).__name__}: {cause}"

@@ -18,6 +18,7 @@ from workers.manifest import sha256_file
 from cluster.client import FleetClient
 from cluster.client_tls import ClientTls
 from cluster.console import say
+from cluster.custom_ops_view import print_custom_ops
 from cluster.env import apply_ray_env, fleet_token
 from cluster.fleet_commands import add_commands as add_fleet_commands, print_rollout, print_runtime_problems
 from cluster.triton.commands import add_commands as add_triton_commands
@@ -185,7 +186,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from cluster.running import repository_of
 
-    repo, _ = repository_of(args)  # the running fleet's, unless --config/--repository say otherwise
+    repo, fleet = repository_of(args)  # the running fleet's, unless --config/--repository say otherwise
     arts = repo.artifacts()
     if args.json:
         print(json.dumps([a.manifest.to_dict() for a in arts], indent=2))
@@ -201,6 +202,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             acc += f" ({m.accuracy['eval_data']}{', weak' if m.accuracy.get('check', {}).get('note') else ''})"
         target = m.target.describe() + (" (fallback from TensorRT)" if m.build_options.get("fallback_from") else "")
         print(f"{m.model:<20} {m.version:<4} {m.precision:<10} {target:<40} {format_bytes(m.footprint_bytes):<10} {acc}")
+    print_custom_ops(arts, fleet, getattr(args, "config", None))
     return 0
 
 
@@ -222,17 +224,23 @@ def cmd_build(args: argparse.Namespace) -> int:
     controller = fleet.controller if fleet is not None and not args.local else None
     if fleet is not None:
         say(f"fleet '{fleet.info['fleet']}' is running: its repository is {fleet.info['repository']}")
+    custom_ops = tuple(args.custom_ops or model_config.custom_ops)  # a missing one: prepare_build says so
+    if custom_ops:
+        say(f"custom ops: {', '.join(custom_ops)} (loaded here for the build; workers serve the model only with "
+            f"each library's sha256 in models.{args.name}.trusted_sha256 in the fleet config)")
     prepared = prepare_build(repo, source, args.precision, calib_data=args.calib_data, calib_method=args.calib_method,
-                             eval_data=args.eval_data)
+                             eval_data=args.eval_data, custom_ops=custom_ops)
     if controller is None:
         request = BuildRequest(str(source), args.name, local_target(prepared.precision), version=args.version,
                                max_batch=max_batch, options={**options, **prepared.options},
-                               accept_accuracy_loss=args.accept_accuracy_loss, fallback=model_config.fallback)
+                               accept_accuracy_loss=args.accept_accuracy_loss, fallback=model_config.fallback,
+                               custom_ops=custom_ops)
         say(f"building {args.name} v{args.version} ({prepared.precision}) from {source} on this machine for 1 target:")
         return 0 if build_locally(repo, request, sha256_file(source), prepared=prepared).ok else 1
     outcomes = build_on_fleet(controller, source, model=args.name, version=args.version, targets=args.targets or "auto",
                               max_batch=max_batch, options=options, prepared=prepared,
-                              accept_accuracy_loss=args.accept_accuracy_loss, fallback=model_config.fallback)
+                              accept_accuracy_loss=args.accept_accuracy_loss, fallback=model_config.fallback,
+                              custom_ops=custom_ops)
     return 0 if outcomes and all(o.ok for o in outcomes) else 1
 
 
@@ -370,6 +378,10 @@ def _add_build_command(sub) -> None:
     p.add_argument("--targets", help="auto (every target in the running fleet) or a list: compute capabilities, "
                    "GPU model names, cpu (e.g. 7.5,V100); default: auto with a running fleet, else this machine's CPU")
     p.add_argument("--footprint", help="device memory to reserve per loaded engine (e.g. 2GiB); default: estimated")
+    p.add_argument("--custom-ops", nargs="+", metavar="LIB.so",
+                   help="native libraries the model's custom operators need: ONNX Runtime custom-op libraries "
+                        "and/or TensorRT plugin libraries (default: models.<name>.custom_ops of --config); stored "
+                        "beside the artifact, loaded by workers only when its sha256 is in models.<name>.trusted_sha256")
     p.add_argument("--local", action="store_true", help="build on this machine even if a fleet is running "
                    "(published into its repository by its controller)")
     p.add_argument("--address", help="Ray address of the running fleet (default: auto)")

@@ -142,6 +142,10 @@ class ModelConfig(_Strict):
     # ...and only artifacts whose sha256 is listed here: a writer of the repository cannot swap them
     # (plans with host code and artifacts with native libraries; `fleet models` shows the sha256).
     trusted_sha256: list[str] = Field(default_factory=list)
+    # What `fleet build` takes as --custom-ops for this model when none are given: library paths
+    # (relative: to the directory `fleet build` runs in). Workers load them only when each library's
+    # sha256 is in trusted_sha256 (native code; `fleet models` shows the digests).
+    custom_ops: list[str] = Field(default_factory=list)
     reject_non_finite: bool = False  # 400 for NaN/Inf in float inputs
     # float32 artifacts on ONNX Runtime CUDA compute matrix products in TF32 (tensor cores): ~1.8x,
     # ~4e-4 relative error (docs/gpu-results.md). Off: float32 computes in float32.
@@ -309,6 +313,10 @@ class FleetConfig(_Strict):
     gpu_types: dict[str, GpuTypeConfig] = Field(default_factory=dict)
     # Types not in gpu_types take the documented defaults (docs/runtimes.md; real GPUs only).
     gpu_type_defaults: bool = False
+
+    def trusted_pins(self) -> dict[str, tuple[str, ...]]:
+        """Per model, the sha256 digests its config pins (artifacts and libraries with code of their own)."""
+        return {m: tuple(c.trusted_sha256) for m, c in self.models.items() if c.trusted_sha256}
 
     def runtime_profiles(self) -> RuntimeProfiles:
         return RuntimeProfiles({k: v.profile() for k, v in self.gpu_types.items()}, self.gpu_type_defaults)

@@ -12,7 +12,9 @@ the only writer (builds send their artifacts to it as bytes). Publishing is atom
   not all there. Older artifacts of the leaf are deleted after.
 
 A listed manifest must parse and its artifact must be listed too; its sha256 is checked
-on every load (``workers.artifacts``). int8 calibrations live under ``_calibration/``.
+on every load (``workers.artifacts``). int8 calibrations live under ``_calibration/``; the
+custom-op libraries models need under ``_libraries/<sha256>/<file>``, by content (many models
+and versions share one), each published before the first manifest that names it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers.artifacts import RepositoryObject
+from workers.custom_ops import CustomOpLibrary
 from workers.errors import ArtifactCorrupt, FleetError, ModelNotFound
 from workers.manifest import MANIFEST_NAME, Manifest, validate_model_ref, version_sort_key
 from workers.precision import (
@@ -43,6 +46,7 @@ STAGING = ".staging"
 CALIBRATION = "_calibration"  # int8 calibrations, by source sha256 + data sha256 + method
 TRITON = "_triton"  # imported Triton configurations, by model: config.pbtxt and warmup/<file>
 TRITON_CONFIG = "config.pbtxt"
+LIBRARIES = "_libraries"  # custom-op libraries, by sha256
 CHUNK = 4 << 20
 
 
@@ -108,13 +112,17 @@ class Repository:
         """Where a worker fetches this artifact itself (for an object store every host reaches)."""
         return RepositoryObject(self.spec, self.artifact_key(manifest))
 
-    def publish(self, manifest: Manifest, data: bytes) -> StoredArtifact:
-        """Check the artifact's bytes against its manifest, then publish both (replacing an older build)."""
+    def publish(self, manifest: Manifest, data: bytes, libraries: dict[str, bytes] | None = None) -> StoredArtifact:
+        """Check the artifact's bytes against its manifest, then publish both (replacing an older build).
+        ``libraries``: the custom-op libraries the manifest names, by sha256 (those the repository has
+        already may be left out); published first, so no manifest names a library that is not there."""
         actual = hashlib.sha256(data).hexdigest()
         if actual != manifest.artifact_sha256:
             raise ArtifactCorrupt(
                 f"the artifact of {manifest.model} arrived corrupt: sha256 {actual[:12]}... does not match its "
                 f"manifest's {manifest.artifact_sha256[:12]}...; build it again")
+        for library in manifest.custom_ops:
+            self._publish_library(manifest, library, (libraries or {}).get(library.sha256))
         if self.is_local:
             self._publish_by_rename(manifest, data)
         else:
@@ -147,6 +155,37 @@ class Repository:
         for stale in self.store.list_files(leaf):  # artifacts of earlier builds of this leaf
             if stale.key not in (key, f"{leaf}/{MANIFEST_NAME}"):
                 self.store.delete(stale.key)
+
+    # ---- custom-op libraries -----------------------------------------------------
+    def library_key(self, library: CustomOpLibrary) -> str:
+        return f"{LIBRARIES}/{library.sha256}/{library.file_name}"
+
+    def _publish_library(self, manifest: Manifest, library: CustomOpLibrary, data: bytes | None) -> None:
+        key = self.library_key(library)
+        if data is None:
+            if self.store.size(key) is None:
+                raise ArtifactCorrupt(f"{manifest.model} needs the custom-op library {library.describe()}, which the "
+                                      f"repository does not have and the build did not send; build it again")
+            return
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != library.sha256:
+            raise ArtifactCorrupt(f"the custom-op library {library.file_name} of {manifest.model} arrived corrupt: sha256 "
+                                  f"{actual[:12]}... does not match its manifest's {library.sha256[:12]}...; build it again")
+        if self.store.size(key) == len(data):
+            return  # content-addressed: the same bytes are there already
+        self._publish_files(posixpath.dirname(key), {library.file_name: data}, last=library.file_name)
+
+    def library_source(self, library: CustomOpLibrary) -> RepositoryObject:
+        """Where a worker fetches a library itself (an object store every host reaches)."""
+        return RepositoryObject(self.spec, self.library_key(library))
+
+    def read_library(self, library: CustomOpLibrary) -> bytes:
+        key = self.library_key(library)
+        try:
+            return self.store.read_bytes(key)
+        except FileNotFoundError:
+            raise ArtifactCorrupt(f"custom-op library {self.store.where(key)} is missing; rebuild the model with "
+                                  f"`fleet build --custom-ops`") from None
 
     def read_artifact(self, manifest: Manifest) -> bytes:
         key = self.artifact_key(manifest)

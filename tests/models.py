@@ -97,3 +97,40 @@ def make_mixed_scale(path: Path) -> Path:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "D"])
     nodes = [helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["x", "kf"], ["y"])]
     return _save(helper.make_graph(nodes, "mixed-scale", [x, k], [y]), path)
+
+
+def make_custom_op_mlp(path: Path) -> Path:
+    """FP32 [N,16] -> MatMul + Add -> NegPos (onnxruntime-extensions' ai.onnx.contrib custom op, two
+    float outputs) -> Relu(pos) @ W2 + neg @ W3 -> logits [N,4]: standard float ops around a custom one,
+    so that float16 and int8 have something to convert and quantize beside it."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(a.astype(np.float32), name) for name, a in (
+        ("W1", rng.standard_normal((16, 32)) * 0.5), ("b1", rng.standard_normal(32) * 0.1),
+        ("W2", rng.standard_normal((32, 4)) * 0.5), ("W3", rng.standard_normal((32, 4)) * 0.5))]
+    nodes = [
+        helper.make_node("MatMul", ["input", "W1"], ["h0"], name="mm1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="add1"),
+        helper.make_node("NegPos", ["h1"], ["neg", "pos"], domain="ai.onnx.contrib", name="negpos"),
+        helper.make_node("Relu", ["pos"], ["relu"], name="relu"),
+        helper.make_node("MatMul", ["relu", "W2"], ["a"], name="mm2"),
+        helper.make_node("MatMul", ["neg", "W3"], ["b"], name="mm3"),
+        helper.make_node("Add", ["a", "b"], ["logits"], name="add2"),
+    ]
+    graph = helper.make_graph(nodes, "custom_op_mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.contrib", 1)],
+                              ir_version=8)
+    onnx.save(model, path)  # onnx.checker knows no custom domain
+    return path
+
+
+def custom_op_rows(rows: int, seed: int = 0):
+    """Inputs for make_custom_op_mlp: four clusters, so that its top-1 answers have margins to keep."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(42).standard_normal((4, 16)) * 2
+    return (centers[rng.integers(0, 4, rows)] + rng.standard_normal((rows, 16)) * 0.3).astype(np.float32)

@@ -212,14 +212,17 @@ class FleetWorker:
             self._gpu_health.close()
 
     # ---- engines -----------------------------------------------------------
-    def load(self, manifest: Manifest, source: ArtifactSource, options: LoadOptions | None = None) -> dict:
+    def load(self, manifest: Manifest, source: ArtifactSource, options: LoadOptions | None = None,
+             libraries: "dict[str, ArtifactSource] | None" = None) -> dict:
         """Load an artifact, evicting idle LRU engines if needed. Returns the ledger entry.
 
-        Refuses what this device cannot run before fetching a byte; then takes the artifact
-        from this host's cache, fetching it from ``source`` on a miss (sha256 verified)."""
+        Refuses what this device cannot run (or a model whose custom-op libraries the config does
+        not trust) before fetching a byte; then takes the artifact and its libraries (``libraries``:
+        their sources by sha256) from this host's cache, fetching them on a miss (sha256 verified)."""
         self.runner.check_loadable(manifest, options or LoadOptions())
-        with self.artifacts.open(manifest, source) as path:
-            return self.runner.load(manifest, path, options)
+        with self.artifacts.open(manifest, source) as path, \
+                self.artifacts.open_libraries(manifest, libraries or {}) as library_files:
+            return self.runner.load(manifest, path, options, library_files)
 
     def unload(self, key: str) -> bool:
         return self.runner.unload(key)
@@ -273,15 +276,25 @@ class FleetWorker:
 
     # ---- build -----------------------------------------------------------
     def build_from_bytes(self, source: bytes, request: BuildRequest, calibration: CalibrationResult | None = None,
-                         evaluation: EvalData | None = None) -> tuple[dict, bytes]:
+                         evaluation: EvalData | None = None, libraries: "dict[str, bytes] | None" = None) -> tuple[dict, bytes]:
         """Build for one of this worker's targets from a source model shipped as bytes (the driver may
         be on another host); returns the manifest and the artifact's bytes, for the controller to publish.
+        ``libraries``: the custom-op libraries ``request.custom_ops`` names, by file name, as bytes.
         Everything is written under this process's own temporary directory, and removed."""
         with tempfile.TemporaryDirectory(prefix="fleet-build-") as tmp:
             path = Path(tmp) / "source.onnx"
             path.write_bytes(source)
             out = Path(tmp) / "artifact"
-            manifest = self._build(dataclasses.replace(request, source_path=str(path)), out, calibration, evaluation)
+            local = []
+            for name in (Path(p).name for p in request.custom_ops):
+                if name not in (libraries or {}):
+                    raise IncompatibleArtifact(f"the build of {request.model} names the custom-op library {name} "
+                                               f"and it was not sent")
+                (Path(tmp) / "libraries").mkdir(exist_ok=True)
+                (Path(tmp) / "libraries" / name).write_bytes((libraries or {})[name])
+                local.append(str(Path(tmp) / "libraries" / name))
+            request = dataclasses.replace(request, source_path=str(path), custom_ops=tuple(local))
+            manifest = self._build(request, out, calibration, evaluation)
             return manifest.to_dict(), (out / manifest.artifact_file).read_bytes()
 
     def _build(self, request: BuildRequest, out_dir: Path, calibration: CalibrationResult | None,

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from workers.custom_ops import CustomOpLibrary, LibraryFile
 from workers.errors import ArtifactCorrupt, FleetError, NotReady, RepositoryUnavailable
 from workers.manifest import Manifest, sha256_file
 from workers.storage import Store, StoreSpec
@@ -97,6 +98,19 @@ class CacheStats:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class _Blob:
+    """One file the cache keeps, by its sha256: an artifact or a custom-op library."""
+
+    sha256: str
+    artifact_file: str  # its name in the cache's sha256 directory
+    what: str  # for messages
+
+
+def _library_blob(manifest: Manifest, library: CustomOpLibrary) -> _Blob:
+    return _Blob(library.sha256, library.file_name, f"the custom-op library {library.file_name} of {manifest.model}")
+
+
 class _Corrupt(Exception):
     def __init__(self, actual: str) -> None:
         super().__init__(actual)
@@ -120,19 +134,40 @@ class ArtifactCache:
     def open(self, manifest: Manifest, source: ArtifactSource) -> Iterator[Path]:
         """The verified artifact file, fetched first if this host does not have it; kept from
         eviction until the block ends (open the engine inside it)."""
-        sha = manifest.artifact_sha256
+        with self._open(_Blob(manifest.artifact_sha256, manifest.artifact_file, f"the artifact of {manifest.model}"),
+                        source) as path:
+            yield path
+
+    @contextlib.contextmanager
+    def open_libraries(self, manifest: Manifest, sources: "dict[str, ArtifactSource]") -> Iterator[tuple[LibraryFile, ...]]:
+        """The model's custom-op libraries, verified and kept as artifacts are (``sources``: by sha256);
+        ArtifactCorrupt when one has no source."""
+        with contextlib.ExitStack() as stack:
+            files = []
+            for library in manifest.custom_ops:
+                source = sources.get(library.sha256)
+                if source is None:
+                    raise ArtifactCorrupt(f"{manifest.model} needs the custom-op library {library.describe()}, "
+                                          f"and none was sent with it")
+                path = stack.enter_context(self._open(_library_blob(manifest, library), source))
+                files.append(LibraryFile(str(path), library))
+            yield tuple(files)
+
+    @contextlib.contextmanager
+    def _open(self, blob: "_Blob", source: ArtifactSource) -> Iterator[Path]:
+        sha = blob.sha256
         if not _SHA256.match(sha):
-            raise ArtifactCorrupt(f"manifest of {manifest.model} has no valid artifact_sha256 ({sha!r})")
+            raise ArtifactCorrupt(f"the manifest of {blob.what} has no valid sha256 ({sha!r})")
         (self.root / ".locks").mkdir(parents=True, exist_ok=True)
         with open(self._lock_path(sha), "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch of an artifact per host at a time
-            path = self._cached(sha, manifest) or self._fill(sha, manifest, source)
+            path = self._cached(sha, blob) or self._fill(sha, blob, source)
             os.utime(self.root / sha)  # most recently used
             fcntl.flock(lock, fcntl.LOCK_SH)  # others may use it now; eviction leaves it alone
             self._evict(keep=sha)
             yield path
 
-    def _cached(self, sha: str, manifest: Manifest) -> Path | None:
+    def _cached(self, sha: str, manifest: "_Blob") -> Path | None:
         path = self.root / sha / manifest.artifact_file
         if not path.is_file():
             return None
@@ -144,7 +179,7 @@ class ArtifactCache:
         shutil.rmtree(self.root / sha, ignore_errors=True)
         return None
 
-    def _fill(self, sha: str, manifest: Manifest, source: ArtifactSource) -> Path:
+    def _fill(self, sha: str, manifest: "_Blob", source: ArtifactSource) -> Path:
         """Fetch, verify, rename into place; one retry after a partial, corrupt or failed fetch."""
         last: BaseException | None = None
         for attempt in range(1, ATTEMPTS + 1):
@@ -171,16 +206,16 @@ class ArtifactCache:
         raise self._failure(manifest, source, last)
 
     @staticmethod
-    def _failure(manifest: Manifest, source: ArtifactSource, last: BaseException | None) -> FleetError:
+    def _failure(manifest: "_Blob", source: ArtifactSource, last: BaseException | None) -> FleetError:
         where = source.describe()
         if isinstance(last, _Corrupt):
             return ArtifactCorrupt(
                 f"artifact {where} is corrupt: sha256 {last.actual[:12]}... does not match the manifest's "
-                f"{manifest.artifact_sha256[:12]}... (fetched {ATTEMPTS} times); rebuild it with `fleet build`")
+                f"{manifest.sha256[:12]}... (fetched {ATTEMPTS} times); rebuild it with `fleet build`")
         if isinstance(last, FileNotFoundError):
             return ArtifactCorrupt(f"artifact {where} is missing from the repository; rebuild it with `fleet build`")
         message = last.message if isinstance(last, FleetError) else str(last)
-        return RepositoryUnavailable(f"could not fetch the artifact of {manifest.model} ({ATTEMPTS} tries): {message}")
+        return RepositoryUnavailable(f"could not fetch {manifest.what} ({ATTEMPTS} tries): {message}")
 
     def _fetch(self, source: ArtifactSource, dest: Path, sha: str) -> int:
         """Write the source's bytes to ``dest``, hashing them; raise _Corrupt on a mismatch."""

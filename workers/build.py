@@ -26,6 +26,7 @@ import onnx
 import onnxruntime as ort
 
 from workers import precision
+from workers.custom_ops import ONNXRUNTIME, TENSORRT, LibraryFile, describe_library, for_backend
 from workers.engines import open_engine
 from workers.engines.onnxruntime import cuda_provider_available, describe_model, estimate_footprint
 from workers.engines.tensorrt import OnnxParserFailed, TrtBuildOptions, build_plan, plan_footprint
@@ -49,6 +50,7 @@ class BuildRequest:
     options: dict = field(default_factory=dict, hash=False, compare=False)  # recorded in the manifest
     accept_accuracy_loss: bool = False
     fallback: str = "none"  # "onnxruntime": serve with ONNX Runtime if TensorRT's parser refuses the model
+    custom_ops: tuple[str, ...] = ()  # paths of the custom-op / plugin libraries the model needs (like source_path)
 
     def __post_init__(self) -> None:
         check_name("model name", self.model)
@@ -91,13 +93,14 @@ class EvalData:
         return cls(feeds, judged_on=RANDOM_INPUTS)
 
 
-def _prepare_onnx(source: Path, target: Target, out: Path, calibration: precision.CalibrationResult | None) -> Path:
+def _prepare_onnx(source: Path, target: Target, out: Path, calibration: precision.CalibrationResult | None,
+                  custom_ops: tuple[str, ...] = ()) -> Path:
     """The ONNX model ONNX Runtime (or a simulated plan) will execute for this precision."""
     artifact = out / "model.onnx"
     if target.precision == "float32":
         shutil.copyfile(source, artifact)
     elif target.precision == "float16":
-        precision.convert_float16(source, artifact)
+        precision.convert_float16(source, artifact, custom_ops)
     elif target.precision == "int8":
         if calibration is None:
             raise BuildError(
@@ -108,10 +111,11 @@ def _prepare_onnx(source: Path, target: Target, out: Path, calibration: precisio
     return artifact
 
 
-def _run_artifact(path: Path, target: Target, feeds: dict[str, np.ndarray], trt_api: Any) -> dict[str, np.ndarray]:
+def _run_artifact(path: Path, target: Target, feeds: dict[str, np.ndarray], trt_api: Any,
+                  libraries: tuple[LibraryFile, ...] = ()) -> dict[str, np.ndarray]:
     if target.provider == "cuda" and not cuda_provider_available():  # judged on the CPU where CUDA is missing
         target = dataclasses.replace(target, provider="cpu")
-    with open_engine(path, target, intra_op_threads=1, lean=False, trt_api=trt_api) as engine:
+    with open_engine(path, target, intra_op_threads=1, lean=False, trt_api=trt_api, custom_ops=libraries) as engine:
         return engine.infer(feeds)
 
 
@@ -126,14 +130,15 @@ def _top1(outputs: dict[str, np.ndarray]) -> np.ndarray | None:
 
 
 def check_build_accuracy(source: Path, artifact: Path, request: BuildRequest, target: Target,
-                         evaluation: EvalData, trt_api: Any = None) -> dict:
+                         evaluation: EvalData, trt_api: Any = None, libraries: tuple[LibraryFile, ...] = ()) -> dict:
     """Compare the artifact with the float32 source; raise BuildError over the threshold.
 
     Judged on random inputs (no data was given), a float16 or int8 verdict is only advice:
     it is recorded, with a note that it is weak, and never fails the build (real data might
     pass it). A float32 artifact must equal its source on any inputs."""
-    reference = precision.run_model(source, evaluation.feeds)
-    candidate = _run_artifact(artifact, target, evaluation.feeds, trt_api)
+    # custom ops run in both, from the same libraries: the check covers what the precision did around them
+    reference = precision.run_model(source, evaluation.feeds, for_backend(libraries, ONNXRUNTIME))
+    candidate = _run_artifact(artifact, target, evaluation.feeds, trt_api, libraries)
     metrics = precision.compare_outputs(reference, candidate)
     advisory = evaluation.weak and target.precision != "float32"
     try:
@@ -180,9 +185,12 @@ def build_artifact(
         raise BuildError(f"source model {source} does not exist")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    check_source(source)  # an ONNX model whose every node can run, or a BuildError saying what to do
+    libraries = tuple(LibraryFile(str(p), describe_library(p)) for p in request.custom_ops)
+    ort_libraries = for_backend(libraries, ONNXRUNTIME)
+    # an ONNX model whose every node can run, or a BuildError saying what to do
+    check_source(source, custom_ops=ort_libraries)
     try:
-        inputs, outputs = describe_model(source, request.options.get("optional_inputs", ()))
+        inputs, outputs = describe_model(source, request.options.get("optional_inputs", ()), custom_ops=ort_libraries)
     except FleetError:
         raise
     except Exception as exc:  # ONNX Runtime raises several unrelated types here
@@ -194,7 +202,9 @@ def build_artifact(
         try:
             info = build_plan(source, artifact, TrtBuildOptions(inputs=inputs, precision=target.precision, max_batch=request.max_batch,
                                                                 hardware_compatibility=target.hardware_compatibility,
-                                                                version_compatible=target.version_compatible),
+                                                                version_compatible=target.version_compatible,
+                                                                plugin_libraries=for_backend(libraries, TENSORRT),
+                                                                custom_ops=ort_libraries),
                               calibration=calibration, api=trt_api)
         except OnnxParserFailed as exc:
             if request.fallback != "onnxruntime":
@@ -203,16 +213,16 @@ def build_artifact(
             options.update(fallback_from=target.key(), fallback_reason=exc.message)
             provider = "cuda" if cuda_provider_available() else "cpu"
             target = Target("onnxruntime", ort.__version__, provider=provider, precision=target.precision)
-            artifact = _prepare_onnx(source, target, out, calibration)
+            artifact = _prepare_onnx(source, target, out, calibration, ort_libraries)
             footprint = estimate_footprint(artifact, inputs + outputs, request.max_batch)
         else:
             footprint = plan_footprint(0, 1, info.plan_bytes, 0)  # the worker measures the real one on load
     else:
-        artifact = _prepare_onnx(source, target, out, calibration)
+        artifact = _prepare_onnx(source, target, out, calibration, ort_libraries)
         footprint = estimate_footprint(artifact, inputs + outputs, request.max_batch)
     if target.executed_by_onnxruntime:  # workers whose ONNX Runtime cannot load this opset refuse it (can_run)
         target = dataclasses.replace(target, opset=onnx_opset(artifact))
-    accuracy = check_build_accuracy(source, artifact, request, target, evaluation, trt_api)
+    accuracy = check_build_accuracy(source, artifact, request, target, evaluation, trt_api, libraries)
     manifest = Manifest(
         model=request.model,
         version=request.version,
@@ -229,6 +239,7 @@ def build_artifact(
         build_host=socket.gethostname(),
         build_options=options,
         accuracy=accuracy,
+        custom_ops=tuple(f.library for f in libraries),
     )
     (out / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest

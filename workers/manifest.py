@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workers.custom_ops import CustomOpLibrary
 from workers.errors import ArtifactCorrupt, InvalidInput
 from workers.targets import Target, parse_version
 from workers.tensors import TensorSpec
@@ -71,6 +72,8 @@ class Manifest:
     build_host: str = ""
     build_options: dict = field(default_factory=dict, hash=False, compare=False)
     accuracy: dict = field(default_factory=dict, hash=False, compare=False)
+    # native libraries the model's operators need (loaded only where the fleet config trusts them)
+    custom_ops: tuple[CustomOpLibrary, ...] = ()
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -117,6 +120,7 @@ class Manifest:
             "build_host": self.build_host,
             "build_options": dict(self.build_options),
             "accuracy": dict(self.accuracy),
+            "custom_ops": [lib.to_dict() for lib in self.custom_ops],
         }
 
     def to_json(self) -> str:
@@ -143,6 +147,7 @@ class Manifest:
             build_host=d.get("build_host", ""),
             build_options=dict(d.get("build_options", {})),
             accuracy=dict(d.get("accuracy", {})),
+            custom_ops=tuple(CustomOpLibrary.from_dict(lib) for lib in d.get("custom_ops", ())),
         )
 
     @classmethod

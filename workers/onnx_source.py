@@ -9,12 +9,13 @@ with the build.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
+from workers.custom_ops import provided_operators
 from workers.errors import BuildError
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -83,10 +84,15 @@ def custom_domains(model: onnx.ModelProto) -> set[str]:
     return {node.domain for node in _nodes(model.graph) if _domain(node.domain) not in ("", "ai.onnx.ml", "com.microsoft")}
 
 
-def check_source(path: str | Path, extra_operators: Iterable[tuple[str, str]] = ()) -> onnx.ModelProto:
-    """The model, when it is ONNX and every node can run; else a BuildError that says what to do."""
+def check_source(path: str | Path, extra_operators: Iterable[tuple[str, str]] = (),
+                 custom_ops: Sequence[str] = ()) -> onnx.ModelProto:
+    """The model, when it is ONNX and every node can run (with the custom-op libraries at the paths
+    ``custom_ops``); else a BuildError that says what to do."""
     model = load_source(path)
     failing = failing_nodes(model, extra_operators)
+    if failing and custom_ops:
+        provided = provided_operators(model, {(n.domain, n.op_type) for n in failing}, custom_ops)
+        failing = [n for n in failing if (n.domain, n.op_type) not in provided]
     if not failing:
         return model
     name = Path(path).name
@@ -94,8 +100,10 @@ def check_source(path: str | Path, extra_operators: Iterable[tuple[str, str]] = 
     if len(failing) > MAX_LISTED:
         listed.append(f"  - ... and {len(failing) - MAX_LISTED} more")
     ops = sorted({f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in failing})
+    given = f" and the custom-op libraries given ({', '.join(Path(p).name for p in custom_ops)}) do not provide" \
+        if custom_ops else ""
     raise UnsupportedOperators("\n".join([
-        f"{name} has {len(failing)} node(s) whose operators ONNX Runtime does not have ({', '.join(ops)}):",
+        f"{name} has {len(failing)} node(s) whose operators ONNX Runtime does not have{given} ({', '.join(ops)}):",
         *listed,
         "What you can do:",
         "  - export the model again with operators ONNX Runtime has (another opset, or the layer written "

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from workers.batcher import DynamicBatcher, EngineStats
+from workers.custom_ops import LibraryFile
 from workers.loaded import Feeds, LoadedEngine, check_engine_io, warm_up
 from workers.engines import Engine, executes_on_cpu, open_engine
 from workers.engines.base import check_feeds
@@ -147,9 +148,11 @@ class EngineRunner:
             }
 
     # ---- load / unload ---------------------------------------------------
-    def load(self, manifest: Manifest, artifact: str | Path, options: LoadOptions | None = None) -> dict:
-        """Load the artifact file (verified by the caller: ``workers.artifacts.ArtifactCache``), evicting
-        idle LRU engines if needed. Returns its ledger entry."""
+    def load(self, manifest: Manifest, artifact: str | Path, options: LoadOptions | None = None,
+             libraries: tuple[LibraryFile, ...] = ()) -> dict:
+        """Load the artifact file (verified by the caller: ``workers.artifacts.ArtifactCache``, as are the
+        custom-op ``libraries`` the manifest names), evicting idle LRU engines if needed. Returns its
+        ledger entry."""
         options = options or LoadOptions()
         if self.out_of_service:
             raise self._device_failed()
@@ -162,7 +165,7 @@ class EngineRunner:
         try:
             for loaded in evicted:
                 loaded.close()
-            engine, measured = self._open(manifest, Path(artifact), options)
+            engine, measured = self._open(manifest, Path(artifact), options, libraries)
             entry = self._install(manifest, engine, options, measured)
             freeze_heap()
             return entry
@@ -210,16 +213,19 @@ class EngineRunner:
                     return None, evicted
             pending.wait()
 
-    def _open(self, manifest: Manifest, path: Path, options: LoadOptions) -> tuple[Engine, int | None]:
+    def _open(self, manifest: Manifest, path: Path, options: LoadOptions,
+              libraries: tuple[LibraryFile, ...] = ()) -> tuple[Engine, int | None]:
         """Open, activate and warm the engine; on a real GPU, measure what it took (NVML)."""
         with self._measure_lock if self._probe else contextlib.nullcontext():
             before = self._probe() if self._probe else None
             with self._lock:
                 allowed = self.ledger.free_bytes + manifest.footprint_bytes  # reserved plus free
+            # only models with libraries pass them: engine factories bound for tests need not know the keyword
+            extra = {"custom_ops": libraries} if manifest.custom_ops else {}
             engine = self._open_engine(
                 path, manifest.target, device_id=self.device.cuda_ordinal or 0, slots=self._slots(manifest, options),
                 intra_op_threads=self._intra_op_threads(manifest, options), lean=not self._has_full_tensorrt(),
-                gpu_mem_limit=allowed, footprint_bytes=manifest.footprint_bytes, allow_tf32=options.allow_tf32)
+                gpu_mem_limit=allowed, footprint_bytes=manifest.footprint_bytes, allow_tf32=options.allow_tf32, **extra)
             try:
                 engine.activate()
                 check_engine_io(engine, manifest)

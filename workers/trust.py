@@ -1,43 +1,54 @@
-"""Trust by content: artifacts that carry code of their own load only when their sha256 is pinned.
+"""Trust by content: artifacts that carry code of their own load only when that code is pinned.
 
 A version-compatible TensorRT plan embeds host code (its lean runtime) that runs inside the
-worker, and an artifact with native libraries (custom operators, plugins) is code outright.
-Naming the model in the config is not enough: whoever can write the repository could put
-other bytes under that name (with a manifest to match). The fleet config pins the exact
-artifacts (``models.<m>.trusted_sha256``); the worker checks the manifest's sha256 against the
-pins before it fetches a byte, and the artifact cache checks the bytes against the manifest.
+worker, and a model's custom-op / plugin libraries are native code outright. Naming the model in
+the config is not enough: whoever can write the repository could put other bytes under that
+name (with a manifest to match). The fleet config pins the exact bytes
+(``models.<m>.trusted_sha256``: the plan's sha256, or each library's); the worker checks the
+manifest's digests against the pins before it fetches a byte, and the artifact cache checks the
+bytes against the manifest.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from workers.errors import IncompatibleArtifact
 from workers.manifest import Manifest
 from workers.messages import LoadOptions
 
 
-def host_code(manifest: Manifest) -> str | None:
-    """What in this artifact would run as code in the worker, or None."""
+def code_to_pin(manifest: Manifest) -> tuple[str, tuple[str, ...]] | None:
+    """(what in this artifact would run as code in the worker, the sha256 digests that must be pinned), or None."""
     if manifest.target.version_compatible:
-        return "a version-compatible TensorRT plan, which carries host code"
-    libraries = getattr(manifest, "native_libraries", None) or manifest.build_options.get("native_libraries")
-    if libraries:
-        return f"an artifact with native libraries ({', '.join(map(str, libraries))})"
+        return "a version-compatible TensorRT plan, which carries host code", (manifest.artifact_sha256,)
+    if manifest.custom_ops:
+        libraries = ", ".join(lib.describe() for lib in manifest.custom_ops)
+        return f"a model with custom-op libraries ({libraries}), native code", \
+            tuple(lib.sha256 for lib in manifest.custom_ops)
     return None
 
 
+def is_trusted(manifest: Manifest, pins: Iterable[str]) -> bool:
+    """Whether every piece of code the artifact carries is pinned (always, for an artifact without any)."""
+    need = code_to_pin(manifest)
+    return need is None or set(need[1]) <= set(pins)
+
+
 def check_trusted(manifest: Manifest, options: LoadOptions) -> None:
-    """IncompatibleArtifact unless an artifact with host code is pinned by its sha256."""
-    what = host_code(manifest)
-    if what is None or manifest.artifact_sha256 in options.trusted_sha256:
+    """IncompatibleArtifact unless the code an artifact carries is pinned by its sha256."""
+    need = code_to_pin(manifest)
+    if need is None or is_trusted(manifest, options.trusted_sha256):
         return
-    sha = manifest.artifact_sha256
+    what, digests = need
+    missing = [d for d in digests if d not in options.trusted_sha256]
+    field = f"models.{manifest.model}.trusted_sha256"
+    subject = f"{manifest.model} version {manifest.version} ({manifest.target.key()})"
     if options.trusted_sha256:
         raise IncompatibleArtifact(
-            f"{manifest.model} version {manifest.version} ({manifest.target.key()}) is {what}, and its sha256 "
-            f"{sha} is not one pinned in models.{manifest.model}.trusted_sha256 "
+            f"{subject} is {what}, and sha256 {', '.join(missing)} is not pinned in {field} "
             f"({', '.join(p[:12] + '...' for p in options.trusted_sha256)}): refused, it may have been swapped in the "
-            f"repository. If you built it, pin it: add {sha} to models.{manifest.model}.trusted_sha256")
+            f"repository. If you built it, pin it: add {', '.join(missing)} to {field}")
     raise IncompatibleArtifact(
-        f"{manifest.model} version {manifest.version} ({manifest.target.key()}) is {what} that would run in this "
-        f"worker; it loads only when pinned by content: after checking it is the artifact you built "
-        f"(`fleet models --json`), set models.{manifest.model}.trusted_sha256: [{sha}] in the fleet config")
+        f"{subject} is {what} that would run in this worker; it loads only when pinned by content: after checking "
+        f"it is what you built (`fleet models --json`), set {field}: [{', '.join(missing)}] in the fleet config")

@@ -71,7 +71,8 @@ class FleetController(RolloutVerbs):
         self.router = Router(self.config.runtime_profiles().precision_policy())
         self.events = EventLog()
         self.pool = WorkerPool(self.config, endpoints, self.events, self._changed, self._worker_started)
-        self.loader = Loader(self.config, self.pool, self.router, self.events, self._source, lambda: self._epoch)
+        self.loader = Loader(self.config, self.pool, self.router, self.events, self._source, lambda: self._epoch,
+                             libraries=self._library_sources)
         self.rollouts = Rollouts(self.repo, self.router, self.pool, self.loader, self.events, lambda: self._changed())
         self.regions = ShmRegions(self.config.allow_client_shm, self.pool, self.events, self._changed)
         self._manifests: list[Manifest] = []
@@ -122,6 +123,8 @@ class FleetController(RolloutVerbs):
             "repository_is_local": self.repo.is_local,
             "simulated": self.config.simulated,
             "grpc_port": self.config.grpc_port if self.endpoints.front_door else None,
+            # models whose custom-op libraries this fleet loads (`fleet models` says which are refused)
+            "trusted_sha256": {m: list(pins) for m, pins in self.config.trusted_pins().items()},
         }
 
     def _grpc_front(self) -> str | None:
@@ -157,6 +160,17 @@ class FleetController(RolloutVerbs):
             return self.repo.object_source(manifest)
         data = await asyncio.to_thread(self.repo.read_artifact, manifest)
         return RayObject(ray.put(data), self.repo.stored(manifest).location)
+
+    async def _library_sources(self, manifest: Manifest) -> dict[str, ArtifactSource]:
+        """Where a worker takes the model's custom-op libraries from, by sha256: as artifacts travel."""
+        found: dict[str, ArtifactSource] = {}
+        for library in manifest.custom_ops:
+            if not self.repo.is_local:
+                found[library.sha256] = self.repo.library_source(library)
+                continue
+            data = await asyncio.to_thread(self.repo.read_library, library)
+            found[library.sha256] = RayObject(ray.put(data), self.repo.store.where(self.repo.library_key(library)))
+        return found
 
     # ---- the inventory -------------------------------------------------------
     def _changed(self, manifests_changed: bool = False) -> None:
@@ -211,10 +225,11 @@ class FleetController(RolloutVerbs):
         return await asyncio.to_thread(self.repo.artifacts, model)
 
     # ---- writing the repository (this actor is its only writer) ----------------------
-    async def publish(self, manifest: dict, data: bytes) -> StoredArtifact:
-        """Publish a build: the artifact's bytes are checked against the manifest, then stored atomically."""
+    async def publish(self, manifest: dict, data: bytes, libraries: dict[str, bytes] | None = None) -> StoredArtifact:
+        """Publish a build: the artifact's bytes are checked against the manifest, then stored atomically
+        (``libraries``: the custom-op libraries it names, by sha256, stored first)."""
         self._need_gcs("publishing a build")
-        stored = await asyncio.to_thread(self.repo.publish, Manifest.from_dict(manifest), data)
+        stored = await asyncio.to_thread(self.repo.publish, Manifest.from_dict(manifest), data, libraries)
         self.events.add("published", engine=stored.manifest.engine_key, location=stored.location)
         return stored
 
@@ -400,7 +415,7 @@ class FleetController(RolloutVerbs):
             "nodes": nodes_view(self.pool.records(), await self._worker_stats(), self._manifests),
             "models": self.router.models(),
             "rollout": [self.router.rollout_view(m) for m in sorted(self.router.models())],
-            "builds": builds(self._manifests),
+            "builds": builds(self._manifests, self.config.trusted_pins()),
             "fallbacks": fallbacks(self._manifests),
             "front_door": front,
             "gcs": self.gcs.to_dict() if self.gcs is not None else None,

@@ -28,6 +28,7 @@ from workers.errors import (
 from workers.ledger import format_bytes
 from workers.manifest import Manifest
 from workers.messages import LoadOptions
+from workers.trust import is_trusted
 
 from cluster.calls import call
 from cluster.config import FleetConfig
@@ -42,13 +43,16 @@ WAIT_POLL_S = 0.25
 
 class Loader:
     def __init__(self, config: FleetConfig, pool: WorkerPool, router: Router, events: EventLog,
-                 source: Callable[[Manifest], Awaitable[ArtifactSource]], epoch: Callable[[], int]) -> None:
-        """``source``: where a worker takes an artifact from (the controller decides)."""
+                 source: Callable[[Manifest], Awaitable[ArtifactSource]], epoch: Callable[[], int],
+                 libraries: "Callable[[Manifest], Awaitable[dict[str, ArtifactSource]]] | None" = None) -> None:
+        """``source``: where a worker takes an artifact from (the controller decides); ``libraries``: where
+        it takes the artifact's custom-op libraries from, by sha256."""
         self.config = config
         self.pool = pool
         self.router = router  # the controller's, kept current by it
         self.events = events
         self._source = source
+        self._libraries = libraries
         self._epoch = epoch
         self._locks: dict[str, asyncio.Lock] = {}
         self.unloaded: set[str] = set()  # models unloaded through the repository API
@@ -146,11 +150,14 @@ class Loader:
         """Load one engine on one worker; False (noted in ``problems``) when the worker refused or died,
         or the artifact could not be had."""
         before = set(self.router.workers[worker_id].loaded)
+        options = self.options_for(manifest.model)
         try:
             if manifest.engine_key not in sources:
                 sources[manifest.engine_key] = await self._source(manifest)
-            await call(self.pool.handle(worker_id).load.remote(
-                manifest, sources[manifest.engine_key], self.options_for(manifest.model)))
+            libraries: tuple = ()
+            if manifest.custom_ops and is_trusted(manifest, options.trusted_sha256) and self._libraries is not None:
+                libraries = (await self._libraries(manifest),)  # untrusted: the worker refuses before any fetch
+            await call(self.pool.handle(worker_id).load.remote(manifest, sources[manifest.engine_key], options, *libraries))
         except _REFUSALS as exc:
             problems.append(f"{worker_id}: {exc}")
             refusals.append(exc)

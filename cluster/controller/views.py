@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from workers.manifest import Manifest
 from workers.targets import can_run
+from workers.trust import is_trusted
 
 from cluster.inventory import WorkerRecord
 from cluster.router import Router
@@ -60,15 +61,20 @@ def fallbacks(manifests: list[Manifest]) -> dict[str, str]:
 ACCURACY_FIGURES = ("top1_agreement", "test_accuracy", "rel_l2_error", "max_abs_error", "exact_agreement")
 
 
-def builds(manifests: list[Manifest]) -> list[dict]:
-    """Every artifact's precision, its accuracy against the float32 source and the data it was judged on."""
+def builds(manifests: list[Manifest], pins: "dict[str, tuple[str, ...]] | None" = None) -> list[dict]:
+    """Every artifact's precision, its accuracy against the float32 source and the data it was judged on,
+    and the custom-op libraries it needs, with whether the fleet trusts them (``pins``: each model's
+    ``trusted_sha256``)."""
+    pins = pins or {}
     rows = []
     for m in sorted(manifests, key=lambda m: (m.model, m.version, m.precision, m.target.key())):
         acc = m.accuracy
         figures = ", ".join(f"{k} {acc[k]:.4g}" for k in ACCURACY_FIGURES if isinstance(acc.get(k), (int, float)))
         rows.append({"model": m.model, "version": m.version, "precision": m.precision, "target": m.target.key(),
                      "accuracy": figures, "judged_on": acc.get("eval_data", ""),
-                     "weak": bool((acc.get("check") or {}).get("note"))})
+                     "weak": bool((acc.get("check") or {}).get("note")),
+                     "custom_ops": [lib.file_name for lib in m.custom_ops],
+                     "custom_ops_trusted": is_trusted(m, pins.get(m.model, ())) if m.custom_ops else None})
     return rows
 
 

@@ -13,8 +13,11 @@ import pytest
 import requests
 import yaml
 
+from cluster.client import FleetClient
 from cluster.demo import train_digits_mlp
+from tests.custom_ops_model import calibration_data, direct, extensions_library, extensions_sha256, within_precision
 from tests.integration.fleet_fixtures import checkout_env, free_port
+from tests.models import custom_op_rows, make_custom_op_mlp
 
 pytestmark = pytest.mark.integration
 FLEET = [sys.executable, "-m", "cluster.cli"]
@@ -32,6 +35,9 @@ def foreground_fleet(tmp_path_factory):
     config.write_text(
         f"name: cli-test\nrepository: {work / 'repo'}\nport: {port}\nray_port: {free_port()}\n"
         f"dashboard_port: {free_port()}\ngrpc_port: {free_port()}\ncpu_budget: 2GiB\nmodels:\n  digits-mlp:\n    max_batch: 256\n"
+        + "".join(f"  custom-op-{p}:\n    trusted_sha256: [{extensions_sha256()}]\n" for p in ("float32", "int8c", "int8"))
+        # float16 names its library in the config instead of on the command line
+        + f"  custom-op-float16:\n    trusted_sha256: [{extensions_sha256()}]\n    custom_ops: [{extensions_library()}]\n"
     )
     log = open(work / "up.log", "w")
     proc = subprocess.Popen(FLEET + ["up", "--config", str(config), "--demo", "--foreground"], cwd=work,
@@ -150,6 +156,36 @@ def test_build_models_infer_from_another_directory_act_on_the_running_fleet(fore
         np.testing.assert_array_equal(got["label"], train_digits_mlp().predict(X))
     status = run(["status"], elsewhere, **on_fleet)
     assert status.returncode == 0 and status.stdout.splitlines()[0] == "fleet cli-test", status.stderr
+
+
+def test_custom_ops_build_and_serve_in_every_precision_only_where_trusted(foreground_fleet, tmp_path):
+    """A model with onnxruntime-extensions' NegPos built with `fleet build --custom-ops` on the running
+    local fleet in every precision, served over HTTP, answering as ONNX Runtime does with the library."""
+    work, url, config, _ = foreground_fleet
+    library = extensions_library()
+    source, calib = make_custom_op_mlp(tmp_path / "custom.onnx"), calibration_data(tmp_path / "calib.npz")
+    on_fleet = {"RAY_ADDRESS": f"127.0.0.1:{yaml.safe_load(config.read_text())['ray_port']}"}
+    for name, precision in (("float32", "float32"), ("float16", "float16"), ("int8c", "int8_calib"), ("int8", "int8"),
+                            ("untrusted", "float32")):
+        args = ["build", str(source), "--name", f"custom-op-{name}", "--precision", precision, "--config", str(config)]
+        args += ["--calib-data", str(calib), "--calib-method", "minmax"] if precision == "int8_calib" else []
+        args += [] if name == "float16" else ["--custom-ops", library]
+        built = run(args, tmp_path, timeout=300, **on_fleet)
+        assert built.returncode == 0, built.stderr
+        assert "built on" in built.stderr and "custom ops:" in built.stderr, built.stderr
+    rows = custom_op_rows(64, seed=11)
+    reference = direct(source, rows, library)
+    with FleetClient(url) as client:
+        for name, precision in (("float32", "float32"), ("float16", "float16"), ("int8c", "int8"), ("int8", "int8")):
+            numbers = within_precision(precision, reference, client.infer(f"custom-op-{name}", {"input": rows})["logits"])
+            print(f"local fleet {name}: {numbers}")
+        with pytest.raises(Exception, match=r"models\.custom-op-untrusted\.trusted_sha256"):
+            client.infer("custom-op-untrusted", {"input": rows})
+        builds = {b["model"]: b for b in client.status()["builds"]}
+    assert builds["custom-op-float32"]["custom_ops_trusted"] is True and builds["custom-op-untrusted"]["custom_ops_trusted"] is False
+    models = run(["models"], tmp_path, **on_fleet)
+    lines = {line.split()[0]: line for line in models.stdout.split("custom ops (")[1].splitlines()[1:]}
+    assert "NOT trusted" in lines["custom-op-untrusted"] and lines["custom-op-int8"].rstrip().endswith("trusted")
 
 
 def test_without_a_fleet_the_url_is_not_guessed(tmp_path):

@@ -17,10 +17,12 @@ import ray
 import requests
 import yaml
 
-from cluster.buildfarm import FleetRepository, build_on_fleet
+from cluster.buildfarm import FleetRepository, build_on_fleet, prepare_build
 from cluster.client import FleetClient
 from cluster.names import CONTROLLER_NAME, NAMESPACE
+from tests.custom_ops_model import calibration_data, direct, extensions_library, extensions_sha256, within_precision
 from tests.integration.fleet_fixtures import running_fleet, simulated_cluster, worker_handles
+from tests.models import custom_op_rows, make_custom_op_mlp
 from tests.needs import skip_unless
 from workers.errors import NoCapacity, NoCompatibleWorker
 
@@ -37,6 +39,7 @@ def sim(tmp_path_factory, demo_models):
     for node in data["nodes"]:
         for gpu in node["gpus"]:
             gpu["budget"] = BUDGET
+    data["models"].update({f"custom-sim-{p}": {"trusted_sha256": [extensions_sha256()]} for p in ("float32", "float16", "int8", "int8r")})
     config_path = work / "hetero-sim.yaml"
     config_path.write_text(yaml.safe_dump(data))
     with simulated_cluster(config_path) as cluster:
@@ -119,6 +122,35 @@ def concurrently(sim, model, total, threads=8):
     for t in ts:
         t.join()
     return counts
+
+
+def test_custom_op_model_builds_and_serves_on_the_t4s_in_every_precision(sim, tmp_path):
+    """onnxruntime-extensions' NegPos on simulated T4s (TensorRT 10.16 targets, executed by ONNX Runtime with
+    the library): each precision answers as ONNX Runtime run directly with the library; the library went
+    to the workers through Ray, by sha256, as artifacts do."""
+    library = extensions_library()
+    source, calib = make_custom_op_mlp(tmp_path / "custom.onnx"), calibration_data(tmp_path / "calib.npz")
+    repo = FleetRepository(sim["controller"])
+    # int8_calib calibrates (with the library) and builds int8; int8 builds again from that calibration
+    for name, precision in (("float32", "float32"), ("float16", "float16"), ("int8", "int8_calib"), ("int8r", "int8")):
+        prepared = prepare_build(repo, source, precision, calib_data=str(calib), calib_method="minmax", custom_ops=(library,))
+        outcomes = build_on_fleet(sim["controller"], source, model=f"custom-sim-{name}", targets="7.5", prepared=prepared,
+                                  custom_ops=(library,))
+        assert [o.ok for o in outcomes] == [True], [o.error for o in outcomes]
+        assert outcomes[0].artifact.manifest.target.simulated and outcomes[0].artifact.manifest.custom_ops
+    rows = custom_op_rows(64, seed=5)
+    reference = direct(source, rows, library)
+    names = ("float32", "float16", "int8", "int8r")
+    try:
+        with FleetClient(sim["url"]) as client:
+            for name, precision in zip(names, ("float32", "float16", "int8", "int8")):
+                numbers = within_precision(precision, reference, client.infer(f"custom-sim-{name}", {"input": rows})["logits"])
+                print(f"simulated fleet {name}: {numbers}")
+        held = {w["worker_id"] for w in workers(sim).values() for e in w["ledger"] if e["key"].startswith("custom-sim-")}
+        assert held and held <= T4S
+    finally:  # the T4s' small budgets belong to the tests after this one
+        for name in names:
+            ray.get(sim["controller"].unload.remote(f"custom-sim-{name}"))
 
 
 def test_model_built_for_75_is_served_only_by_the_t4s(sim):

@@ -51,6 +51,8 @@ class FakeWorld:
         self.build_error: str | None = None
         self.device_memory_size = 1 << 20
         self.default_tactic_mask = 0b11111
+        self.registry: Any = None  # the process's plugin registry (get_plugin_registry), made on first use
+        self.refused_plugins: set[str] = set()  # plugin library paths load_library fails on
 
 
 def _io_of(model_path: str) -> list[dict[str, Any]]:
@@ -211,6 +213,28 @@ def _execute(fake: FakeTensorRT, context: FakeObject, stream: int) -> bool:
     return True
 
 
+def _plugin_registry(fake: FakeTensorRT) -> FakeObject:
+    if fake.world.registry is None:
+        fake.world.registry = fake.new("IPluginRegistry")
+    return fake.world.registry  # type: ignore[no-any-return]
+
+
+def _load_library(fake: FakeTensorRT, registry: FakeObject, path: str) -> Any:
+    if path in fake.world.refused_plugins:
+        return None
+    fake.events.append(f"load plugin library {Path(path).name}")
+    return ("plugin library handle", path)  # a capsule in the real binding
+
+
+def _deregister_library(fake: FakeTensorRT, registry: FakeObject, handle: Any) -> None:
+    fake.events.append(f"deregister plugin library {Path(handle[1]).name}")
+
+
+def _init_plugins(fake: FakeTensorRT, logger: Any, namespace: str) -> bool:
+    fake.events.append("init_libnvinfer_plugins")
+    return True
+
+
 def _nptype(fake: FakeTensorRT, dtype: EnumValue) -> type:
     return TRT_TO_NUMPY[dtype.name]  # type: ignore[attr-defined,no-any-return]
 
@@ -228,6 +252,11 @@ CONSTRUCTORS: dict[str, Callable[..., None]] = {
 
 BEHAVIOURS: dict[str, Any] = {
     "nptype": _nptype,
+    # plugin libraries
+    "get_plugin_registry": _plugin_registry,
+    "init_libnvinfer_plugins": _init_plugins,
+    "IPluginRegistry.load_library": _load_library,
+    "IPluginRegistry.deregister_library": _deregister_library,
     # build
     "Builder.create_network": lambda fake, b, flags=0: fake.new("INetworkDefinition", flags=flags),
     "Builder.create_builder_config": lambda fake, b: fake.new("IBuilderConfig", tactic_mask=fake.world.default_tactic_mask),

@@ -6,11 +6,13 @@ import pytest
 
 from tests.unit.fake_tensorrt import FakeTensorRT
 from workers.actor import FleetWorker, WorkerSpec
+from workers.artifacts import RepositoryObject
 from workers.build import BuildRequest, build_artifact
 from workers.kserve.codec import InferRequest
 from workers.engines.tensorrt import OnnxParserFailed
 from workers.engines.tensorrt.compat import TrtApi
 from workers.manifest import Manifest
+from workers.storage import StoreSpec
 from workers.targets import Target
 
 H100_PLAN = Target("tensorrt", "10.16.1.11", "9.0", provider="tensorrt")
@@ -31,7 +33,7 @@ def test_fallback_onnxruntime_is_really_served_by_onnxruntime(tmp_path, demo_mod
     assert "ArrayFeatureExtractor" in manifest.build_options["fallback_reason"]
     assert Manifest.read(tmp_path) == manifest
     worker = FleetWorker(WorkerSpec("w"))
-    worker.load(manifest, str(tmp_path))
+    worker.load(manifest, RepositoryObject(StoreSpec(str(tmp_path)), manifest.artifact_file))  # a source, never a path
     X = digits_test[0][:16]
     got = worker.infer("digits-mlp", InferRequest({"input": X})).outputs
     want = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})

@@ -14,6 +14,7 @@ Three sources of "used names", so that the check cannot drift from the code:
 """
 
 import ast
+import ctypes.util
 import importlib.util
 import json
 import re
@@ -38,6 +39,8 @@ from workers.engines.tensorrt.names import NAMES_USED
 from workers.errors import BuildError, IncompatibleArtifact, InvalidConfig, NotReady
 
 ROOT = Path(__file__).resolve().parents[2]
+# Any shared library stands for a plugin library: on the 8.6 path it is loaded with ctypes for real.
+PLUGIN = ctypes.util.find_library("m") or "libm.so.6"
 # Every module of the backend package: a name touched in a new module is scanned too.
 BACKEND_SOURCES = sorted(Path(backend.__file__).parent.glob("*.py"))
 PATHS = [(label, int(version_of(label).split(".")[0]), label.startswith("lean-")) for label in VERSION_LABELS + LEAN_LABELS]
@@ -149,7 +152,7 @@ def exercise(label, cnn, calibration, digits_model, tmp_path) -> set[str]:
                            hardware_compatibility="ampere_plus", version_compatible=True, exclude_lean_runtime=True))
         if major >= 10:
             builds.append(dict(hardware_compatibility="same_compute_capability"))
-        builds.append(dict(precision="float16"))
+        builds.append(dict(precision="float16", plugin_libraries=(PLUGIN,)))
         builds.append(dict(precision="int8", int8_mode="qdq"))
         if major < 11:
             builds.append(dict(precision="int8", int8_mode="calibrator"))
@@ -164,7 +167,8 @@ def exercise(label, cnn, calibration, digits_model, tmp_path) -> set[str]:
     # The runtime, on a plan the matching full TensorRT built.
     builder = TrtApi(FakeTensorRT(label.removeprefix("lean-")))
     info = build_plan(source, tmp_path / "run.plan", TrtBuildOptions(inputs=inputs, max_batch=2, version_compatible=True), api=builder)
-    with TensorRTEngine(info.plan_path, slots=2, version_compatible=True, lean=api.lean, api=api, cuda_module=FakeCuda()) as engine:
+    with TensorRTEngine(info.plan_path, slots=2, version_compatible=True, lean=api.lean, api=api, cuda_module=FakeCuda(),
+                        plugin_libraries=(PLUGIN,)) as engine:
         engine.infer({"input": np.zeros((2, 3, 64, 64), np.float32)})
     fake.world.deserialize_error = "Error Code 1: Serialization (version tag mismatch)"
     with pytest.raises(IncompatibleArtifact, match="version tag"):

@@ -84,7 +84,7 @@ def test_swapped_plan_with_a_pinned_sha256_is_refused(plans, tmp_path):
     forged = dataclasses.replace(manifest, artifact_sha256=hashlib.sha256(swapped_bytes).hexdigest())
     _, runner = runner_with("10.16.1.11", lean=False)
     pinned = LoadOptions(trusted_sha256=(manifest.artifact_sha256,))
-    with pytest.raises(IncompatibleArtifact, match=r"is not one pinned in models\.cnn\.trusted_sha256.*may have been swapped"):
+    with pytest.raises(IncompatibleArtifact, match=r"is not pinned in models\.cnn\.trusted_sha256.*may have been swapped"):
         runner.load(forged, swapped, pinned)
     assert runner.health().loaded == frozenset()
     runner.load(manifest, plan, pinned)  # the pinned one loads

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
+from workers.custom_ops import session_options
 from workers.engines.base import Engine
 from workers.errors import InvalidInput
 from workers.tensors import ONNX_TYPE_TO_DATATYPE, TensorSpec
@@ -59,10 +62,12 @@ class OnnxRuntimeEngine(Engine):
         gpu_mem_limit: int | None = None,
         footprint_bytes: int | None = None,
         allow_tf32: bool = False,
+        custom_ops: Sequence[str] = (),
     ) -> None:
         """``allow_tf32``: let the CUDA provider compute float32 matrix products in TF32 on tensor
         cores (about twice as fast on Ampere and newer, ~1e-3 relative error); off by default, so a
-        float32 artifact computes in float32."""
+        float32 artifact computes in float32. ``custom_ops``: paths of the custom-op libraries the
+        model needs (registered with the session; trusted by the caller)."""
         super().__init__()
         if provider not in ("cpu", "cuda"):
             raise ValueError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
@@ -73,6 +78,8 @@ class OnnxRuntimeEngine(Engine):
         self.gpu_mem_limit = gpu_mem_limit
         self._footprint = footprint_bytes
         self.allow_tf32 = allow_tf32
+        self.custom_ops = tuple(str(p) for p in custom_ops)
+        self._options: ort.SessionOptions | None = None  # holds the custom-op libraries loaded
         self._session: ort.InferenceSession | None = None
         self._inputs: tuple[TensorSpec, ...] = ()
         self._outputs: tuple[TensorSpec, ...] = ()
@@ -117,7 +124,8 @@ class OnnxRuntimeEngine(Engine):
         return options
 
     def _activate(self) -> None:
-        options = ort.SessionOptions()
+        options = session_options(self.custom_ops)
+        self._options = options
         options.intra_op_num_threads = self.intra_op_threads
         options.log_severity_level = 3
         session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=self._providers())
@@ -129,7 +137,12 @@ class OnnxRuntimeEngine(Engine):
         self._output_names = [o.name for o in self._outputs]
 
     def _deactivate(self) -> None:
+        # The session first, then the options that hold the custom-op libraries: a library's
+        # code must outlive every kernel of it (unloaded under a live session, it crashes the process).
         self._session = None
+        if self.custom_ops:
+            gc.collect()  # a session caught in a reference cycle would outlive its libraries
+        self._options = None
 
     def _refused(self, exc: Exception) -> InvalidInput:
         """ONNX Runtime's INVALID_ARGUMENT at run time is about the request's content (an index out of
@@ -184,13 +197,14 @@ def _ort_strings(name: str, array: np.ndarray) -> np.ndarray:
         raise InvalidInput(f"input '{name}': ONNX Runtime takes strings as UTF-8; this BYTES element is not") from None
 
 
-def describe_model(model_path: str | Path, optional: "tuple[str, ...] | list[str]" = ()) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+def describe_model(model_path: str | Path, optional: "tuple[str, ...] | list[str]" = (),
+                   custom_ops: Sequence[str] = ()) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """Inputs and outputs of an ONNX model, as ONNX Runtime sees them (loads it on the CPU).
 
     ``optional``: inputs that requests may leave out, served as optional inputs: each must be one the
     model has a default for (an initializer that is also a graph input: ONNX Runtime's overridable
     initializers); InvalidInput naming it otherwise."""
-    with OnnxRuntimeEngine(model_path, intra_op_threads=1) as engine:
+    with OnnxRuntimeEngine(model_path, intra_op_threads=1, custom_ops=custom_ops) as engine:
         if not optional:
             return engine.inputs, engine.outputs
         defaults = {s.name: s for s in engine.defaulted_inputs()}

@@ -25,7 +25,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from workers.custom_ops import session_options
 from workers.errors import BuildError, InvalidConfig, InvalidInput
+from workers.precision.custom_nodes import name_custom_nodes
 from workers.precision.reference import cpu_session
 
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
@@ -117,12 +119,14 @@ def calibrate(
     src_path: str | Path,
     calib_feeds: Sequence[dict[str, np.ndarray]],
     method: str = DEFAULT_CALIBRATION_METHOD,
+    custom_ops: Sequence[str] = (),
 ) -> CalibrationResult:
     """Calibrate with ONNX Runtime's static quantizer: symmetric QInt8 activations and weights, Q/DQ format.
 
     Symmetric scales give zero points of 0, which TensorRT requires of Q/DQ models; the
     ranges are read back from the Q/DQ model, so the JSON, the model and the TensorRT
-    cache can never disagree.
+    cache can never disagree. Custom operators (``custom_ops``: their libraries) are not
+    quantized: they compute in float32 between a DequantizeLinear and a QuantizeLinear.
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -147,16 +151,27 @@ def calibrate(
     src = Path(src_path)
     with tempfile.TemporaryDirectory(prefix="fleet-calib-") as tmp:
         out = Path(tmp) / QDQ_MODEL_FILE
+        model_path, excluded, ranges = str(src), [], None
+        if custom_ops:
+            model = onnx.load(str(src))
+            excluded = name_custom_nodes(model)
+            model_path = str(Path(tmp) / "source.onnx")
+            onnx.save(model, model_path)
         try:
+            if custom_ops:  # ONNX Runtime's calibrator cannot register libraries: its ranges are computed here
+                ranges = str(Path(tmp) / "ranges.json")
+                _collect_ranges(model_path, Reader(calib_feeds), method, custom_ops, Path(tmp), ranges)
             quantize_static(
-                str(src),
+                model_path,
                 str(out),
-                Reader(calib_feeds),
+                None if ranges else Reader(calib_feeds),
                 quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded,
                 calibrate_method=ort_method,
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+                calibration_cache_path=ranges,
             )
         except InvalidInput:
             raise
@@ -167,10 +182,34 @@ def calibrate(
     if not amax:
         raise BuildError(f"INT8 calibration of {src.name} quantized no activation: no operator it can quantize")
     try:
-        cpu_session(qdq_bytes)
+        cpu_session(qdq_bytes, custom_ops)
     except Exception as exc:
         raise BuildError(f"the Q/DQ model calibrated from {src.name} does not load in ONNX Runtime: {exc}") from exc
     return CalibrationResult(amax=amax, qdq_model=qdq_bytes, method=method)
+
+
+def _collect_ranges(model_path: str, reader, method: str, custom_ops: Sequence[str], tmp: Path, out: str) -> None:
+    """ONNX Runtime's calibrator, as ``quantize_static`` sets it up (the same operators, the same
+    defaults per method), run in a session with the custom-op libraries; its ranges saved to ``out``
+    (``quantize_static``'s calibration cache)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import EntropyCalibrater, MinMaxCalibrater, PercentileCalibrater, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+    augmented = str(tmp / "augmented_model.onnx")
+    calibrator = {
+        "minmax": lambda: MinMaxCalibrater(model_path, op_types, augmented),
+        "entropy": lambda: EntropyCalibrater(model_path, op_types, augmented, num_bins=128, num_quantized_bins=128),
+        "percentile": lambda: PercentileCalibrater(model_path, op_types, augmented, num_bins=2048, percentile=99.999,
+                                                   symmetric=True),
+    }[method]()
+    calibrator.augment_graph()
+    options = session_options(custom_ops)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    calibrator.infer_session = ort.InferenceSession(augmented, sess_options=options, providers=["CPUExecutionProvider"])
+    calibrator.collect_data(reader)
+    save_tensors_data(calibrator.compute_data(), out)
 
 
 def activation_ranges(qdq_model: onnx.ModelProto) -> dict[str, float]:

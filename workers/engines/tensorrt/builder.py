@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from workers.engines.tensorrt.compat import ParserErrorInfo, PrecisionPlan, TrtApi
+from workers.engines.tensorrt.compat import CapturingLogger, ParserErrorInfo, PrecisionPlan, TrtApi
+from workers.engines.tensorrt.plugins import load_plugin_libraries, release_plugin_libraries
 from workers.errors import BuildError, InvalidConfig
 from workers.precision import CalibrationResult, convert_float16, trt_calibration_cache
 from workers.targets import PRECISIONS
@@ -43,6 +45,8 @@ class TrtBuildOptions:
     version_compatible: bool = False
     exclude_lean_runtime: bool = False  # smaller version-compatible plans; the worker supplies the lean runtime
     int8_mode: str | None = None  # "calibrator" | "qdq"; default: calibrator before TensorRT 11, qdq on 11
+    plugin_libraries: tuple[str, ...] = ()  # custom-layer plugin libraries (paths), loaded before parsing
+    custom_ops: tuple[str, ...] = ()  # ONNX Runtime custom-op libraries (paths), for the float16 model's check
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -119,45 +123,59 @@ def build_plan(
         )
     source = Path(onnx_path)
     with tempfile.TemporaryDirectory(prefix="fleet-trt-") as tmp:
-        model_path = _model_for(plan, source, Path(tmp), calibration)
+        model_path = _model_for(plan, source, Path(tmp), calibration, options.custom_ops)
         logger = api.new_logger()
-        builder: trt.Builder = api.require("Builder")(logger)
-        if builder is None:
-            raise BuildError(f"{api.label} could not create a builder: {'; '.join(logger.errors_since(0)) or 'no message'}")
-        flags = api.network_flags(plan.strongly_typed)
-        network = builder.create_network(flags)
-        parser: trt.OnnxParser = api.require("OnnxParser")(network, logger)
-        if not parser.parse_from_file(str(model_path)):
-            errors = api.parser_errors(parser, _onnx_nodes(model_path))
-            raise OnnxParserFailed(_parser_failure_message(api, source.name, errors))
-        config = builder.create_builder_config()
-        calibrator = _configure(api, config, builder, options, plan, calibration)
-        timing_cache = _load_timing_cache(config, options.timing_cache_path)
-        mark = logger.mark()
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise BuildError(
-                f"{api.label} could not build {source.name} ({options.precision}): "
-                f"{'; '.join(logger.errors_since(mark)[-5:]) or 'TensorRT logged no error'}"
-            )
-        del calibrator  # TensorRT held a raw pointer to it until the build ended
-        plan_bytes = bytes(memoryview(serialized))
-        _write_atomically(Path(out_path), plan_bytes)
-        if timing_cache is not None and options.timing_cache_path:
-            _write_atomically(Path(options.timing_cache_path), bytes(memoryview(config.get_timing_cache().serialize())))
-        return PlanInfo(
-            plan_path=Path(out_path),
-            plan_bytes=len(plan_bytes),
-            trt_version=api.version,
-            precision_plan=plan,
-            network_flags=flags,
-            builder_messages=tuple(logger.messages_since(mark)[-20:]),
+        plugins = load_plugin_libraries(api, options.plugin_libraries, logger)  # the parser looks their layers up
+        try:
+            return _build(api, logger, source, model_path, out_path, options, plan, calibration)
+        except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)  # the builder, network and parser go before their plugins
+            raise
+        finally:
+            release_plugin_libraries(api, plugins)
+
+
+def _build(api: TrtApi, logger: CapturingLogger, source: Path, model_path: Path, out_path: str | Path, options: TrtBuildOptions,
+           plan: PrecisionPlan, calibration: CalibrationResult | None) -> PlanInfo:
+    """Parse, configure and build (the plugin libraries are loaded)."""
+    builder: trt.Builder = api.require("Builder")(logger)
+    if builder is None:
+        raise BuildError(f"{api.label} could not create a builder: {'; '.join(logger.errors_since(0)) or 'no message'}")
+    flags = api.network_flags(plan.strongly_typed)
+    network = builder.create_network(flags)
+    parser: trt.OnnxParser = api.require("OnnxParser")(network, logger)
+    if not parser.parse_from_file(str(model_path)):
+        errors = api.parser_errors(parser, _onnx_nodes(model_path))
+        raise OnnxParserFailed(_parser_failure_message(api, source.name, errors))
+    config = builder.create_builder_config()
+    calibrator = _configure(api, config, builder, options, plan, calibration)
+    timing_cache = _load_timing_cache(config, options.timing_cache_path)
+    mark = logger.mark()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BuildError(
+            f"{api.label} could not build {source.name} ({options.precision}): "
+            f"{'; '.join(logger.errors_since(mark)[-5:]) or 'TensorRT logged no error'}"
         )
+    del calibrator  # TensorRT held a raw pointer to it until the build ended
+    plan_bytes = bytes(memoryview(serialized))
+    _write_atomically(Path(out_path), plan_bytes)
+    if timing_cache is not None and options.timing_cache_path:
+        _write_atomically(Path(options.timing_cache_path), bytes(memoryview(config.get_timing_cache().serialize())))
+    return PlanInfo(
+        plan_path=Path(out_path),
+        plan_bytes=len(plan_bytes),
+        trt_version=api.version,
+        precision_plan=plan,
+        network_flags=flags,
+        builder_messages=tuple(logger.messages_since(mark)[-20:]),
+    )
 
 
-def _model_for(plan: PrecisionPlan, source: Path, tmp: Path, calibration: CalibrationResult | None) -> Path:
+def _model_for(plan: PrecisionPlan, source: Path, tmp: Path, calibration: CalibrationResult | None,
+               custom_ops: tuple[str, ...] = ()) -> Path:
     if plan.onnx_flavour == "float16":
-        return convert_float16(source, tmp / "model.fp16.onnx")
+        return convert_float16(source, tmp / "model.fp16.onnx", custom_ops)
     if plan.onnx_flavour == "qdq":
         assert calibration is not None
         path = tmp / "model.qdq.onnx"

@@ -28,6 +28,10 @@ tactic sources                  CUBLAS,          CUBLAS,          EDGE_MASK_CONV
                                 CUDNN, ...       CUDNN, ...
 hardware compatibility          AMPERE_PLUS      + SAME_COMPUTE_  + SAME_COMPUTE_
                                                  CAPABILITY       CAPABILITY
+plugin libraries                ctypes.CDLL      IPluginRegistry. IPluginRegistry.
+(custom layers)                 (RTLD_GLOBAL) +  load_library,    load_library,
+                                init_libnvinfer_ deregister_      deregister_
+                                plugins (full)   library          library
 lean runtime (tensorrt_lean)    runtime names only, no Builder/OnnxParser
 ==============================  ===============  ===============  ===============
 
@@ -37,6 +41,7 @@ Every TensorRT name a version path touches is declared in names.py
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import threading
@@ -46,7 +51,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from workers.engines.tensorrt.names import NAMES_USED
-from workers.errors import InvalidConfig, NotReady
+from workers.errors import IncompatibleArtifact, InvalidConfig, NotReady
 from workers.targets import HARDWARE_COMPATIBILITY, parse_version
 
 if TYPE_CHECKING:  # the stubs (tensorrt-stubs) describe 10.13; the module itself is optional
@@ -220,6 +225,39 @@ class TrtApi:
     def _device_memory_size_v2(engine: "trt.ICudaEngine") -> int:
         # v2 includes weight-streaming scratch memory; v1 is deprecated in 10 and gone in 11.
         return int(engine.device_memory_size_v2)
+
+    # ------------------------------------------------------------------ plugin libraries (plugins.py counts users)
+
+    def load_plugin_library(self, path: str, logger: "CapturingLogger") -> Any:
+        """Load one custom-layer plugin library into the process's plugin registry; its handle."""
+        return self._load_plugin_library_v1(path, logger) if self.major < 10 else self._load_plugin_library_v2(path, logger)
+
+    def _load_plugin_library_v1(self, path: str, logger: "CapturingLogger") -> Any:
+        # 8.6: a plugin library registers its creators as it loads (REGISTER_TENSORRT_PLUGIN), globally
+        # so that the parser and the runtime see them; full TensorRT then adds its own plugins
+        # (init_libnvinfer_plugins; the lean runtime has none).
+        try:
+            handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:
+            raise IncompatibleArtifact(f"{self.label} could not load the plugin library {path.rsplit('/', 1)[-1]}: {exc}") from None
+        if not self.lean and not self.require("init_libnvinfer_plugins")(logger, ""):
+            raise IncompatibleArtifact(f"{self.label} could not initialise its plugins (init_libnvinfer_plugins)")
+        return handle
+
+    def _load_plugin_library_v2(self, path: str, logger: "CapturingLogger") -> Any:
+        mark = logger.mark()
+        handle = self.require("get_plugin_registry")().load_library(path)
+        if handle is None:
+            said = "; ".join(logger.errors_since(mark)[-3:]) or "TensorRT logged no error"
+            raise IncompatibleArtifact(f"{self.label} could not load the plugin library {path.rsplit('/', 1)[-1]}: {said}")
+        return handle
+
+    def unload_plugin_library(self, handle: Any) -> None:
+        """Deregister a library no engine or runtime uses any more (10.x, 11.x). On 8.6 it stays for the
+        life of the process: its creators registered themselves and cannot be taken back, so unloading
+        it would leave the registry pointing into freed code."""
+        if self.major >= 10:
+            self.require("get_plugin_registry")().deregister_library(handle)
 
     # ------------------------------------------------------------------ build
 

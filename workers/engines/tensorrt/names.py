@@ -33,6 +33,10 @@ _RUNTIME_COMMON = frozenset({
 _RUNTIME_FULL = frozenset({"Runtime.engine_host_code_allowed"})  # version-compatible plans on full TensorRT
 _RUNTIME_V1 = frozenset({"ICudaEngine.device_memory_size"})
 _RUNTIME_V2 = frozenset({"ICudaEngine.device_memory_size_v2"})
+# Plugin libraries (custom layers): 8.6 loads them with ctypes and then TensorRT's own plugins
+# (full TensorRT only); 10.x and 11.x through the plugin registry.
+_PLUGINS_V1_FULL = frozenset({"init_libnvinfer_plugins"})
+_PLUGINS_V2 = frozenset({"get_plugin_registry", "IPluginRegistry.load_library", "IPluginRegistry.deregister_library"})
 
 # Build path: parse ONNX, configure, build a serialized plan.
 _BUILD_COMMON = frozenset({
@@ -95,10 +99,10 @@ _BUILD_V11 = frozenset({
 
 # (major, lean) -> every name that version path may touch.
 NAMES_USED: dict[tuple[int, bool], frozenset[str]] = {
-    (8, False): _RUNTIME_COMMON | _RUNTIME_FULL | _RUNTIME_V1 | _BUILD_COMMON | _BUILD_V8,
-    (10, False): _RUNTIME_COMMON | _RUNTIME_FULL | _RUNTIME_V2 | _BUILD_COMMON | _BUILD_V10,
-    (11, False): _RUNTIME_COMMON | _RUNTIME_FULL | _RUNTIME_V2 | _BUILD_COMMON | _BUILD_V11,
+    (8, False): _RUNTIME_COMMON | _RUNTIME_FULL | _RUNTIME_V1 | _PLUGINS_V1_FULL | _BUILD_COMMON | _BUILD_V8,
+    (10, False): _RUNTIME_COMMON | _RUNTIME_FULL | _RUNTIME_V2 | _PLUGINS_V2 | _BUILD_COMMON | _BUILD_V10,
+    (11, False): _RUNTIME_COMMON | _RUNTIME_FULL | _RUNTIME_V2 | _PLUGINS_V2 | _BUILD_COMMON | _BUILD_V11,
     (8, True): _RUNTIME_COMMON | _RUNTIME_V1,
-    (10, True): _RUNTIME_COMMON | _RUNTIME_V2,
-    (11, True): _RUNTIME_COMMON | _RUNTIME_V2,
+    (10, True): _RUNTIME_COMMON | _RUNTIME_V2 | _PLUGINS_V2,
+    (11, True): _RUNTIME_COMMON | _RUNTIME_V2 | _PLUGINS_V2,
 }

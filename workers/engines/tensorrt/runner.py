@@ -24,6 +24,7 @@ import numpy as np
 from workers.engines.base import Engine
 from workers.engines.tensorrt.compat import CapturingLogger, TrtApi
 from workers.engines.tensorrt.cuda import CudaRuntime
+from workers.engines.tensorrt.plugins import load_plugin_libraries, release_plugin_libraries
 from workers.errors import FleetError, IncompatibleArtifact, InvalidConfig, InvalidInput, NoCapacity, NotReady
 from workers.tensors import TensorSpec, numpy_to_datatype
 
@@ -78,8 +79,10 @@ class TensorRTEngine(Engine):
         footprint_bytes: int | None = None,
         api: TrtApi | None = None,
         cuda_module: Any = None,
+        plugin_libraries: tuple[str, ...] = (),
     ) -> None:
-        """``api`` and ``cuda_module`` (cuda-python's runtime module) default to the installed ones."""
+        """``api`` and ``cuda_module`` (cuda-python's runtime module) default to the installed ones;
+        ``plugin_libraries``: paths of the custom-layer plugin libraries the plan needs (trusted by the caller)."""
         super().__init__()
         if slots < 1:
             raise InvalidConfig(f"slots must be at least 1, got {slots}")
@@ -92,6 +95,8 @@ class TensorRTEngine(Engine):
         self._measured_footprint: int | None = None
         self._api = api
         self._cuda_module = cuda_module
+        self.plugin_libraries = tuple(str(p) for p in plugin_libraries)
+        self._plugins: tuple[str, ...] = ()  # loaded, released after the runtime
         self._cuda: CudaRuntime | None = None
         self._logger: CapturingLogger | None = None
         self._runtime: Any = None  # trt.Runtime
@@ -145,6 +150,7 @@ class TensorRTEngine(Engine):
         cuda = self._cuda = CudaRuntime(self._cuda_module)
         cuda.set_device(self.device_id)
         logger = self._logger = api.new_logger()
+        self._plugins = load_plugin_libraries(api, self.plugin_libraries, logger)  # before deserializing
         self._runtime = api.create_runtime(logger)
         if self.version_compatible and not api.lean:
             api.allow_engine_host_code(self._runtime)
@@ -265,7 +271,7 @@ class TensorRTEngine(Engine):
     # ------------------------------------------------------------------ teardown
 
     def _teardown(self, report: bool = True) -> None:
-        """Contexts, engine, runtime, then buffers and streams (DESIGN.md rule 5).
+        """Contexts, engine, runtime, plugin libraries, then buffers and streams (DESIGN.md rule 5).
 
         Every step runs even when an earlier one failed, so that all memory is freed;
         the failures are reported together at the end (unless ``report`` is False, as
@@ -282,6 +288,9 @@ class TensorRTEngine(Engine):
             slot.context = None  # the last reference: TensorRT destroys the context here
         self._engine = None
         self._runtime = None
+        plugins, self._plugins = self._plugins, ()
+        if plugins and self._api is not None:
+            release_plugin_libraries(self._api, plugins)  # no engine or runtime of them is left
         if cuda is not None:
             for slot in slots:
                 for buffer in slot.buffers.values():
