@@ -27,7 +27,7 @@ from typing import Any
 import onnxruntime as ort
 
 from workers.artifacts import DEFAULT_CACHE_BYTES, ArtifactCache, ArtifactSource, default_cache_root
-from workers.build import BuildRequest, EvalData, build_artifact
+from workers.build import BuildRequest, EvalData, build_artifact, build_memory_bytes
 from workers.devices import CudaHostPinner, Device, discover_devices, nvml_used_bytes
 from workers.engines.onnxruntime import cuda_provider_available
 from workers.errors import IncompatibleArtifact, NotReady
@@ -62,6 +62,8 @@ class WorkerSpec:
     slots: int = 4  # concurrent inferences per engine
     intra_op_threads: int = 0
     cache_bytes: int = DEFAULT_CACHE_BYTES  # this host's artifact cache (under its own temporary directory)
+    build_workspace_bytes: int | None = None  # bound on a TensorRT build's workspace (None: the build's default)
+    build_wait_s: float = 120.0  # how long a build waits for room in this device's budget (it never evicts)
     labels: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -286,12 +288,18 @@ class FleetWorker:
                          evaluation: EvalData | None = None) -> tuple[dict, bytes]:
         """Build for one of this worker's targets from a source model shipped as bytes (the driver may
         be on another host); returns the manifest and the artifact's bytes, for the controller to publish.
-        Everything is written under this process's own temporary directory, and removed."""
+        Everything is written under this process's own temporary directory, and removed. The build's
+        memory (its workspace bounded) is held in this device's ledger while it runs, or it waits for room:
+        it never pushes a loaded engine out."""
         with tempfile.TemporaryDirectory(prefix="fleet-build-") as tmp:
             path = Path(tmp) / "source.onnx"
             path.write_bytes(source)
             out = Path(tmp) / "artifact"
-            manifest = self._build(dataclasses.replace(request, source_path=str(path)), out, calibration, evaluation)
+            request = dataclasses.replace(request, source_path=str(path),
+                                          workspace_bytes=request.workspace_bytes or self.spec.build_workspace_bytes)
+            what = f"{request.model}:{request.version}:{request.target.key()}"
+            with self.runner.build_reservation(what, build_memory_bytes(request), self.spec.build_wait_s):
+                manifest = self._build(request, out, calibration, evaluation)
             return manifest.to_dict(), (out / manifest.artifact_file).read_bytes()
 
     def _build(self, request: BuildRequest, out_dir: Path, calibration: CalibrationResult | None,

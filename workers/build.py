@@ -36,6 +36,7 @@ from workers.tensors import TensorSpec
 
 DEFAULT_MAX_BATCH = 64
 EVAL_ROWS = 32
+DEFAULT_BUILD_WORKSPACE = 1 << 30  # TensorRT's builder workspace, when the fleet config sets no bound
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class BuildRequest:
     options: dict = field(default_factory=dict, hash=False, compare=False)  # recorded in the manifest
     accept_accuracy_loss: bool = False
     fallback: str = "none"  # "onnxruntime": serve with ONNX Runtime if TensorRT's parser refuses the model
+    workspace_bytes: int | None = None  # bound on TensorRT's builder workspace (None: DEFAULT_BUILD_WORKSPACE)
 
     def __post_init__(self) -> None:
         check_name("model name", self.model)
@@ -153,6 +155,20 @@ def check_build_accuracy(source: Path, artifact: Path, request: BuildRequest, ta
     return record
 
 
+def build_memory_bytes(request: BuildRequest) -> int:
+    """Device memory a build may hold at its peak, reserved in the device's ledger before it starts: the
+    engine its accuracy check opens, the reference it is compared with, and for TensorRT (simulated
+    targets too, so they count as the real ones would) the builder's workspace, which the build bounds."""
+    source = Path(request.source_path)
+    try:
+        inputs, outputs = describe_model(source)
+    except Exception as exc:  # ONNX Runtime raises several unrelated types here
+        raise BuildError(f"ONNX Runtime cannot load {source.name}: {exc}") from exc
+    engine = estimate_footprint(source, inputs + outputs, request.max_batch)
+    workspace = (request.workspace_bytes or DEFAULT_BUILD_WORKSPACE) if request.target.backend == "tensorrt" else 0
+    return 2 * engine + workspace
+
+
 def build_artifact(
     request: BuildRequest,
     out_dir: str | Path,
@@ -179,6 +195,7 @@ def build_artifact(
         artifact = out / "model.plan"
         try:
             info = build_plan(source, artifact, TrtBuildOptions(inputs=inputs, precision=target.precision, max_batch=request.max_batch,
+                                                                workspace_bytes=request.workspace_bytes or DEFAULT_BUILD_WORKSPACE,
                                                                 hardware_compatibility=target.hardware_compatibility,
                                                                 version_compatible=target.version_compatible),
                               calibration=calibration, api=trt_api)
