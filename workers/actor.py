@@ -4,7 +4,8 @@
 with ``ray.remote`` and pins it to one device (vLLM's worker: the orchestrator calls
 its lifecycle verbs by name). Verbs: ``info`` (once, at start), ``health`` (every
 second, cheap), ``stats`` (the status view), ``load``, ``unload``, ``infer``,
-``start_http``, ``start_grpc``, ``register_shm`` / ``unregister_shm``, ``build_from_bytes``, ``shutdown``.
+``start_http``, ``start_grpc``, ``register_shm`` / ``unregister_shm``, ``build_from_bytes``, ``in_flight``,
+``shutdown``.
 
 What runs lives in its ``EngineRunner`` (``workers/runner.py``): the engine table,
 the ledger and the one inference path, which the worker's own HTTP endpoint uses too.
@@ -213,6 +214,12 @@ class FleetWorker:
             "shm": self.shm.status(),
             "artifact_cache": self.artifacts.report(),
         }
+
+    def in_flight(self) -> int:
+        """Requests in this worker now: in its own HTTP and gRPC endpoints, and runs of its engines
+        (those that came as Ray calls too). A host that leaves is drained until this is 0."""
+        endpoints = sum(server.active for server in (self._http, self._grpc) if server is not None)
+        return endpoints + sum(e["in_flight"] for e in self.runner.ledger_snapshot()["entries"])
 
     def shutdown(self) -> None:
         """Stop serving HTTP and gRPC, then unload everything (contexts and engines first), waiting for in-flight work."""

@@ -27,6 +27,7 @@ class WorkerInfo:
     cuda_visible_devices: str | None = None
     http: tuple[str, int] | None = None  # the worker's own KServe v2 endpoint, once started
     grpc: tuple[str, int] | None = None  # its own KServe v2 gRPC endpoint, once started
+    node_id: str | None = None  # the cluster's id of the node it runs on (Ray's), filled in by the fleet
 
     @property
     def simulated(self) -> bool:
