@@ -86,7 +86,7 @@ class FleetController:
             return await self.status()
         self.gcs = GcsWatch(ray.get_runtime_context().gcs_address)
         await self._scan()
-        await self.pool.start(self._ingress_url(), self._grpc_front())
+        await self.pool.start(self._ingress_url(), self._grpc_front(), ray.util.get_node_ip_address())
         await self.loader.preload()
         if self.endpoints.front_door:
             await self._start_front_door()
@@ -129,13 +129,18 @@ class FleetController:
         if self.config.grpc_port is not None:
             policy = InferPolicy(self.config.max_request_bytes, self.config.auth_token, self.config.auth_inference)
             grpc = GrpcFront((host, self.config.grpc_port), policy)
+        token = self.config.auth_token
+        worker_token = token if token and not self.config.auth_inference else None
         self._front = ray.remote(FrontDoorActor).options(
             name=FRONT_DOOR_NAME, namespace=NAMESPACE, num_cpus=0, resources=HEAD_NODE_RESOURCE, get_if_exists=True,
-        ).remote((host, self.config.port), (local_address(host), self.endpoints.serve_port), threads, grpc)
+        ).remote((host, self.config.port), (local_address(host), self.endpoints.serve_port), threads, grpc,
+                 worker_token)
         await call(self._front.start.remote(self._epoch, self._routes(), self._grpc_addresses()))
 
     async def _worker_started(self, worker_id: str) -> None:
         await self.regions.replay(worker_id)
+        if self._started:  # a host that joined (or came back): engines of what the fleet serves, where they fit
+            asyncio.get_running_loop().create_task(self.loader.fill(worker_id))
 
     async def _source(self, manifest: Manifest) -> ArtifactSource:
         """Where a worker takes this artifact from: the object store itself, or (a directory on the
@@ -223,6 +228,7 @@ class FleetController:
             gcs_up = await self._check_gcs()
             await self.pool.check_all()  # calls between running actors need no GCS
             if gcs_up:
+                await self.pool.watch_hosts()  # hosts that joined, left or died
                 await self._check_front_door()  # starting another would wait for the GCS
 
     async def _check_gcs(self) -> bool:
@@ -258,6 +264,19 @@ class FleetController:
                 self.events.add("front-door-replaced")
             except FleetError as err:
                 self.events.add("front-door-replace-failed", reason=err.message)
+
+    async def drain_host(self, node_id: str, timeout_s: float = 60.0, address: str | None = None) -> dict:
+        """A host leaves (``fleet leave`` on it: its Ray node, and its address for a node that Ray
+        replaced): its workers leave every route, finish what they hold, and stop; the front door has
+        the new routes before they are waited on. None of them starts there again."""
+        return await self.pool.drain(node_id, timeout_s, self._routes_applied, address)
+
+    async def _routes_applied(self) -> None:
+        """The front door serves the inventory as it is now (HAProxy reloaded), bounded."""
+        if self._front is not None:
+            epoch = self._epoch
+            await self._front.apply.remote(epoch, self._routes(), self._grpc_addresses())
+            await self._front.applied.remote(epoch)
 
     async def report_worker(self, worker_id: str) -> None:
         """A caller saw a worker die or lose an engine: read its health now (and replace it if dead)."""
@@ -348,6 +367,7 @@ class FleetController:
             "epoch": self._epoch,
             "restarts": self.pool.restarts,
             "nodes": nodes_view(self.pool.records(), await self._worker_stats(), self._manifests),
+            "hosts": self.pool.hosts(),
             "models": self.router.models(),
             "builds": builds(self._manifests),
             "fallbacks": fallbacks(self._manifests),

@@ -67,6 +67,21 @@ class Loader:
             except FleetError as exc:
                 self.events.add("preload-skipped", model=model, reason=exc.message)
 
+    async def fill(self, worker_id: str) -> None:
+        """A worker that (re)joined: load what the fleet serves now (or preloads) where it fits there,
+        so the host takes its share without waiting for a miss. Evicts nothing."""
+        for model, versions in self.router.models().items():
+            version = versions[-1]
+            served = bool(self.router.holders(model, version))
+            if model in self.unloaded or not (served or self.config.model_config_for(model).preload):
+                continue
+            if not any(w == worker_id for w, _ in self.router.compatible(model, version)):
+                continue
+            try:
+                await self.ensure_loaded(model, version, allow_eviction=False)
+            except FleetError as exc:
+                self.events.add("fill-skipped", worker=worker_id, model=model, reason=exc.message)
+
     async def ensure_loaded(self, model: str, version: str, *, allow_eviction: bool = True,
                             explicit: bool = False) -> Placement:
         """Load the model where it fits (every compatible device with room; else evict on the best one).
