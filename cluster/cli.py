@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -55,18 +53,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _print_ready(url, config)
     if not args.foreground:
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    say("serving; press Ctrl-C to stop")
-    stop.wait()
-    say("shutting down ...")
-    deploy.teardown()
-    nodes.disconnect()
-    if started_nodes:
-        nodes.stop_nodes()
-    say("stopped")
-    return 0
+    return deploy.serve_in_foreground(controller, address, started_nodes, config.gcs_fault_tolerance.enabled)
 
 
 def _build_demo(config) -> None:
@@ -115,6 +102,23 @@ def _print_ready(url: str, config) -> None:
     print("  fleet infer digits-mlp --input rows.npy\n", flush=True)
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    from cluster import joining
+    from cluster.config import load_config
+
+    config = load_config(args.config) if args.config else None
+    start = joining.ray_start_args(args.address, config, args.node, args.node_ip_address)
+    return joining.join(start, args.address, block=args.block)
+
+
+def cmd_leave(args: argparse.Namespace) -> int:
+    from cluster import joining
+    from cluster.env import ray_address
+
+    report = joining.leave(args.address or ray_address() or "auto", timeout_s=args.timeout)
+    return 0 if report and not report.get("timed_out") else 1
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     from cluster import deploy, nodes
 
@@ -149,11 +153,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             dev = w["device"]
             used = f"{format_bytes(w['used_bytes'])}/{format_bytes(w['budget_bytes'])}"
             loaded = ", ".join(e["key"].split(":")[0] + ":" + e["key"].split(":")[2] for e in w["ledger"]) or "-"
-            alive = "" if w["alive"] else " (DOWN)"
+            alive = "" if w["alive"] else f" ({w.get('state', 'down').upper()})"
             print(
                 f"{node['node']:<14} {w['worker_id'] + alive:<22} {dev['name'][:26]:<26} "
                 f"{dev['compute_capability'] or 'cpu':<5} {used:<22} {'yes' if w['simulated'] else 'no':<4} {loaded}"
             )
+    hosts = status.get("hosts") or []
+    if len(hosts) > 1 or any(h["state"] != "alive" for h in hosts):
+        print(f"\n{'HOST':<16} {'ADDRESS':<16} {'STATE':<11} WORKERS")
+        for h in hosts:
+            workers = ", ".join(f"{w} ({s})" for w, s in h["workers"].items())
+            joined = " (joined)" if h.get("joined") else ""
+            print(f"{h['name']:<16} {h['address'] or '-':<16} {h['state'] + joined:<11} {workers}")
     for model, reason in status.get("fallbacks", {}).items():
         print(f"\n{model}: served by ONNX Runtime (fallback), TensorRT refused it: {reason.splitlines()[0]}")
     for node in status["nodes"]:
@@ -318,6 +329,20 @@ def _add_lifecycle_commands(sub) -> None:
     p.add_argument("--demo", action="store_true", help="build and serve the demo models (digits-mlp, cnn-small)")
     p.add_argument("--foreground", action="store_true", help="keep running until Ctrl-C, then shut everything down")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("join", help="add this machine (its GPUs) to a running fleet: run it on the extra machine")
+    p.add_argument("--address", required=True, help="the head's Ray address, HEAD:PORT (the ray_port of `fleet up`)")
+    p.add_argument("--node", help="take the identity of this node declared in --config (simulated GPUs)")
+    p.add_argument("--config", help="the fleet's config (for --node)")
+    p.add_argument("--node-ip-address", help="this machine's address the others reach (default: Ray's pick)")
+    p.add_argument("--block", action="store_true", help="stay in the foreground; Ctrl-C leaves the fleet "
+                   "(drained), and a node Ray dropped (a long network outage) joins again")
+    p.set_defaults(func=cmd_join)
+
+    p = sub.add_parser("leave", help="drain this machine's workers (no request fails) and stop its Ray node")
+    p.add_argument("--address", help="the head's Ray address (default: RAY_ADDRESS, else this machine's)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for in-flight requests")
+    p.set_defaults(func=cmd_leave)
 
     p = sub.add_parser("down", help="stop the fleet and every Ray node `fleet up` started")
     p.add_argument("--address", help="Ray address (default: auto)")
