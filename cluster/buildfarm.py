@@ -92,6 +92,18 @@ class FleetRepository:
     def find_calibration(self, source_sha256: str, method: str | None = None) -> precision_mod.CalibrationResult | None:
         return get(self.controller.find_calibration.remote(source_sha256, method))
 
+    def read_artifact(self, manifest: Manifest) -> bytes:
+        return get(self.controller.read_artifact.remote(manifest.to_dict()))
+
+    def store_triton_config(self, model: str, files: dict[str, bytes]) -> str:
+        return get(self.controller.store_triton_config.remote(model, files))
+
+    def triton_configs(self) -> dict[str, dict[str, bytes]]:
+        return get(self.controller.triton_configs.remote())
+
+    def remove(self, model: str, version: str) -> None:
+        get(self.controller.remove.remote(model, version))
+
 
 AnyRepository = Repository | FleetRepository
 

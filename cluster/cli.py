@@ -13,9 +13,12 @@ from workers.errors import FleetError
 from workers.ledger import format_bytes
 from workers.manifest import sha256_file
 
+from cluster.cli_hosts import add_host_commands
 from cluster.client import FleetClient
+from cluster.client_tls import ClientTls
 from cluster.console import say
 from cluster.env import apply_ray_env, fleet_token
+from cluster.triton.commands import add_commands as add_triton_commands
 
 DEMO_MODEL_DIR = Path("models")
 ACCURACY_COLUMNS = ("test_accuracy", "reference_accuracy", "top1_agreement", "rel_l2_error", "max_abs_error")
@@ -28,9 +31,12 @@ SAMPLE_DIGIT = [round(v / 16, 4) for v in _SAMPLE_PIXELS]
 def cmd_up(args: argparse.Namespace) -> int:
     from cluster import deploy, nodes
     from cluster.config import load_config
+    from cluster.frontdoor.tls import read_tls
 
-    config = load_config(args.config, port=args.port, grpc_port=args.grpc_port, repository=args.repository)
+    config = load_config(args.config, port=args.port, grpc_port=args.grpc_port, repository=args.repository,
+                         triton_repository=args.triton_repository)
     deploy.check_repository(config)  # before Ray starts: a wrong URI or missing credentials fail here, clearly
+    read_tls(config.tls)  # the same for the TLS files
     if args.demo and not config.simulated:
         _build_demo(config)
     address = args.address
@@ -49,8 +55,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             nodes.disconnect()
             nodes.stop_nodes()
         raise
-    url = f"http://{config.host}:{config.port}"
-    _print_ready(url, config)
+    _print_ready(config.url, config)
     if not args.foreground:
         return 0
     return deploy.serve_in_foreground(controller, address, started_nodes, config.gcs_fault_tolerance.enabled)
@@ -86,13 +91,20 @@ def _build_demo_on_fleet(config, controller) -> None:
 
 
 def _print_ready(url: str, config) -> None:
-    grpc = f" and gRPC on {config.host}:{config.grpc_port}" if config.grpc_port and config.front_door else ""
+    tls = config.tls
+    grpc = f" and gRPC{' over TLS' if tls.enabled else ''} on {config.host}:{config.grpc_port}" \
+        if config.grpc_port and config.front_door else ""
     print(f"\nforward-fleet '{config.name}' is serving on {url}{grpc}\n")
+    curl = "curl -s"
+    if tls.enabled:  # a client's own CA bundle (and certificate) stand in for these
+        curl += f" --cacert {tls.cert}" + (" --cert CLIENT.pem --key CLIENT.key" if tls.client_ca else "")
+        print("With TLS on, clients trust the server's certificate (FLEET_TLS_CA for the fleet CLI)"
+              + (" and present their own (FLEET_TLS_CERT, FLEET_TLS_KEY)." if tls.client_ca else "."))
     print("Try:")
-    print(f"  curl -s {url}/v2/health/ready")
-    print(f"  curl -s {url}/v2/models/digits-mlp")
+    print(f"  {curl} {url}/v2/health/ready")
+    print(f"  {curl} {url}/v2/models/digits-mlp")
     print(
-        f"  curl -s -X POST {url}/v2/models/digits-mlp/infer -H 'Content-Type: application/json' \\\n"
+        f"  {curl} -X POST {url}/v2/models/digits-mlp/infer -H 'Content-Type: application/json' \\\n"
         f"       -d '{{\"inputs\":[{{\"name\":\"input\",\"shape\":[1,64],\"datatype\":\"FP32\",\"data\":{json.dumps(SAMPLE_DIGIT)}}}]}}'"
     )
     if grpc:
@@ -100,23 +112,6 @@ def _print_ready(url: str, config) -> None:
               f"   (after: python scripts/install_perf_analyzer.py)")
     print("  fleet status")
     print("  fleet infer digits-mlp --input rows.npy\n", flush=True)
-
-
-def cmd_join(args: argparse.Namespace) -> int:
-    from cluster import joining
-    from cluster.config import load_config
-
-    config = load_config(args.config) if args.config else None
-    start = joining.ray_start_args(args.address, config, args.node, args.node_ip_address)
-    return joining.join(start, args.address, block=args.block)
-
-
-def cmd_leave(args: argparse.Namespace) -> int:
-    from cluster import joining
-    from cluster.env import ray_address
-
-    report = joining.leave(args.address or ray_address() or "auto", timeout_s=args.timeout)
-    return 0 if report and not report.get("timed_out") else 1
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -137,7 +132,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def _client(args) -> FleetClient:
     from cluster.running import url_of
 
-    return FleetClient(url_of(args), token=fleet_token())
+    return FleetClient(url_of(args), token=fleet_token(), tls=ClientTls.from_env())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -327,22 +322,12 @@ def _add_lifecycle_commands(sub) -> None:
     p.add_argument("--grpc-port", type=int, help="KServe v2 / Triton gRPC port (default from config: 8001)")
     p.add_argument("--address", help="join a running Ray cluster instead of starting one")
     p.add_argument("--demo", action="store_true", help="build and serve the demo models (digits-mlp, cnn-small)")
+    p.add_argument("--triton-repository", help="serve this Triton model repository too: imported at start "
+                   "(as `fleet import-triton`; default from config: triton_repository)")
     p.add_argument("--foreground", action="store_true", help="keep running until Ctrl-C, then shut everything down")
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("join", help="add this machine (its GPUs) to a running fleet: run it on the extra machine")
-    p.add_argument("--address", required=True, help="the head's Ray address, HEAD:PORT (the ray_port of `fleet up`)")
-    p.add_argument("--node", help="take the identity of this node declared in --config (simulated GPUs)")
-    p.add_argument("--config", help="the fleet's config (for --node)")
-    p.add_argument("--node-ip-address", help="this machine's address the others reach (default: Ray's pick)")
-    p.add_argument("--block", action="store_true", help="stay in the foreground; Ctrl-C leaves the fleet "
-                   "(drained), and a node Ray dropped (a long network outage) joins again")
-    p.set_defaults(func=cmd_join)
-
-    p = sub.add_parser("leave", help="drain this machine's workers (no request fails) and stop its Ray node")
-    p.add_argument("--address", help="the head's Ray address (default: RAY_ADDRESS, else this machine's)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for in-flight requests")
-    p.set_defaults(func=cmd_leave)
+    add_host_commands(sub)
 
     p = sub.add_parser("down", help="stop the fleet and every Ray node `fleet up` started")
     p.add_argument("--address", help="Ray address (default: auto)")
@@ -426,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspection_commands(sub)
     _add_build_command(sub)
     _add_serving_commands(sub)
+    add_triton_commands(sub, _with_config)
     return parser
 
 

@@ -25,6 +25,7 @@ from workers.kserve.codec import HEADER_LENGTH
 from workers.kserve.handler import ERROR_TYPE_HEADER
 from workers.tensors import batch_rows
 
+from cluster.client_tls import ClientTls
 from cluster.grpc_client import GrpcTransport
 from cluster.shm_arena import ShmArena
 
@@ -55,10 +56,13 @@ class FleetClient:
     sends tensors through a shared memory region of this client instead of the request body.
     ``protocol="grpc"``: ``url`` is the fleet's gRPC address (``host:8001``); the calls, their
     results and their errors are the same. ``status()`` is HTTP's only.
-    One client is for one thread at a time (``infer_many`` makes one per thread)."""
+    One client is for one thread at a time (``infer_many`` makes one per thread).
+    ``tls``: whom to trust and, for mutual TLS, the client's certificate (``ClientTls``); HTTPS
+    follows from an ``https://`` URL, gRPC uses TLS when ``tls`` is given or the URL starts with
+    ``https://`` or ``grpcs://``."""
 
     def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0, binary: bool = True,
-                 shared_memory: bool = False, protocol: str = "http"):
+                 shared_memory: bool = False, protocol: str = "http", tls: ClientTls | None = None):
         if protocol not in ("http", "grpc"):
             raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         self.url = url.rstrip("/")
@@ -67,10 +71,13 @@ class FleetClient:
         self.shared_memory = shared_memory
         self.protocol = protocol
         self._token = token
+        self.tls = tls
         self._session = requests.Session()
         if token:
             self._session.headers["Authorization"] = f"Bearer {token}"
-        self._grpc = GrpcTransport(url, token=token, timeout=timeout) if protocol == "grpc" else None
+        # per request, not on the session: requests lets REQUESTS_CA_BUNDLE override a session's verify
+        self._tls_options = tls.requests_options() if tls is not None else {}
+        self._grpc = GrpcTransport(url, token=token, timeout=timeout, tls=tls) if protocol == "grpc" else None
         self.last_parameters: dict = {}
         self._arena = ShmArena(self.register_system_shared_memory, self.unregister_system_shared_memory)
         self._output_specs: dict[tuple[str, str | None], list[dict]] = {}
@@ -90,7 +97,7 @@ class FleetClient:
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
         for attempt in (1, 2):
             try:
-                resp = self._session.request(method, self.url + path, timeout=self.timeout, **kwargs)
+                resp = self._session.request(method, self.url + path, timeout=self.timeout, **self._tls_options, **kwargs)
                 break
             except requests.ConnectionError as exc:
                 # A kept-alive connection that the server closed just as we reused it (the front
@@ -182,7 +189,8 @@ class FleetClient:
         """Pipeline many requests with at most ``concurrency`` in flight; results in order."""
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             clients = [FleetClient(self.url, token=self._token, timeout=self.timeout, binary=self.binary,
-                                   shared_memory=self.shared_memory, protocol=self.protocol) for _ in range(concurrency)]
+                                   shared_memory=self.shared_memory, protocol=self.protocol, tls=self.tls)
+                       for _ in range(concurrency)]
             try:
                 futures = [
                     pool.submit(clients[i % concurrency].infer, model, feeds, version=version)
@@ -213,7 +221,7 @@ class FleetClient:
         if self._grpc is not None:
             return self._grpc.ready()
         try:
-            return self._session.get(self.url + "/v2/health/ready", timeout=self.timeout).status_code == 200
+            return self._session.get(self.url + "/v2/health/ready", timeout=self.timeout, **self._tls_options).status_code == 200
         except requests.ConnectionError:
             return False
 
@@ -235,8 +243,10 @@ def _infer_path(model: str, version: str | None) -> str:
 class AsyncFleetClient:
     """asyncio variant of FleetClient (aiohttp)."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0, binary: bool = True):
+    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0, binary: bool = True,
+                 tls: ClientTls | None = None):
         self.url = url.rstrip("/")
+        self._ssl = tls.ssl_context() if tls is not None else None
         self.binary = binary
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -255,7 +265,8 @@ class AsyncFleetClient:
 
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+            connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl is not None else None
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout, connector=connector)
         return self._session
 
     async def _request(self, method: str, path: str, **kwargs) -> tuple[bytes, dict]:

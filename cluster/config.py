@@ -144,6 +144,39 @@ class StorageOptions(_Strict):
         return self
 
 
+class TlsOptions(_Strict):
+    """HTTPS (and gRPC over TLS) on the fleet's ports, served by the front door (HAProxy). PEM
+    files on the head; relative paths are from the directory `fleet up` runs in. With TLS on,
+    the fleet's ports speak TLS only. ``client_ca``: mutual TLS, a client must present a
+    certificate signed by it. Traffic inside the fleet (the front door to the workers, Ray)
+    stays on the cluster's network, as Ray's own does (docs/multihost.md)."""
+
+    cert: str | None = None  # the server's certificate chain (PEM)
+    key: str | None = Field(None, repr=False)  # its private key (PEM)
+    client_ca: str | None = None  # CA certificates (PEM) that sign the clients' certificates
+
+    @model_validator(mode="after")
+    def _together(self):
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("tls.cert and tls.key go together: set both or neither")
+        if self.client_ca and not self.cert:
+            raise ValueError("tls.client_ca (mutual TLS) needs tls.cert and tls.key")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+    def resolved(self, base_dir: Path) -> "TlsOptions":
+        def absolute(p: str | None) -> str | None:
+            if p is None:
+                return None
+            path = Path(p).expanduser()
+            return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+        return TlsOptions(cert=absolute(self.cert), key=absolute(self.key), client_ca=absolute(self.client_ca))
+
+
 class GcsFaultTolerance(_Strict):
     """Ray's GCS fault tolerance: the head's GCS keeps its tables in Redis, so when the GCS
     process dies and comes back, the workers, their engines and the routes live on (see
@@ -184,6 +217,10 @@ class FleetConfig(_Strict):
     # opens (s3://bucket/prefix, gs://..., hdfs://...); see docs/multihost.md.
     repository: str = "repository"
     storage: StorageOptions = Field(default_factory=StorageOptions)
+    # A Triton model repository (a directory or a URI) the fleet serves too: deploying the fleet imports
+    # it into `repository` (as `fleet import-triton`: ONNX models built for the fleet's targets, plans
+    # published per compute capability) and loads its models. Never written to.
+    triton_repository: str | None = None
     # Each host's artifact cache (under its temporary directory, or $FLEET_ARTIFACT_CACHE), in bytes.
     artifact_cache_bytes: int = DEFAULT_CACHE_BYTES
     host: str = "127.0.0.1"
@@ -224,6 +261,7 @@ class FleetConfig(_Strict):
     # --allow-client-shm): workers then read and write any object a client names.
     allow_client_shm: bool = False
     gcs_fault_tolerance: GcsFaultTolerance = Field(default_factory=GcsFaultTolerance)
+    tls: TlsOptions = Field(default_factory=TlsOptions)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
     @field_validator("reserve_bytes", "max_request_bytes", "cpu_budget", "artifact_cache_bytes", "build_workspace_bytes",
@@ -250,6 +288,8 @@ class FleetConfig(_Strict):
         names = [n.name for n in self.nodes]
         if len(set(names)) != len(names):
             raise ValueError(f"node names must be unique, got {names}")
+        if self.tls.enabled and not self.front_door:
+            raise ValueError("tls is served by the front door (HAProxy): it needs front_door: true")
         if not self.discover_nodes and not self.nodes:
             raise ValueError("discover_nodes is false and no nodes are declared: the fleet would have no workers")
         s3_options = self.storage.model_dump(exclude={"connect_timeout_s", "request_timeout_s"}, exclude_none=True)
@@ -261,6 +301,13 @@ class FleetConfig(_Strict):
     @property
     def simulated(self) -> bool:
         return any(n.gpus for n in self.nodes)
+
+    @property
+    def url(self) -> str:
+        """The fleet's URL as a client on this host uses it (https with TLS on)."""
+        scheme = "https" if self.tls.enabled else "http"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"{scheme}://{host}:{self.port}"
 
     def ingress_replica_count(self) -> int:
         """Two replicas beat one even on 2 cores (one decodes while the other waits on a worker)."""
@@ -280,7 +327,12 @@ class FleetConfig(_Strict):
             path = Path(repo.removeprefix("file://")).expanduser()
             repo = str(path if path.is_absolute() else ((base_dir or Path.cwd()) / path).resolve())
         token = self.auth_token or os.environ.get("FLEET_AUTH_TOKEN") or None
-        return self.model_copy(update={"repository": repo, "auth_token": token})
+        triton = self.triton_repository
+        if triton and "://" not in triton:
+            path = Path(triton).expanduser()
+            triton = str(path if path.is_absolute() else ((base_dir or Path.cwd()) / path).resolve())
+        tls = self.tls.resolved(base_dir or Path.cwd())
+        return self.model_copy(update={"repository": repo, "auth_token": token, "tls": tls, "triton_repository": triton})
 
     def store_spec(self) -> StoreSpec:
         """Where the repository is, for the controller and (for an object store) the workers."""

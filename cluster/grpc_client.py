@@ -22,6 +22,8 @@ from workers.kserve.model_config import config_json
 from workers.kserve.proto import grpc_service_pb2 as pb
 from workers.shm import ShmRef
 
+from cluster.client_tls import ClientTls
+
 _RESPONSES = {
     "ModelInfer": pb.ModelInferResponse, "ModelMetadata": pb.ModelMetadataResponse,
     "ServerReady": pb.ServerReadyResponse, "RepositoryIndex": pb.RepositoryIndexResponse,
@@ -38,11 +40,16 @@ def grpc_target(url: str) -> str:
 
 
 class GrpcTransport:
-    def __init__(self, url: str, *, token: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, *, token: str | None = None, timeout: float = 60.0, tls: ClientTls | None = None) -> None:
         self.target = grpc_target(url)
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(self.target, options=channel_options(-1))
+        if tls is None and url.startswith(("https://", "grpcs://")):
+            tls = ClientTls()
+        if tls is not None:
+            self._channel = grpc.secure_channel(self.target, tls.grpc_credentials(), options=channel_options(-1))
+        else:
+            self._channel = grpc.insecure_channel(self.target, options=channel_options(-1))
         self._calls: dict[str, Callable] = {}
 
     def close(self) -> None:

@@ -41,6 +41,8 @@ from workers.storage import Store, StoredFile, StoreSpec
 
 STAGING = ".staging"
 CALIBRATION = "_calibration"  # int8 calibrations, by source sha256 + data sha256 + method
+TRITON = "_triton"  # imported Triton configurations, by model: config.pbtxt and warmup/<file>
+TRITON_CONFIG = "config.pbtxt"
 CHUNK = 4 << 20
 
 
@@ -68,6 +70,7 @@ class Repository:
         self.store = Store(self.spec)
         # manifests read before, by key: a listing re-reads only what changed (one GET each on a store)
         self._read: dict[str, tuple[tuple[int, float], Manifest | None]] = {}
+        self._files: dict[str, tuple[tuple[int, float], bytes]] = {}  # imported Triton configurations, by key
 
     @property
     def is_local(self) -> bool:
@@ -235,23 +238,61 @@ class Repository:
             write_calibration(result, tmp)
             files = {name: (Path(tmp) / name).read_bytes() for name in CALIBRATION_FILES + (HELDOUT_FILE,)
                      if (Path(tmp) / name).is_file()}  # the held-out rows are optional
-        final = f"{CALIBRATION}/{key}"
-        order = [n for n in files if n != RANGES_FILE] + [RANGES_FILE]
+        return self._publish_files(f"{CALIBRATION}/{key}", files, last=RANGES_FILE)
+
+    def _publish_files(self, final: str, files: dict[str, bytes], last: str) -> str:
+        """Replace the directory ``final`` with ``files`` (names may have '/'): renamed into place on a local
+        directory; on an object store written one by one, ``last`` (what readers look for) last."""
+        order = [n for n in files if n != last] + [last]
         if self.is_local:
             staging = f"{STAGING}/{uuid.uuid4().hex}"
             try:
-                self.store.make_dir(staging)
                 for name in order:
+                    self.store.make_dir(posixpath.dirname(f"{staging}/{name}"))
                     self.store.write_bytes(f"{staging}/{name}", files[name])
-                self.store.make_dir(CALIBRATION)
+                self.store.make_dir(posixpath.dirname(final))
                 self.store.delete_prefix(final)
                 self.store.move(staging, final)
             finally:
                 self.store.delete_prefix(staging)
         else:
+            for stale in self.store.list_files(final):
+                if stale.key.removeprefix(final + "/") not in files:
+                    self.store.delete(stale.key)
             for name in order:
                 self.store.write_bytes(f"{final}/{name}", files[name])
         return self.store.where(final)
+
+    # ---- imported Triton configurations ------------------------------------------
+    def store_triton_config(self, model: str, files: dict[str, bytes]) -> str:
+        """A model's Triton configuration as imported (``config.pbtxt``, ``warmup/<file>``), replacing the last one."""
+        validate_model_ref(model)
+        if TRITON_CONFIG not in files:
+            raise ValueError(f"a Triton configuration needs {TRITON_CONFIG}")
+        return self._publish_files(f"{TRITON}/{model}", files, last=TRITON_CONFIG)
+
+    def triton_configs(self) -> dict[str, dict[str, bytes]]:
+        """Model -> the files of its imported Triton configuration (read again only when changed)."""
+        found: dict[str, dict[str, bytes]] = {}
+        listed = self.store.list_files(TRITON)
+        complete = {f.key.split("/")[1] for f in listed if f.key.count("/") == 2 and f.key.endswith("/" + TRITON_CONFIG)}
+        for f in listed:
+            parts = f.key.split("/", 2)
+            if len(parts) != 3 or parts[1] not in complete:
+                continue
+            seen = self._files.get(f.key)
+            if seen is None or seen[0] != (f.size, f.mtime):
+                try:
+                    seen = ((f.size, f.mtime), self.store.read_bytes(f.key))
+                except FileNotFoundError:
+                    continue  # replaced while we listed
+                self._files[f.key] = seen
+            found.setdefault(parts[1], {})[parts[2]] = seen[1]
+        return found
+
+    def remove_triton_config(self, model: str) -> None:
+        validate_model_ref(model)
+        self.store.delete_prefix(f"{TRITON}/{model}")
 
     def find_calibration(self, source_sha256: str, method: str | None = None) -> CalibrationResult | None:
         """The newest calibration of this source model (any data, the given method), or None."""

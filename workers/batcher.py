@@ -44,6 +44,7 @@ class EngineStats:
     batch_sizes: Counter = field(default_factory=Counter)
     rejected: int = 0  # refused because the engine's queue was full (max_queue_size)
     batch_compute_us: Counter = field(default_factory=Counter)  # per batch size
+    warmup_runs: int = 0  # the model's warm-up requests run before its engines took traffic (not counted above)
 
     def ran(self, requests: int, rows: int, compute_s: float) -> None:
         """One engine run of ``requests`` requests and ``rows`` rows that took ``compute_s`` (under the caller's lock)."""
@@ -59,7 +60,7 @@ class EngineStats:
     def to_dict(self) -> dict:
         return {
             "success": self.success, "failure": self.failure, "rejected": self.rejected,
-            "inference_count": self.inference_count,
+            "inference_count": self.inference_count, "warmup_runs": self.warmup_runs,
             "exec_count": self.exec_count, "queue_us": self.queue_us, "compute_us": self.compute_us,
             "request_compute_us": self.request_compute_us, "last_inference_ms": self.last_inference_ms,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},

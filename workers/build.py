@@ -28,7 +28,7 @@ from workers import precision
 from workers.engines import open_engine
 from workers.engines.onnxruntime import cuda_provider_available, describe_model, estimate_footprint
 from workers.engines.tensorrt import OnnxParserFailed, TrtBuildOptions, build_plan, plan_footprint
-from workers.errors import BuildError
+from workers.errors import BuildError, FleetError
 from workers.manifest import MANIFEST_NAME, Manifest, check_name, sha256_file
 from workers.onnx_source import check_source
 from workers.targets import Target
@@ -84,6 +84,8 @@ class EvalData:
         rng = np.random.default_rng(0)
         feeds = {}
         for spec in inputs:
+            if spec.optional:
+                continue  # judged with the model's default
             shape = tuple(rows if d < 0 else d for d in spec.shape)
             dtype = spec.numpy_dtype
             feeds[spec.name] = (rng.integers(0, 10, shape) if dtype.kind in "iu" else rng.standard_normal(shape)).astype(dtype)
@@ -186,7 +188,9 @@ def build_artifact(
     out.mkdir(parents=True, exist_ok=True)
     check_source(source)  # an ONNX model whose every node can run, or a BuildError saying what to do
     try:
-        inputs, outputs = describe_model(source)
+        inputs, outputs = describe_model(source, request.options.get("optional_inputs", ()))
+    except FleetError:
+        raise
     except Exception as exc:  # ONNX Runtime raises several unrelated types here
         raise BuildError(f"ONNX Runtime cannot load {source.name}: {exc}") from exc
     evaluation = evaluation or EvalData.synthetic(inputs, min(EVAL_ROWS, request.max_batch))

@@ -119,6 +119,18 @@ class BuildError(FleetError):
     grpc_status = "INTERNAL"
 
 
+class WarmupFailed(FleetError):
+    """A model's warm-up request (Triton's ``model_warmup``) failed: the engine is not put in service."""
+
+    http_status = 500
+    grpc_status = "INTERNAL"
+
+
+class ImportRefused(InvalidConfig):
+    """A model of a Triton model repository that the fleet cannot serve as its configuration says
+    (fields it does not serve, inputs or outputs that do not match the model's own, missing files)."""
+
+
 class WorkerLost(FleetError):
     """The worker died while serving; the request may be retried elsewhere."""
 
@@ -151,6 +163,8 @@ ERROR_TYPES: dict[str, type[FleetError]] = {
         IncompatibleArtifact,
         ArtifactCorrupt,
         BuildError,
+        WarmupFailed,
+        ImportRefused,
         WorkerLost,
         DeviceFailed,
     )

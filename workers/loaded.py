@@ -16,7 +16,7 @@ import numpy as np
 
 from workers.batcher import DynamicBatcher, EngineStats
 from workers.engines import Engine
-from workers.errors import Overloaded
+from workers.errors import IncompatibleArtifact, Overloaded
 from workers.manifest import Manifest
 from workers.messages import LoadOptions
 from workers.tensors import batch_rows
@@ -119,8 +119,22 @@ def warm_up(engine: Engine, manifest: Manifest) -> None:
     """One run at max batch with zeros (skipped for models with string inputs)."""
     feeds = {}
     for spec in manifest.inputs:
+        if spec.optional:
+            continue
         if spec.datatype == "BYTES" or any(d < 0 for d in spec.shape[1:]):
             return
         shape = tuple(manifest.max_batch if d < 0 else d for d in spec.shape)
         feeds[spec.name] = np.zeros(shape, spec.numpy_dtype)
     engine.run(feeds)
+
+
+def check_engine_io(engine: Engine, manifest: Manifest) -> None:
+    """IncompatibleArtifact unless the engine's own inputs and outputs are the manifest's (names and
+    types): a plan imported with the inputs its Triton configuration declared is checked here, on load."""
+    for kind, own, declared in (("inputs", engine.inputs, manifest.inputs), ("outputs", engine.outputs, manifest.outputs)):
+        have = {(s.name, s.datatype) for s in own}
+        want = {(s.name, s.datatype) for s in declared if not s.optional}
+        if not want <= have or kind == "outputs" and have != want:
+            raise IncompatibleArtifact(
+                f"the artifact of {manifest.model} version {manifest.version} ({manifest.target.describe()}) has "
+                f"{kind} {sorted(have)}, its manifest says {sorted(want)}; import or build it again")

@@ -94,8 +94,9 @@ class Manifest:
 
     @property
     def batched(self) -> bool:
-        """Every input and output has the batch as its first dimension (-1): requests can be merged."""
-        return all(s.shape and s.shape[0] < 0 for s in self.inputs + self.outputs)
+        """Every input and output has the batch as its first dimension (-1), and no input may be left
+        out (requests with and without an optional input cannot be merged): requests can be merged."""
+        return all(s.shape and s.shape[0] < 0 and not s.optional for s in self.inputs + self.outputs)
 
     def to_dict(self) -> dict:
         return {

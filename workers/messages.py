@@ -16,6 +16,7 @@ import numpy as np
 
 from workers.batcher import BatchingOptions
 from workers.targets import WorkerCaps
+from workers.warmup import WarmupSample
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class LoadOptions:
     allow_tf32: bool = False  # float32 matrix products in TF32 on tensor cores (ONNX Runtime CUDA)
     max_queue_size: int = 256  # requests waiting for the engine beyond its slots; more get a 503 at once (0: no bound)
     max_batch: int | None = None  # rows per engine run, at most the artifact's max batch (None: the artifact's)
+    slots: int | None = None  # concurrent runs of the engine (Triton's instance count); None: the fleet's `slots`
+    warmup: tuple[WarmupSample, ...] = ()  # run on a new engine before it takes traffic (Triton's model_warmup)
 
     def max_batch_for(self, built: int) -> int:
         """Rows per engine run for an artifact built for ``built``."""

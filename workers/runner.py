@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from workers.batcher import DynamicBatcher, EngineStats
-from workers.loaded import Feeds, LoadedEngine, warm_up
+from workers.loaded import Feeds, LoadedEngine, check_engine_io, warm_up
 from workers.engines import Engine, executes_on_cpu, open_engine
 from workers.engines.base import check_feeds
 from workers.device_faults import is_sticky_cuda_error
@@ -40,6 +40,7 @@ from workers.messages import LoadOptions, WorkerHealth
 from workers.shm import SharedMemoryRegistry
 from workers.targets import WorkerCaps, can_run
 from workers.tensors import batch_rows
+from workers.warmup import run_warmup
 
 
 
@@ -84,6 +85,7 @@ class EngineRunner:
         self._engines: dict[str, LoadedEngine] = {}
         self._by_model: dict[str, dict[str, str]] = {}  # model -> version -> engine key
         self._loading: dict[str, threading.Event] = {}
+        self._warmups: dict[str, int] = {}  # engine key -> warm-up runs of the load under way
         # Per engine key, kept across evictions so exported counters never go backwards.
         self._stats: dict[str, tuple[Manifest, EngineStats]] = {}
         self.counters = {"loads": 0, "evictions": 0, "unloads": 0, "inferences": 0, "failures": 0}
@@ -137,7 +139,8 @@ class EngineRunner:
         with self._lock:
             return {
                 key: {"model": m.model, "version": m.version, "precision": m.precision, "loaded": key in self._engines,
-                      "batching": key in self._engines and self._engines[key].batcher is not None, **stats.to_dict()}
+                      "batching": key in self._engines and self._engines[key].batcher is not None,
+                      "slots": self._engines[key].slot_count if key in self._engines else 0, **stats.to_dict()}
                 for key, (m, stats) in self._stats.items()
             }
 
@@ -217,12 +220,15 @@ class EngineRunner:
             with self._lock:
                 allowed = self.ledger.free_bytes + manifest.footprint_bytes  # reserved plus free
             engine = self._open_engine(
-                path, manifest.target, device_id=self.device.cuda_ordinal or 0, slots=self._slots(manifest),
-                intra_op_threads=self._intra_op_threads(manifest), lean=not self._has_full_tensorrt(),
+                path, manifest.target, device_id=self.device.cuda_ordinal or 0, slots=self._slots(manifest, options),
+                intra_op_threads=self._intra_op_threads(manifest, options), lean=not self._has_full_tensorrt(),
                 gpu_mem_limit=allowed, footprint_bytes=manifest.footprint_bytes, allow_tf32=options.allow_tf32)
             try:
                 engine.activate()
+                check_engine_io(engine, manifest)
                 warm_up(engine, manifest)  # allocates the activations a max batch needs, so we measure them
+                # the model's own warm-up requests, before the engine takes traffic
+                self._warmups[manifest.engine_key] = run_warmup(engine.run, manifest.model, options.warmup)
             except BaseException:
                 engine.deactivate()
                 raise
@@ -238,7 +244,8 @@ class EngineRunner:
             if measured:
                 self.ledger.update_footprint(key, measured)  # NoCapacity if it really does not fit
             stats = self._stats.setdefault(key, (manifest, EngineStats()))[1]
-            slots = self._slots(manifest)
+            stats.warmup_runs += self._warmups.pop(key, 0)
+            slots = self._slots(manifest, options)
             batching = options.batching(manifest.max_batch)
             batcher = DynamicBatcher(engine.run, batching, slots, stats) if batching.enabled and manifest.batched else None
             self._engines[key] = LoadedEngine(manifest, engine, options, batcher, threading.Semaphore(slots), stats,
@@ -265,20 +272,23 @@ class EngineRunner:
     def _has_full_tensorrt(self) -> bool:
         return any(r.backend == "tensorrt" and not r.lean for r in self.caps.runtimes)
 
-    def _slots(self, manifest: Manifest) -> int:
-        """Concurrent runs of one engine. On the CPU, no more than there are cores: runs beyond
-        that only take turns on the same cores."""
+    def _slots(self, manifest: Manifest, options: LoadOptions) -> int:
+        """Concurrent runs of one engine: the model's own count (Triton's instance count), else the
+        fleet's, and then on the CPU no more than there are cores (runs beyond that only take turns
+        on the same cores)."""
+        if options.slots:
+            return options.slots
         if executes_on_cpu(manifest.target):
             return max(1, min(self.slots, os.cpu_count() or 1))
         return self.slots
 
-    def _intra_op_threads(self, manifest: Manifest) -> int:
+    def _intra_op_threads(self, manifest: Manifest, options: LoadOptions) -> int:
         """ONNX Runtime threads per run. On the CPU by default the cores divided among the slots:
         several single-threaded runs beat one run on every core with its threads spinning
         between the HTTP work (cnn-small at max batch over HTTP: +24 % on 2 cores)."""
         if self.intra_op_threads or not executes_on_cpu(manifest.target):
             return self.intra_op_threads
-        return max(1, (os.cpu_count() or 1) // self._slots(manifest))
+        return max(1, (os.cpu_count() or 1) // self._slots(manifest, options))
 
     @contextlib.contextmanager
     def build_reservation(self, what: str, nbytes: int, wait_s: float):

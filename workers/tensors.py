@@ -68,11 +68,13 @@ def numpy_to_datatype(dtype: np.dtype) -> str:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One model input or output: name, KServe datatype, shape (-1 = dynamic)."""
+    """One model input or output: name, KServe datatype, shape (-1 = dynamic). An ``optional`` input
+    may be left out of a request (the model has a default for it; Triton's ``optional: true``)."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
+    optional: bool = False
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -81,13 +83,16 @@ class TensorSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        if not self.optional:
+            del d["optional"]  # manifests of models without optional inputs read as they always did
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorSpec":
         if d["datatype"] not in DATATYPE_TO_NUMPY:
             raise ValueError(f"unknown datatype {d['datatype']!r}")
-        return cls(name=str(d["name"]), datatype=str(d["datatype"]), shape=tuple(int(x) for x in d["shape"]))
+        return cls(name=str(d["name"]), datatype=str(d["datatype"]), shape=tuple(int(x) for x in d["shape"]),
+                   optional=bool(d.get("optional", False)))
 
     def check(self, array: np.ndarray, *, max_batch: int | None = None) -> None:
         """Raise InvalidInput naming this tensor when ``array`` does not fit it."""

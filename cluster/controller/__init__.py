@@ -40,6 +40,7 @@ from cluster.calls import call
 from cluster.config import Endpoints, FleetConfig
 from cluster.controller.events import EventLog
 from cluster.controller.head import GcsWatch
+from cluster.controller.imported import Imported, read_imported
 from cluster.controller.loading import Loader
 from cluster.controller.pool import WorkerPool
 from cluster.controller.regions import ShmRegions
@@ -47,9 +48,10 @@ from cluster.controller.views import builds, fallbacks, model_statistics, nodes_
 from cluster.frontdoor.actor import FrontDoorActor
 from cluster.frontdoor.grpc_router import GrpcFront
 from cluster.frontdoor.routes import routes_from
+from cluster.frontdoor.tls import read_tls
 from cluster.inventory import Inventory, Placement
 from cluster.names import FRONT_DOOR_NAME, HEAD_NODE_RESOURCE, NAMESPACE
-from cluster.net import is_wildcard, local_address
+from cluster.net import free_port, is_wildcard, local_address
 from cluster.repository import Repository, StoredArtifact
 from cluster.router import Router, WorkerState
 
@@ -70,6 +72,7 @@ class FleetController:
         self.loader = Loader(self.config, self.pool, self.router, self.events, self._source, lambda: self._epoch)
         self.regions = ShmRegions(self.config.allow_client_shm, self.pool, self.events, self._changed)
         self._manifests: list[Manifest] = []
+        self._imported: dict[str, Imported] = {}  # models imported from a Triton repository
         self._manifest_generation = 0
         self._epoch = 0
         self._front = None  # the FrontDoorActor's handle, with the front door on
@@ -79,6 +82,7 @@ class FleetController:
         self._health_task: asyncio.Task | None = None
         self._started = False
         self.gcs: GcsWatch | None = None  # whether the head's GCS answers (set at start)
+        self._router_port: int | None = None  # the front door's gRPC router (chosen before the workers start)
 
     # ---- start-up ----------------------------------------------------------
     async def start(self) -> dict:
@@ -105,7 +109,8 @@ class FleetController:
         """Where this fleet is: its URL and ports and its repository (no secrets), for the CLI."""
         return {
             "fleet": self.config.name,
-            "url": f"http://{self._public_host()}:{self.config.port}",
+            "url": f"{'https' if self.config.tls.enabled else 'http'}://{self._public_host()}:{self.config.port}",
+            "tls": self.config.tls.enabled,
             "port": self.config.port,
             "serve_port": self.endpoints.serve_port,
             "front_door": self.endpoints.front_door,
@@ -117,10 +122,13 @@ class FleetController:
         }
 
     def _grpc_front(self) -> str | None:
-        """The fleet's gRPC port (the front door's HAProxy), where workers pass on their gRPC misses."""
+        """The front door's gRPC router, where workers pass on their gRPC misses (straight to it: the
+        fleet's own gRPC port may speak TLS only)."""
         if self.config.grpc_port is None or not self.endpoints.front_door:
             return None
-        return f"{self._public_host()}:{self.config.grpc_port}"
+        if self._router_port is None:
+            self._router_port = free_port(self.config.host)
+        return f"{self._public_host()}:{self._router_port}"
 
     async def _start_front_door(self) -> None:
         host = self.config.host
@@ -128,12 +136,13 @@ class FleetController:
         grpc = None
         if self.config.grpc_port is not None:
             policy = InferPolicy(self.config.max_request_bytes, self.config.auth_token, self.config.auth_inference)
-            grpc = GrpcFront((host, self.config.grpc_port), policy)
-        token = self.config.auth_token
-        worker_token = token if token and not self.config.auth_inference else None
+            self._grpc_front()
+            grpc = GrpcFront((host, self.config.grpc_port), policy, router_host=host, router_port=self._router_port or 0)
+        tls = read_tls(self.config.tls)  # checked by `fleet up` already; read here, on the head
+        worker_token = None if self.config.auth_inference else self.config.auth_token  # workers want it
         self._front = ray.remote(FrontDoorActor).options(
             name=FRONT_DOOR_NAME, namespace=NAMESPACE, num_cpus=0, resources=HEAD_NODE_RESOURCE, get_if_exists=True,
-        ).remote((host, self.config.port), (local_address(host), self.endpoints.serve_port), threads, grpc,
+        ).remote((host, self.config.port), (local_address(host), self.endpoints.serve_port), threads, grpc, tls,
                  worker_token)
         await call(self._front.start.remote(self._epoch, self._routes(), self._grpc_addresses()))
 
@@ -176,9 +185,18 @@ class FleetController:
             self.events.add("repository-unreachable", reason=exc.message)
             raise
         self._manifests = [a.manifest for a in arts]
+        await self._read_imported()
         self._manifest_generation += 1
         self._changed(manifests_changed=True)
         return arts
+
+    async def _read_imported(self) -> None:
+        """The imported Triton configurations: how those models are served and what their config shows."""
+        imported, problems = read_imported(await asyncio.to_thread(self.repo.triton_configs), self.config)
+        for model, reason in problems.items():
+            self.events.add("triton-config-unreadable", model=model, reason=reason)
+        self._imported = imported
+        self.loader.imported = {model: i.options for model, i in imported.items()}
 
     async def rescan(self) -> dict[str, list[str]]:
         """Re-read the repository (after builds or on a miss)."""
@@ -198,6 +216,27 @@ class FleetController:
         stored = await asyncio.to_thread(self.repo.publish, Manifest.from_dict(manifest), data)
         self.events.add("published", engine=stored.manifest.engine_key, location=stored.location)
         return stored
+
+    async def store_triton_config(self, model: str, files: dict[str, bytes]) -> str:
+        """A model's Triton configuration as imported (``fleet import-triton``)."""
+        self._need_gcs("storing an imported configuration")
+        return await asyncio.to_thread(self.repo.store_triton_config, model, files)
+
+    async def triton_configs(self) -> dict[str, dict[str, bytes]]:
+        return await asyncio.to_thread(self.repo.triton_configs)
+
+    async def remove(self, model: str, version: str) -> None:
+        """Take a model version out of service and out of the repository (an import whose version policy
+        no longer selects it)."""
+        self._need_gcs(f"removing {model} version {version}")
+        if any(m.model == model and m.version == version for m in self._manifests):
+            await self.loader.unload(model, version, self._manifests, explicit=False)
+        await asyncio.to_thread(self.repo.remove, model, version)
+        await self._scan()
+
+    async def read_artifact(self, manifest: dict) -> bytes:
+        """An artifact's bytes (``fleet export-triton`` on another host)."""
+        return await asyncio.to_thread(self.repo.read_artifact, Manifest.from_dict(manifest))
 
     async def store_calibration(self, key: str, result: CalibrationResult) -> str:
         return await asyncio.to_thread(self.repo.store_calibration, key, result)
@@ -266,9 +305,8 @@ class FleetController:
                 self.events.add("front-door-replace-failed", reason=err.message)
 
     async def drain_host(self, node_id: str, timeout_s: float = 60.0, address: str | None = None) -> dict:
-        """A host leaves (``fleet leave`` on it: its Ray node, and its address for a node that Ray
-        replaced): its workers leave every route, finish what they hold, and stop; the front door has
-        the new routes before they are waited on. None of them starts there again."""
+        """A host leaves (``fleet leave`` there: its Ray node and address): its workers leave every route
+        (the front door first), finish what they hold, and stop; none starts there again."""
         return await self.pool.drain(node_id, timeout_s, self._routes_applied, address)
 
     async def _routes_applied(self) -> None:
@@ -300,7 +338,7 @@ class FleetController:
         unloaded and loaded again."""
         self._need_gcs(f"loading {model}")
         version = await self._resolve(model, None)
-        base = self.config.model_config_for(model).load_options()
+        base = self.loader.base_options(model)
         options = base
         if config is not None:
             options = apply_config(read_config(config, model), self.router.manifests(model, version)[0], base)
@@ -315,6 +353,8 @@ class FleetController:
     async def model_config(self, model: str, version: str | None = None) -> dict:
         """Triton's model configuration of a model version, as served now (JSON)."""
         manifests = self.router.manifests(model, await self._resolve(model, version))
+        if model in self._imported and model not in self.loader.overrides:
+            return config_json(self._imported[model].config)  # as imported: what Triton would show
         gpu = not all(executes_on_cpu(m.target) for m in manifests)
         return config_json(model_config(manifests, self.loader.options_for(model), slots=self.config.slots, gpu=gpu))
 

@@ -53,10 +53,16 @@ class Loader:
         self._locks: dict[str, asyncio.Lock] = {}
         self.unloaded: set[str] = set()  # models unloaded through the repository API
         self.overrides: dict[str, LoadOptions] = {}  # serving options a load with a config override set
+        self.imported: dict[str, LoadOptions] = {}  # serving options of models imported from a Triton repository
+
+    def base_options(self, model: str) -> LoadOptions:
+        """How the model is served without an override: as its imported Triton configuration says,
+        else as the fleet config's ``models.<m>`` says."""
+        return self.imported.get(model) or self.config.model_config_for(model).load_options()
 
     def options_for(self, model: str) -> LoadOptions:
-        """How the model's engines are served: a load's config override, else the fleet config."""
-        return self.overrides.get(model) or self.config.model_config_for(model).load_options()
+        """How the model's engines are served: a load's config override, else ``base_options``."""
+        return self.overrides.get(model) or self.base_options(model)
 
     async def preload(self) -> None:
         for model, versions in self.router.models().items():
@@ -165,12 +171,14 @@ class Loader:
         return NoCapacity(f"no capacity for model '{model}' version {version} ({format_bytes(footprint)}): "
                           f"{'; '.join(problems) or self.router.capacity_report(model, version)}")
 
-    async def unload(self, model: str, version: str | None, manifests: list[Manifest]) -> list[str]:
-        """Unload the model from every worker. Returns the engine keys unloaded."""
+    async def unload(self, model: str, version: str | None, manifests: list[Manifest], *, explicit: bool = True) -> list[str]:
+        """Unload the model from every worker. Returns the engine keys unloaded. ``explicit`` (the
+        repository API's unload): no request loads it again until a load says so."""
         keys = {m.engine_key for m in manifests if m.model == model and (version is None or m.version == version)}
         if not keys and model not in self.router.models():
             raise ModelNotFound(f"Request for unknown model: model '{model}' is not in the repository")
-        self.unloaded.add(model)
+        if explicit:
+            self.unloaded.add(model)
         done = []
         for worker_id, state in list(self.router.workers.items()):
             held = keys & state.loaded

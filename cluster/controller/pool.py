@@ -335,6 +335,7 @@ class WorkerPool:
         member = self._members.get(worker_id)
         if member is None or member.handle is None or member.state not in (UP, UNREACHABLE, OUT):
             return False
+        handle = member.handle
         if member.pending is None:
             member.pending = asyncio.ensure_future(member.handle.health.remote())
             member.asked = time.monotonic()
@@ -347,7 +348,7 @@ class WorkerPool:
             if member.state == UP and waited >= UNREACHABLE_AFTER_S:
                 self._set(worker_id, UNREACHABLE, "worker-unreachable", node=member.node_id, waited_s=round(waited, 1))
             elif waited >= HUNG_AFTER_S and member.node_id in self._nodes and self._nodes[member.node_id].get("Alive"):
-                self._lost(worker_id)
+                self._lost(worker_id, handle)
             return False
         member.pending = None
         try:
@@ -357,11 +358,13 @@ class WorkerPool:
                 self._set(worker_id, UNREACHABLE, "worker-unreachable", node=member.node_id)
             return False
         except RayActorError:
-            self._lost(worker_id)
+            self._lost(worker_id, handle)
             return False
+        if member.handle is not handle or member.state not in (UP, UNREACHABLE, OUT):
+            return False  # another check (the periodic one, a refresh after a failed request) got here first
         if health.broken:  # a sticky CUDA error: the process lives on but computes no more
             self.events.add("worker-device-failed", worker=worker_id, reason=health.broken)
-            self._lost(worker_id)
+            self._lost(worker_id, handle)
             return False
         if health.gpu_unhealthy:  # the GPU itself (ECC, Xid): a new process would fail the same way
             if member.state != OUT:
@@ -381,9 +384,13 @@ class WorkerPool:
             member.health = health  # counters move without changing the inventory
         return True
 
-    def _lost(self, worker_id: str) -> None:
+    def _lost(self, worker_id: str, handle) -> None:
         member = self._members[worker_id]
-        handle, member.pending = member.handle, None
+        if member.handle is not handle or member.state == REPLACING:
+            # Concurrent checks of one dead worker: one replacement only (a second would start
+            # another actor on the same GPU and leave it holding the slot).
+            return
+        member.pending = None
         self._set(worker_id, REPLACING, "worker-lost")
         self._spawn(self._replace(worker_id, handle))
 

@@ -22,8 +22,10 @@ from cluster.calls import call
 from cluster.frontdoor.grpc_router import GrpcFront, GrpcRouter
 from cluster.frontdoor.haproxy import FrontDoor
 from cluster.frontdoor.routes import GrpcFrontend, Route
+from cluster.frontdoor.tls import TlsMaterial
 from cluster.inventory import Placement
 from cluster.names import CONTROLLER_NAME, NAMESPACE
+from cluster.net import local_address
 
 log = logging.getLogger("forward-fleet.front-door")
 
@@ -32,8 +34,9 @@ WATCH_PERIOD_S = 0.5
 
 class FrontDoorActor:
     def __init__(self, bind: tuple[str, int], ingress: tuple[str, int], threads: int = 1,
-                 grpc: GrpcFront | None = None, worker_token: str | None = None) -> None:
-        self.door = FrontDoor(bind, ingress, threads, worker_token=worker_token)
+                 grpc: GrpcFront | None = None, tls: TlsMaterial | None = None,
+                 worker_token: str | None = None) -> None:
+        self.door = FrontDoor(bind, ingress, threads, tls=tls, worker_token=worker_token)
         self.grpc = GrpcRouter(grpc, f"http://{ingress[0]}:{ingress[1]}", self._load) if grpc is not None else None
         self._controller = None
         self._epoch = -1
@@ -51,7 +54,7 @@ class FrontDoorActor:
             self.grpc.set_addresses(grpc_addresses or {})
             self.grpc.set_routes(routes)
             port = await self.grpc.start()
-            self.door.grpc = GrpcFrontend(self.grpc.front.bind, (self.grpc.front.router_host, port))
+            self.door.grpc = GrpcFrontend(self.grpc.front.bind, (local_address(self.grpc.front.router_host), port))
         await asyncio.to_thread(self.door.start, routes)
         self._epoch, self._desired, self._applied = epoch, routes, epoch
         loop = asyncio.get_running_loop()

@@ -54,7 +54,8 @@ class GrpcFront:
 
     bind: tuple[str, int]
     policy: InferPolicy = field(default_factory=InferPolicy)
-    router_host: str = "127.0.0.1"  # the router itself, beside HAProxy
+    router_host: str = "127.0.0.1"  # the router itself, beside HAProxy (and where workers send their misses)
+    router_port: int = 0  # 0: any free port
 
 
 def _length_delimited(number: int, payload: bytes) -> bytes:
@@ -107,7 +108,7 @@ class GrpcRouter:
         handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(self.model_infer)  # raw bytes both ways
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(self.model_stream_infer)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        self.port = server.add_insecure_port(f"{self.front.router_host}:0")
+        self.port = server.add_insecure_port(f"{self.front.router_host}:{self.front.router_port}")
         await server.start()
         self._server = server
         return self.port

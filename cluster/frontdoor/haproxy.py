@@ -20,7 +20,8 @@ from pathlib import Path
 
 from workers.errors import NotReady
 
-from cluster.frontdoor.routes import ERRORS, GrpcFrontend, Route, error_response, render_config
+from cluster.frontdoor.routes import ERRORS, GrpcFrontend, Route, TlsFiles, error_response, render_config
+from cluster.frontdoor.tls import TlsMaterial
 from cluster.net import local_address
 
 
@@ -55,7 +56,8 @@ class FrontDoor:
     """One HAProxy (master-worker) process on the fleet's port."""
 
     def __init__(self, bind: tuple[str, int], ingress: tuple[str, int], threads: int = 1,
-                 grpc: GrpcFrontend | None = None, worker_token: str | None = None) -> None:
+                 grpc: GrpcFrontend | None = None, tls: TlsMaterial | None = None,
+                 worker_token: str | None = None) -> None:
         binary = haproxy_binary()
         if binary is None:
             raise NotReady("HAProxy is not installed (it comes with ray[serve] on Linux); set front_door: false")
@@ -71,11 +73,12 @@ class FrontDoor:
         self.restarts = 0
         for code in ERRORS:
             (self.dir / f"e{code}.http").write_bytes(error_response(code))
+        self.tls = TlsFiles(*tls.write(self.dir)) if tls is not None else None
 
     def _render(self, routes: list[Route]) -> str:
         return render_config(routes, bind=self.bind, ingress=self.ingress,
                              admin_socket=str(self.dir / "admin.sock"), threads=self.threads, maxconn=_maxconn(),
-                             errors_dir=str(self.dir), grpc=self.grpc,
+                             errors_dir=str(self.dir), grpc=self.grpc, tls=self.tls,
                              worker_token=self.worker_token)
 
     def _write_checked(self, text: str) -> None:
@@ -150,6 +153,7 @@ class FrontDoor:
     def describe(self) -> dict:
         return {
             "listen": f"{self.bind[0]}:{self.bind[1]}",
+            "tls": None if self.tls is None else ("mutual" if self.tls.client_ca else "server"),
             "ingress": f"{self.ingress[0]}:{self.ingress[1]}",
             "running": self.running,
             "pid": self._proc.pid if self.running else None,  # HAProxy's master process

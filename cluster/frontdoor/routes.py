@@ -82,16 +82,29 @@ GRPC_MISS_HEADER = "x-fleet-miss"  # a worker passes on a request it cannot serv
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """Where HAProxy finds the certificate chain and key (one PEM), and the client CA for mutual TLS."""
+
+    crt: str
+    client_ca: str | None = None
+
+    def bind_options(self, alpn: str) -> str:
+        verify = f" ca-file {self.client_ca} verify required" if self.client_ca else ""
+        return f" ssl crt {self.crt} alpn {alpn}{verify}"
+
+
+@dataclass(frozen=True)
 class GrpcFrontend:
     bind: tuple[str, int]  # the fleet's gRPC port
     router: tuple[str, int]  # the gRPC router, beside HAProxy
 
 
-def _grpc_config(routes: list[Route], grpc: GrpcFrontend, worker_token: str | None = None) -> list[str]:
+def _grpc_config(routes: list[Route], grpc: GrpcFrontend, tls: TlsFiles | None,
+                 worker_token: str | None = None) -> list[str]:
     """The gRPC frontend: ModelInfer of a held model straight to a holder's gRPC endpoint, the rest to the router."""
     lines = [
         "frontend fleet_grpc",
-        f"    bind {grpc.bind[0]}:{grpc.bind[1]} proto h2",
+        f"    bind {grpc.bind[0]}:{grpc.bind[1]}{tls.bind_options('h2') if tls else ''} proto h2",
         f"    acl grpc_infer path {GRPC_INFER_PATH}",
         f"    acl grpc_miss req.hdr({GRPC_MISS_HEADER}) -m found",
         # the body of a unary ModelInfer only (a stream's body never ends): up to the buffer's size
@@ -127,8 +140,10 @@ def _grpc_config(routes: list[Route], grpc: GrpcFrontend, worker_token: str | No
 
 def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[str, int], admin_socket: str,
                   threads: int = 1, maxconn: int = 4096, errors_dir: str | None = None,
-                  grpc: GrpcFrontend | None = None, worker_token: str | None = None) -> str:
+                  grpc: GrpcFrontend | None = None, tls: TlsFiles | None = None,
+                  worker_token: str | None = None) -> str:
     """The HAProxy configuration for these routes (model names are already validated: [A-Za-z0-9_.-]).
+    With ``tls``, both frontends speak TLS only.
 
     ``worker_token``: the fleet's token, which workers' endpoints require (they are on the network)
     while the fleet's own port lets inference in without one: HAProxy presents it for the client."""
@@ -174,7 +189,7 @@ def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[
         *([f"    errorfile {code} {errors_dir}/e{code}.http" for code in ERRORS] if errors_dir else []),
         "",
         "frontend fleet",
-        f"    bind {bind[0]}:{bind[1]}",
+        f"    bind {bind[0]}:{bind[1]}{tls.bind_options('http/1.1') if tls else ''}",
     ]
     for i, route in enumerate(routes):
         paths = [f"/v2/models/{route.model}/versions/{route.version}/infer"]
@@ -201,7 +216,7 @@ def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[
         lines.append("")
     lines += ["backend ingress", f"    server serve {ingress[0]}:{ingress[1]}", ""]
     if grpc is not None:
-        lines += _grpc_config(routes, grpc, worker_token)
+        lines += _grpc_config(routes, grpc, tls, worker_token)
     return "\n".join(lines)
 
 

@@ -74,8 +74,8 @@ def factory(path, target, **kwargs):
 device = discover_devices()[0]
 caps = WorkerCaps("gpu-fault", device, (Runtime("onnxruntime", ort.__version__, "cuda"),))
 runner = EngineRunner(caps, 8 << 30, slots=2, engine_factory=factory)
-runner.load(good, work + "/good")
-runner.load(bad, work + "/bad")
+runner.load(good, work + "/good/" + good.artifact_file)
+runner.load(bad, work + "/bad/" + good.artifact_file)
 x = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
 result = {"healthy_before": runner.infer(InferRequest({"input": x}), "good").outputs["logits"].shape == (4, 10)}
 for name in ("broken", "good"):

@@ -12,15 +12,22 @@ import pynvml
 import pytest
 
 from workers.actor import FleetWorker, WorkerSpec
+from workers.artifacts import RepositoryObject
 from workers.build import BuildRequest, build_artifact
 from workers.devices import discover_devices, nvml_used_bytes
 from workers.engines.onnxruntime import OnnxRuntimeEngine
 from workers.errors import NoCapacity
 from workers.kserve.codec import InferRequest
+from workers.storage import StoreSpec
 from workers.targets import Target
 
 pytestmark = pytest.mark.gpu
 CUDA = Target("onnxruntime", ort.__version__, provider="cuda")
+
+
+def from_directory(manifest, directory) -> RepositoryObject:
+    """The artifact as a worker gets it: an object of the repository (here a directory)."""
+    return RepositoryObject(StoreSpec(str(directory)), manifest.artifact_file)
 
 
 def nvml_devices():
@@ -101,7 +108,7 @@ def test_footprints_measured_and_budget_never_exceeded(mlp_artifacts, results_di
     for round_ in range(2):
         for manifest, directory in mlp_artifacts:
             try:
-                worker.load(manifest, str(directory))
+                worker.load(manifest, from_directory(manifest, directory))
             except NoCapacity:
                 pass
             except Exception as exc:  # anything else (a CUDA out-of-memory) fails the test below
@@ -125,7 +132,7 @@ def test_footprints_measured_and_budget_never_exceeded(mlp_artifacts, results_di
 def test_sixteen_threads_fifty_requests_each(mlp_artifacts, results_dir):
     manifest, directory = mlp_artifacts[0]
     worker = FleetWorker(WorkerSpec("gpu-threads", budget_bytes=8 << 30))
-    worker.load(manifest, str(directory))
+    worker.load(manifest, from_directory(manifest, directory))
     rng = np.random.default_rng(1)
     inputs = [rng.random((4, 4096), dtype=np.float32) for _ in range(16)]
     with OnnxRuntimeEngine(directory / "model.onnx", provider="cuda") as ref:
@@ -155,11 +162,13 @@ from workers.actor import FleetWorker, WorkerSpec
 from workers.devices import nvml_used_bytes
 from workers.kserve.codec import InferRequest
 from workers.manifest import Manifest
+from workers.artifacts import RepositoryObject
+from workers.storage import StoreSpec
 import numpy as np
 manifest = Manifest.read(sys.argv[1])
 worker = FleetWorker(WorkerSpec("teardown", budget_bytes=8 << 30))
 base = worker.baseline_used_bytes
-worker.load(manifest, sys.argv[1])
+worker.load(manifest, RepositoryObject(StoreSpec(sys.argv[1]), manifest.artifact_file))
 worker.infer(manifest.model, InferRequest({"input": np.ones((64, 4096), np.float32)}))
 loaded = nvml_used_bytes(worker.device.uuid)
 worker.shutdown()

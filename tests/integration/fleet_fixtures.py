@@ -56,7 +56,7 @@ def running_fleet(config_path: str | None, repo_root: Path, *, cluster_address: 
         ray.init(address=cluster_address, namespace=NAMESPACE, log_to_driver=False)
     try:
         deploy.deploy(config)
-        yield config, f"http://127.0.0.1:{config.port}"
+        yield config, config.url
     finally:
         deploy.teardown()
         ray.shutdown()

@@ -157,8 +157,6 @@ def test_without_a_fleet_the_url_is_not_guessed(tmp_path):
     result = run(["infer", "digits-mlp", "--input", "rows.npy"], tmp_path, RAY_ADDRESS="127.0.0.1:9")
     assert result.returncode == 2 and "--url" in result.stderr, result.stderr
     assert "cannot reach Ray's GCS at 127.0.0.1:9" in result.stderr  # named, not a local guess
-    result = run(["infer", "digits-mlp", "--input", "rows.npy"], tmp_path, RAY_ADDRESS="")
-    assert result.returncode == 2 and "--url" in result.stderr, result.stderr
 
 
 def test_errors_are_clear_and_exit_nonzero(foreground_fleet):

@@ -342,19 +342,24 @@ def test_a_worker_whose_gpu_context_broke_is_restarted_and_routed_around(sim):
     for t in threads:
         t.start()
     time.sleep(0.5)
+    began = time.time()
     ray.get(handle.simulate_device_fault.remote("CUDA failure 700: an illegal memory access was encountered"))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         s = status(sim)
-        if s["restarts"] > restarts and {w["worker_id"]: w for n in s["nodes"] for w in n["workers"]}[victim]["alive"]:
+        replaced = any(e["event"] == "worker-replaced" and e.get("worker") == victim and e["time"] >= began
+                       for e in s["events"])
+        if replaced and {w["worker_id"]: w for n in s["nodes"] for w in n["workers"]}[victim]["alive"]:
             break
         time.sleep(0.25)
     stop.set()
     for t in threads:
         t.join()
-    events = [e for e in status(sim)["events"] if e.get("worker") == victim]
+    events = [e for e in status(sim)["events"] if e.get("worker") == victim and e["time"] >= began]
     assert any(e["event"] == "worker-device-failed" and "illegal memory access" in e["reason"] for e in events), events
-    assert status(sim)["restarts"] == restarts + 1
+    # restarted once (the fleet-wide count may also move if a loaded CI box drops another worker)
+    assert [e["event"] for e in events].count("worker-replaced") == 1, events
+    assert status(sim)["restarts"] >= restarts + 1
     # every failure, if any, was a clear 503 naming the broken GPU, never a 500
     assert all(getattr(e, "http_status", None) == 503 for e in errors), errors
     assert statuses["t4-node-gpu0"] > 0
@@ -390,4 +395,7 @@ def test_a_gpu_that_nvml_reports_unhealthy_is_routed_around_and_not_restarted(si
     deadline = time.monotonic() + 60
     while not workers(sim)[victim]["alive"] and time.monotonic() < deadline:
         time.sleep(0.25)
-    assert workers(sim)[victim]["alive"]
+    if not workers(sim)[victim]["alive"]:
+        seen = [f'{e["event"]} {e.get("reason", "")}' for e in status(sim)["events"]
+                if e.get("worker") == victim and e["event"] != "load"]
+        pytest.fail("not back: " + "; ".join(seen[-8:]))

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("workers", "cluster", "benchmarks")
 PURE = ("workers.targets", "workers.ledger", "workers.manifest", "workers.tensors", "workers.messages",
         "workers.devices", "cluster.router", "cluster.inventory", "cluster.frontdoor.routes", "cluster.controller.views",
-        "cluster.controller.head", "workers.gpu_health")
+        "cluster.controller.head", "workers.gpu_health", "workers.warmup", "cluster.triton.mapping")
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
 

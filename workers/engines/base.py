@@ -108,11 +108,13 @@ def check_feeds(specs: tuple[TensorSpec, ...], feeds: dict[str, np.ndarray], max
             f"unknown input {', '.join(repr(u) for u in unknown)}; the model's inputs are "
             f"{', '.join(repr(s.name) for s in specs)}"
         )
-    missing = [s.name for s in specs if s.name not in feeds]
+    missing = [s.name for s in specs if s.name not in feeds and not s.optional]
     if missing:
         raise InvalidInput(f"missing input {', '.join(repr(m) for m in missing)}")
     batch = None
     for spec in specs:
+        if spec.name not in feeds:
+            continue  # an optional input left out: the model's default
         array = feeds[spec.name]
         spec.check(array, max_batch=max_batch)
         if spec.shape and spec.shape[0] < 0:

@@ -21,14 +21,14 @@ def cuda_provider_available() -> bool:
     return CUDA_PROVIDER in ort.get_available_providers()
 
 
-def _specs(nodes: list) -> tuple[TensorSpec, ...]:
+def _specs(nodes: list, optional: bool = False) -> tuple[TensorSpec, ...]:
     specs = []
     for node in nodes:
         datatype = ONNX_TYPE_TO_DATATYPE.get(node.type)
         if datatype is None:
             raise InvalidInput(f"tensor '{node.name}' has type {node.type}, which forward-fleet cannot serve")
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
-        specs.append(TensorSpec(node.name, datatype, shape))
+        specs.append(TensorSpec(node.name, datatype, shape, optional))
     return tuple(specs)
 
 
@@ -85,6 +85,11 @@ class OnnxRuntimeEngine(Engine):
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
         return self._outputs
+
+    def defaulted_inputs(self) -> tuple[TensorSpec, ...]:
+        """Inputs the model has defaults for (initializers that are graph inputs too), as optional inputs."""
+        assert self._session is not None
+        return _specs(self._session.get_overridable_initializers(), optional=True)
 
     @property
     def footprint_bytes(self) -> int:
@@ -179,7 +184,18 @@ def _ort_strings(name: str, array: np.ndarray) -> np.ndarray:
         raise InvalidInput(f"input '{name}': ONNX Runtime takes strings as UTF-8; this BYTES element is not") from None
 
 
-def describe_model(model_path: str | Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Inputs and outputs of an ONNX model, as ONNX Runtime sees them (loads it on the CPU)."""
+def describe_model(model_path: str | Path, optional: "tuple[str, ...] | list[str]" = ()) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Inputs and outputs of an ONNX model, as ONNX Runtime sees them (loads it on the CPU).
+
+    ``optional``: inputs that requests may leave out, served as optional inputs: each must be one the
+    model has a default for (an initializer that is also a graph input: ONNX Runtime's overridable
+    initializers); InvalidInput naming it otherwise."""
     with OnnxRuntimeEngine(model_path, intra_op_threads=1) as engine:
-        return engine.inputs, engine.outputs
+        if not optional:
+            return engine.inputs, engine.outputs
+        defaults = {s.name: s for s in engine.defaulted_inputs()}
+        missing = [name for name in optional if name not in defaults]
+        if missing:
+            raise InvalidInput(f"input(s) {', '.join(missing)} of {Path(model_path).name} cannot be optional: the model has "
+                               f"no default for them (optional inputs: {', '.join(defaults) or 'none'})")
+        return engine.inputs + tuple(defaults[name] for name in optional), engine.outputs

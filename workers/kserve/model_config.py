@@ -60,14 +60,15 @@ def model_config(manifests: list[Manifest], options: LoadOptions, *, slots: int,
                             max_batch_size=options.max_batch_for(first.max_batch) if batched else 0)
     config.version_policy.latest.num_versions = 1
     for spec in first.inputs:
-        config.input.add(name=spec.name, data_type=DATATYPE_TO_TRITON[spec.datatype], dims=_tensor_dims(spec, batched))
+        config.input.add(name=spec.name, data_type=DATATYPE_TO_TRITON[spec.datatype], dims=_tensor_dims(spec, batched),
+                         optional=spec.optional)
     for spec in first.outputs:
         config.output.add(name=spec.name, data_type=DATATYPE_TO_TRITON[spec.datatype], dims=_tensor_dims(spec, batched))
     if batched and options.dynamic_batching:
         config.dynamic_batching.preferred_batch_size.extend(options.preferred_batch_sizes)
         config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
-    config.instance_group.add(name=first.model, kind=kind, count=slots)
+    config.instance_group.add(name=first.model, kind=kind, count=options.slots or slots)
     config.default_model_filename = first.artifact_file
     config.parameters["fleet_precision"].string_value = ",".join(sorted({m.precision for m in manifests}))
     config.parameters["fleet_targets"].string_value = ",".join(sorted({m.target.key() for m in manifests}))
@@ -139,8 +140,15 @@ def _check_tensors(kind: str, given, specs: tuple[TensorSpec, ...], batched: boo
 
 def apply_config(config: mc.ModelConfig, manifest: Manifest, options: LoadOptions) -> LoadOptions:
     """The serving options ``config`` asks for, checked against the model (``manifest``):
-    ``max_batch_size`` (at most what the artifact was built for), dynamic batching. Inputs and
-    outputs it names must match the model's; fields the fleet does not serve are refused."""
+    ``max_batch_size`` (at most what the artifact was built for), dynamic batching, the instance
+    count. Inputs and outputs it names must match the model's; fields the fleet does not serve are
+    refused."""
+    check_config(config, manifest)
+    return serving_options(config, options, manifest.max_batch if manifest.batched else 0, manifest.model)
+
+
+def check_config(config: mc.ModelConfig, manifest: Manifest) -> None:
+    """InvalidInput unless the fleet can serve ``manifest``'s model as ``config`` says."""
     model = manifest.model
     unsupported = sorted(f.name for f, _ in config.ListFields() if f.name not in APPLIED)
     if unsupported:
@@ -155,16 +163,39 @@ def apply_config(config: mc.ModelConfig, manifest: Manifest, options: LoadOption
     batched = manifest.batched
     _check_tensors("input", config.input, manifest.inputs, batched, model)
     _check_tensors("output", config.output, manifest.outputs, batched, model)
+
+
+def instance_count(config: mc.ModelConfig) -> int | None:
+    """Triton's instances of a model (each group's ``count``, 1 when unset), or None without groups."""
+    if not config.instance_group:
+        return None
+    return sum(group.count or 1 for group in config.instance_group)
+
+
+def serving_options(config: mc.ModelConfig, options: LoadOptions, built_max_batch: int, model: str, *,
+                    whole: bool = False) -> LoadOptions:
+    """``options`` with what ``config`` sets: ``max_batch_size`` (at most ``built_max_batch``, what the
+    artifact was built for; 0: no batch dimension), dynamic batching (preferred sizes, queue delay, the
+    queue's bound), the instance count as the engine's slots. ``whole``: the configuration is the
+    model's whole configuration (a Triton repository's), so what it leaves out is off, as on Triton:
+    no ``dynamic_batching``, no batching."""
     changes: dict = {}
     if config.max_batch_size:
-        if not batched or config.max_batch_size > manifest.max_batch:
-            limit = manifest.max_batch if batched else 0
+        if config.max_batch_size > built_max_batch:
             raise InvalidInput(f"failed to load '{model}': max_batch_size {config.max_batch_size} is over the "
-                               f"{limit} its artifact was built for")
+                               f"{built_max_batch} its artifact was built for")
         changes["max_batch"] = config.max_batch_size
     if config.HasField("dynamic_batching"):
         batching = config.dynamic_batching
         changes.update(dynamic_batching=True, preferred_batch_sizes=tuple(batching.preferred_batch_size))
-        if batching.max_queue_delay_microseconds:
+        if batching.max_queue_delay_microseconds or whole:  # Triton's default delay is 0
             changes["max_queue_delay_us"] = batching.max_queue_delay_microseconds
+        if batching.default_queue_policy.max_queue_size:
+            changes["max_queue_size"] = batching.default_queue_policy.max_queue_size
+    elif whole:
+        changes["dynamic_batching"] = False
+    if whole and not config.max_batch_size:
+        changes["dynamic_batching"] = False
+    if instance_count(config):
+        changes["slots"] = instance_count(config)
     return dataclasses.replace(options, **changes)

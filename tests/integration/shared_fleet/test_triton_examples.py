@@ -26,6 +26,10 @@ def example(request, shared_fleet):
     lib = httpclient if request.param == "http" else grpcclient
     url = shared_fleet["url"].removeprefix("http://") if request.param == "http" else shared_fleet["grpc"]
     client = lib.InferenceServerClient(url)
+    # The examples expect a server that has just started with these models loaded; earlier tests on
+    # the shared fleet may have unloaded them (schemathesis calls the repository API too).
+    for model in ("simple", "simple_string", "simple_identity"):
+        client.load_model(model)
     yield request.param, lib, client
     client.close()
 
