@@ -37,6 +37,8 @@ def sim(tmp_path_factory, demo_models):
     for node in data["nodes"]:
         for gpu in node["gpus"]:
             gpu["budget"] = BUDGET
+    # A build reserves its TensorRT workspace in the budget first (simulated targets too): bounded to fit these
+    data["build_workspace_bytes"] = "16MiB"
     config_path = work / "hetero-sim.yaml"
     config_path.write_text(yaml.safe_dump(data))
     with simulated_cluster(config_path) as cluster:
