@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from workers.errors import FleetError
 from workers.ledger import format_bytes
 from workers.manifest import sha256_file
 
+from cluster.cli_hosts import add_host_commands
 from cluster.client import FleetClient
 from cluster.client_tls import ClientTls
 from cluster.console import say
@@ -61,18 +60,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _print_ready(config.url, config)
     if not args.foreground:
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    say("serving; press Ctrl-C to stop")
-    stop.wait()
-    say("shutting down ...")
-    deploy.teardown()
-    nodes.disconnect()
-    if started_nodes:
-        nodes.stop_nodes()
-    say("stopped")
-    return 0
+    return deploy.serve_in_foreground(controller, address, started_nodes, config.gcs_fault_tolerance.enabled)
 
 
 def _build_demo(config) -> None:
@@ -162,11 +150,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             dev = w["device"]
             used = f"{format_bytes(w['used_bytes'])}/{format_bytes(w['budget_bytes'])}"
             loaded = ", ".join(e["key"].split(":")[0] + ":" + e["key"].split(":")[2] for e in w["ledger"]) or "-"
-            alive = "" if w["alive"] else " (DOWN)"
+            alive = "" if w["alive"] else f" ({w.get('state', 'down').upper()})"
             print(
                 f"{node['node']:<14} {w['worker_id'] + alive:<22} {dev['name'][:26]:<26} "
                 f"{dev['compute_capability'] or 'cpu':<5} {used:<22} {'yes' if w['simulated'] else 'no':<4} {loaded}"
             )
+    hosts = status.get("hosts") or []
+    if len(hosts) > 1 or any(h["state"] != "alive" for h in hosts):
+        print(f"\n{'HOST':<16} {'ADDRESS':<16} {'STATE':<11} WORKERS")
+        for h in hosts:
+            workers = ", ".join(f"{w} ({s})" for w, s in h["workers"].items())
+            joined = " (joined)" if h.get("joined") else ""
+            print(f"{h['name']:<16} {h['address'] or '-':<16} {h['state'] + joined:<11} {workers}")
     for model, reason in status.get("fallbacks", {}).items():
         print(f"\n{model}: served by ONNX Runtime (fallback), TensorRT refused it: {reason.splitlines()[0]}")
     for node in status["nodes"]:
@@ -342,6 +337,8 @@ def _add_lifecycle_commands(sub) -> None:
                    "(as `fleet import-triton`; default from config: triton_repository)")
     p.add_argument("--foreground", action="store_true", help="keep running until Ctrl-C, then shut everything down")
     p.set_defaults(func=cmd_up)
+
+    add_host_commands(sub)
 
     p = sub.add_parser("down", help="stop the fleet and every Ray node `fleet up` started")
     p.add_argument("--address", help="Ray address (default: auto)")

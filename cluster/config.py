@@ -301,6 +301,10 @@ class FleetConfig(_Strict):
     # How long a request, a load or a batch part waits for a worker that can run its model while
     # that worker is being replaced (it crashed, was killed, lost its GPU context), before a 503.
     worker_wait_s: float = Field(60.0, ge=0, le=3600)
+    # A build counts its memory in its device's ledger before it starts (TensorRT's workspace bounded
+    # by this; None: the build's own default) and waits this long for room; it never evicts.
+    build_workspace_bytes: int | None = None
+    build_wait_s: float = Field(120.0, ge=0, le=3600)
     # Triton's system shared memory extension: clients on a fleet host register POSIX shared
     # memory objects and send only tensor descriptions. Off by default (Triton's
     # --allow-client-shm): workers then read and write any object a client names.
@@ -331,7 +335,8 @@ class FleetConfig(_Strict):
                 raise ValueError(f"gpu_types keys are GPU models (T4, V100) or compute capabilities (\"7.5\"), got {key!r}")
         return v
 
-    @field_validator("reserve_bytes", "max_request_bytes", "cpu_budget", "artifact_cache_bytes", mode="before")
+    @field_validator("reserve_bytes", "max_request_bytes", "cpu_budget", "artifact_cache_bytes", "build_workspace_bytes",
+                     mode="before")
     @classmethod
     def _size(cls, v):
         return None if v is None else parse_bytes(v)

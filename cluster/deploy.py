@@ -7,7 +7,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from ray import serve
 
 from workers.errors import InvalidConfig, NotReady, RepositoryUnavailable
 
+from cluster import nodes
 from cluster.buildfarm import FleetRepository
 from cluster.config import Endpoints, FleetConfig
 from cluster.console import say
@@ -169,3 +174,29 @@ def teardown() -> None:
         serve.shutdown()
     except Exception:
         pass
+
+
+def serve_in_foreground(controller, address: str, started_nodes: bool, gcs_restarts: bool) -> int:
+    """Until Ctrl-C, or until the fleet is gone (`fleet down` elsewhere): then without waiting on a
+    Ray that is no longer there (Serve's app deletion would retry for a minute and more)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    say("serving; press Ctrl-C to stop")
+    watch = nodes.FleetWatch(address, controller, grace_s=30.0 if gcs_restarts else 3.0)
+    gone = None
+    while not stop.wait(1.0):
+        gone = watch.gone()
+        if gone:
+            break
+    if gone or (gone := watch.gone()):
+        say(f"the fleet is gone ({gone}); exiting")  # whoever stopped it stopped its nodes too
+        sys.stdout.flush()
+        os._exit(0)  # Ray's own exit hooks would wait on the head that is gone
+    say("shutting down ...")
+    teardown()
+    nodes.disconnect()
+    if started_nodes:
+        nodes.stop_nodes()
+    say("stopped")
+    return 0

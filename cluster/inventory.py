@@ -19,7 +19,14 @@ class WorkerRecord:
 
     info: WorkerInfo
     health: WorkerHealth
-    alive: bool = True
+    alive: bool = True  # routable: the router sends it requests and loads
+    state: str = "up"  # up, unreachable, draining, replacing, waiting for its host, out of service
+
+    @property
+    def standby(self) -> bool:
+        """Not answering the controller, but not lost either (its host's link may be down): the front
+        door keeps it as a server and its own checks say when it answers again."""
+        return self.state == "unreachable"
 
     @property
     def worker_id(self) -> str:

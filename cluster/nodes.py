@@ -130,7 +130,7 @@ def stop_nodes() -> None:
     gcs_ft.stop_local_redis()
 
 
-def _probe_gcs(address: str, timeout_s: float = 3.0) -> None:
+def probe_gcs(address: str, timeout_s: float = 3.0) -> None:
     """Fail fast and clearly when nothing listens at the GCS address (ray.init would wait minutes)."""
     if address == "auto":
         current = Path("/tmp/ray/ray_current_cluster")
@@ -155,7 +155,7 @@ def connect(address: str | None) -> str | None:
     if ray.is_initialized():
         return None
     if address not in (None, "local"):
-        _probe_gcs(address)
+        probe_gcs(address)
     try:
         context = ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
         return getattr(context, "dashboard_url", None) or None
@@ -215,6 +215,34 @@ def running_fleet(address: str | None = None) -> RunningFleet | None:
     except (FleetError, ray.exceptions.RayError) as exc:
         raise NotReady(f"the fleet's controller did not answer: {exc}") from None
     return RunningFleet(controller, info, f"http://{dashboard}" if dashboard and "://" not in dashboard else dashboard)
+
+
+class FleetWatch:
+    """Whether a fleet this process started is still there (``fleet up --foreground``): its controller
+    answers, and the head's GCS takes connections (``grace_s`` allows a GCS that restarts)."""
+
+    def __init__(self, address: str, controller, grace_s: float = 3.0) -> None:
+        self.address, self.controller, self.grace_s = address, controller, grace_s
+        self._unreachable_since: float | None = None
+
+    def gone(self) -> str | None:
+        """Why the fleet is gone, or None while it runs."""
+        try:
+            probe_gcs(self.address, timeout_s=1.0)
+        except NotReady:
+            now = time.monotonic()
+            self._unreachable_since = self._unreachable_since or now
+            if now - self._unreachable_since >= self.grace_s:
+                return f"the head's GCS at {self.address} does not answer"
+            return None
+        self._unreachable_since = None
+        try:
+            ray.get(self.controller.describe.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return "its controller was stopped (fleet down)"
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+            return None  # busy or the GCS restarting: ask again
+        return None
 
 
 @contextmanager

@@ -35,6 +35,7 @@ class WorkerState:
     loaded: set[str] = field(default_factory=set)  # engine keys
     alive: bool = True
     outstanding: int = 0  # requests this router has in flight there
+    standby: bool = False  # out of reach for now (its host's link): the front door keeps it, its checks decide
 
     @property
     def worker_id(self) -> str:
@@ -47,7 +48,8 @@ class WorkerState:
     @classmethod
     def of(cls, record: WorkerRecord) -> "WorkerState":
         health = record.health
-        return cls(record.info.caps, health.budget_bytes, health.used_bytes, set(health.loaded), record.alive)
+        return cls(record.info.caps, health.budget_bytes, health.used_bytes, set(health.loaded), record.alive,
+                   standby=record.standby)
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,11 @@ class Router:
     def down_but_compatible(self, model: str, version: str) -> list[str]:
         """Workers that could run (model, version) but are not alive now (being replaced, perhaps)."""
         return sorted({w for w, _ in self._compatible.get((model, version), []) if not self.workers[w].alive})
+
+    def standby_holders(self, model: str, version: str) -> list[str]:
+        """Compatible workers holding an engine of (model, version) that are out of reach for now."""
+        return sorted({w for w, m in self._compatible.get((model, version), [])
+                       if self.workers[w].standby and m.engine_key in self.workers[w].loaded})
 
     def holders(self, model: str, version: str) -> list[str]:
         """The live compatible workers holding an engine of (model, version)."""

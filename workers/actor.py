@@ -4,7 +4,8 @@
 with ``ray.remote`` and pins it to one device (vLLM's worker: the orchestrator calls
 its lifecycle verbs by name). Verbs: ``info`` (once, at start), ``health`` (every
 second, cheap), ``stats`` (the status view), ``load``, ``unload``, ``infer``,
-``start_http``, ``start_grpc``, ``register_shm`` / ``unregister_shm``, ``build_from_bytes``, ``shutdown``.
+``start_http``, ``start_grpc``, ``register_shm`` / ``unregister_shm``, ``build_from_bytes``, ``in_flight``,
+``shutdown``.
 
 What runs lives in its ``EngineRunner`` (``workers/runner.py``): the engine table,
 the ledger and the one inference path, which the worker's own HTTP endpoint uses too.
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.artifacts import DEFAULT_CACHE_BYTES, ArtifactCache, ArtifactSource, default_cache_root
-from workers.build import BuildRequest, EvalData, build_artifact, onnx_opset
+from workers.build import BuildRequest, EvalData, build_artifact, build_memory_bytes, onnx_opset
 from workers.devices import CudaHostPinner, Device, discover_devices, nvml_used_bytes
 from workers.errors import IncompatibleArtifact, NotReady
 from workers.gpu_health import GpuHealthProbe
@@ -60,6 +61,8 @@ class WorkerSpec:
     slots: int = 4  # concurrent inferences per engine
     intra_op_threads: int = 0
     cache_bytes: int = DEFAULT_CACHE_BYTES  # this host's artifact cache (under its own temporary directory)
+    build_workspace_bytes: int | None = None  # bound on a TensorRT build's workspace (None: the build's default)
+    build_wait_s: float = 120.0  # how long a build waits for room in this device's budget (it never evicts)
     labels: dict = field(default_factory=dict, hash=False, compare=False)
     environment: tuple[str, ...] = ()  # requirements of the Python environment it starts in (its GPU type's)
 
@@ -198,6 +201,12 @@ class FleetWorker:
             "artifact_cache": self.artifacts.report(),
         }
 
+    def in_flight(self) -> int:
+        """Requests in this worker now: in its own HTTP and gRPC endpoints, and runs of its engines
+        (those that came as Ray calls too). A host that leaves is drained until this is 0."""
+        endpoints = sum(server.active for server in (self._http, self._grpc) if server is not None)
+        return endpoints + sum(e["in_flight"] for e in self.runner.ledger_snapshot()["entries"])
+
     def shutdown(self) -> None:
         """Stop serving HTTP and gRPC, then unload everything (contexts and engines first), waiting for in-flight work."""
         if self._http is not None:
@@ -280,7 +289,9 @@ class FleetWorker:
         """Build for one of this worker's targets from a source model shipped as bytes (the driver may
         be on another host); returns the manifest and the artifact's bytes, for the controller to publish.
         ``libraries``: the custom-op libraries ``request.custom_ops`` names, by file name, as bytes.
-        Everything is written under this process's own temporary directory, and removed."""
+        Everything is written under this process's own temporary directory, and removed. The build's
+        memory (its workspace bounded) is held in this device's ledger while it runs, or it waits for room:
+        it never pushes a loaded engine out."""
         with tempfile.TemporaryDirectory(prefix="fleet-build-") as tmp:
             path = Path(tmp) / "source.onnx"
             path.write_bytes(source)
@@ -293,8 +304,11 @@ class FleetWorker:
                 (Path(tmp) / "libraries").mkdir(exist_ok=True)
                 (Path(tmp) / "libraries" / name).write_bytes((libraries or {})[name])
                 local.append(str(Path(tmp) / "libraries" / name))
-            request = dataclasses.replace(request, source_path=str(path), custom_ops=tuple(local))
-            manifest = self._build(request, out, calibration, evaluation)
+            request = dataclasses.replace(request, source_path=str(path), custom_ops=tuple(local),
+                                          workspace_bytes=request.workspace_bytes or self.spec.build_workspace_bytes)
+            what = f"{request.model}:{request.version}:{request.target.key()}"
+            with self.runner.build_reservation(what, build_memory_bytes(request), self.spec.build_wait_s):
+                manifest = self._build(request, out, calibration, evaluation)
             return manifest.to_dict(), (out / manifest.artifact_file).read_bytes()
 
     def _build(self, request: BuildRequest, out_dir: Path, calibration: CalibrationResult | None,

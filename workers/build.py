@@ -38,6 +38,7 @@ from workers.tensors import TensorSpec
 
 DEFAULT_MAX_BATCH = 64
 EVAL_ROWS = 32
+DEFAULT_BUILD_WORKSPACE = 1 << 30  # TensorRT's builder workspace, when the fleet config sets no bound
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class BuildRequest:
     accept_accuracy_loss: bool = False
     fallback: str = "none"  # "onnxruntime": serve with ONNX Runtime if TensorRT's parser refuses the model
     custom_ops: tuple[str, ...] = ()  # paths of the custom-op / plugin libraries the model needs (like source_path)
+    workspace_bytes: int | None = None  # bound on TensorRT's builder workspace (None: DEFAULT_BUILD_WORKSPACE)
 
     def __post_init__(self) -> None:
         check_name("model name", self.model)
@@ -168,6 +170,19 @@ def onnx_opset(path: str | Path) -> int:
     except Exception:
         return 0
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+def build_memory_bytes(request: BuildRequest) -> int:
+    """Device memory a build may hold at its peak, reserved in the device's ledger before it starts: the
+    engine its accuracy check opens, the reference it is compared with, and for TensorRT (simulated
+    targets too, so they count as the real ones would) the builder's workspace, which the build bounds."""
+    source = Path(request.source_path)
+    libraries = tuple(LibraryFile(str(p), describe_library(p)) for p in request.custom_ops)
+    try:
+        inputs, outputs = describe_model(source, custom_ops=for_backend(libraries, ONNXRUNTIME))
+    except Exception as exc:  # ONNX Runtime raises several unrelated types here
+        raise BuildError(f"ONNX Runtime cannot load {source.name}: {exc}") from exc
+    engine = estimate_footprint(source, inputs + outputs, request.max_batch)
+    workspace = (request.workspace_bytes or DEFAULT_BUILD_WORKSPACE) if request.target.backend == "tensorrt" else 0
+    return 2 * engine + workspace
 
 
 def build_artifact(
@@ -201,6 +216,7 @@ def build_artifact(
         artifact = out / "model.plan"
         try:
             info = build_plan(source, artifact, TrtBuildOptions(inputs=inputs, precision=target.precision, max_batch=request.max_batch,
+                                                                workspace_bytes=request.workspace_bytes or DEFAULT_BUILD_WORKSPACE,
                                                                 hardware_compatibility=target.hardware_compatibility,
                                                                 version_compatible=target.version_compatible,
                                                                 plugin_libraries=for_backend(libraries, TENSORRT),

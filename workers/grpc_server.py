@@ -62,7 +62,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
 class GrpcOptions:
     """How a worker serves gRPC; decided by the controller from the fleet config."""
 
-    host: str = "127.0.0.1"
+    host: str | None = "127.0.0.1"  # None: as HttpOptions
     port: int = 0  # 0: any free port
     policy: InferPolicy = field(default_factory=InferPolicy)
 
@@ -77,6 +77,7 @@ class WorkerGrpcServer:
         self.stats = stats
         self.on_miss = on_miss
         self.port = 0
+        self.active = 0  # ModelInfer calls in this server now (a draining fleet waits for none)
         self._loop = LoopThread("worker-grpc")  # grpc.aio: asyncio's own loop
         self._server: grpc.aio.Server | None = None
 
@@ -113,8 +114,19 @@ class WorkerGrpcServer:
         return pb.ServerLiveResponse(live=True)
 
     async def model_infer(self, raw: bytes, context) -> bytes:
+        self.active += 1
+        try:
+            return await self._model_infer(raw, context)
+        finally:
+            self.active -= 1
+
+    async def _model_infer(self, raw: bytes, context) -> bytes:
         metadata = tuple((k.lower(), v) for k, v in context.invocation_metadata() if isinstance(v, str))
         headers = dict(metadata)
+        try:
+            self.options.policy.admit(headers)  # the token first: on another host this endpoint is on the network
+        except FleetError as exc:
+            await abort(context, exc)
         try:
             message = pb.ModelInferRequest.FromString(raw)
         except Exception:  # noqa: BLE001 (protobuf's DecodeError: the client's bytes)

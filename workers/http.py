@@ -19,8 +19,9 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from workers.errors import FleetError
 from workers.kserve.codec import InferRequest
-from workers.kserve.handler import HttpAnswer, InferPolicy, Served, handle_infer, json_answer, served_by
+from workers.kserve.handler import HttpAnswer, InferPolicy, Served, error_answer, handle_infer, json_answer, served_by
 from workers.httpwire import HttpConnection, RawHttpRequest
 from workers.loopthread import LoopThread
 from workers.runner import EngineRunner
@@ -33,7 +34,7 @@ MissHandler = Callable[[RawHttpRequest], Awaitable[HttpAnswer]]
 class HttpOptions:
     """How a worker serves HTTP; decided by the controller from the fleet config."""
 
-    host: str = "127.0.0.1"
+    host: str | None = "127.0.0.1"  # None: the fleet picks (its node's own address; loopback on the head)
     port: int = 0  # 0: any free port
     policy: InferPolicy = field(default_factory=InferPolicy)
 
@@ -58,6 +59,7 @@ class WorkerHttpServer:
         self.stats = stats
         self.on_miss = on_miss
         self.port = 0
+        self.active = 0  # inference requests in this server now (a draining fleet waits for none)
         self._loop = LoopThread("worker-http", fast=True)
 
     @property
@@ -102,6 +104,17 @@ class WorkerHttpServer:
         if target is None or method != "POST":
             return json_answer(404, {"error": f"no route for {method} {path} on a worker"})
         model, version = target
+        self.active += 1
+        try:
+            return await self._infer(model, version, request)
+        finally:
+            self.active -= 1
+
+    async def _infer(self, model: str, version: str | None, request: RawHttpRequest) -> HttpAnswer:
+        try:  # the token first: on another host this endpoint is reachable from the network
+            self.options.policy.admit(request.headers, request.size)
+        except FleetError as exc:
+            return error_answer(exc)
         on_miss = self.on_miss
         if on_miss is not None and (self.runner.out_of_service or self.runner.engine_key(model, version) is None):
             return await on_miss(request)  # not here: no point decoding what the ingress decodes again

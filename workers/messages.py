@@ -29,6 +29,7 @@ class WorkerInfo:
     http: tuple[str, int] | None = None  # the worker's own KServe v2 endpoint, once started
     grpc: tuple[str, int] | None = None  # its own KServe v2 gRPC endpoint, once started
     probe: dict = field(default_factory=dict, hash=False, compare=False)  # workers.probe.ProbeReport, as found at start
+    node_id: str | None = None  # the cluster's id of the node it runs on (Ray's), filled in by the fleet
 
     @property
     def simulated(self) -> bool:

@@ -32,10 +32,10 @@ from workers.loaded import Feeds, LoadedEngine, check_engine_io, warm_up
 from workers.engines import Engine, executes_on_cpu, open_engine
 from workers.engines.base import check_feeds
 from workers.device_faults import is_sticky_cuda_error
-from workers.errors import DeviceFailed, EngineNotHere, IncompatibleArtifact
+from workers.errors import DeviceFailed, EngineNotHere, IncompatibleArtifact, NoCapacity
 from workers.kserve.codec import InferRequest, ShmWritten, check_finite
 from workers.kserve.shm_io import shm_feeds, shm_output_arrays, write_shm_outputs
-from workers.ledger import Ledger
+from workers.ledger import Ledger, format_bytes
 from workers.manifest import Manifest, version_sort_key
 from workers.messages import LoadOptions, WorkerHealth
 from workers.shm import SharedMemoryRegistry
@@ -293,6 +293,32 @@ class EngineRunner:
             return self.intra_op_threads
         return max(1, (os.cpu_count() or 1) // self._slots(manifest, options))
 
+    @contextlib.contextmanager
+    def build_reservation(self, what: str, nbytes: int, wait_s: float):
+        """Hold ``nbytes`` of this device's budget while a build runs (``what`` names it), so loads and
+        routing see it taken. A build never evicts an engine: without room it waits for some (up to
+        ``wait_s``), then fails with NoCapacity naming the numbers."""
+        key = f"build:{what}"
+        deadline = time.monotonic() + wait_s
+        with self._lock:
+            while True:
+                if nbytes > self.ledger.budget_bytes or (nbytes > self.ledger.free_bytes and time.monotonic() >= deadline):
+                    raise NoCapacity(
+                        f"building {what} needs {format_bytes(nbytes)} of {self.device.describe()}, which has "
+                        f"{format_bytes(self.ledger.free_bytes)} free of {format_bytes(self.ledger.budget_bytes)}; "
+                        f"a build never pushes a loaded engine out (waited {wait_s:.0f} s for room): unload a model "
+                        f"there, or build on a device with room")
+                if nbytes <= self.ledger.free_bytes:
+                    self.ledger.add(key, nbytes, loading=True)  # never evicted, as an engine still loading
+                    break
+                self._lock.wait(min(1.0, max(0.01, deadline - time.monotonic())))
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.ledger.remove(key)
+                self._lock.notify_all()
+
     def unload(self, key: str) -> bool:
         """Unload one engine after its in-flight inferences finish. False if not loaded."""
         with self._lock:
@@ -303,6 +329,7 @@ class EngineRunner:
                 self._lock.wait()
             self.ledger.remove(key)
             self.counters["unloads"] += 1
+            self._lock.notify_all()  # a build waiting for room
         loaded.close()
         return True
 

@@ -33,7 +33,6 @@ from workers.errors import FleetError, ModelNotFound, RepositoryUnavailable, Sha
 from workers.kserve.handler import InferPolicy
 from workers.kserve.model_config import apply_config, config_json, model_config, read_config
 from workers.manifest import Manifest
-from workers.precision import CalibrationResult
 from workers.stats import merge
 
 from cluster.calls import call
@@ -44,6 +43,7 @@ from cluster.controller.imported import Imported, read_imported
 from cluster.controller.loading import Loader
 from cluster.controller.pool import WorkerPool
 from cluster.controller.regions import ShmRegions
+from cluster.controller.repository_verbs import RepositoryVerbs
 from cluster.controller.views import builds, fallbacks, model_statistics, nodes_view, repository_index
 from cluster.frontdoor.actor import FrontDoorActor
 from cluster.frontdoor.grpc_router import GrpcFront
@@ -63,7 +63,7 @@ HEALTH_PERIOD_S = 1.0
 STATS_MAX_AGE_S = 1.0  # /metrics and the status page reuse the workers' views for this long
 
 
-class FleetController(RolloutVerbs):
+class FleetController(RepositoryVerbs, RolloutVerbs):
     def __init__(self, config_json: str, endpoints: Endpoints) -> None:
         self.config = FleetConfig.model_validate_json(config_json)
         self.endpoints = endpoints
@@ -94,7 +94,7 @@ class FleetController(RolloutVerbs):
             return await self.status()
         self.gcs = GcsWatch(ray.get_runtime_context().gcs_address)
         await self._scan()
-        await self.pool.start(self._ingress_url(), self._grpc_front())
+        await self.pool.start(self._ingress_url(), self._grpc_front(), ray.util.get_node_ip_address())
         await self.loader.preload()
         if self.endpoints.front_door:
             await self._start_front_door()
@@ -145,13 +145,17 @@ class FleetController(RolloutVerbs):
             self._grpc_front()
             grpc = GrpcFront((host, self.config.grpc_port), policy, router_host=host, router_port=self._router_port or 0)
         tls = read_tls(self.config.tls)  # checked by `fleet up` already; read here, on the head
+        worker_token = None if self.config.auth_inference else self.config.auth_token  # workers want it
         self._front = ray.remote(FrontDoorActor).options(
             name=FRONT_DOOR_NAME, namespace=NAMESPACE, num_cpus=0, resources=HEAD_NODE_RESOURCE, get_if_exists=True,
-        ).remote((host, self.config.port), (local_address(host), self.endpoints.serve_port), threads, grpc, tls)
+        ).remote((host, self.config.port), (local_address(host), self.endpoints.serve_port), threads, grpc, tls,
+                 worker_token)
         await call(self._front.start.remote(self._epoch, self._routes(), self._grpc_addresses()))
 
     async def _worker_started(self, worker_id: str) -> None:
         await self.regions.replay(worker_id)
+        if self._started:  # a host that joined (or came back): engines of what the fleet serves, where they fit
+            asyncio.get_running_loop().create_task(self.loader.fill(worker_id))
 
     async def _source(self, manifest: Manifest) -> ArtifactSource:
         """Where a worker takes this artifact from: the object store itself, or (a directory on the
@@ -224,42 +228,6 @@ class FleetController(RolloutVerbs):
             return await self._scan()
         return await asyncio.to_thread(self.repo.artifacts, model)
 
-    # ---- writing the repository (this actor is its only writer) ----------------------
-    async def publish(self, manifest: dict, data: bytes, libraries: dict[str, bytes] | None = None) -> StoredArtifact:
-        """Publish a build: the artifact's bytes are checked against the manifest, then stored atomically
-        (``libraries``: the custom-op libraries it names, by sha256, stored first)."""
-        self._need_gcs("publishing a build")
-        stored = await asyncio.to_thread(self.repo.publish, Manifest.from_dict(manifest), data, libraries)
-        self.events.add("published", engine=stored.manifest.engine_key, location=stored.location)
-        return stored
-
-    async def store_triton_config(self, model: str, files: dict[str, bytes]) -> str:
-        """A model's Triton configuration as imported (``fleet import-triton``)."""
-        self._need_gcs("storing an imported configuration")
-        return await asyncio.to_thread(self.repo.store_triton_config, model, files)
-
-    async def triton_configs(self) -> dict[str, dict[str, bytes]]:
-        return await asyncio.to_thread(self.repo.triton_configs)
-
-    async def remove(self, model: str, version: str) -> None:
-        """Take a model version out of service and out of the repository (an import whose version policy
-        no longer selects it)."""
-        self._need_gcs(f"removing {model} version {version}")
-        if any(m.model == model and m.version == version for m in self._manifests):
-            await self.loader.unload(model, version, self._manifests, explicit=False)
-        await asyncio.to_thread(self.repo.remove, model, version)
-        await self._scan()
-
-    async def read_artifact(self, manifest: dict) -> bytes:
-        """An artifact's bytes (``fleet export-triton`` on another host)."""
-        return await asyncio.to_thread(self.repo.read_artifact, Manifest.from_dict(manifest))
-
-    async def store_calibration(self, key: str, result: CalibrationResult) -> str:
-        return await asyncio.to_thread(self.repo.store_calibration, key, result)
-
-    async def find_calibration(self, source_sha256: str, method: str | None = None) -> CalibrationResult | None:
-        return await asyncio.to_thread(self.repo.find_calibration, source_sha256, method)
-
     async def inventory(self, since_epoch: int = -1, manifest_generation: int = -1) -> Inventory | None:
         """The inventory, or None when the caller's ``since_epoch`` is current; without the
         manifests when the caller has ``manifest_generation`` already."""
@@ -284,6 +252,7 @@ class FleetController(RolloutVerbs):
             gcs_up = await self._check_gcs()
             await self.pool.check_all()  # calls between running actors need no GCS
             if gcs_up:
+                await self.pool.watch_hosts()  # hosts that joined, left or died
                 await self._check_front_door()  # starting another would wait for the GCS
 
     async def _check_gcs(self) -> bool:
@@ -319,6 +288,18 @@ class FleetController(RolloutVerbs):
                 self.events.add("front-door-replaced")
             except FleetError as err:
                 self.events.add("front-door-replace-failed", reason=err.message)
+
+    async def drain_host(self, node_id: str, timeout_s: float = 60.0, address: str | None = None) -> dict:
+        """A host leaves (``fleet leave`` there: its Ray node and address): its workers leave every route
+        (the front door first), finish what they hold, and stop; none starts there again."""
+        return await self.pool.drain(node_id, timeout_s, self._routes_applied, address)
+
+    async def _routes_applied(self) -> None:
+        """The front door serves the inventory as it is now (HAProxy reloaded), bounded."""
+        if self._front is not None:
+            epoch = self._epoch
+            await self._front.apply.remote(epoch, self._routes(), self._grpc_addresses())
+            await self._front.applied.remote(epoch)
 
     async def report_worker(self, worker_id: str) -> None:
         """A caller saw a worker die or lose an engine: read its health now (and replace it if dead)."""
@@ -413,6 +394,7 @@ class FleetController(RolloutVerbs):
             "epoch": self._epoch,
             "restarts": self.pool.restarts,
             "nodes": nodes_view(self.pool.records(), await self._worker_stats(), self._manifests),
+            "hosts": self.pool.hosts(),
             "models": self.router.models(),
             "rollout": [self.router.rollout_view(m) for m in sorted(self.router.models())],
             "builds": builds(self._manifests, self.config.trusted_pins()),

@@ -98,6 +98,21 @@ class Loader:
             self.events.add("load-partial", model=model, reason=exc.message)
         return Placement(model, self.router.fleet_default(model), engines, self._epoch())
 
+    async def fill(self, worker_id: str) -> None:
+        """A worker that (re)joined: load what the fleet serves now (or preloads) where it fits there,
+        so the host takes its share without waiting for a miss. Evicts nothing."""
+        for model, versions in self.router.models().items():
+            version = self.router.defaults(model).get(worker_id, versions[-1])  # its GPU type's default (rollout)
+            served = bool(self.router.holders(model, version))
+            if model in self.unloaded or not (served or self.config.model_config_for(model).preload):
+                continue
+            if not any(w == worker_id for w, _ in self.router.compatible(model, version)):
+                continue
+            try:
+                await self.ensure_loaded(model, version, allow_eviction=False)
+            except FleetError as exc:
+                self.events.add("fill-skipped", worker=worker_id, model=model, reason=exc.message)
+
     async def ensure_loaded(self, model: str, version: str, *, allow_eviction: bool = True,
                             explicit: bool = False, only: "set[str] | None" = None) -> Placement:
         """Load the model where it fits (every compatible device with room; else evict on the best one).

@@ -23,6 +23,7 @@ def worker_view(record: WorkerRecord, stats: dict | None, manifests: list[Manife
     return {
         "worker_id": info.worker_id,
         "alive": record.alive,
+        "state": record.state,
         "out_of_service": health.gpu_unhealthy or health.broken,
         "device": caps.device.to_dict(),
         "simulated": caps.device.simulated,

@@ -34,8 +34,9 @@ WATCH_PERIOD_S = 0.5
 
 class FrontDoorActor:
     def __init__(self, bind: tuple[str, int], ingress: tuple[str, int], threads: int = 1,
-                 grpc: GrpcFront | None = None, tls: TlsMaterial | None = None) -> None:
-        self.door = FrontDoor(bind, ingress, threads, tls=tls)
+                 grpc: GrpcFront | None = None, tls: TlsMaterial | None = None,
+                 worker_token: str | None = None) -> None:
+        self.door = FrontDoor(bind, ingress, threads, tls=tls, worker_token=worker_token)
         self.grpc = GrpcRouter(grpc, f"http://{ingress[0]}:{ingress[1]}", self._load) if grpc is not None else None
         self._controller = None
         self._epoch = -1
@@ -44,6 +45,7 @@ class FrontDoorActor:
         self._tasks: list[asyncio.Task] = []
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
+        self._applied = -1  # the newest epoch whose routes HAProxy has
 
     async def start(self, epoch: int, routes: list[Route], grpc_addresses: dict | None = None) -> dict:
         """Start HAProxy (and the gRPC router) with these routes; returns once they listen."""
@@ -54,7 +56,7 @@ class FrontDoorActor:
             port = await self.grpc.start()
             self.door.grpc = GrpcFrontend(self.grpc.front.bind, (local_address(self.grpc.front.router_host), port))
         await asyncio.to_thread(self.door.start, routes)
-        self._epoch, self._desired = epoch, routes
+        self._epoch, self._desired, self._applied = epoch, routes, epoch
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._apply_changes()), loop.create_task(self._watch())]
         return self.door.describe()
@@ -69,6 +71,13 @@ class FrontDoorActor:
             self.grpc.set_routes(routes)
         self._wake.set()
 
+    async def applied(self, epoch: int, timeout_s: float = 30.0) -> bool:
+        """Wait until HAProxy serves the routes of ``epoch`` (or newer); False if it did not in time."""
+        deadline = time.monotonic() + timeout_s
+        while self._applied < epoch and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self._applied >= epoch
+
     async def _load(self, model: str, version: str | None) -> Placement:
         """A gRPC request for a model no worker holds: the controller loads it (as the ingress asks it to)."""
         if self._controller is None:
@@ -80,11 +89,12 @@ class FrontDoorActor:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            routes = self._desired
+            routes, epoch = self._desired, self._epoch
             async with self._lock:
                 try:
                     if await asyncio.to_thread(self.door.update, routes):
                         self._event("front-door-reload", routes=len(routes))
+                    self._applied = epoch
                 except Exception as exc:  # keep serving the old routes; the next change tries again
                     log.warning("front door reload failed: %s", exc)
                     self._event("front-door-reload-failed", reason=str(exc))

@@ -160,6 +160,10 @@ class GrpcRouter:
         version = version or None
         avoid: set[str] = set()
         last: grpc.aio.AioRpcError | None = None
+        policy = self.front.policy
+        if policy.auth_token and not policy.auth_inference:  # workers want the token; the fleet's port does not
+            metadata = (*((k, v) for k, v in metadata if k != "authorization"),
+                        ("authorization", f"Bearer {policy.auth_token}"))
         for _ in range(ATTEMPTS):
             worker = self._pick(self._holders(model, version), avoid)
             if worker is None:

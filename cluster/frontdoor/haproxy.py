@@ -56,12 +56,14 @@ class FrontDoor:
     """One HAProxy (master-worker) process on the fleet's port."""
 
     def __init__(self, bind: tuple[str, int], ingress: tuple[str, int], threads: int = 1,
-                 grpc: GrpcFrontend | None = None, tls: TlsMaterial | None = None) -> None:
+                 grpc: GrpcFrontend | None = None, tls: TlsMaterial | None = None,
+                 worker_token: str | None = None) -> None:
         binary = haproxy_binary()
         if binary is None:
             raise NotReady("HAProxy is not installed (it comes with ray[serve] on Linux); set front_door: false")
         self.binary = binary
         self.bind, self.ingress, self.threads, self.grpc = bind, ingress, threads, grpc
+        self.worker_token = worker_token  # the workers' endpoints want it (routes.render_config)
         self.dir = Path(tempfile.mkdtemp(prefix="ffd-"))  # short: the admin socket path must stay short
         self.config_path = self.dir / "haproxy.cfg"
         self._proc: subprocess.Popen | None = None
@@ -76,7 +78,8 @@ class FrontDoor:
     def _render(self, routes: list[Route]) -> str:
         return render_config(routes, bind=self.bind, ingress=self.ingress,
                              admin_socket=str(self.dir / "admin.sock"), threads=self.threads, maxconn=_maxconn(),
-                             errors_dir=str(self.dir), grpc=self.grpc, tls=self.tls)
+                             errors_dir=str(self.dir), grpc=self.grpc, tls=self.tls,
+                             worker_token=self.worker_token)
 
     def _write_checked(self, text: str) -> None:
         candidate = self.dir / "haproxy.cfg.new"

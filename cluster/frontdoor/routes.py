@@ -45,7 +45,9 @@ def routes_from(router: Router, http_addresses: dict[str, tuple[str, int]],
     """One route per (model, version) that some live worker with an HTTP endpoint holds. The
     unversioned path goes to the workers holding their own default version (cluster.rollout): the
     route of that version when all of them serve the same one, else a route of its own (a worker
-    answers an unversioned request with its default, which the controller told it)."""
+    answers an unversioned request with its default, which the controller told it). A holder out
+    of reach for now (its host's link) stays a server: HAProxy's own checks mark it down (and end
+    what it had in flight) and up again, with no reload."""
     routes = []
     grpc_ports = grpc_ports or {}
 
@@ -57,7 +59,7 @@ def routes_from(router: Router, http_addresses: dict[str, tuple[str, int]],
         defaults = {router.defaults(model)[s.name] for s in unpinned}
         shared = next(iter(defaults)) if len(defaults) == 1 else None
         for version in versions:
-            servers = servers_of(router.holders(model, version))
+            servers = servers_of({*router.holders(model, version), *router.standby_holders(model, version)})
             if servers:
                 routes.append(Route(model, version, version == shared and servers == unpinned, servers))
         if unpinned and not any(r.latest for r in routes if r.model == model):
@@ -108,7 +110,8 @@ class GrpcFrontend:
     router: tuple[str, int]  # the gRPC router, beside HAProxy
 
 
-def _grpc_config(routes: list[Route], grpc: GrpcFrontend, tls: TlsFiles | None) -> list[str]:
+def _grpc_config(routes: list[Route], grpc: GrpcFrontend, tls: TlsFiles | None,
+                 worker_token: str | None = None) -> list[str]:
     """The gRPC frontend: ModelInfer of a held model straight to a holder's gRPC endpoint, the rest to the router."""
     lines = [
         "frontend fleet_grpc",
@@ -139,8 +142,10 @@ def _grpc_config(routes: list[Route], grpc: GrpcFrontend, tls: TlsFiles | None) 
             continue
         lines += [f"backend grpc_model_{i}", f"    # {route.model} version {route.version or '(each worker its default)'}",
                   "    balance leastconn"]
+        if worker_token:
+            lines.append(f'    http-request set-header authorization "Bearer {worker_token}"')
         lines += [f"    server {s.name} {s.host}:{s.grpc_port} proto h2 check inter 2s fall 2 rise 1 observe layer4 "
-                  f"error-limit 1 on-error mark-down" for s in servers]
+                  f"error-limit 1 on-error mark-down tcp-ut 3s" for s in servers]
         lines += [f"    server router {grpc.router[0]}:{grpc.router[1]} proto h2 backup", ""]
     lines += ["backend grpc_router", f"    server router {grpc.router[0]}:{grpc.router[1]} proto h2", ""]
     return lines
@@ -148,9 +153,13 @@ def _grpc_config(routes: list[Route], grpc: GrpcFrontend, tls: TlsFiles | None) 
 
 def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[str, int], admin_socket: str,
                   threads: int = 1, maxconn: int = 4096, errors_dir: str | None = None,
-                  grpc: GrpcFrontend | None = None, tls: TlsFiles | None = None) -> str:
+                  grpc: GrpcFrontend | None = None, tls: TlsFiles | None = None,
+                  worker_token: str | None = None) -> str:
     """The HAProxy configuration for these routes (model names are already validated: [A-Za-z0-9_.-]).
-    With ``tls``, both frontends speak TLS only."""
+    With ``tls``, both frontends speak TLS only.
+
+    ``worker_token``: the fleet's token, which workers' endpoints require (they are on the network)
+    while the fleet's own port lets inference in without one: HAProxy presents it for the client."""
     lines = [
         "global",
         f"    maxconn {maxconn}",
@@ -167,6 +176,16 @@ def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[
         "    option idle-close-on-response",
         "    http-reuse always",
         "    timeout connect 5s",
+        # A worker whose host is cut off answers no check: down after two (inter 2s). What it had in
+        # flight fails within ~3 s, as a 503 (HAProxy's 502 errorfile), not after timeout server: TCP
+        # keep-alive probes find a silent peer under a request that waits for its answer, and the
+        # TCP user timeout (tcp-ut) one under a request whose bytes go unacknowledged. A live host
+        # acknowledges both, however long its inference takes.
+        "    timeout check 2s",
+        "    option srvtcpka",
+        "    srvtcpka-idle 1s",
+        "    srvtcpka-intvl 1s",
+        "    srvtcpka-cnt 2",
         "    timeout client 300s",
         "    timeout server 300s",
         "    timeout http-request 60s",
@@ -175,6 +194,10 @@ def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[
         # retries only: HAProxy's layer-7 retries (retry-on) closed the client's connection
         # without an answer when the last holder was gone; this way it answers 503 JSON.
         "    retries 2",
+        # A worker's host cut off under a request: the TCP timers below end its connection, and the
+        # request (inference is idempotent; up to tune.bufsize) is sent to another holder. HAProxy
+        # would otherwise close a keep-alive client's connection without an answer.
+        "    retry-on conn-failure empty-response",
         "    option redispatch 1",
         *([f"    errorfile {code} {errors_dir}/e{code}.http" for code in ERRORS] if errors_dir else []),
         "",
@@ -194,18 +217,19 @@ def render_config(routes: list[Route], *, bind: tuple[str, int], ingress: tuple[
             f"    # {route.model} version {route.version or '(each worker its default)'}",
             "    balance leastconn",
             "    option httpchk GET /v2/health/live",
+            *([f'    http-request set-header authorization "Bearer {worker_token}"'] if worker_token else []),
         ]
         # A refused connection marks a worker down at once: leastconn would otherwise pick the
         # dead worker (it has the fewest connections) for every retry until its check fails.
         lines += [f"    server {s.name} {s.host}:{s.port} check inter 2s fall 2 rise 1 observe layer4 error-limit 1 "
-                  f"on-error mark-down" for s in route.servers]
+                  f"on-error mark-down tcp-ut 3s" for s in route.servers]
         # When every holder is down (a worker died and the routes do not know yet), the retry goes to
         # the ingress, which routes around the dead worker, instead of answering 503.
         lines.append(f"    server ingress {ingress[0]}:{ingress[1]} backup")
         lines.append("")
     lines += ["backend ingress", f"    server serve {ingress[0]}:{ingress[1]}", ""]
     if grpc is not None:
-        lines += _grpc_config(routes, grpc, tls)
+        lines += _grpc_config(routes, grpc, tls, worker_token)
     return "\n".join(lines)
 
 

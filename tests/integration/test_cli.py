@@ -211,3 +211,30 @@ def test_ctrl_c_shuts_everything_down(foreground_fleet):
     assert "stopped" in (work / "up.log").read_text()
     with pytest.raises(requests.ConnectionError):
         requests.get(url + "/v2/health/live", timeout=2)
+
+
+def test_fleet_down_elsewhere_ends_a_foreground_fleet_up_within_seconds(tmp_path):
+    """`fleet down` in another terminal: `fleet up --foreground` notices and exits, without the minute
+    and more that Serve's app deletion spent retrying against a Ray that was gone."""
+    config = tmp_path / "fleet.yaml"
+    config.write_text(f"name: cli-down\nrepository: {tmp_path / 'repo'}\nport: {free_port()}\nray_port: {free_port()}\n"
+                      f"dashboard_port: {free_port()}\ngrpc_port: {free_port()}\ncpu_budget: 1GiB\n")
+    log = open(tmp_path / "up.log", "w")
+    proc = subprocess.Popen(FLEET + ["up", "--config", str(config), "--foreground"], cwd=tmp_path, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, env=checkout_env())
+    try:
+        deadline = time.monotonic() + 240
+        while "serving; press Ctrl-C" not in (tmp_path / "up.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()[-3000:]
+            time.sleep(0.5)
+        down = run(["down"], tmp_path, timeout=180)
+        assert down.returncode == 0, down.stderr
+        t0 = time.monotonic()
+        assert proc.wait(30) == 0
+        waited = time.monotonic() - t0
+        print(f"\nfleet up --foreground exited {waited:.1f} s after `fleet down` returned")
+        assert waited < 10 and "the fleet is gone" in (tmp_path / "up.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

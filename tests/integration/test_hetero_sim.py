@@ -40,6 +40,8 @@ def sim(tmp_path_factory, demo_models):
         for gpu in node["gpus"]:
             gpu["budget"] = BUDGET
     data["models"].update({f"custom-sim-{p}": {"trusted_sha256": [extensions_sha256()]} for p in ("float32", "float16", "int8", "int8r")})
+    # A build reserves its TensorRT workspace in the budget first (simulated targets too): bounded to fit these
+    data["build_workspace_bytes"] = "16MiB"
     config_path = work / "hetero-sim.yaml"
     config_path.write_text(yaml.safe_dump(data))
     with simulated_cluster(config_path) as cluster:
@@ -51,6 +53,16 @@ def sim(tmp_path_factory, demo_models):
 
 def build(sim, name, targets, **kw):
     return build_on_fleet(sim["controller"], sim["models"]["digits-mlp"], model=name, targets=targets, **kw)
+
+
+def make_room_on_t4s(sim):
+    """A build reserves its memory before it starts and never evicts (it waits): free the T4s that the
+    earlier tests filled with idle engines, as an operator would before building on a full device."""
+    for worker, handle in worker_handles(sim["controller"]).items():
+        if worker in T4S:
+            for key in ray.get(handle.health.remote()).loaded:
+                ray.get(handle.unload.remote(key))
+            ray.get(sim["controller"].report_worker.remote(worker))
 
 
 def status(sim):
@@ -168,6 +180,7 @@ def test_model_built_for_all_targets_spreads_over_all_four(sim):
 
 def test_loading_more_than_fits_evicts_and_never_overfills(sim):
     names = [f"evict-{c}" for c in "abcdef"]
+    make_room_on_t4s(sim)
     for name in names:
         build(sim, name, "T4", options={"footprint_bytes": 40 << 20})
     X = np.zeros((1, 64), np.float32)
@@ -295,6 +308,7 @@ def test_two_models_loading_at_once_into_a_full_budget_under_traffic(sim):
     """Two models, each 60 % of a T4's budget, asked for at once from 8 threads: the T4s load and
     evict them in turn. Every answer is a 200 or a clear 503, never a 500 (a load used to evict the
     other model's engine while it was still loading: KeyError, 500)."""
+    make_room_on_t4s(sim)
     for name in ("race-a", "race-b"):
         build(sim, name, "T4", options={"footprint_bytes": 60 << 20})
     statuses: collections.Counter = collections.Counter()
@@ -353,6 +367,7 @@ def test_a_worker_whose_gpu_context_broke_is_restarted_and_routed_around(sim):
     under traffic: the worker refuses work at once, requests go to the other T4 (passed on, or retried),
     the controller restarts the worker, and it serves again."""
     build(sim, "only-t4", "7.5")
+    make_room_on_t4s(sim)  # the earlier tests' engines out: the next load puts it on both T4s
     served_by(sim, "only-t4", 20)  # both T4s hold it
     victim = "t4-node-gpu1"
     restarts = status(sim)["restarts"]
