@@ -24,6 +24,11 @@ def ray_env() -> dict[str, str]:
     # notice; the fleet's own front door is the only one in front of it, and a 30 s wait made every
     # `fleet down` and Ctrl-C slow.
     env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+    # Ray's GCS declares a node dead after this many missed health checks (3 s apart; Ray's default 5):
+    # a host whose link flaps for up to ~30 s keeps its node and its workers (docs/multihost.md) instead
+    # of losing them and starting anew. Routing does not wait for it: the controller takes a worker that
+    # does not answer for 5 s out of its routes on its own.
+    env.setdefault("RAY_health_check_failure_threshold", "10")
     env.setdefault("ORT_DISABLE_TELEMETRY", "1")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return env

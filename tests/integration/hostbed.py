@@ -297,6 +297,9 @@ class FleetBed:
     (the command a real machine runs), each taking a node of the config (its simulated GPUs)."""
 
     def __init__(self, work: Path, config_path: str, hidden: list[Path]) -> None:
+        if _under(REPO_ROOT, Path("/tmp")):  # each host mounts its own /tmp: the checkout would vanish there
+            raise RuntimeError(f"the bed gives each host its own /tmp, which hides this checkout ({REPO_ROOT}): "
+                               f"run the tests from a clone outside /tmp")
         self.bed = HostBed(work, hidden=hidden)
         self.config_path = str((REPO_ROOT / config_path).resolve())
         self.port = 0
