@@ -31,6 +31,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.integration.isolated_nodes import _environ, _pids
+
 BED_RANGE = ipaddress.ip_network("198.18.0.0/15")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MARKER = "FLEET_TEST_BED"
@@ -278,15 +280,6 @@ def _cmdline(pid: int) -> str:
 
 
 
-def _pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def _environ(pid: int) -> list[bytes]:
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return []
 
 
 # ---- a fleet on the bed ------------------------------------------------------------------

@@ -73,6 +73,37 @@ def workers(sim):
     return {w["worker_id"]: w for n in status(sim)["nodes"] for w in n["workers"]}
 
 
+class Traffic:
+    """Four client threads sending one-row requests for ``model`` until the block ends: which worker
+    answered each (``served_by``) and every exception (``errors``, checked by the test)."""
+
+    def __init__(self, url: str, model: str, threads: int = 4) -> None:
+        self.url, self.model = url, model
+        self.served_by: collections.Counter = collections.Counter()
+        self.errors: list[Exception] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send) for _ in range(threads)]
+
+    def _send(self) -> None:
+        with FleetClient(self.url) as client:
+            while not self._stop.is_set():
+                try:
+                    client.infer(self.model, {"input": np.zeros((1, 64), np.float32)})
+                    self.served_by[client.last_parameters["fleet_worker"]] += 1
+                except Exception as exc:  # noqa: BLE001 - recorded, checked by the test
+                    self.errors.append(exc)
+
+    def __enter__(self) -> "Traffic":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
 def test_workers_take_the_declared_identities(sim):
     ws = workers(sim)
     assert set(ws) == ALL
@@ -237,31 +268,13 @@ def test_killing_a_worker_mid_traffic(sim):
     served_by(sim, "only-t4", 20)
     handles = worker_handles(sim["controller"])
     victim = "t4-node-gpu0"
-    errors = []
-    counts = collections.Counter()
-    stop = threading.Event()
-
-    def traffic():
-        with FleetClient(sim["url"]) as client:
-            while not stop.is_set():
-                try:
-                    client.infer("only-t4", {"input": np.zeros((1, 64), np.float32)})
-                    counts[client.last_parameters["fleet_worker"]] += 1
-                except Exception as exc:  # noqa: BLE001 - recorded and checked below
-                    errors.append(exc)
-
-    threads = [threading.Thread(target=traffic) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0)
-    ray.kill(handles[victim], no_restart=True)
-    time.sleep(3.0)
-    stop.set()
-    for t in threads:
-        t.join()
+    with Traffic(sim["url"], "only-t4") as traffic:
+        time.sleep(1.0)
+        ray.kill(handles[victim], no_restart=True)
+        time.sleep(3.0)
     # every failure, if any, was a clear 503 (worker lost), never a hang or a 500
-    assert all(getattr(e, "http_status", None) == 503 for e in errors), errors
-    assert counts["t4-node-gpu1"] > 0
+    assert all(getattr(e, "http_status", None) == 503 for e in traffic.errors), traffic.errors
+    assert traffic.served_by["t4-node-gpu1"] > 0
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         s = status(sim)
@@ -372,44 +385,26 @@ def test_a_worker_whose_gpu_context_broke_is_restarted_and_routed_around(sim):
     victim = "t4-node-gpu1"
     restarts = status(sim)["restarts"]
     handle = worker_handles(sim["controller"])[victim]
-    statuses: collections.Counter = collections.Counter()
-    errors = []
-    stop = threading.Event()
-
-    def traffic():
-        with FleetClient(sim["url"]) as client:
-            while not stop.is_set():
-                try:
-                    client.infer("only-t4", {"input": np.zeros((1, 64), np.float32)})
-                    statuses[client.last_parameters["fleet_worker"]] += 1
-                except Exception as exc:  # noqa: BLE001 - checked below
-                    errors.append(exc)
-
-    threads = [threading.Thread(target=traffic) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(0.5)
-    began = time.time()
-    ray.get(handle.simulate_device_fault.remote("CUDA failure 700: an illegal memory access was encountered"))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        s = status(sim)
-        replaced = any(e["event"] == "worker-replaced" and e.get("worker") == victim and e["time"] >= began
-                       for e in s["events"])
-        if replaced and {w["worker_id"]: w for n in s["nodes"] for w in n["workers"]}[victim]["alive"]:
-            break
-        time.sleep(0.25)
-    stop.set()
-    for t in threads:
-        t.join()
+    with Traffic(sim["url"], "only-t4") as traffic:
+        time.sleep(0.5)
+        began = time.time()
+        ray.get(handle.simulate_device_fault.remote("CUDA failure 700: an illegal memory access was encountered"))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            s = status(sim)
+            replaced = any(e["event"] == "worker-replaced" and e.get("worker") == victim and e["time"] >= began
+                           for e in s["events"])
+            if replaced and {w["worker_id"]: w for n in s["nodes"] for w in n["workers"]}[victim]["alive"]:
+                break
+            time.sleep(0.25)
     events = [e for e in status(sim)["events"] if e.get("worker") == victim and e["time"] >= began]
     assert any(e["event"] == "worker-device-failed" and "illegal memory access" in e["reason"] for e in events), events
     # restarted once (the fleet-wide count may also move if a loaded CI box drops another worker)
     assert [e["event"] for e in events].count("worker-replaced") == 1, events
     assert status(sim)["restarts"] >= restarts + 1
     # every failure, if any, was a clear 503 naming the broken GPU, never a 500
-    assert all(getattr(e, "http_status", None) == 503 for e in errors), errors
-    assert statuses["t4-node-gpu0"] > 0
+    assert all(getattr(e, "http_status", None) == 503 for e in traffic.errors), traffic.errors
+    assert traffic.served_by["t4-node-gpu0"] > 0
     assert served_by(sim, "only-t4", 40).keys() <= T4S
 
 
