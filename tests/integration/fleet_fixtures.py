@@ -45,13 +45,26 @@ def build_cpu(repo_root: Path, source: Path, name: str, max_batch: int = 64, **o
     assert outcome.ok, outcome.error
 
 
+def _start_local_ray() -> None:
+    """A fresh local Ray; once more if its node timed out starting (a 2-core box under other load:
+    "The current node timed out during startup"), which is the machine, not the fleet under test."""
+    for attempt in (1, 2):
+        try:
+            ray.init(address="local", namespace=NAMESPACE, num_cpus=2, log_to_driver=False, include_dashboard=False)
+            return
+        except Exception as exc:
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+
+
 @contextmanager
 def running_fleet(config_path: str | None, repo_root: Path, *, cluster_address: str | None = None, **overrides):
     """Deploy a fleet on a fresh Ray (or on ``cluster_address``); yields (config, url)."""
     overrides.setdefault("grpc_port", free_port())  # never Triton's 8001: other fleets share this machine
     config = load_config(config_path, repository=str(repo_root), port=free_port(), **overrides)
     if cluster_address is None:
-        ray.init(address="local", namespace=NAMESPACE, num_cpus=2, log_to_driver=False, include_dashboard=False)
+        _start_local_ray()
     else:
         ray.init(address=cluster_address, namespace=NAMESPACE, log_to_driver=False)
     try:
