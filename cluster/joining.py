@@ -22,6 +22,7 @@ from pathlib import Path
 
 import ray
 
+from workers.devices import Device
 from workers.errors import NotReady
 
 from cluster.calls import get
@@ -29,7 +30,7 @@ from cluster.config import FleetConfig
 from cluster.console import say
 from cluster.env import auth_token_path, ray_env
 from cluster.names import CONTROLLER_NAME, NAMESPACE
-from cluster.nodes import node_labels, probe_gcs, ray_cli_path
+from cluster.nodes import host_gpu_labels, labels_flag, node_labels, probe_gcs, ray_cli_path
 
 REJOIN_PAUSE_S = 2.0
 
@@ -40,9 +41,9 @@ def _leaving_mark() -> Path:
 
 
 def ray_start_args(address: str, config: FleetConfig | None = None, node_name: str | None = None,
-                   node_ip: str | None = None) -> list[str]:
+                   node_ip: str | None = None, gpus: "list[Device] | None" = None) -> list[str]:
     """``ray start`` for this host: a declared (simulated) node's labels and GPU count, or Ray's own
-    view of this machine (its GPUs, its CPUs)."""
+    view of this machine (its GPUs, its CPUs) with its GPU type as labels (``gpus``: NVML's, by default)."""
     args = [ray_cli_path(), "start", f"--address={address}", "--disable-usage-stats"]
     if node_ip:
         args.append(f"--node-ip-address={node_ip}")
@@ -53,6 +54,8 @@ def ray_start_args(address: str, config: FleetConfig | None = None, node_name: s
                            f"{', '.join(sorted(declared)) or 'none'}); pass --config with the fleet's config")
         node = declared[node_name]
         args += [f"--num-gpus={len(node.gpus)}", "--num-cpus=0", f"--labels={node_labels(node)}"]
+    else:  # a real host: its GPU type, so that its workers start in that type's environment
+        args += labels_flag(host_gpu_labels(gpus))
     return args
 
 

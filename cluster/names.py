@@ -4,7 +4,8 @@ NAMESPACE = "forward-fleet"
 CONTROLLER_NAME = "fleet-controller"
 SERVE_APP_NAME = "forward-fleet"
 NODE_LABEL = "fleet.node"  # label on simulated Ray nodes; workers select on it
-GPU_LABEL = "fleet.gpu"
+GPU_LABEL = "fleet.gpu"  # a host's GPU type ("T4"): its workers start in that type's environment
+CC_LABEL = "fleet.cc"  # and its compute capability, for gpu_types keyed by one ("6.1")
 FRONT_DOOR_NAME = "fleet-front-door"
 
 

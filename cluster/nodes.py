@@ -19,6 +19,7 @@ from pathlib import Path
 
 import ray
 
+from workers.devices import Device, host_gpus
 from workers.errors import FleetError, NotReady
 
 from cluster import gcs_ft
@@ -26,7 +27,8 @@ from cluster.config import FleetConfig
 from cluster.console import say
 from cluster.calls import get
 from cluster.env import auth_token_path, ray_address, ray_env
-from cluster.names import CONTROLLER_NAME, GPU_LABEL, NAMESPACE, NODE_LABEL
+from cluster.rollout import gpu_type
+from cluster.names import CC_LABEL, CONTROLLER_NAME, GPU_LABEL, NAMESPACE, NODE_LABEL
 
 
 def ray_cli_path() -> str:
@@ -39,6 +41,27 @@ def _ray_cli(args: list[str], what: str, env: dict[str, str] | None = None) -> N
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise NotReady(f"{what} failed (ray {' '.join(args[:2])} exited {proc.returncode}):\n{tail}")
+
+
+def host_gpu_labels(gpus: "list[Device] | None" = None) -> dict[str, str]:
+    """This host's GPU type and compute capability as Ray node labels (its first GPU's, from NVML), so
+    that the fleet starts the workers of a real host in its GPU type's environment (``gpu_types``);
+    {} on a host without GPUs. A host mixing GPU types is labelled by its first."""
+    gpus = [g for g in (host_gpus() if gpus is None else gpus) if g.is_gpu]
+    if not gpus:
+        return {}
+    first = gpus[0]
+    if len({(g.name, g.compute_capability) for g in gpus}) > 1:
+        say(f"this host mixes GPU types; its workers all start in the environment of its first GPU ({first.name})")
+    labels = {GPU_LABEL: gpu_type(first)}
+    if first.compute_capability:
+        labels[CC_LABEL] = first.compute_capability
+    return labels
+
+
+def labels_flag(labels: dict[str, str]) -> list[str]:
+    """``ray start``'s ``--labels`` for these labels ([] for none)."""
+    return [f"--labels={','.join(f'{k}={v}' for k, v in labels.items())}"] if labels else []
 
 
 def node_labels(node) -> str:
@@ -87,6 +110,7 @@ def _start_head(config: FleetConfig) -> str:
             "start", "--head", f"--port={config.ray_port}", "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={config.dashboard_port}",
             f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats", *head_flags,
+            *labels_flag(host_gpu_labels()),
         ],
         "starting the Ray head",
         head_env,

@@ -169,6 +169,11 @@ def discover_devices() -> list[Device]:
     return devices or [cpu_device()]
 
 
+def host_gpus() -> list[Device]:
+    """Every GPU of this host as NVML sees it (whatever CUDA_VISIBLE_DEVICES says), or []."""
+    return list(_nvml_devices().values())
+
+
 def nvml_used_bytes(uuid: str) -> int | None:
     """Used memory of one GPU by UUID (None where NVML is unavailable)."""
     try:

@@ -17,7 +17,6 @@ the batcher's threads and releases the GIL), as the HTTP endpoint does.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -159,7 +158,7 @@ class WorkerGrpcServer:
         raise AssertionError("unreachable: abort raises")
 
     async def _serve(self, model: str, version: str | None, request: InferRequest) -> Served:
-        result = await asyncio.wrap_future(self.runner.submit(request, model, version))
+        result = await self.runner.submit_async(request, model, version)
         manifest = result.manifest
         return Served(manifest.version, result.outputs,
                       served_by(self.runner.worker_id, self.runner.device, manifest.target.key()))

@@ -123,7 +123,7 @@ class WorkerHttpServer:
             stats=self.stats, body_size=request.size, on_miss=(lambda: on_miss(request)) if on_miss else None)
 
     async def _serve(self, model: str, version: str | None, request: InferRequest) -> Served:
-        result = await asyncio.wrap_future(self.runner.submit(request, model, version))
+        result = await self.runner.submit_async(request, model, version)
         manifest = result.manifest
         return Served(manifest.version, result.outputs,
                       served_by(self.runner.worker_id, self.runner.device, manifest.target.key()))

@@ -135,10 +135,12 @@ class Ledger:
     def remove(self, key: str) -> LedgerEntry | None:
         return self._entries.pop(key, None)
 
-    def begin_use(self, key: str) -> None:
+    def begin_use(self, key: str) -> int:
+        """Mark one more use of ``key``; returns how many were in flight before it."""
         entry = self._entries[key]
         entry.in_flight += 1
         entry.last_used = self._clock()
+        return entry.in_flight - 1
 
     def end_use(self, key: str) -> None:
         entry = self._entries.get(key)

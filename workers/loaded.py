@@ -65,25 +65,20 @@ class LoadedEngine:
 
     def __post_init__(self) -> None:
         self._stats_lock = threading.Lock()
-        self.pending = 0  # requests given to this engine and not finished: running and waiting
+
+    def admit(self, in_flight: int) -> None:
+        """Overloaded at once when ``max_queue_size`` requests already wait beyond the running ones
+        (``in_flight``: requests given to this engine and not finished, counted by the runner's ledger)."""
+        bound = self.options.max_queue_size
+        if bound and in_flight >= self.slot_count + bound:
+            with self._stats_lock:
+                self.stats.rejected += 1
+            raise Overloaded(f"{self.manifest.model} version {self.manifest.version} has {in_flight} requests "
+                             f"in hand ({bound} waiting is its max_queue_size); try again in a moment")
 
     def submit(self, feeds: Feeds, out: Feeds | None, executor: ThreadPoolExecutor) -> Future:
-        """Run one request of any size; ``out`` (see ``Engine.run``) only when it is one batch.
-        Overloaded at once when ``max_queue_size`` requests already wait beyond the running ones."""
-        bound = self.options.max_queue_size
-        with self._stats_lock:
-            if bound and self.pending >= self.slot_count + bound:
-                self.stats.rejected += 1
-                raise Overloaded(f"{self.manifest.model} version {self.manifest.version} has {self.pending} requests "
-                                 f"in hand ({bound} waiting is its max_queue_size); try again in a moment")
-            self.pending += 1
-        future = self._start(feeds, out, executor)
-        future.add_done_callback(self._finished)
-        return future
-
-    def _finished(self, _: Future) -> None:
-        with self._stats_lock:
-            self.pending -= 1
+        """Run one request of any size (admitted already); ``out`` (see ``Engine.run``) only when it is one batch."""
+        return self._start(feeds, out, executor)
 
     def _start(self, feeds: Feeds, out: Feeds | None, executor: ThreadPoolExecutor) -> Future:
         max_batch = self.options.max_batch_for(self.manifest.max_batch)

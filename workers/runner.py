@@ -14,6 +14,7 @@ admits at most ``slots`` concurrent runs (DESIGN.md rules 3 and 4).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -32,7 +33,7 @@ from workers.loaded import Feeds, LoadedEngine, check_engine_io, warm_up
 from workers.engines import Engine, executes_on_cpu, open_engine
 from workers.engines.base import check_feeds
 from workers.device_faults import is_sticky_cuda_error
-from workers.errors import DeviceFailed, EngineNotHere, IncompatibleArtifact, NoCapacity
+from workers.errors import DeviceFailed, EngineNotHere, IncompatibleArtifact, NoCapacity, Overloaded
 from workers.kserve.codec import InferRequest, ShmWritten, check_finite
 from workers.kserve.shm_io import shm_feeds, shm_output_arrays, write_shm_outputs
 from workers.ledger import Ledger, format_bytes
@@ -370,8 +371,15 @@ class EngineRunner:
             if key is None:
                 which = f"model '{model}'" + (f" version {version}" if version else "")
                 raise EngineNotHere(f"{which} is not loaded on worker {self.worker_id}")
-            self.ledger.begin_use(key)
-            return self._engines[key]
+            loaded = self._engines[key]
+            in_flight = self.ledger.begin_use(key)
+            try:
+                loaded.admit(in_flight)  # max_queue_size: a 503 now rather than a long wait
+            except Overloaded:
+                self.counters["failures"] += 1
+                self.ledger.end_use(key)
+                raise
+            return loaded
 
     def _end(self, key: str, ok: bool) -> None:
         with self._lock:
@@ -385,17 +393,36 @@ class EngineRunner:
         Inputs in shared memory are read in place; outputs wanted there are written there (by
         the engine itself when the request runs alone). EngineNotHere when no engine of the
         model is loaded, or the request names a region this worker has not mapped."""
+        result: Future = Future()
+        self._submit(request, model, version, result.set_result, result.set_exception)
+        return result
+
+    def submit_async(self, request: InferRequest, model: str, version: str | None = None) -> "asyncio.Future[InferResult]":
+        """``submit`` for a caller on an event loop (the HTTP and gRPC endpoints): the answer comes back
+        to the loop in one hop, with no thread-safe future in between (this is per request)."""
+        loop = asyncio.get_running_loop()
+        result = loop.create_future()
+        self._submit(request, model, version,
+                     lambda value: loop.call_soon_threadsafe(_settle, result, value, None),
+                     lambda exc: loop.call_soon_threadsafe(_settle, result, None, exc))
+        return result
+
+    def _submit(self, request: InferRequest, model: str, version: str | None,
+                on_result: Callable[[InferResult], object], on_error: Callable[[BaseException], object]) -> None:
         loaded = self._begin(model, version)
         key = loaded.manifest.engine_key
-        release: Callable[[], None] = lambda: None  # noqa: E731
+        release: Callable[[], None] = _nothing
+        regions = request.regions() if request.shm_inputs or request.outputs else _NO_REGIONS
         try:
-            regions = request.regions()
-            missing = regions - self.shm.names()
-            if missing:  # another host's region: the ingress knows which worker mapped it
-                raise EngineNotHere(f"shared memory region(s) {', '.join(sorted(missing))} are not mapped on "
-                                    f"worker {self.worker_id}")
-            release = self.shm.hold(regions)
-            feeds = shm_feeds(request, self.shm)
+            if regions:
+                missing = regions - self.shm.names()
+                if missing:  # another host's region: the ingress knows which worker mapped it
+                    raise EngineNotHere(f"shared memory region(s) {', '.join(sorted(missing))} are not mapped on "
+                                        f"worker {self.worker_id}")
+                release = self.shm.hold(regions)
+                feeds = shm_feeds(request, self.shm)
+            else:
+                feeds = request.inputs
             check_feeds(loaded.manifest.inputs, feeds)
             if loaded.options.reject_non_finite:
                 check_finite(feeds)
@@ -405,7 +432,6 @@ class EngineRunner:
             release()
             self._end(key, False)
             raise
-        result: Future = Future()
 
         def finish(done: Future) -> None:
             try:
@@ -418,14 +444,13 @@ class EngineRunner:
                 if is_sticky_cuda_error(exc):
                     self.broken = self.broken or str(exc).splitlines()[0][:300]
                     exc = self._device_failed()
-                result.set_exception(exc)
+                on_error(exc)
                 return
             release()
             self._end(key, True)
-            result.set_result(InferResult(loaded.manifest, outputs))
+            on_result(InferResult(loaded.manifest, outputs))
 
         inner.add_done_callback(finish)
-        return result
 
     def _failed_run(self) -> Future:
         failed: Future = Future()
@@ -442,3 +467,19 @@ class EngineRunner:
         if loaded.batcher is None or not any(o.shm for o in request.outputs or ()):
             return None
         return shm_output_arrays(request, self.shm, loaded.manifest.outputs, batch_rows(feeds)) or None
+
+
+_NO_REGIONS: frozenset[str] = frozenset()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _settle(future: "asyncio.Future", value: object, error: BaseException | None) -> None:
+    if future.cancelled():  # the client went away; nothing waits for it
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)

@@ -18,7 +18,7 @@ from workers.messages import WorkerInfo
 
 from cluster.config import FleetConfig
 from cluster.forward import GrpcMissForwarder, IngressForwarder
-from cluster.names import GPU_LABEL, NODE_LABEL
+from cluster.names import CC_LABEL, GPU_LABEL, NODE_LABEL
 from cluster.net import is_loopback, is_wildcard
 
 WORKER_MAX_CONCURRENCY = 64
@@ -95,8 +95,9 @@ def plan_node(config: FleetConfig, node: dict) -> list[tuple[WorkerSpec, dict]]:
     pinned = dict(_BASE, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
     gpus = int(node.get("Resources", {}).get("GPU", 0))
     # a real host's GPU type comes from its node label (`ray start --labels fleet.gpu=T4`)
-    label = (node.get("Labels") or {}).get(GPU_LABEL)
-    profile = config.runtime_profiles().for_device(Device(label, "", "gpu", None, 0)) if label else None
+    labels = node.get("Labels") or {}
+    label, cc = labels.get(GPU_LABEL), labels.get(CC_LABEL)  # set by `fleet join` / `fleet up` from NVML
+    profile = config.runtime_profiles().for_device(Device(label or "", "", "gpu", cc, 0)) if label or cc else None
     environment = profile.packages(simulated=False) if profile else ()
     plan = [(WorkerSpec(worker_id=f"{short}-gpu{i}", node_name=short, environment=environment, **_common(config)),
              dict(pinned, num_gpus=1)) for i in range(gpus)]

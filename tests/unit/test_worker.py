@@ -13,7 +13,7 @@ from workers.actor import FleetWorker, WorkerSpec
 from workers.artifacts import CACHE_ENV, RepositoryObject
 from workers.build import BuildRequest
 from workers.devices import Device
-from workers.errors import ArtifactCorrupt, EngineNotHere, IncompatibleArtifact, InvalidInput, NoCapacity
+from workers.errors import ArtifactCorrupt, EngineNotHere, IncompatibleArtifact, InvalidInput, NoCapacity, Overloaded
 from workers.kserve.codec import InferRequest
 from workers.manifest import Manifest, sha256_file
 from workers.messages import LoadOptions
@@ -249,3 +249,30 @@ def test_the_models_allow_tf32_reaches_the_engine(repo):
 
     assert OnnxRuntimeEngine("x.onnx", provider="cuda", allow_tf32=True)._cuda_options()["use_tf32"] == 1
     assert OnnxRuntimeEngine("x.onnx", provider="cuda")._cuda_options()["use_tf32"] == 0
+
+
+def test_max_queue_size_refuses_at_once_and_admits_again_once_the_queue_drains(repo):
+    worker = FleetWorker(WorkerSpec("w"))
+    a = art(repo, "cnn-small")
+    key = a.manifest.engine_key
+    worker.load(a.manifest, repo.object_source(a.manifest), LoadOptions(max_queue_size=2, dynamic_batching=False))
+    loaded = worker.runner._engines[key]
+    slots = loaded.slot_count
+    batch = np.random.default_rng(0).standard_normal((64, 3, 64, 64)).astype(np.float32)
+    futures, refused = [], 0
+    for _ in range(slots):  # the engine is busy: nothing submitted below can finish yet
+        loaded.slots.acquire()
+    for _ in range(slots + 2 + 5):
+        try:
+            futures.append(worker.runner.submit(InferRequest({"input": batch}), "cnn-small"))
+        except Overloaded as exc:
+            refused += 1
+            assert "max_queue_size" in str(exc)
+    for _ in range(slots):
+        loaded.slots.release()
+    assert len(futures) == slots + 2 and refused == 5
+    assert all(f.result(60).outputs["logits"].shape == (64, 10) for f in futures)
+    stats = worker.runner.engine_stats()[key]
+    assert (stats["rejected"], stats["success"]) == (5, slots + 2)
+    assert worker.ledger.get(key).in_flight == 0
+    assert worker.runner.submit(InferRequest({"input": batch[:1]}), "cnn-small").result(30).outputs["logits"].shape == (1, 10)
