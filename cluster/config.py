@@ -136,11 +136,9 @@ class ModelConfig(_Strict):
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     fallback: Literal["none", "onnxruntime"] = "none"
     preload: bool = True
-    # Version-compatible TensorRT plans embed host code that runs in the worker: load
-    # them only from sources you trust.
-    trust_version_compatible: bool = False
-    # ...and only artifacts whose sha256 is listed here: a writer of the repository cannot swap them
-    # (plans with host code and artifacts with native libraries; `fleet models` shows the sha256).
+    # Version-compatible TensorRT plans embed host code that runs in the worker: they load only
+    # with their sha256 listed here, so a writer of the repository cannot swap them (plans with host
+    # code and artifacts with native libraries; `fleet models` shows the sha256).
     trusted_sha256: list[str] = Field(default_factory=list)
     # What `fleet build` takes as --custom-ops for this model when none are given: library paths
     # (relative: to the directory `fleet build` runs in). Workers load them only when each library's
@@ -156,8 +154,17 @@ class ModelConfig(_Strict):
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(self.dynamic_batching, self.max_queue_delay_us, tuple(self.preferred_batch_sizes),
-                           self.trust_version_compatible, self.reject_non_finite, self.allow_tf32, self.max_queue_size,
-                           trusted_sha256=tuple(self.trusted_sha256))
+                           reject_non_finite=self.reject_non_finite, allow_tf32=self.allow_tf32,
+                           max_queue_size=self.max_queue_size, trusted_sha256=tuple(self.trusted_sha256))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_trust_by_name(cls, data):
+        if isinstance(data, dict) and "trust_version_compatible" in data:
+            raise ValueError("trust_version_compatible is gone: trust is pinned by content now, so that a writer of "
+                             "the repository cannot swap a plan; list the plan's sha256 in trusted_sha256 instead "
+                             "(`fleet models` shows it)")
+        return data
 
     @field_validator("trusted_sha256")
     @classmethod

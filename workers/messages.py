@@ -53,8 +53,6 @@ class LoadOptions:
     dynamic_batching: bool = True
     max_queue_delay_us: int = 500
     preferred_batch_sizes: tuple[int, ...] = ()
-    # A version-compatible TensorRT plan carries host code that would run in the worker.
-    trust_version_compatible: bool = False
     reject_non_finite: bool = False  # 400 for NaN/Inf in float inputs
     allow_tf32: bool = False  # float32 matrix products in TF32 on tensor cores (ONNX Runtime CUDA)
     max_queue_size: int = 256  # requests waiting for the engine beyond its slots; more get a 503 at once (0: no bound)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
+from cluster.config import FleetConfig
 from tests.unit.fake_cuda import FakeCuda
 from tests.unit.fake_tensorrt import FakeTensorRT
 from workers import precision
@@ -69,9 +71,9 @@ def test_version_compatible_plan_needs_its_sha256_pinned(plans):
     _, runner = runner_with("10.16.1.11", lean=False)
     with pytest.raises(IncompatibleArtifact, match=rf"models\.cnn\.trusted_sha256: \[{manifest.artifact_sha256}\]"):
         runner.load(manifest, plan)
-    # trusting the model by name is not enough: a writer of the repository could swap the plan
-    with pytest.raises(IncompatibleArtifact, match="pinned by content"):
-        runner.load(manifest, plan, LoadOptions(trust_version_compatible=True))
+    # trusting the model by name is not even expressible: a writer of the repository could swap the plan
+    with pytest.raises(ValidationError, match="trust is pinned by content"):
+        FleetConfig.model_validate({"models": {"cnn": {"trust_version_compatible": True}}})
     assert runner.health().loaded == frozenset() and runner.ledger.used_bytes == 0
 
 
