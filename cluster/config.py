@@ -136,9 +136,8 @@ class ModelConfig(_Strict):
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     fallback: Literal["none", "onnxruntime"] = "none"
     preload: bool = True
-    # Version-compatible TensorRT plans embed host code that runs in the worker: they load only
-    # with their sha256 listed here, so a writer of the repository cannot swap them (plans with host
-    # code and artifacts with native libraries; `fleet models` shows the sha256).
+    # Artifacts with host code (version-compatible plans, native libraries) load only with their sha256
+    # listed here: a writer of the repository cannot swap them (`fleet models` shows the sha256).
     trusted_sha256: list[str] = Field(default_factory=list)
     # What `fleet build` takes as --custom-ops for this model when none are given: library paths
     # (relative: to the directory `fleet build` runs in). Workers load them only when each library's
@@ -160,10 +159,9 @@ class ModelConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _no_trust_by_name(cls, data):
-        if isinstance(data, dict) and "trust_version_compatible" in data:
-            raise ValueError("trust_version_compatible is gone: trust is pinned by content now, so that a writer of "
-                             "the repository cannot swap a plan; list the plan's sha256 in trusted_sha256 instead "
-                             "(`fleet models` shows it)")
+        if isinstance(data, dict) and "trust_version_compatible" in data:  # a writer of the bucket could swap it
+            raise ValueError("trust_version_compatible is gone: trust is pinned by content now; list the plan's "
+                             "sha256 in trusted_sha256 instead (`fleet models` shows it)")
         return data
 
     @field_validator("trusted_sha256")

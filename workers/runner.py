@@ -3,9 +3,9 @@
 vLLM's Worker/ModelRunner split: the actor (``workers/actor.py``) is the process's
 face to the fleet, this runner owns what runs. Every request, whichever way it came
 (the worker's own HTTP endpoint, a Ray call from the ingress or the batch job), goes
-through ``submit``: find the engine and mark it in use, read inputs from shared
-memory, check the inputs once, run through the engine's dynamic batcher, write
-outputs to shared memory, release.
+through ``submit`` (``workers/request_path.py``, the runner's request half): find the
+engine and mark it in use, read inputs from shared memory, check the inputs once, run
+through the engine's dynamic batcher, write outputs to shared memory, release.
 
 Concurrency: one lock guards the ledger and the engine table. An engine in use
 (``in_flight > 0``) or still loading is never evicted or unloaded, and each engine
@@ -14,43 +14,31 @@ admits at most ``slots`` concurrent runs (DESIGN.md rules 3 and 4).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 
 from workers.batcher import DynamicBatcher, EngineStats
 from workers.custom_ops import LibraryFile
-from workers.loaded import Feeds, LoadedEngine, check_engine_io, warm_up
+from workers.loaded import LoadedEngine, check_engine_io, warm_up
 from workers.engines import Engine, executes_on_cpu, open_engine
-from workers.engines.base import check_feeds
 from workers.device_faults import is_sticky_cuda_error
-from workers.errors import DeviceFailed, EngineNotHere, IncompatibleArtifact, NoCapacity, Overloaded
-from workers.kserve.codec import InferRequest, ShmWritten, check_finite
-from workers.kserve.shm_io import shm_feeds, shm_output_arrays, write_shm_outputs
+from workers.errors import DeviceFailed, IncompatibleArtifact, NoCapacity
 from workers.ledger import Ledger, format_bytes
-from workers.manifest import Manifest, version_sort_key
+from workers.manifest import Manifest
 from workers.messages import LoadOptions, WorkerHealth
+from workers.request_path import RequestPath
 from workers.shm import SharedMemoryRegistry
 from workers.targets import WorkerCaps, can_run
 from workers.trust import check_trusted
-from workers.tensors import batch_rows
 from workers.warmup import run_warmup
 
-
-
-@dataclass
-class InferResult:
-    manifest: Manifest  # of the engine that served the request
-    outputs: "dict[str, np.ndarray | ShmWritten]"
 
 
 def freeze_heap() -> None:
@@ -61,7 +49,7 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-class EngineRunner:
+class EngineRunner(RequestPath):
     def __init__(
         self,
         caps: WorkerCaps,
@@ -339,147 +327,3 @@ class EngineRunner:
         for key in self.loaded_keys():
             self.unload(key)
         self._executor.shutdown(wait=True)
-
-    # ---- inference -------------------------------------------------------
-    def engine_key(self, model: str, version: str | None = None) -> str | None:
-        """The loaded engine serving (model, version); None: the latest loaded version."""
-        with self._lock:
-            return self._key_for(model, version)
-
-    def _key_for(self, model: str, version: str | None) -> str | None:
-        versions = self._by_model.get(model)
-        if not versions:
-            return None
-        if version is None:
-            default = self._defaults.get(model)
-            if default is not None:  # the fleet's rollout decided (a version may be held but not yet the default)
-                return versions.get(default)
-            return versions[max(versions, key=version_sort_key)]
-        return versions.get(version)
-
-    def set_default_versions(self, defaults: dict[str, str]) -> None:
-        """Model -> the version this worker serves requests naming no version with (the fleet's rollout)."""
-        with self._lock:
-            self._defaults = dict(defaults)
-
-    def _begin(self, model: str, version: str | None) -> LoadedEngine:
-        """The engine for (model, version), marked in use (never evicted while in use)."""
-        if self.out_of_service:
-            raise self._device_failed()
-        with self._lock:
-            key = self._key_for(model, version)
-            if key is None:
-                which = f"model '{model}'" + (f" version {version}" if version else "")
-                raise EngineNotHere(f"{which} is not loaded on worker {self.worker_id}")
-            loaded = self._engines[key]
-            in_flight = self.ledger.begin_use(key)
-            try:
-                loaded.admit(in_flight)  # max_queue_size: a 503 now rather than a long wait
-            except Overloaded:
-                self.counters["failures"] += 1
-                self.ledger.end_use(key)
-                raise
-            return loaded
-
-    def _end(self, key: str, ok: bool) -> None:
-        with self._lock:
-            self.counters["inferences" if ok else "failures"] += 1
-            self.ledger.end_use(key)
-            self._lock.notify_all()
-
-    def submit(self, request: InferRequest, model: str, version: str | None = None) -> "Future[InferResult]":
-        """Start one request; the future gets its InferResult. Never waits for the engine.
-
-        Inputs in shared memory are read in place; outputs wanted there are written there (by
-        the engine itself when the request runs alone). EngineNotHere when no engine of the
-        model is loaded, or the request names a region this worker has not mapped."""
-        result: Future = Future()
-        self._submit(request, model, version, result.set_result, result.set_exception)
-        return result
-
-    def submit_async(self, request: InferRequest, model: str, version: str | None = None) -> "asyncio.Future[InferResult]":
-        """``submit`` for a caller on an event loop (the HTTP and gRPC endpoints): the answer comes back
-        to the loop in one hop, with no thread-safe future in between (this is per request)."""
-        loop = asyncio.get_running_loop()
-        result = loop.create_future()
-        self._submit(request, model, version,
-                     lambda value: loop.call_soon_threadsafe(_settle, result, value, None),
-                     lambda exc: loop.call_soon_threadsafe(_settle, result, None, exc))
-        return result
-
-    def _submit(self, request: InferRequest, model: str, version: str | None,
-                on_result: Callable[[InferResult], object], on_error: Callable[[BaseException], object]) -> None:
-        loaded = self._begin(model, version)
-        key = loaded.manifest.engine_key
-        release: Callable[[], None] = _nothing
-        regions = request.regions() if request.shm_inputs or request.outputs else _NO_REGIONS
-        try:
-            if regions:
-                missing = regions - self.shm.names()
-                if missing:  # another host's region: the ingress knows which worker mapped it
-                    raise EngineNotHere(f"shared memory region(s) {', '.join(sorted(missing))} are not mapped on "
-                                        f"worker {self.worker_id}")
-                release = self.shm.hold(regions)
-                feeds = shm_feeds(request, self.shm)
-            else:
-                feeds = request.inputs
-            check_feeds(loaded.manifest.inputs, feeds)
-            if loaded.options.reject_non_finite:
-                check_finite(feeds)
-            out = self._output_targets(loaded, request, feeds) if regions else None
-            inner = loaded.submit(feeds, out, self._executor) if not self._simulated_fault else self._failed_run()
-        except BaseException:
-            release()
-            self._end(key, False)
-            raise
-
-        def finish(done: Future) -> None:
-            try:
-                outputs = done.result()
-                if regions:
-                    outputs = write_shm_outputs(request, outputs, self.shm)
-            except BaseException as exc:
-                release()
-                self._end(key, False)
-                if is_sticky_cuda_error(exc):
-                    self.broken = self.broken or str(exc).splitlines()[0][:300]
-                    exc = self._device_failed()
-                on_error(exc)
-                return
-            release()
-            self._end(key, True)
-            on_result(InferResult(loaded.manifest, outputs))
-
-        inner.add_done_callback(finish)
-
-    def _failed_run(self) -> Future:
-        failed: Future = Future()
-        failed.set_exception(RuntimeError(self._simulated_fault))
-        return failed
-
-    def infer(self, request: InferRequest, model: str, version: str | None = None) -> InferResult:
-        """``submit`` and wait for the result."""
-        return self.submit(request, model, version).result()
-
-    def _output_targets(self, loaded: LoadedEngine, request: InferRequest, feeds: Feeds) -> Feeds | None:
-        """Arrays in shared memory where the engine can write ``request``'s outputs itself: only
-        through the batcher, whose models have the batch as their one dynamic dimension."""
-        if loaded.batcher is None or not any(o.shm for o in request.outputs or ()):
-            return None
-        return shm_output_arrays(request, self.shm, loaded.manifest.outputs, batch_rows(feeds)) or None
-
-
-_NO_REGIONS: frozenset[str] = frozenset()
-
-
-def _nothing() -> None:
-    pass
-
-
-def _settle(future: "asyncio.Future", value: object, error: BaseException | None) -> None:
-    if future.cancelled():  # the client went away; nothing waits for it
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
