@@ -90,6 +90,9 @@ class FleetRepository:
     def store_calibration(self, key: str, result: precision_mod.CalibrationResult) -> str:
         return get(self.controller.store_calibration.remote(key, result))
 
+    def store_source(self, data: bytes) -> str:
+        return get(self.controller.store_source.remote(data))
+
     def find_calibration(self, source_sha256: str, method: str | None = None) -> precision_mod.CalibrationResult | None:
         return get(self.controller.find_calibration.remote(source_sha256, method))
 
@@ -215,11 +218,12 @@ def build_locally(repo: AnyRepository, request: BuildRequest, source_sha256: str
     progress = progress or sys.stderr
     prepared = prepared or BuildInputs(request.target.precision)
     t0 = time.monotonic()
-    cached = find_cached(repo.artifacts(request.model), request, source_sha256)
-    if cached is not None:
-        print(f"  {request.target.describe()}: cached ({cached.location})", file=progress, flush=True)
-        return BuildOutcome(request.target, cached, cached=True)
     try:
+        repo.store_source(Path(request.source_path).read_bytes())  # kept first (once): a rebuild needs it (fleet upgrade)
+        cached = find_cached(repo.artifacts(request.model), request, source_sha256)
+        if cached is not None:
+            print(f"  {request.target.describe()}: cached ({cached.location})", file=progress, flush=True)
+            return BuildOutcome(request.target, cached, cached=True)
         with tempfile.TemporaryDirectory(prefix="fleet-build-") as tmp:
             manifest = build_artifact(request, tmp, calibration=prepared.calibration, evaluation=prepared.evaluation)
             data = (Path(tmp) / manifest.artifact_file).read_bytes()
@@ -340,7 +344,8 @@ def build_on_fleet(
         say(f"  {s.what}: skipped: {s.reason}")
     outcomes: list[BuildOutcome] = []
     pending = {}
-    source_ref = ray.put(source.read_bytes()) if planned else None
+    source_ref = ray.put(source.read_bytes())
+    get(controller.store_source.remote(source_ref))  # kept before any manifest: a rebuild needs it (fleet upgrade)
     libraries = {Path(p).name: Path(p).read_bytes() for p in custom_ops}
     libraries_ref = ray.put(libraries) if planned and libraries else None
     by_sha = ray.put(library_bytes(custom_ops)) if planned and libraries else None
