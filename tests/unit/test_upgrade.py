@@ -4,9 +4,20 @@ import dataclasses
 
 import pytest
 
-from cluster.runtime_policy import tensorrt_refusal
+from cluster.config import load_config
+from cluster.controller.plan import plan_declared, with_tensorrt
+from cluster.repository import Repository
+from cluster.rollout import RolloutState, promote
+from cluster.rollout_store import (
+    read_rollout,
+    read_tensorrt_upgrades,
+    write_rollout,
+    write_tensorrt_upgrade,
+)
+from cluster.runtime_policy import RuntimeProfile, tensorrt_refusal
 from cluster.upgrade import check_sources, check_upgrade, plan_upgrade, upgraded
 from tests.unit.fleet_doubles import ORT, caps, manifest
+from workers.actor import WorkerSpec
 from workers.errors import SourceNotKept, UpgradeRefused
 from workers.targets import Target, can_run
 
@@ -83,3 +94,25 @@ def test_a_source_the_repository_does_not_keep_is_named_with_the_fix():
     check_sources(plan, lambda sha: True)
     with pytest.raises(SourceNotKept, match=r"mlp v1 \(float32\).*run `fleet build SOURCE.onnx --name mlp --version 1"):
         check_sources(plan, lambda sha: False)
+
+
+def test_a_recorded_upgrade_plans_the_node_on_its_new_release(tmp_path):
+    repo = Repository(tmp_path / "repo")
+    assert read_tensorrt_upgrades(repo) == {}
+    write_rollout(repo, promote(RolloutState(), "m", "1", ["1"]))
+    write_tensorrt_upgrade(repo, "t4-node", "10.17.0")
+    write_tensorrt_upgrade(repo, "t4-node", NEW)  # replaced, others kept
+    write_tensorrt_upgrade(repo, "p4-node", "8.6.1")
+    assert read_tensorrt_upgrades(repo) == {"t4-node": NEW, "p4-node": "8.6.1"}
+    assert read_rollout(repo).promoted("m") == "1"  # a directory of its own: the promotions stay
+    config = load_config("configs/hetero-sim.yaml")
+    before = {s.worker_id: s for s, _ in plan_declared(config)}
+    after = {s.worker_id: s for s, _ in plan_declared(config, {"t4-node": "10.17.0"})}
+    assert [r.version for r in after["t4-node-gpu1"].simulated_runtimes] == ["10.17.0"]
+    assert after["t4-node-gpu1"].simulated_devices == before["t4-node-gpu1"].simulated_devices
+    assert after["v100-node-gpu0"] == before["v100-node-gpu0"]
+    assert after["v100-node-gpu0"].environment == ("onnxruntime==1.31.1",)
+    # a real GPU: its type's environment, with the new TensorRT in place of the old
+    real = with_tensorrt(WorkerSpec("h-gpu0", environment=("onnxruntime-gpu==1.32.0", "tensorrt-cu12==10.4.0")), NEW,
+                         RuntimeProfile(onnxruntime="1.32.0", tensorrt="10.4.0"))
+    assert real.environment == ("onnxruntime-gpu==1.32.0", f"tensorrt-cu12=={NEW}")
