@@ -128,8 +128,11 @@ class Upgrades:
                 rolled = [await self._roll(node, wid, version) for wid in plan.workers]
                 dropped = await self._drop(plan)
             except Exception as exc:
-                self._say(f"FAILED: {getattr(exc, 'message', None) or exc}", "upgrade-failed", node=node,
-                          reason=getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+                reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                recorded = self.pool.tensorrt.get(node) == version
+                self._say(f"FAILED: {reason}" + (f"; run `fleet upgrade {node} --tensorrt {version}` again to finish "
+                                                 f"(what is done is kept)" if recorded else "; nothing was changed"),
+                          "upgrade-failed", node=node, reason=reason)
                 raise
             seconds = round(time.monotonic() - t0, 1)
             self._say(f"done in {seconds} s: {node} runs TensorRT {version}", "upgrade-done", node=node,
