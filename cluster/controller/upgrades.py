@@ -227,7 +227,7 @@ class Upgrades:
         loaded = sorted(self.router.workers[worker_id].loaded)
         self._say(f"  {worker_id}: TensorRT {', '.join(have)}, serving {', '.join(loaded) or 'nothing'} "
                   f"(drained in {result['drained_s']} s, back in {result['seconds']} s)",
-                  "upgrade-worker-rolled", worker=worker_id, tensorrt=have, loaded=loaded, **result)
+                  "upgrade-worker-rolled", tensorrt=have, loaded=loaded, **result)
         return dict(result, loaded=loaded, tensorrt=have)
 
     # ---- 4. the old plans no worker runs any more ------------------------------------------
