@@ -55,6 +55,8 @@ class Draining:
     async def _until_quiet(self, worker_ids: list[str], deadline: float) -> bool:
         """Wait until none of these workers has had a request in flight for a quiet second (a request
         already on its way gets there in time); False when the deadline came first."""
+        if not worker_ids:
+            return True
         quiet_since = None
         while time.monotonic() < deadline:
             busy = await asyncio.gather(*(self._members[w].handle.in_flight.remote() for w in worker_ids),
@@ -66,7 +68,7 @@ class Draining:
             else:
                 quiet_since = None
             await asyncio.sleep(0.1)
-        return not worker_ids
+        return False
 
     async def roll(self, worker_id: str, spec: WorkerSpec, routes_out: Callable[[], Awaitable[None]],
                    timeout_s: float) -> dict:
