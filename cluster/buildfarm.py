@@ -219,8 +219,8 @@ def build_locally(repo: AnyRepository, request: BuildRequest, source_sha256: str
     prepared = prepared or BuildInputs(request.target.precision)
     t0 = time.monotonic()
     try:
-        repo.store_source(Path(request.source_path).read_bytes())  # kept first (once): a rebuild needs it (fleet upgrade)
         cached = find_cached(repo.artifacts(request.model), request, source_sha256)
+        repo.store_source(Path(request.source_path).read_bytes())  # kept (once) before a manifest: fleet upgrade rebuilds
         if cached is not None:
             print(f"  {request.target.describe()}: cached ({cached.location})", file=progress, flush=True)
             return BuildOutcome(request.target, cached, cached=True)
@@ -345,11 +345,11 @@ def build_on_fleet(
     outcomes: list[BuildOutcome] = []
     pending = {}
     source_ref = ray.put(source.read_bytes())
-    get(controller.store_source.remote(source_ref))  # kept before any manifest: a rebuild needs it (fleet upgrade)
     libraries = {Path(p).name: Path(p).read_bytes() for p in custom_ops}
     libraries_ref = ray.put(libraries) if planned and libraries else None
     by_sha = ray.put(library_bytes(custom_ops)) if planned and libraries else None
     stored_now = get(controller.artifacts.remote(model)) if planned else []
+    get(controller.store_source.remote(source_ref))  # kept (once) before any manifest: fleet upgrade rebuilds from it
     for plan in planned:
         # the source travels as bytes; its name is only a name on the worker
         request = BuildRequest(source.name, model, plan.target, version=version, max_batch=max_batch, options=dict(options),
