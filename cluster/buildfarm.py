@@ -220,13 +220,14 @@ def build_locally(repo: AnyRepository, request: BuildRequest, source_sha256: str
     t0 = time.monotonic()
     try:
         cached = find_cached(repo.artifacts(request.model), request, source_sha256)
-        repo.store_source(Path(request.source_path).read_bytes())  # kept (once) before a manifest: fleet upgrade rebuilds
         if cached is not None:
+            repo.store_source(Path(request.source_path).read_bytes())  # kept (once): fleet upgrade rebuilds from it
             print(f"  {request.target.describe()}: cached ({cached.location})", file=progress, flush=True)
             return BuildOutcome(request.target, cached, cached=True)
         with tempfile.TemporaryDirectory(prefix="fleet-build-") as tmp:
             manifest = build_artifact(request, tmp, calibration=prepared.calibration, evaluation=prepared.evaluation)
             data = (Path(tmp) / manifest.artifact_file).read_bytes()
+        repo.store_source(Path(request.source_path).read_bytes())  # before the manifest: fleet upgrade rebuilds from it
         stored = repo.publish(manifest, data, library_bytes(request.custom_ops))
     except (FleetError, OSError) as exc:  # OSError: disk full, file too large, permissions
         message = exc.message if isinstance(exc, FleetError) else f"could not write the artifact: {exc}"
