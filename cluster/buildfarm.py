@@ -90,6 +90,9 @@ class FleetRepository:
     def store_calibration(self, key: str, result: precision_mod.CalibrationResult) -> str:
         return get(self.controller.store_calibration.remote(key, result))
 
+    def store_source(self, data: bytes) -> str:
+        return get(self.controller.store_source.remote(data))
+
     def find_calibration(self, source_sha256: str, method: str | None = None) -> precision_mod.CalibrationResult | None:
         return get(self.controller.find_calibration.remote(source_sha256, method))
 
@@ -215,14 +218,16 @@ def build_locally(repo: AnyRepository, request: BuildRequest, source_sha256: str
     progress = progress or sys.stderr
     prepared = prepared or BuildInputs(request.target.precision)
     t0 = time.monotonic()
-    cached = find_cached(repo.artifacts(request.model), request, source_sha256)
-    if cached is not None:
-        print(f"  {request.target.describe()}: cached ({cached.location})", file=progress, flush=True)
-        return BuildOutcome(request.target, cached, cached=True)
     try:
+        cached = find_cached(repo.artifacts(request.model), request, source_sha256)
+        if cached is not None:
+            repo.store_source(Path(request.source_path).read_bytes())  # kept (once): fleet upgrade rebuilds from it
+            print(f"  {request.target.describe()}: cached ({cached.location})", file=progress, flush=True)
+            return BuildOutcome(request.target, cached, cached=True)
         with tempfile.TemporaryDirectory(prefix="fleet-build-") as tmp:
             manifest = build_artifact(request, tmp, calibration=prepared.calibration, evaluation=prepared.evaluation)
             data = (Path(tmp) / manifest.artifact_file).read_bytes()
+        repo.store_source(Path(request.source_path).read_bytes())  # before the manifest: fleet upgrade rebuilds from it
         stored = repo.publish(manifest, data, library_bytes(request.custom_ops))
     except (FleetError, OSError) as exc:  # OSError: disk full, file too large, permissions
         message = exc.message if isinstance(exc, FleetError) else f"could not write the artifact: {exc}"
@@ -340,11 +345,12 @@ def build_on_fleet(
         say(f"  {s.what}: skipped: {s.reason}")
     outcomes: list[BuildOutcome] = []
     pending = {}
-    source_ref = ray.put(source.read_bytes()) if planned else None
+    source_ref = ray.put(source.read_bytes())
     libraries = {Path(p).name: Path(p).read_bytes() for p in custom_ops}
     libraries_ref = ray.put(libraries) if planned and libraries else None
     by_sha = ray.put(library_bytes(custom_ops)) if planned and libraries else None
     stored_now = get(controller.artifacts.remote(model)) if planned else []
+    get(controller.store_source.remote(source_ref))  # kept (once) before any manifest: fleet upgrade rebuilds from it
     for plan in planned:
         # the source travels as bytes; its name is only a name on the worker
         request = BuildRequest(source.name, model, plan.target, version=version, max_batch=max_batch, options=dict(options),

@@ -1,5 +1,5 @@
-"""`fleet promote`, `fleet rollback`, `fleet doctor`, `fleet runtimes`: rolling versions out and
-keeping each GPU type's runtime right. They act on the running fleet through its controller."""
+"""`fleet promote`, `fleet rollback`, `fleet doctor`, `fleet runtimes`, `fleet upgrade`: rolling versions
+out and keeping each GPU type's runtime right. They act on the running fleet through its controller."""
 
 from __future__ import annotations
 
@@ -78,6 +78,39 @@ def cmd_runtimes(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_upgrade_plan(plan: dict) -> None:
+    print(f"node {plan['node']}: TensorRT {', '.join(plan['from'])} -> {plan['to']}; workers rolled one at a time: "
+          f"{', '.join(plan['workers'])}")
+    for what, label in (("rebuild", "build first"), ("ready", "built already"), ("drop", "drop afterwards")):
+        for item in plan[what]:
+            print(f"  {label}: {item}")
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Plan (and print) first; then run it on the controller, printing its progress as it goes."""
+    import ray
+
+    controller = _controller(args)
+    print_upgrade_plan(get(controller.upgrade_tensorrt.remote(args.node, args.tensorrt, True), timeout=300))
+    if args.dry_run:
+        return 0
+    done = controller.upgrade_tensorrt.remote(args.node, args.tensorrt)
+    shown = 0
+    while True:
+        finished = bool(ray.wait([done], timeout=1.0)[0])
+        lines = get(controller.upgrade_progress.remote(shown), timeout=60)
+        for line in lines:
+            print(line, flush=True)
+        shown += len(lines)
+        if finished:
+            break
+    result = get(done)  # the typed error, when it failed
+    print(f"upgraded {result['node']} to TensorRT {result['to']} in {result['seconds']} s: {len(result['built'])} plan(s) "
+          f"built, {len(result['rolled'])} worker(s) rolled, {len(result['dropped'])} old plan(s) dropped. The fleet "
+          f"keeps this (in its repository); set `tensorrt: {result['to']}` for {result['node']} in the config file too")
+    return 0
+
+
 def add_commands(sub, with_url) -> None:
     p = sub.add_parser("promote", help="serve MODEL VERSION to every request that names no version, on every GPU type")
     p.add_argument("model")
@@ -97,6 +130,15 @@ def add_commands(sub, with_url) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--address", help="Ray address of the running fleet (default: RAY_ADDRESS, else this machine's)")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("upgrade", help="move NODE to another TensorRT release on the live fleet: its plans rebuilt "
+                       "first (on a builder with the new release), its workers rolled one at a time, the old plans "
+                       "dropped; no request fails")
+    p.add_argument("node", help="the node's name (`fleet status` lists them)")
+    p.add_argument("--tensorrt", required=True, metavar="VERSION", help="the release to move to, e.g. 10.16.1.11")
+    p.add_argument("--dry-run", action="store_true", help="print what would be built, rolled and dropped; change nothing")
+    p.add_argument("--address", help="Ray address of the running fleet (default: RAY_ADDRESS, else this machine's)")
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("runtimes", help="prepare this host's Python environments for the config's gpu_types "
                        "(workers of those types start in them)")

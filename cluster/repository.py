@@ -14,7 +14,10 @@ the only writer (builds send their artifacts to it as bytes). Publishing is atom
 A listed manifest must parse and its artifact must be listed too; its sha256 is checked
 on every load (``workers.artifacts``). int8 calibrations live under ``_calibration/``; the
 custom-op libraries models need under ``_libraries/<sha256>/<file>``, by content (many models
-and versions share one), each published before the first manifest that names it.
+and versions share one), each published before the first manifest that names it. Every build's
+source ONNX model is kept under ``_sources/<sha256>.onnx`` (written once, before the build's
+manifests: one copy per distinct source), so the fleet can rebuild any artifact for a new runtime
+by itself (``fleet upgrade``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ CALIBRATION = "_calibration"  # int8 calibrations, by source sha256 + data sha25
 TRITON = "_triton"  # imported Triton configurations, by model: config.pbtxt and warmup/<file>
 TRITON_CONFIG = "config.pbtxt"
 LIBRARIES = "_libraries"  # custom-op libraries, by sha256
+SOURCES = "_sources"  # the source ONNX model of every build, by sha256
 CHUNK = 4 << 20
 
 
@@ -155,6 +159,46 @@ class Repository:
         for stale in self.store.list_files(leaf):  # artifacts of earlier builds of this leaf
             if stale.key not in (key, f"{leaf}/{MANIFEST_NAME}"):
                 self.store.delete(stale.key)
+
+    def remove_artifact(self, manifest: Manifest) -> None:
+        """Delete one artifact (its leaf: manifest and artifact), e.g. a plan no worker can run any more."""
+        self.store.delete_prefix(_leaf(manifest))
+
+    # ---- source models -----------------------------------------------------------
+    def source_key(self, sha256: str) -> str:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a sha256 digest: {sha256!r}")
+        return f"{SOURCES}/{sha256}.onnx"
+
+    def has_source(self, sha256: str) -> bool:
+        return self.store.size(self.source_key(sha256)) is not None
+
+    def store_source(self, data: bytes) -> str:
+        """Keep a build's source model by its sha256 (once: the same bytes are not written again).
+        Returns its sha256. Renamed into place on a directory; one object on a store."""
+        sha = hashlib.sha256(data).hexdigest()
+        key = self.source_key(sha)
+        if self.store.size(key) == len(data):
+            return sha
+        if not self.is_local:
+            self.store.write_bytes(key, data)
+            return sha
+        staging = f"{STAGING}/{uuid.uuid4().hex}"
+        try:
+            self.store.make_dir(staging)
+            self.store.write_bytes(f"{staging}/source.onnx", data)
+            self.store.make_dir(SOURCES)
+            self.store.move(f"{staging}/source.onnx", key)
+        finally:
+            self.store.delete_prefix(staging)
+        return sha
+
+    def read_source(self, sha256: str) -> bytes:
+        try:
+            return self.store.read_bytes(self.source_key(sha256))
+        except FileNotFoundError:
+            raise ArtifactCorrupt(f"the source model {sha256[:12]}... is not in the repository {self.describe()}; "
+                                  f"run `fleet build` of that model again (builds keep their source)") from None
 
     # ---- custom-op libraries -----------------------------------------------------
     def library_key(self, library: CustomOpLibrary) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from workers.devices import Device
 from workers.manifest import Manifest
-from workers.targets import WorkerCaps
+from workers.targets import WorkerCaps, parse_version
 
 from cluster.rollout import gpu_type
 
@@ -61,6 +61,22 @@ DEFAULT_PROFILES: dict[str, RuntimeProfile] = {
     "A100": RuntimeProfile(onnxruntime="1.32.0", tensorrt="10.16.1.11", note="Ampere 8.0"),
     "H100": RuntimeProfile(onnxruntime="1.32.0", tensorrt="10.16.1.11", note="Hopper 9.0"),
 }
+
+
+# The last TensorRT release each old architecture gets: (below this compute capability, up to this release).
+LAST_TENSORRT = (((7, 0), (8, 6), "Pascal and older (below 7.0): TensorRT 8.6 is their last release"),
+                 ((7, 5), (10, 4), "Volta (7.0, 7.2): TensorRT 10.4 is its last release; TensorRT 11 needs 7.5 or newer"))
+
+
+def tensorrt_refusal(device: Device, version: str) -> str | None:
+    """Why ``device`` cannot run TensorRT ``version`` (None: it can), by the releases' support tables."""
+    if not device.is_gpu or device.cc is None:
+        return f"{device.describe()} is not a GPU: it runs no TensorRT"
+    wanted = parse_version(version)[:2]
+    for below, last, why in LAST_TENSORRT:
+        if device.cc < below and wanted > last:
+            return f"{device.describe()} cannot run TensorRT {version}: {why}"
+    return None
 
 
 def _lookup(table: dict[str, "object"], device: Device):

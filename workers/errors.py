@@ -131,6 +131,23 @@ class ImportRefused(InvalidConfig):
     (fields it does not serve, inputs or outputs that do not match the model's own, missing files)."""
 
 
+class UnknownNode(FleetError):
+    """A command names a node (host) the fleet does not have."""
+
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+
+
+class UpgradeRefused(InvalidInput):
+    """A runtime upgrade that cannot be done as asked (the version it has already, one its GPUs
+    cannot run, a worker not up): nothing was changed."""
+
+
+class SourceNotKept(UpgradeRefused):
+    """A rebuild needs a model's source ONNX and the repository does not keep it (built before
+    builds kept their sources): build it again with `fleet build`."""
+
+
 class WorkerLost(FleetError):
     """The worker died while serving; the request may be retried elsewhere."""
 
@@ -165,6 +182,9 @@ ERROR_TYPES: dict[str, type[FleetError]] = {
         BuildError,
         WarmupFailed,
         ImportRefused,
+        UnknownNode,
+        UpgradeRefused,
+        SourceNotKept,
         WorkerLost,
         DeviceFailed,
     )

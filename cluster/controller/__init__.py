@@ -54,7 +54,8 @@ from cluster.names import FRONT_DOOR_NAME, HEAD_NODE_RESOURCE, NAMESPACE
 from cluster.net import free_port, is_wildcard, local_address
 from cluster.repository import Repository, StoredArtifact
 from cluster.controller.rollouts import Rollouts, RolloutVerbs
-from cluster.rollout_store import read_rollout
+from cluster.controller.upgrades import Upgrades, UpgradeVerbs
+from cluster.rollout_store import read_rollout, read_tensorrt_upgrades
 from cluster.router import Router, WorkerState
 
 log = logging.getLogger("forward-fleet.controller")
@@ -63,7 +64,7 @@ HEALTH_PERIOD_S = 1.0
 STATS_MAX_AGE_S = 1.0  # /metrics and the status page reuse the workers' views for this long
 
 
-class FleetController(RepositoryVerbs, RolloutVerbs):
+class FleetController(RepositoryVerbs, RolloutVerbs, UpgradeVerbs):
     def __init__(self, config_json: str, endpoints: Endpoints) -> None:
         self.config = FleetConfig.model_validate_json(config_json)
         self.endpoints = endpoints
@@ -75,6 +76,8 @@ class FleetController(RepositoryVerbs, RolloutVerbs):
                              libraries=self._library_sources)
         self.rollouts = Rollouts(self.repo, self.router, self.pool, self.loader, self.events, lambda: self._changed())
         self.regions = ShmRegions(self.config.allow_client_shm, self.pool, self.events, self._changed)
+        self.upgrades = Upgrades(self.config, self.repo, self.pool, self.loader, self.router, self.events, self._scan,
+                                 self._routes_applied, lambda: self._manifests)
         self._manifests: list[Manifest] = []
         self._imported: dict[str, Imported] = {}  # models imported from a Triton repository
         self._manifest_generation = 0
@@ -94,6 +97,7 @@ class FleetController(RepositoryVerbs, RolloutVerbs):
             return await self.status()
         self.gcs = GcsWatch(ray.get_runtime_context().gcs_address)
         await self._scan()
+        self.pool.tensorrt = await asyncio.to_thread(read_tensorrt_upgrades, self.repo)  # nodes `fleet upgrade` moved
         await self.pool.start(self._ingress_url(), self._grpc_front(), ray.util.get_node_ip_address())
         await self.loader.preload()
         if self.endpoints.front_door:

@@ -1,6 +1,8 @@
 """Which workers a fleet has and where they go: one per declared (simulated) GPU, placed by its
 node's label, and one per GPU (or CPU) of every other Ray node (``discover_nodes``); and the worker
 actor itself, as the fleet runs it (``RayFleetWorker``: its endpoints bound to its node's address).
+A node upgraded by ``fleet upgrade`` (its TensorRT release, kept in the repository) gets that release
+(``with_tensorrt``) instead of the config's.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from workers.devices import Device
 from workers.grpc_server import GrpcOptions
 from workers.http import HttpOptions
 from workers.messages import WorkerInfo
+from workers.targets import Runtime
 
 from cluster.config import FleetConfig
 from cluster.forward import GrpcMissForwarder, IngressForwarder
 from cluster.names import CC_LABEL, GPU_LABEL, NODE_LABEL
 from cluster.net import is_loopback, is_wildcard
+from cluster.runtime_policy import RuntimeProfile
 
 WORKER_MAX_CONCURRENCY = 64
 
@@ -73,8 +77,19 @@ def _common(config: FleetConfig) -> dict:
 _BASE = {"num_cpus": 0, "max_concurrency": WORKER_MAX_CONCURRENCY}
 
 
-def plan_declared(config: FleetConfig) -> list[tuple[WorkerSpec, dict]]:
-    """One worker per declared (simulated) GPU, placed by its node's label (whenever that node is up)."""
+def with_tensorrt(spec: WorkerSpec, version: str, profile: RuntimeProfile | None) -> WorkerSpec:
+    """A worker's spec on TensorRT ``version``: a simulated GPU declares it (executed on the CPU as
+    before); a real GPU gets its type's environment with ``tensorrt-cu12==version`` (what it then has
+    is what it probes)."""
+    if spec.simulated_devices:
+        return dataclasses.replace(spec, simulated_runtimes=(Runtime("tensorrt", version, "tensorrt", simulated=True),))
+    profile = dataclasses.replace(profile or RuntimeProfile(), tensorrt=version)
+    return dataclasses.replace(spec, environment=profile.packages(simulated=False))
+
+
+def plan_declared(config: FleetConfig, tensorrt: dict[str, str] | None = None) -> list[tuple[WorkerSpec, dict]]:
+    """One worker per declared (simulated) GPU, placed by its node's label (whenever that node is up).
+    ``tensorrt``: node name -> the TensorRT release ``fleet upgrade`` moved it to."""
     plan = []
     profiles = config.runtime_profiles()
     for node in config.nodes:
@@ -85,11 +100,13 @@ def plan_declared(config: FleetConfig) -> list[tuple[WorkerSpec, dict]]:
                               simulated_devices=devices, simulated_runtimes=node.simulated_runtimes(),
                               simulated_budgets=tuple(g.budget for g in node.gpus), labels=dict(node.labels),
                               environment=profile.packages(simulated=True) if profile else (), **_common(config))
+            if node.name in (tensorrt or {}):
+                spec = with_tensorrt(spec, (tensorrt or {})[node.name], profile)
             plan.append((spec, dict(_BASE, num_gpus=1, label_selector={NODE_LABEL: node.name})))
     return plan
 
 
-def plan_node(config: FleetConfig, node: dict) -> list[tuple[WorkerSpec, dict]]:
+def plan_node(config: FleetConfig, node: dict, tensorrt: dict[str, str] | None = None) -> list[tuple[WorkerSpec, dict]]:
     """One worker per GPU (or one for the CPU) of a Ray node found in the cluster (``ray.nodes()``' entry)."""
     short = node.get("NodeManagerAddress", "node") + "-" + node["NodeID"][:6]
     pinned = dict(_BASE, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
@@ -99,6 +116,8 @@ def plan_node(config: FleetConfig, node: dict) -> list[tuple[WorkerSpec, dict]]:
     label, cc = labels.get(GPU_LABEL), labels.get(CC_LABEL)  # set by `fleet join` / `fleet up` from NVML
     profile = config.runtime_profiles().for_device(Device(label or "", "", "gpu", cc, 0)) if label or cc else None
     environment = profile.packages(simulated=False) if profile else ()
+    if short in (tensorrt or {}):
+        environment = with_tensorrt(WorkerSpec(short), (tensorrt or {})[short], profile).environment
     plan = [(WorkerSpec(worker_id=f"{short}-gpu{i}", node_name=short, environment=environment, **_common(config)),
              dict(pinned, num_gpus=1)) for i in range(gpus)]
     if not gpus:
@@ -112,13 +131,14 @@ def discoverable(node: dict) -> bool:
     return bool(node.get("Alive")) and NODE_LABEL not in (node.get("Labels") or {})
 
 
-def plan_workers(config: FleetConfig) -> list[tuple[WorkerSpec, dict]]:
-    """One worker per declared (simulated) GPU, and per GPU (or CPU) of every other Ray node up now."""
-    plan = plan_declared(config)
+def plan_workers(config: FleetConfig, tensorrt: dict[str, str] | None = None) -> list[tuple[WorkerSpec, dict]]:
+    """One worker per declared (simulated) GPU, and per GPU (or CPU) of every other Ray node up now
+    (``tensorrt``: the nodes ``fleet upgrade`` moved to another TensorRT release)."""
+    plan = plan_declared(config, tensorrt)
     if config.discover_nodes:
         for node in ray.nodes():
             if discoverable(node):
-                plan += plan_node(config, node)
+                plan += plan_node(config, node, tensorrt)
     return plan
 
 

@@ -9,7 +9,8 @@ unanswered for UNREACHABLE_AFTER_S: out of the fleet's own routing, kept as a se
 the front door, whose checks take it back when its host answers again); ``replacing`` (its
 process died); ``waiting for its host`` (its node is not in the cluster: not joined yet,
 left, or dead); ``draining`` (its host is leaving); ``out of service`` (its GPU is bad).
-Hosts joining, leaving and dying: ``watch_hosts`` (the cluster's nodes) and ``drain``.
+Hosts joining, leaving and dying: ``watch_hosts`` (the cluster's nodes) and ``drain``; one worker
+restarted on a new runtime without failing a request: ``roll``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from workers.messages import WorkerHealth, WorkerInfo
 
 from cluster.calls import call
 from cluster.config import Endpoints, FleetConfig
+from cluster.controller.draining import OUT, REPLACING, UNREACHABLE, UP, WAITING, Draining, stop_worker
 from cluster.controller.environments import prepare_environments
 from cluster.controller.events import EventLog
 from cluster.controller.plan import WorkerActor, discoverable, host_state, plan_node, plan_workers
@@ -46,10 +48,6 @@ WORKER_START_TIMEOUT_S = 120
 HEALTH_TIMEOUT_S = 30
 UNREACHABLE_AFTER_S = 5.0  # a health call unanswered this long: out of the routes until it answers
 HUNG_AFTER_S = 90.0  # unanswered this long while Ray still counts its node alive: replaced (Ray's own wait is ~60 s)
-
-UP, UNREACHABLE, REPLACING, WAITING, DRAINING, OUT = (
-    "up", "unreachable", "replacing", "waiting for its host", "draining", "out of service")
-
 
 
 
@@ -78,7 +76,7 @@ class _Member:
         return WorkerRecord(self.info, self.health, self.alive, self.state)
 
 
-class WorkerPool:
+class WorkerPool(Draining):
     def __init__(self, config: FleetConfig, endpoints: Endpoints, events: EventLog, on_change: Callable[[], None],
                  on_started: Callable[[str], Awaitable[None]]) -> None:
         """``on_change``: the inventory changed; ``on_started``: a worker (re)started (replay its state,
@@ -94,6 +92,7 @@ class WorkerPool:
         self._started = False
         self._tasks: set[asyncio.Task] = set()
         self.restarts = 0
+        self.tensorrt: dict[str, str] = {}  # node name -> the TensorRT release it was upgraded to (fleet upgrade)
 
     # ---- views ---------------------------------------------------------------
     def records(self) -> tuple[WorkerRecord, ...]:
@@ -113,6 +112,13 @@ class WorkerPool:
 
     def info(self, worker_id: str) -> WorkerInfo | None:
         return self._members[worker_id].info
+
+    def of_node(self, node_name: str) -> dict[str, _Member]:
+        """The workers planned for a node (its name in the config, or a found host's), by worker id."""
+        return {wid: m for wid, m in sorted(self._members.items()) if m.spec.node_name == node_name}
+
+    def node_names(self) -> list[str]:
+        return sorted({m.spec.node_name for m in self._members.values()})
 
     def hosts(self) -> list[dict]:
         """Every host (Ray node) the fleet has or had workers on: its address, whether Ray counts it
@@ -155,7 +161,7 @@ class WorkerPool:
         self._ingress_url = ingress_url
         self._grpc_front = grpc_front
         self._head_address = head_address
-        for spec, options in plan_workers(self.config):
+        for spec, options in plan_workers(self.config, self.tensorrt):
             self._members[spec.worker_id] = _Member(spec, options, discovered=not spec.simulated_devices)
         await self._read_nodes()
         # each GPU type's environment on the nodes up now (hosts that join later: the fleet's own, for now)
@@ -255,7 +261,7 @@ class WorkerPool:
                        if isinstance(m.options.get("scheduling_strategy"), NodeAffinitySchedulingStrategy)}
             for nid in sorted(alive - planned - self._left):
                 if discoverable(self._nodes[nid]):
-                    for spec, options in plan_node(self.config, self._nodes[nid]):
+                    for spec, options in plan_node(self.config, self._nodes[nid], self.tensorrt):
                         self._members[spec.worker_id] = _Member(spec, options, discovered=True)
                         self.events.add("host-joined", host=spec.node_name, node=nid)
         for wid, member in list(self._members.items()):
@@ -282,46 +288,6 @@ class WorkerPool:
                 ray.kill(handle, no_restart=True)
             except Exception:  # noqa: BLE001 (its node is gone: nothing to kill)
                 pass
-
-    async def drain(self, node_id: str, timeout_s: float, routes_out: Callable[[], Awaitable[None]],
-                    address: str | None = None) -> dict:
-        """A host leaves: its workers take no new requests (out of every route: ``routes_out`` returns
-        once the front door has the routes without them), finish what they have (``in_flight`` 0 for a
-        quiet second), then stop. Returns what was drained and how long it took."""
-        t0 = time.monotonic()
-        await self._read_nodes()
-        leaving = {node_id} | {nid for nid, n in self._nodes.items()
-                               if address and n.get("Alive") and n.get("NodeManagerAddress") == address}
-        self._left |= leaving
-        drained = [wid for wid, m in self._members.items() if m.node_id in leaving and m.handle is not None
-                   and m.state in (UP, UNREACHABLE, OUT)]
-        for wid in drained:
-            self._set(wid, DRAINING, "worker-draining", node=node_id)
-        await routes_out()
-        deadline, quiet_since = t0 + timeout_s, None
-        while drained and time.monotonic() < deadline:
-            busy = await asyncio.gather(*(self._members[w].handle.in_flight.remote() for w in drained),
-                                        return_exceptions=True)
-            if all(b == 0 or isinstance(b, Exception) for b in busy):
-                quiet_since = quiet_since or time.monotonic()
-                if time.monotonic() - quiet_since >= 1.0:  # a request already on its way gets there in time
-                    break
-            else:
-                quiet_since = None
-            await asyncio.sleep(0.1)
-        left_busy = time.monotonic() >= deadline
-        for wid in drained:
-            member = self._members[wid]
-            handle, member.handle, member.pending = member.handle, None, None
-            try:
-                await asyncio.wait_for(handle.shutdown.remote(), 30)
-            except Exception:  # noqa: BLE001 (it stops either way)
-                pass
-            ray.kill(handle, no_restart=True)
-            self._set(wid, WAITING, "worker-left", node=node_id)
-        took = round(time.monotonic() - t0, 2)
-        self.events.add("host-drained", node=node_id, workers=drained, seconds=took, timed_out=left_busy)
-        return {"node_id": node_id, "workers": drained, "seconds": took, "timed_out": left_busy}
 
     # ---- health ----------------------------------------------------------------
     async def refresh(self, worker_id: str) -> None:
@@ -439,9 +405,6 @@ class WorkerPool:
         for member in self._members.values():
             if member.handle is None:
                 continue
-            try:
-                await asyncio.wait_for(member.handle.shutdown.remote(), 30)
-            except Exception:
-                pass
-            ray.kill(member.handle, no_restart=True)
+            await stop_worker(member.handle)
             member.handle, member.state = None, WAITING
+

@@ -42,6 +42,11 @@ class RepositoryVerbs:
         """An artifact's bytes (``fleet export-triton`` on another host)."""
         return await asyncio.to_thread(self.repo.read_artifact, Manifest.from_dict(manifest))
 
+    async def store_source(self, data: bytes) -> str:
+        """Keep a build's source model by its sha256 (``_sources/``), so the fleet can rebuild it later."""
+        self._need_gcs("storing a source model")
+        return await asyncio.to_thread(self.repo.store_source, data)
+
     async def store_calibration(self, key: str, result: CalibrationResult) -> str:
         return await asyncio.to_thread(self.repo.store_calibration, key, result)
 

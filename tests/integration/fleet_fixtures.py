@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
 
+import numpy as np
 import ray
 
 from cluster import deploy, nodes
 from cluster.buildfarm import build_locally, local_target
+from cluster.client import FleetClient
 from cluster.config import load_config
 from cluster.names import NAMESPACE
 from cluster.net import free_port
@@ -115,3 +121,47 @@ def read_parts(out: Path):
     row_ids = np.concatenate([t["row_id"].to_numpy() for t in tables])
     labels = np.concatenate([t["label"].to_numpy() for t in tables])
     return row_ids, labels
+
+
+class Traffic:
+    """Client threads sending one-row requests for ``model`` through the fleet's URL until the block ends
+    (``rate``: requests per second over all threads; None: as fast as they are answered): how many were
+    sent, which worker and target answered each (``served_by``, ``targets``), and every exception
+    (``errors``, checked by the test)."""
+
+    def __init__(self, url: str, model: str, threads: int = 4, rate: float | None = None) -> None:
+        self.url, self.model = url, model
+        self.interval = threads / rate if rate else 0.0  # each thread's pace
+        self.sent = 0
+        self.served_by: collections.Counter = collections.Counter()
+        self.targets: collections.Counter = collections.Counter()
+        self.errors: list[Exception] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send) for _ in range(threads)]
+
+    def _send(self) -> None:
+        with FleetClient(self.url) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                with self._lock:
+                    self.sent += 1
+                try:
+                    client.infer(self.model, {"input": np.zeros((1, 64), np.float32)})
+                    with self._lock:
+                        self.served_by[client.last_parameters["fleet_worker"]] += 1
+                        self.targets[client.last_parameters["fleet_target"]] += 1
+                except Exception as exc:  # noqa: BLE001 - recorded, checked by the test
+                    with self._lock:
+                        self.errors.append(exc)
+                self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def __enter__(self) -> Self:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()

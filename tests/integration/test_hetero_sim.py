@@ -21,7 +21,7 @@ from cluster.buildfarm import FleetRepository, build_on_fleet, prepare_build
 from cluster.client import FleetClient
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from tests.custom_ops_model import calibration_data, direct, extensions_library, extensions_sha256, within_precision
-from tests.integration.fleet_fixtures import running_fleet, simulated_cluster, worker_handles
+from tests.integration.fleet_fixtures import Traffic, running_fleet, simulated_cluster, worker_handles
 from tests.models import custom_op_rows, make_custom_op_mlp
 from tests.needs import skip_unless
 from workers.errors import NoCapacity, NoCompatibleWorker
@@ -71,37 +71,6 @@ def status(sim):
 
 def workers(sim):
     return {w["worker_id"]: w for n in status(sim)["nodes"] for w in n["workers"]}
-
-
-class Traffic:
-    """Four client threads sending one-row requests for ``model`` until the block ends: which worker
-    answered each (``served_by``) and every exception (``errors``, checked by the test)."""
-
-    def __init__(self, url: str, model: str, threads: int = 4) -> None:
-        self.url, self.model = url, model
-        self.served_by: collections.Counter = collections.Counter()
-        self.errors: list[Exception] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._send) for _ in range(threads)]
-
-    def _send(self) -> None:
-        with FleetClient(self.url) as client:
-            while not self._stop.is_set():
-                try:
-                    client.infer(self.model, {"input": np.zeros((1, 64), np.float32)})
-                    self.served_by[client.last_parameters["fleet_worker"]] += 1
-                except Exception as exc:  # noqa: BLE001 - recorded, checked by the test
-                    self.errors.append(exc)
-
-    def __enter__(self) -> "Traffic":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
 
 
 def test_workers_take_the_declared_identities(sim):

@@ -90,6 +90,7 @@ def test_build_locally_and_calibrations_on_the_object_store(s3, demo_models):
     path = demo_models["cnn-small"]
     outcome = build_locally(repo, BuildRequest(str(path), "cnn-small", local_target()), sha256_file(path))
     assert outcome.ok and build_locally(repo, BuildRequest(str(path), "cnn-small", local_target()), sha256_file(path)).cached
+    assert repo.read_source(sha256_file(path)) == path.read_bytes()  # kept for a rebuild, one object
     result = CalibrationResult({"x": 1.5}, b"qdq-model-bytes", "minmax")
     key = calibration_key(sha256_file(path), "1" * 64, "minmax")
     assert repo.store_calibration(key, result) == f"s3://{BUCKET}/local/_calibration/{key}"

@@ -48,6 +48,28 @@ def test_publish_is_atomic_and_listed(repo, demo_models):
     assert again.cached
 
 
+def test_every_build_keeps_its_source_once_by_sha256(repo, demo_models):
+    source = demo_models["cnn-small"]
+    sha = sha256_file(source)
+    assert not repo.has_source(sha)
+    build_locally(repo, BuildRequest(str(source), "cnn-small", local_target()), sha)
+    assert repo.has_source(sha) and repo.read_source(sha) == source.read_bytes()
+    assert (repo.root / "_sources" / f"{sha}.onnx").is_file()
+    build_locally(repo, BuildRequest(str(source), "cnn-small", local_target(), version="2"), sha)
+    assert [p.name for p in (repo.root / "_sources").iterdir()] == [f"{sha}.onnx"]  # one copy per distinct source
+    assert repo.models() == {"cnn-small": ["1", "2"]}  # not taken for a model
+    with pytest.raises(ArtifactCorrupt, match="run `fleet build` of that model again"):
+        repo.read_source("0" * 64)
+
+
+def test_remove_artifact_deletes_one_leaf(repo, demo_models):
+    source = demo_models["cnn-small"]
+    art = build_locally(repo, BuildRequest(str(source), "cnn-small", local_target()), sha256_file(source)).artifact
+    build_locally(repo, BuildRequest(str(source), "cnn-small", local_target(), version="2"), sha256_file(source))
+    repo.remove_artifact(art.manifest)
+    assert repo.models() == {"cnn-small": ["2"]}
+
+
 def test_staging_is_never_visible(repo, demo_models):
     staging = repo.root / ".staging" / "x"
     build_artifact(BuildRequest(str(demo_models["cnn-small"]), "half", local_target()), staging)
