@@ -118,17 +118,19 @@ def measure_loaded(manifest, directory: Path, feeds: dict, duration_s: float) ->
     import onnxruntime as ort
 
     from workers.devices import discover_devices, nvml_used_bytes
+    from workers.engines.onnxruntime import limit_cublas_workspace
     from workers.kserve.codec import InferRequest
     from workers.runner import EngineRunner
     from workers.targets import Runtime, WorkerCaps
 
+    limit_cublas_workspace()  # as a worker does, before its first CUDA session
     device = discover_devices()[0]
     caps = WorkerCaps("bench", device, (Runtime("onnxruntime", ort.__version__, "cuda"),))
     baseline = nvml_used_bytes(device.uuid)
     runner = EngineRunner(caps, int(device.total_memory_bytes * 0.9), slots=4,
                           memory_probe=lambda: nvml_used_bytes(device.uuid))
     try:
-        entry = runner.load(manifest, directory)
+        entry = runner.load(manifest, directory / manifest.artifact_file)
         nvml_delta = nvml_used_bytes(device.uuid) - baseline
         rows_per_s, callers = callers_best(lambda f: runner.infer(InferRequest(f), manifest.model), feeds, duration_s)
     finally:

@@ -28,6 +28,7 @@ from typing import Any
 from workers.artifacts import DEFAULT_CACHE_BYTES, ArtifactCache, ArtifactSource, default_cache_root
 from workers.build import BuildRequest, EvalData, build_artifact, build_memory_bytes, onnx_opset
 from workers.devices import CudaHostPinner, Device, discover_devices, nvml_used_bytes
+from workers.engines.onnxruntime import limit_cublas_workspace
 from workers.errors import IncompatibleArtifact, NotReady
 from workers.gpu_health import GpuHealthProbe
 from workers.grpc_server import GrpcOptions, MissFn, WorkerGrpcServer
@@ -142,6 +143,7 @@ class FleetWorker:
         """``read_object``: reads an artifact sent through Ray's object store (``ray.get``; the fleet's
         subclass passes it)."""
         self.spec = spec
+        limit_cublas_workspace()  # before the probe's CUDA run makes the process's first cuBLAS handle
         self.artifacts = ArtifactCache(default_cache_root(), spec.cache_bytes, read_object)
         self.device = _resolve_device(spec)
         runtimes, self.probe = probe_runtimes(self.device, spec.environment)  # what it can really do, not what was declared

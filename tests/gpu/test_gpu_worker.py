@@ -186,3 +186,23 @@ def test_teardown_returns_memory_and_exits_cleanly(mlp_artifacts, results_dir):
     record(results_dir, "teardown", numbers)
     assert numbers["loaded"] - numbers["baseline"] > 256 << 20  # the engine really was on the GPU
     assert abs(numbers["after_unload"] - numbers["baseline"]) <= 64 << 20
+
+
+def test_a_float16_engine_takes_at_most_055x_its_float32_one(big_mlp, tmp_path, results_dir):
+    """Issue 21: the ledger's footprint (NVML, measured while each engine loads and warms up) of the big
+    MLP at float16 against float32, both loaded in one worker; the worker's NVML reading agrees."""
+    worker = FleetWorker(WorkerSpec("gpu-fp16", budget_bytes=8 << 30))
+    footprints = {}
+    for precision in ("float32", "float16"):
+        target = Target("onnxruntime", ort.__version__, provider="cuda", precision=precision)
+        out = tmp_path / precision
+        manifest = build_artifact(BuildRequest(str(big_mlp), f"mlp-{precision}", target, max_batch=256,
+                                               accept_accuracy_loss=True), out)
+        footprints[precision] = worker.load(manifest, from_directory(manifest, out))["footprint_bytes"]
+    used = nvml_used_bytes(worker.device.uuid) - worker.baseline_used_bytes
+    ratio = footprints["float16"] / footprints["float32"]
+    record(results_dir, "fp16-footprint", {"footprints": footprints, "ratio": ratio, "nvml_minus_baseline": used,
+                                           "ledger": worker.health().used_bytes})
+    assert ratio <= 0.55, footprints
+    assert abs(worker.health().used_bytes - used) <= 0.05 * used
+    worker.shutdown()

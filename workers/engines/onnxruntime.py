@@ -18,6 +18,16 @@ from workers.tensors import ONNX_TYPE_TO_DATATYPE, TensorSpec
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
+# cuBLAS's own workspace took ~128 MiB per handle on an H200, and ONNX Runtime makes a handle per
+# session and calling thread: the big MLP's engines ran as fast with 8 x 16 KiB, and took 288 / 158 MiB
+# (float32 / float16) instead of 416 / 286 (docs/gpu-results.md). Set CUBLAS_WORKSPACE_CONFIG in the
+# fleet's environment to choose otherwise.
+CUBLAS_WORKSPACE = ":16:8"
+
+
+def limit_cublas_workspace() -> None:
+    """Before this process's first CUDA session (cuBLAS reads the setting once): see CUBLAS_WORKSPACE."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
 
 
 def cuda_provider_available() -> bool:
@@ -112,6 +122,7 @@ class OnnxRuntimeEngine(Engine):
                 "ONNX Runtime's CUDA provider is not available in this process; install "
                 "forward-fleet[gpu] (onnxruntime-gpu) or build the model for the CPU"
             )
+        limit_cublas_workspace()
         return [(CUDA_PROVIDER, self._cuda_options())]
 
     def _cuda_options(self) -> dict:
