@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
 
 
 def is_wildcard(host: str) -> bool:
@@ -19,8 +21,27 @@ def is_loopback(host: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(p) for p in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("" if is_wildcard(host) else host, 0))
+    """A port nothing listens on now, chosen below the kernel's ephemeral range: a port from that
+    range can be handed to any process's ``bind(0)`` or outgoing connection before our server binds
+    it (seen in CI: HAProxy's listener lost its port to a worker's endpoint started meanwhile)."""
+    address = "" if is_wildcard(host) else host
+    low, _ = _ephemeral_range()
+    for port in random.sample(range(10000, low), min(64, max(0, low - 10000))):
+        with socket.socket() as sock:
+            try:
+                sock.bind((address, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no room below the range: the kernel's choice
+        sock.bind((address, 0))
         return sock.getsockname()[1]

@@ -27,6 +27,7 @@ from cluster.config import FleetConfig
 from cluster.console import say
 from cluster.calls import get
 from cluster.env import auth_token_path, ray_address, ray_env
+from cluster.net import free_port
 from cluster.rollout import gpu_type
 from cluster.names import CC_LABEL, CONTROLLER_NAME, GPU_LABEL, NAMESPACE, NODE_LABEL
 
@@ -102,7 +103,7 @@ def _start_head(config: FleetConfig) -> str:
     if ft.redis == "local":
         gcs_ft.start_local_redis(ft)
     head_env, head_flags = gcs_ft.ray_start_settings(ft)
-    agent_port = _free_port()
+    agent_port = free_port()
     say(f"starting Ray head on {address} (dashboard 127.0.0.1:{config.dashboard_port}"
         f"{', GCS tables in Redis at ' + str(ft.redis_address()) if ft.enabled else ''}) ...")
     _ray_cli(
@@ -119,11 +120,6 @@ def _start_head(config: FleetConfig) -> str:
     gcs_ft.after_head_started(ft, config.ray_port)
     return address
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_job_agent(port: int, timeout_s: float = 60.0) -> None:

@@ -3,12 +3,12 @@ from pathlib import Path
 import atexit
 import os
 import shutil
-import socket
 import tempfile
 
 import pytest
 
 from cluster.env import apply_ray_env
+from cluster.net import free_port
 
 # Serve's HAProxy keeps its config, socket and state under one directory and listens on
 # fixed stats/metrics ports; give this test session its own, so that it never meets
@@ -17,14 +17,9 @@ from cluster.env import apply_ray_env
 _haproxy = tempfile.mkdtemp(prefix="ffh", dir="/tmp")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
-os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
+os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
+os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
 os.environ.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", f"{_haproxy}/haproxy.cfg")
 os.environ.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", f"{_haproxy}/admin.sock")
 os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", _haproxy)

@@ -18,20 +18,16 @@ from collections.abc import Iterator
 import pyarrow.fs as pafs
 
 from workers.storage import StoreSpec
+from cluster.net import free_port
 
 KEY = "testing"  # moto takes any credentials; the fleet still sends these
 REGION = "us-east-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class MotoS3:
     def __init__(self, port: int | None = None) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
 
     @property

@@ -21,7 +21,6 @@ import yaml
 
 from cluster import cli
 from cluster.buildfarm import build_on_fleet
-from cluster.config import load_config
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from cluster.repository import Repository
 from tests.integration.fleet_fixtures import Traffic, digits_rows, distinct_model, running_fleet, simulated_cluster

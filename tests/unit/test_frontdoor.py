@@ -1,7 +1,6 @@
 """The front door: HAProxy config rendering (pure) and a real HAProxy routing real HTTP."""
 
 import http.server
-import socket
 import subprocess
 import threading
 import time
@@ -10,6 +9,7 @@ import pytest
 import requests
 
 from cluster.frontdoor.haproxy import FrontDoor, haproxy_binary
+from cluster.net import free_port
 from cluster.frontdoor.routes import GRPC_MISS_HEADER, GrpcFrontend, Route, Server, render_config, routes_from
 from cluster.router import Router, WorkerState
 from workers.devices import Device
@@ -29,11 +29,6 @@ def haproxy_installed():
 
 needs_haproxy = pytest.mark.usefixtures("haproxy_installed")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _manifest(model: str, version: str) -> Manifest:
@@ -82,7 +77,7 @@ def test_config_routes_the_latest_version_on_both_paths_and_everything_else_to_t
 def test_haproxy_accepts_the_rendered_config(tmp_path):
     routes = [Route("digits-mlp", "1", True, (Server("node-1.2.3.4-gpu0", "127.0.0.1", 1001),))]
     path = tmp_path / "h.cfg"
-    path.write_text(render_config(routes, bind=("127.0.0.1", _free_port()), ingress=("127.0.0.1", 9000),
+    path.write_text(render_config(routes, bind=("127.0.0.1", free_port()), ingress=("127.0.0.1", 9000),
                                   admin_socket=str(tmp_path / "a.sock")))
     check = subprocess.run([haproxy_binary(), "-c", "-f", str(path)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
@@ -125,7 +120,7 @@ def _who(url: str, method: str = "POST") -> str:
 @needs_haproxy
 def test_real_haproxy_routes_moves_and_falls_back(tmp_path):
     ingress, w1, w2 = _Named("ingress"), _Named("w1"), _Named("w2")
-    port = _free_port()
+    port = free_port()
     door = FrontDoor(bind=("127.0.0.1", port), ingress=("127.0.0.1", ingress.port))
     base = f"http://127.0.0.1:{port}"
     try:
@@ -204,7 +199,7 @@ def test_config_routes_grpc_model_infer_by_the_name_in_its_body():
 @needs_haproxy
 def test_real_haproxy_routes_grpc_to_a_holder_and_the_rest_to_the_router(tmp_path):
     worker, router, ingress = _GrpcNamed("w1"), _GrpcNamed("router"), _Named("ingress")
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     door = FrontDoor(bind=("127.0.0.1", port), ingress=("127.0.0.1", ingress.port),
                      grpc=GrpcFrontend(("127.0.0.1", grpc_port), ("127.0.0.1", router.port)))
     try:
