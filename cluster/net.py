@@ -21,6 +21,9 @@ def is_loopback(host: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
+RAY_WORKER_PORTS_END = 20000  # Ray's workers take 10002-19999 (and its client server 10001): never ours
+
+
 def _ephemeral_range() -> tuple[int, int]:
     try:
         low, high = (int(p) for p in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
@@ -30,12 +33,13 @@ def _ephemeral_range() -> tuple[int, int]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now, chosen below the kernel's ephemeral range: a port from that
-    range can be handed to any process's ``bind(0)`` or outgoing connection before our server binds
-    it (seen in CI: HAProxy's listener lost its port to a worker's endpoint started meanwhile)."""
+    """A port nothing listens on now, chosen between Ray's worker ports and the kernel's ephemeral
+    range: a port from that range can be handed to any process's ``bind(0)`` or outgoing connection
+    before our server binds it (seen in CI: HAProxy's listener lost its port to a worker's endpoint
+    started meanwhile), and `ray start` refuses a port of its workers' range."""
     address = "" if is_wildcard(host) else host
     low, _ = _ephemeral_range()
-    for port in random.sample(range(10000, low), min(64, max(0, low - 10000))):
+    for port in random.sample(range(RAY_WORKER_PORTS_END, low), min(64, max(0, low - RAY_WORKER_PORTS_END))):
         with socket.socket() as sock:
             try:
                 sock.bind((address, port))
