@@ -24,12 +24,12 @@ def is_loopback(host: str) -> bool:
 RAY_WORKER_PORTS_END = 20000  # Ray's workers take 10002-19999 (and its client server 10001): never ours
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def _ephemeral_start() -> int:
+    """Where the kernel's range for bind(0) and outgoing connections starts."""
     try:
-        low, high = (int(p) for p in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,7 +38,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     before our server binds it (seen in CI: HAProxy's listener lost its port to a worker's endpoint
     started meanwhile), and `ray start` refuses a port of its workers' range."""
     address = "" if is_wildcard(host) else host
-    low, _ = _ephemeral_range()
+    low = _ephemeral_start()
     for port in random.sample(range(RAY_WORKER_PORTS_END, low), min(64, max(0, low - RAY_WORKER_PORTS_END))):
         with socket.socket() as sock:
             try:

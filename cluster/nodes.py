@@ -121,7 +121,6 @@ def _start_head(config: FleetConfig) -> str:
     return address
 
 
-
 def _wait_for_job_agent(port: int, timeout_s: float = 60.0) -> None:
     """The head's dashboard agent takes jobs (`ray job submit`); Ray's job server gives up after
     10 s without one ("No available agent to submit job"), which a loaded machine can take."""

@@ -78,9 +78,6 @@ class LoadedEngine:
 
     def submit(self, feeds: Feeds, out: Feeds | None, executor: ThreadPoolExecutor) -> Future:
         """Run one request of any size (admitted already); ``out`` (see ``Engine.run``) only when it is one batch."""
-        return self._start(feeds, out, executor)
-
-    def _start(self, feeds: Feeds, out: Feeds | None, executor: ThreadPoolExecutor) -> Future:
         max_batch = self.options.max_batch_for(self.manifest.max_batch)
         if self.batcher is None:
             return executor.submit(self._run_alone, feeds, out)

@@ -69,8 +69,7 @@ class RequestPath:
             try:
                 loaded.admit(in_flight)  # max_queue_size: a 503 now rather than a long wait
             except Overloaded:
-                self.counters["failures"] += 1
-                self.ledger.end_use(key)
+                self._end(key, False)
                 raise
             return loaded
 

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-
 from workers.batcher import DynamicBatcher, EngineStats
 from workers.custom_ops import LibraryFile
 from workers.loaded import LoadedEngine, check_engine_io, warm_up
@@ -38,7 +37,6 @@ from workers.shm import SharedMemoryRegistry
 from workers.targets import WorkerCaps, can_run
 from workers.trust import check_trusted
 from workers.warmup import run_warmup
-
 
 
 def freeze_heap() -> None:

@@ -94,6 +94,7 @@ class Draining:
         return {"worker": worker_id, "drained_s": drained_s, "timed_out": not quiet,
                 "seconds": round(time.monotonic() - t0, 2)}
 
+
 async def stop_worker(handle) -> None:
     """Shut a worker down (its engines freed in order), then end its actor."""
     try:

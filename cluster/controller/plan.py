@@ -83,8 +83,12 @@ def with_tensorrt(spec: WorkerSpec, version: str, profile: RuntimeProfile | None
     is what it probes)."""
     if spec.simulated_devices:
         return dataclasses.replace(spec, simulated_runtimes=(Runtime("tensorrt", version, "tensorrt", simulated=True),))
-    profile = dataclasses.replace(profile or RuntimeProfile(), tensorrt=version)
-    return dataclasses.replace(spec, environment=profile.packages(simulated=False))
+    return dataclasses.replace(spec, environment=_tensorrt_environment(version, profile))
+
+
+def _tensorrt_environment(version: str, profile: RuntimeProfile | None) -> tuple[str, ...]:
+    """A real GPU type's environment with TensorRT ``version`` instead of its profile's."""
+    return dataclasses.replace(profile or RuntimeProfile(), tensorrt=version).packages(simulated=False)
 
 
 def plan_declared(config: FleetConfig, tensorrt: dict[str, str] | None = None) -> list[tuple[WorkerSpec, dict]]:
@@ -117,7 +121,7 @@ def plan_node(config: FleetConfig, node: dict, tensorrt: dict[str, str] | None =
     profile = config.runtime_profiles().for_device(Device(label or "", "", "gpu", cc, 0)) if label or cc else None
     environment = profile.packages(simulated=False) if profile else ()
     if short in (tensorrt or {}):
-        environment = with_tensorrt(WorkerSpec(short), (tensorrt or {})[short], profile).environment
+        environment = _tensorrt_environment((tensorrt or {})[short], profile)
     plan = [(WorkerSpec(worker_id=f"{short}-gpu{i}", node_name=short, environment=environment, **_common(config)),
              dict(pinned, num_gpus=1)) for i in range(gpus)]
     if not gpus:

@@ -407,4 +407,3 @@ class WorkerPool(Draining):
                 continue
             await stop_worker(member.handle)
             member.handle, member.state = None, WAITING
-
