@@ -98,11 +98,17 @@ class DataPlane:
     async def load(self, model: str, version: str | None = None, *, explicit: bool = False) -> Placement:
         """Have the controller load the model; route by the placement it returns at once."""
         placement = await call(self.controller.ensure_loaded.remote(model, version, explicit=explicit))
-        if set(placement.engines) - self.handles.keys() or not set(placement.engines) <= self.router.workers.keys():
-            await self.refresh(force=True)  # a worker we have not met yet
+        if not all(self._known_alive(worker_id) for worker_id in placement.engines):
+            # a worker we have not met yet, or one we saw die whose replacement (same id, new
+            # actor) we have no handle for
+            await self.refresh(force=True)
         else:
             self.router.apply_placement(placement)
         return placement
+
+    def _known_alive(self, worker_id: str) -> bool:
+        worker = self.router.workers.get(worker_id)
+        return worker is not None and worker.alive and worker_id in self.handles
 
     # ---- inference -------------------------------------------------------------
     async def serve(self, model: str, version: str | None, request: InferRequest) -> Served:

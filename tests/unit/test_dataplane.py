@@ -78,6 +78,23 @@ def test_a_worker_that_died_is_routed_around_and_reported():
     assert "t4-a" in controller.reported
 
 
+def test_a_worker_replaced_under_the_same_id_is_found_through_its_new_handle():
+    """Another ingress replica may see the replacement first: this one last saw the worker dead,
+    and the placement names the same id; it must fetch the new handle, not route to none."""
+    old = FakeWorker("p4", "6.1")
+    controller, plane = plane_with(old)
+    asyncio.run(plane.refresh(force=True))
+    old.dead = True
+    controller.changed()
+    asyncio.run(plane.refresh(force=True))
+    assert not plane.router.workers["p4"].alive
+    controller.workers["p4"] = FakeWorker("p4", "6.1")  # the replacement: same id, a new actor
+    controller.changed()
+    served = serve(plane, "m61")  # within REFRESH_PERIOD_S: only the placement tells it
+    assert served.parameters["fleet_worker"] == "p4"
+    assert plane.handles["p4"] is controller.workers["p4"]
+
+
 def test_every_holder_dead_ends_in_a_clear_worker_lost():
     a = FakeWorker("t4-a")
     a.loaded[manifest("m75").engine_key] = manifest("m75")
