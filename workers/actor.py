@@ -31,6 +31,7 @@ from workers.devices import CudaHostPinner, Device, discover_devices, nvml_used_
 from workers.engines.onnxruntime import limit_cublas_workspace
 from workers.errors import IncompatibleArtifact, NotReady
 from workers.gpu_health import GpuHealthProbe
+from workers.grpc_http1 import GrpcOverHttp1
 from workers.grpc_server import GrpcOptions, MissFn, WorkerGrpcServer
 from workers.http import HttpOptions, MissHandler, WorkerHttpServer
 from workers.kserve.codec import InferRequest
@@ -260,6 +261,8 @@ class FleetWorker:
         if self._grpc is None:
             self._grpc = WorkerGrpcServer(self.runner, options, self.request_stats, on_miss)
             self._grpc.start()
+            if self._http is not None:  # the front door sends ModelInfer to the HTTP endpoint (HTTP/1.1)
+                self._http.grpc = GrpcOverHttp1(self._grpc)
             freeze_heap()
         return self._grpc.address
 

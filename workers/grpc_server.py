@@ -1,7 +1,8 @@
 """The worker's own KServe v2 gRPC endpoint: ``ModelInfer`` straight into its runner.
 
-The fleet's front door (HAProxy on the gRPC port, or the gRPC router) sends a
-``ModelInferRequest`` here when this worker holds the model's engine: one hop, as over
+The fleet's gRPC router sends a ``ModelInferRequest`` here when this worker holds the
+model's engine; HAProxy on the gRPC port sends it to the worker's HTTP endpoint instead,
+over HTTP/1.1 (``workers/grpc_http1.py``), and both end in ``answer``: one hop, as over
 HTTP. The same ``run_infer`` as HTTP does the checks, the token rule (gRPC metadata
 ``authorization``) and the statistics; errors become gRPC status codes through the one
 table (``FleetError.grpc_status``), with the error's type in trailing metadata
@@ -17,6 +18,7 @@ the batcher's threads and releases the GIL), as the HTTP endpoint does.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -121,41 +123,51 @@ class WorkerGrpcServer:
 
     async def _model_infer(self, raw: bytes, context) -> bytes:
         metadata = tuple((k.lower(), v) for k, v in context.invocation_metadata() if isinstance(v, str))
-        headers = dict(metadata)
         try:
-            self.options.policy.admit(headers)  # the token first: on another host this endpoint is on the network
-        except FleetError as exc:
-            await abort(context, exc)
-        try:
-            message = pb.ModelInferRequest.FromString(raw)
-        except Exception:  # noqa: BLE001 (protobuf's DecodeError: the client's bytes)
-            await abort(context, InvalidInput("the request is not a valid ModelInferRequest"))
-        model, version = message.model_name, message.model_version or None
-        miss = self.on_miss if ROUTED_HEADER not in headers else None
-        try:
-            if not model:
-                raise InvalidInput("ModelInferRequest needs a model_name")
-            if miss is not None and (self.runner.out_of_service or self.runner.engine_key(model, version) is None):
-                return await miss(raw, metadata)  # not here (or this GPU failed): the router routes it
-
-            def decode() -> InferRequest:
-                return read_grpc_request(message, limit=self.options.policy.max_request_bytes)
-
-            def encode(served: Served, request: InferRequest) -> bytes:
-                return grpc_response(model, served.version, served.outputs, request, served.parameters).SerializeToString()
-
-            try:
-                return await run_infer(model, version, headers, decode, encode, policy=self.options.policy,
-                                       serve=self._serve, stats=self.stats)
-            except (EngineNotHere, DeviceFailed):
-                if miss is None:
-                    raise
-                return await miss(raw, metadata)  # evicted between the look and the run, or the GPU failed
+            return await self.answer(raw, metadata, self.on_miss)
         except grpc.aio.AioRpcError as err:  # the router's answer to a miss, as it came
             await context.abort(err.code(), err.details() or "", trailing_metadata=tuple(err.trailing_metadata() or ()))
         except Exception as exc:
             await abort(context, exc)
         raise AssertionError("unreachable: abort raises")
+
+    async def answer(self, raw: bytes, metadata: Metadata, miss: MissFn | None) -> bytes:
+        """ModelInfer from the request's bytes to the response's, whatever carried them (this
+        endpoint, or HTTP/1.1 from the front door: ``workers/grpc_http1.py``). Raises a FleetError,
+        or the router's AioRpcError for a miss it passed on (``miss``: how to reach the router)."""
+        headers = dict(metadata)
+        self.options.policy.admit(headers)  # the token first: on another host this endpoint is on the network
+        try:
+            message = pb.ModelInferRequest.FromString(raw)
+        except Exception:  # noqa: BLE001 (protobuf's DecodeError: the client's bytes)
+            raise InvalidInput("the request is not a valid ModelInferRequest") from None
+        model, version = message.model_name, message.model_version or None
+        if ROUTED_HEADER in headers:
+            miss = None  # the router sent it: a miss goes back to it as an error
+        if not model:
+            raise InvalidInput("ModelInferRequest needs a model_name")
+        if miss is not None and (self.runner.out_of_service or self.runner.engine_key(model, version) is None):
+            return await miss(raw, metadata)  # not here (or this GPU failed): the router routes it
+
+        def decode() -> InferRequest:
+            return read_grpc_request(message, limit=self.options.policy.max_request_bytes)
+
+        def encode(served: Served, request: InferRequest) -> bytes:
+            return grpc_response(model, served.version, served.outputs, request, served.parameters).SerializeToString()
+
+        try:
+            return await run_infer(model, version, headers, decode, encode, policy=self.options.policy,
+                                   serve=self._serve, stats=self.stats)
+        except (EngineNotHere, DeviceFailed):
+            if miss is None:
+                raise
+            return await miss(raw, metadata)  # evicted between the look and the run, or the GPU failed
+
+    async def relay_miss(self, raw: bytes, metadata: Metadata) -> bytes:
+        """``on_miss`` from another event loop (the HTTP endpoint's): the router's channel lives on this one."""
+        assert self.on_miss is not None and self._loop.loop is not None
+        future = asyncio.run_coroutine_threadsafe(self.on_miss(raw, metadata), self._loop.loop)
+        return await asyncio.wrap_future(future)
 
     async def _serve(self, model: str, version: str | None, request: InferRequest) -> Served:
         result = await self.runner.submit_async(request, model, version)

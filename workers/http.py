@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from workers.errors import FleetError
+from workers.grpc_server import MODEL_INFER
 from workers.kserve.codec import InferRequest
 from workers.kserve.handler import HttpAnswer, InferPolicy, Served, error_answer, handle_infer, json_answer, served_by
 from workers.httpwire import HttpConnection, RawHttpRequest
@@ -28,6 +29,7 @@ from workers.runner import EngineRunner
 from workers.stats import RequestStats
 
 MissHandler = Callable[[RawHttpRequest], Awaitable[HttpAnswer]]
+RequestHandler = Callable[[RawHttpRequest], Awaitable[HttpAnswer]]
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class WorkerHttpServer:
         self.options = options
         self.stats = stats
         self.on_miss = on_miss
+        self.grpc: RequestHandler | None = None  # gRPC ModelInfer over HTTP/1.1 (workers/grpc_http1.py), once gRPC is on
         self.port = 0
         self.active = 0  # inference requests in this server now (a draining fleet waits for none)
         self._loop = LoopThread("worker-http", fast=True)
@@ -101,12 +104,15 @@ class WorkerHttpServer:
                 return json_answer(503, {"live": False, "error": self.runner.out_of_service})
             return json_answer(200, {"live": True})
         target = parse_infer_path(path)
-        if target is None or method != "POST":
+        grpc = self.grpc if path == MODEL_INFER else None
+        if (target is None and grpc is None) or method != "POST":
             return json_answer(404, {"error": f"no route for {method} {path} on a worker"})
-        model, version = target
         self.active += 1
         try:
-            return await self._infer(model, version, request)
+            if grpc is not None:
+                return await grpc(request)
+            assert target is not None
+            return await self._infer(*target, request)
         finally:
             self.active -= 1
 

@@ -168,12 +168,22 @@ class HttpConnection(asyncio.Protocol):
         body = b"" if head_only else answer.body
         head = [b"HTTP/1.1 %d %s\r\n" % (answer.status, _REASONS.get(answer.status, b"Error"))]
         head += [b"%s: %s\r\n" % (k.encode("latin-1"), str(v).encode("latin-1")) for k, v in answer.headers]
-        head.append(b"content-length: %d\r\n" % len(answer.body))
+        chunked = answer.trailers is not None  # one chunk with the body, then the trailers (gRPC's status)
+        head.append(b"transfer-encoding: chunked\r\n" if chunked else b"content-length: %d\r\n" % len(answer.body))
         if not keep_alive:
             head.append(b"connection: close\r\n")
         head.append(b"\r\n")
-        self.transport.write(b"".join(head) + body if len(body) < 65536 else b"".join(head))
-        if len(body) >= 65536:
-            self.transport.write(body)  # large answers: no extra copy to join them
+        parts = [b"".join(head)]
+        if chunked:
+            if body:
+                parts += [b"%x\r\n" % len(body), body, b"\r\n"]
+            parts.append(b"0\r\n" + b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1"))
+                                              for k, v in answer.trailers or ()) + b"\r\n")
+        elif body:
+            parts.append(body)
+        if len(body) < 65536:
+            self.transport.write(b"".join(parts))
+        else:
+            self.transport.writelines(parts)  # large answers: no extra copy to join them
         if not keep_alive and close:
             self._close()

@@ -9,7 +9,8 @@ Serve ingress. The backends list only workers the router found compatible
 With gRPC on, a second frontend on the gRPC port (HTTP/2) does the same for
 ``ModelInfer``: HAProxy reads the model's name and version out of the buffered protobuf
 body (its ``ungrpc`` converter: fields 1 and 2 of ``ModelInferRequest``) and sends the
-request to a holder's own gRPC endpoint (``workers/grpc_server.py``). Everything else
+request over HTTP/1.1 to a holder's HTTP endpoint, which answers gRPC there
+(``workers/grpc_http1.py``). Everything else
 (a miss, a body larger than HAProxy's buffer, streams, every other call) goes to the
 fleet's gRPC router (``grpc_router.py``), as the rest of HTTP goes to the ingress.
 """
@@ -29,7 +30,7 @@ class Server:
     name: str  # the worker id
     host: str
     port: int
-    grpc_port: int | None = None  # the worker's own gRPC endpoint (the gRPC router's route; HAProxy ignores it)
+    grpc_port: int | None = None  # the worker's own gRPC endpoint (the gRPC router's route); set: it answers gRPC
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class GrpcFrontend:
 
 def _grpc_config(routes: list[Route], grpc: GrpcFrontend, tls: TlsFiles | None,
                  worker_token: str | None = None) -> list[str]:
-    """The gRPC frontend: ModelInfer of a held model straight to a holder's gRPC endpoint, the rest to the router."""
+    """The gRPC frontend: ModelInfer of a held model straight to a holder (its HTTP endpoint), the rest to the router."""
     lines = [
         "frontend fleet_grpc",
         f"    bind {grpc.bind[0]}:{grpc.bind[1]}{tls.bind_options('h2') if tls else ''} proto h2",
@@ -141,10 +142,12 @@ def _grpc_config(routes: list[Route], grpc: GrpcFrontend, tls: TlsFiles | None,
         if not servers:
             continue
         lines += [f"backend grpc_model_{i}", f"    # {route.model} version {route.version or '(each worker its default)'}",
-                  "    balance leastconn"]
+                  "    balance leastconn", "    option httpchk GET /v2/health/live"]
         if worker_token:
             lines.append(f'    http-request set-header authorization "Bearer {worker_token}"')
-        lines += [f"    server {s.name} {s.host}:{s.grpc_port} proto h2 check inter 2s fall 2 rise 1 observe layer4 "
+        # to the worker's HTTP endpoint over HTTP/1.1 (workers/grpc_http1.py): HAProxy converts
+        # HTTP/2 and its trailers, and the worker is spared Python's gRPC server
+        lines += [f"    server {s.name} {s.host}:{s.port} proto h1 check inter 2s fall 2 rise 1 observe layer4 "
                   f"error-limit 1 on-error mark-down tcp-ut 3s" for s in servers]
         lines += [f"    server router {grpc.router[0]}:{grpc.router[1]} proto h2 backup", ""]
     lines += ["backend grpc_router", f"    server router {grpc.router[0]}:{grpc.router[1]} proto h2", ""]

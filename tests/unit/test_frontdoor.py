@@ -176,6 +176,39 @@ class _GrpcNamed:
         self.server.start()
 
 
+class _Http1GrpcNamed:
+    """A worker's HTTP endpoint as the front door reaches it over gRPC: the real HTTP/1.1 protocol
+    (workers/httpwire.py) answering ModelInfer in gRPC's HTTP/1.1 form (workers/grpc_http1.py) with
+    its own name and the caller's miss mark; the health check as a worker answers it."""
+
+    def __init__(self, name: str) -> None:
+        import asyncio
+
+        from workers.grpc_http1 import grpc_answer
+        from workers.httpwire import HttpConnection
+        from workers.kserve.handler import json_answer
+        from workers.loopthread import LoopThread
+
+        async def handle(request):
+            if request.path == "/v2/health/live":
+                return json_answer(200, {"live": True})
+            assert request.path == "/inference.GRPCInferenceService/ModelInfer", request.path
+            return grpc_answer(f"{name} {request.headers.get(GRPC_MISS_HEADER, '')}".strip().encode())
+
+        self.port = free_port()
+        self.loop = LoopThread(f"grpc-{name}", fast=True)
+        servers = []
+
+        async def setup():
+            servers.append(await asyncio.get_running_loop().create_server(
+                lambda: HttpConnection(handle, 1 << 20), "127.0.0.1", self.port))
+
+        async def teardown():
+            servers[0].close()
+
+        self.loop.start(setup, teardown)
+
+
 def _grpc_who(port: int, model: str, version: str = "", rows: int = 1, metadata=()) -> str:
     import grpc
     import numpy as np
@@ -192,18 +225,19 @@ def test_config_routes_grpc_model_infer_by_the_name_in_its_body():
     text = render_config(routes, bind=("127.0.0.1", 8000), ingress=("127.0.0.1", 9000), admin_socket="/x.sock",
                          grpc=GrpcFrontend(("127.0.0.1", 8001), ("127.0.0.1", 9001)))
     assert "bind 127.0.0.1:8001 proto h2" in text and "req.body,ungrpc(1)" in text
-    assert "server a 127.0.0.1:2001 proto h2" in text and "server b 127.0.0.1:1002 proto h2" not in text  # no gRPC
+    # to the holder's HTTP endpoint over HTTP/1.1 (its gRPC port is what the router uses)
+    assert "server a 127.0.0.1:1001 proto h1" in text and "server b 127.0.0.1:1002 proto h1" not in text  # no gRPC
     assert "default_backend grpc_router" in text and "server router 127.0.0.1:9001 proto h2 backup" in text
 
 
 @needs_haproxy
 def test_real_haproxy_routes_grpc_to_a_holder_and_the_rest_to_the_router(tmp_path):
-    worker, router, ingress = _GrpcNamed("w1"), _GrpcNamed("router"), _Named("ingress")
+    worker, router, ingress = _Http1GrpcNamed("w1"), _GrpcNamed("router"), _Named("ingress")
     port, grpc_port = free_port(), free_port()
     door = FrontDoor(bind=("127.0.0.1", port), ingress=("127.0.0.1", ingress.port),
                      grpc=GrpcFrontend(("127.0.0.1", grpc_port), ("127.0.0.1", router.port)))
     try:
-        door.start([Route("mlp", "1", True, (Server("w1", "127.0.0.1", 1, worker.port),))])
+        door.start([Route("mlp", "1", True, (Server("w1", "127.0.0.1", worker.port, 1),))])
         assert _grpc_who(grpc_port, "mlp") == "w1"  # the latest version: no version in the request
         assert _grpc_who(grpc_port, "mlp", "1") == "w1"
         assert _grpc_who(grpc_port, "mlp", "7") == "router"  # nobody holds it: the router loads it
@@ -212,6 +246,6 @@ def test_real_haproxy_routes_grpc_to_a_holder_and_the_rest_to_the_router(tmp_pat
         assert _grpc_who(grpc_port, "mlp", metadata=((GRPC_MISS_HEADER, "1"),)) == "router 1"  # a worker's miss
     finally:
         door.stop()
-        worker.server.stop(0)
+        worker.loop.stop()
         router.server.stop(0)
         ingress.shutdown()

@@ -9,17 +9,23 @@ import pytest
 
 from cluster.buildfarm import build_locally, local_target
 from cluster.frontdoor.grpc_router import GrpcFront, GrpcRouter
-from cluster.frontdoor.routes import Route, Server
+from cluster.frontdoor.haproxy import FrontDoor, haproxy_binary
+from cluster.frontdoor.routes import GrpcFrontend, Route, Server
+from cluster.net import free_port
 from cluster.inventory import Placement
 from cluster.repository import Repository
 from workers.actor import FleetWorker, WorkerSpec
 from workers.build import BuildRequest
-from workers.errors import ModelNotFound
+from workers.errors import InvalidInput, ModelNotFound
+from workers.grpc_http1 import STATUS_CODES, GrpcUnimplemented, grpc_answer, grpc_message_value, unframe
 from workers.grpc_server import MODEL_INFER, GrpcOptions
+from workers.http import HttpOptions
 from workers.kserve.grpc_codec import grpc_request, read_grpc_response
 from workers.kserve.handler import InferPolicy
 from workers.kserve.proto import grpc_service_pb2 as pb
 from workers.manifest import sha256_file
+
+from tests.needs import skip_unless
 
 TOKEN = "grpc-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -39,10 +45,28 @@ def worker(tmp_path_factory, demo_models):
         missed.append((pb.ModelInferRequest.FromString(raw).model_name, dict(metadata).get("x-fleet-miss")))
         return pb.ModelInferResponse(model_name="passed-on").SerializeToString()
 
-    host, port = worker.start_grpc(GrpcOptions(policy=InferPolicy(auth_token=TOKEN, auth_inference=True)), on_miss)
+    policy = InferPolicy(auth_token=TOKEN, auth_inference=True)
+    worker.http_address = worker.start_http(HttpOptions(policy=policy))  # where the front door sends gRPC
+    host, port = worker.start_grpc(GrpcOptions(policy=policy), on_miss)
     worker.missed = missed
     yield worker, f"{host}:{port}", path
     worker.shutdown()
+
+
+@pytest.fixture
+def front_door(worker):
+    """HAProxy's gRPC port in front of the worker, as the fleet renders it: ModelInfer to the worker's
+    HTTP endpoint over HTTP/1.1 (workers/grpc_http1.py), for digits-mlp and for a model it does not hold."""
+    skip_unless(haproxy_binary() is not None, "HAProxy is not installed (ray[serve] brings it on Linux)")
+    fleet_worker, grpc_address, _ = worker
+    host, http_port = fleet_worker.http_address
+    server = Server("w0", host, http_port, int(grpc_address.rsplit(":", 1)[1]))
+    port, grpc_port = free_port(), free_port()
+    door = FrontDoor(bind=("127.0.0.1", port), ingress=("127.0.0.1", 9), grpc=GrpcFrontend(("127.0.0.1", grpc_port),
+                                                                                         ("127.0.0.1", 9)))
+    door.start([Route("digits-mlp", "1", True, (server,)), Route("cnn-small", "1", True, (server,))])
+    yield f"127.0.0.1:{grpc_port}"
+    door.stop()
 
 
 def call(address: str, message, metadata=AUTH):
@@ -61,6 +85,30 @@ def failure(address: str, message, metadata=AUTH) -> tuple[grpc.StatusCode, str,
 
 def test_a_worker_serves_model_infer_with_the_same_checks_as_http(worker):
     fleet_worker, address, path = worker
+    check_model_infer(fleet_worker, address, path)
+
+
+def test_through_the_front_door_over_http1_the_answers_are_the_same(worker, front_door):
+    fleet_worker, _, path = worker
+    check_model_infer(fleet_worker, front_door, path)
+
+
+def test_grpc_over_http1_framing_and_status_text():
+    assert unframe(b"\x00\x00\x00\x00\x02ab") == b"ab"
+    with pytest.raises(GrpcUnimplemented, match="compressed"):
+        unframe(b"\x01\x00\x00\x00\x02ab")
+    with pytest.raises(InvalidInput, match="holds 1 bytes after its prefix, which announces 2"):
+        unframe(b"\x00\x00\x00\x00\x02a")
+    assert grpc_message_value("dimension 1 is 8; 100% wrong\né") == "dimension 1 is 8; 100%25 wrong%0A%C3%A9"
+    answer = grpc_answer(status="NOT_FOUND", details="no", trailing=(("x-fleet-error", "ModelNotFound"),))
+    assert answer.body == b"" and answer.trailers == [("grpc-status", "5"), ("grpc-message", "no"),
+                                                      ("x-fleet-error", "ModelNotFound")]
+    assert grpc_answer(b"xyz").body == b"\x00\x00\x00\x00\x03xyz"
+    assert all(getattr(grpc.StatusCode, name).value[0] == code for name, code in STATUS_CODES.items())
+
+
+def check_model_infer(fleet_worker, address: str, path) -> None:
+    missed_before = len(fleet_worker.missed)
     X = np.random.default_rng(1).random((3, 64), dtype=np.float32)
     params, arrays, _ = read_grpc_response(call(address, grpc_request("digits-mlp", {"input": X})))
     label, probabilities = ort.InferenceSession(str(path)).run(None, {"input": X})
@@ -73,10 +121,10 @@ def test_a_worker_serves_model_infer_with_the_same_checks_as_http(worker):
     code, details, kind = failure(address, grpc_request("digits-mlp", {"input": X[:, :8]}))
     assert (code, kind) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidInput") and "dimension 1 is 8" in details
     assert call(address, grpc_request("cnn-small", {"input": X})).model_name == "passed-on"  # a miss: passed on
-    assert fleet_worker.missed == [("cnn-small", None)]
+    assert fleet_worker.missed[missed_before:] == [("cnn-small", None)]
     code, details, kind = failure(address, grpc_request("cnn-small", {"input": X}), AUTH + (("x-fleet-routed", "1"),))
     assert (code, kind) == (grpc.StatusCode.UNAVAILABLE, "EngineNotHere")  # from the router: it tries elsewhere
-    assert len(fleet_worker.missed) == 1
+    assert len(fleet_worker.missed) == missed_before + 1
     assert fleet_worker.request_stats.report()["models"]["digits-mlp"]["success"] >= 1
 
 

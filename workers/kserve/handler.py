@@ -44,6 +44,7 @@ class HttpAnswer:
     status: int
     headers: list[tuple[str, str]]  # lower-case names
     body: bytes
+    trailers: list[tuple[str, str]] | None = None  # sent chunked, with these trailers (gRPC's status)
 
 
 def json_answer(status: int, body: object, headers: "list[tuple[str, str]] | None" = None) -> HttpAnswer:
