@@ -42,7 +42,7 @@ def _raise_for(status: int, body: bytes, error_type: str | None) -> None:
     raise error_from_wire(status, message, error_type)
 
 
-def _closed_without_answer(exc: requests.ConnectionError) -> bool:
+def closed_without_answer(exc: requests.ConnectionError) -> bool:
     """The server closed the connection before any byte of an answer (not: refused, timed out)."""
     reason = exc.args[0] if exc.args else None
     return any(isinstance(a, (http.client.RemoteDisconnected, ConnectionResetError))
@@ -104,7 +104,7 @@ class FleetClient:
                 # door closes idle connections when it reloads its routes): nothing was answered,
                 # so send it again once, on a new connection. Every call of this API is idempotent
                 # (RFC 9112 9.3.1 allows the retry then).
-                if attempt == 1 and _closed_without_answer(exc):
+                if attempt == 1 and closed_without_answer(exc):
                     continue
                 raise FleetError(f"cannot reach the fleet at {self.url}: is it up (`fleet up`)? ({exc})") from None
         if resp.status_code >= 400:

@@ -260,6 +260,11 @@ class Router:
         """Workers that could run (model, version) but are not alive now (being replaced, perhaps)."""
         return sorted({w for w, _ in self._compatible.get((model, version), []) if not self.workers[w].alive})
 
+    def standby_defaults(self, model: str) -> dict[str, str]:
+        """Out-of-reach worker id -> its default version of ``model``, where it holds that engine."""
+        return {w: v for w, v in self._defaults.get(model, {}).items()
+                if self.workers[w].standby and w in self.standby_holders(model, v)}
+
     def standby_holders(self, model: str, version: str) -> list[str]:
         """Compatible workers holding an engine of (model, version) that are out of reach for now."""
         return sorted({w for w, m in self._compatible.get((model, version), [])

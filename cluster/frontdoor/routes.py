@@ -56,8 +56,12 @@ def routes_from(router: Router, http_addresses: dict[str, tuple[str, int]],
         return tuple(Server(w, *http_addresses[w], grpc_ports.get(w)) for w in sorted(workers) if w in http_addresses)
 
     for model, versions in router.models().items():
-        unpinned = servers_of(c.worker_id for c in router.unpinned_holders(model))
-        defaults = {router.defaults(model)[s.name] for s in unpinned}
+        # the unversioned path too keeps a holder out of reach: its checks bring it back in seconds,
+        # not the controller's health call, which waits on the TCP connection the cut stalled
+        default_of = {c.worker_id: router.defaults(model)[c.worker_id] for c in router.unpinned_holders(model)}
+        default_of.update(router.standby_defaults(model))
+        unpinned = servers_of(default_of)
+        defaults = {default_of[s.name] for s in unpinned}
         shared = next(iter(defaults)) if len(defaults) == 1 else None
         for version in versions:
             servers = servers_of({*router.holders(model, version), *router.standby_holders(model, version)})

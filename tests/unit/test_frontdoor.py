@@ -62,6 +62,20 @@ def test_routes_list_only_live_workers_holding_the_engine():
     assert [s.name for s in routes_from(router, {"b": ("127.0.0.1", 1002)})[0].servers] == ["b"]
 
 
+def test_a_holder_out_of_reach_stays_a_server_on_both_paths():
+    """Its link is down: HAProxy's own checks take it out and bring it back (in seconds, when the
+    link is up again), on the unversioned path too."""
+    m2 = _manifest("mlp", "2")
+    away = _worker("away", {m2.engine_key}, alive=False)
+    away.standby = True
+    gone = _worker("gone", {m2.engine_key}, alive=False)  # dead, not out of reach: no server
+    router = Router()
+    router.set_inventory([_worker("a", {m2.engine_key}), away, gone], [m2])
+    addresses = {w: ("127.0.0.1", 1000 + i) for i, w in enumerate(("a", "away", "gone"))}
+    assert [(r.version, r.latest, [s.name for s in r.servers]) for r in routes_from(router, addresses)] == [
+        ("2", True, ["a", "away"])]
+
+
 def test_config_routes_the_latest_version_on_both_paths_and_everything_else_to_the_ingress():
     routes = [Route("mlp", "1", False, (Server("a", "127.0.0.1", 1001),)),
               Route("mlp", "2", True, (Server("a", "127.0.0.1", 1001), Server("b", "127.0.0.1", 1002)))]
