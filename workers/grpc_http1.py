@@ -24,6 +24,13 @@ _NOT_METADATA = frozenset({"host", "content-type", "content-length", "te", "tran
                            "user-agent", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout", "keep-alive"})
 
 
+class GrpcUnimplemented(FleetError):
+    """A gRPC feature this path does not implement (compressed messages)."""
+
+    http_status = 400
+    grpc_status = "UNIMPLEMENTED"
+
+
 def grpc_message_value(text: str) -> str:
     """``grpc-message`` as gRPC wants it: percent-encoded outside printable ASCII (and '%' itself)."""
     return "".join(c if " " <= c <= "~" and c != "%" else "".join(f"%{b:02X}" for b in c.encode()) for c in text)
@@ -43,18 +50,7 @@ def unframe(body: bytes) -> bytes:
     return body[5:]
 
 
-class GrpcUnimplemented(FleetError):
-    """A gRPC feature this path does not implement (compressed messages)."""
-
-    http_status = 400
-    grpc_status = "UNIMPLEMENTED"
-
-
-# gRPC's status codes by name (grpc.StatusCode's numbers, without importing grpc on this path)
-STATUS_CODES = {"OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5,
-                "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9,
-                "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12, "INTERNAL": 13, "UNAVAILABLE": 14,
-                "DATA_LOSS": 15, "UNAUTHENTICATED": 16}
+STATUS_CODES = {code.name: code.value[0] for code in grpc.StatusCode}  # "NOT_FOUND" -> 5
 
 
 def grpc_answer(message: bytes | None = None, status: str = "OK", details: str = "",
@@ -82,7 +78,8 @@ class GrpcOverHttp1:
                                    if k not in _NOT_METADATA and not k.endswith("-bin"))
         miss = self.server.relay_miss if self.server.on_miss is not None else None
         try:
-            return grpc_answer(await self.server.answer(unframe(request.body), metadata, miss))
+            raw = unframe(request.body) if not request.too_large else b""  # too large: admit refuses it
+            return grpc_answer(await self.server.answer(raw, metadata, miss, request.size))
         except grpc.aio.AioRpcError as err:  # the router's answer to a miss, as it came
             code = err.code().name if err.code() is not None else "UNKNOWN"
             trailing = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if isinstance(v, str))

@@ -131,12 +131,12 @@ class WorkerGrpcServer:
             await abort(context, exc)
         raise AssertionError("unreachable: abort raises")
 
-    async def answer(self, raw: bytes, metadata: Metadata, miss: MissFn | None) -> bytes:
+    async def answer(self, raw: bytes, metadata: Metadata, miss: MissFn | None, body_size: int | None = None) -> bytes:
         """ModelInfer from the request's bytes to the response's, whatever carried them (this
         endpoint, or HTTP/1.1 from the front door: ``workers/grpc_http1.py``). Raises a FleetError,
         or the router's AioRpcError for a miss it passed on (``miss``: how to reach the router)."""
         headers = dict(metadata)
-        self.options.policy.admit(headers)  # the token first: on another host this endpoint is on the network
+        self.options.policy.admit(headers, body_size)  # the token first: on another host this endpoint is on the network
         try:
             message = pb.ModelInferRequest.FromString(raw)
         except Exception:  # noqa: BLE001 (protobuf's DecodeError: the client's bytes)
