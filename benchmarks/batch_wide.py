@@ -1,5 +1,5 @@
 """The batch job against bare ONNX Runtime on rows that are wide and cheap to compute, so that moving
-the data (Parquet, Ray Data, the object store, the worker, the output Parquet) is what is measured.
+the data (reading the input, the object store, the worker, the output Parquet) is what is measured.
 
     python -m benchmarks.batch_wide --rows 50000 --width 4096      # a Mul over [N, 4096] float32
     python -m benchmarks.batch_wide --digits --rows 200000         # the digits-mlp demo model

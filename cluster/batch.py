@@ -3,7 +3,7 @@
     ray job submit --address http://127.0.0.1:8265 -- python -m cluster.batch \\
         --model digits-mlp --input rows.parquet --output out/
 
-Reads with Ray Data (Parquet, .npy, .npz, or a directory of them), cuts the rows
+Reads Parquet, .npy or .npz (a file or a directory of them) in this process, cuts the rows
 into numbered parts of ``--batch-size`` rows, sends each part to a fleet worker
 that holds the model (every compatible worker takes parts as fast as it finishes
 them, so faster GPUs serve more), and writes ``part-NNNNN.parquet`` with the input
@@ -36,7 +36,7 @@ from workers.kserve.codec import InferRequest  # noqa: E402
 from workers.manifest import Manifest  # noqa: E402
 from workers.tensors import TensorSpec  # noqa: E402
 
-from cluster.batch_io import TMP_GLOB, PartsOutput, read_dataset  # noqa: E402,F401  (TMP_GLOB: for callers)
+from cluster.batch_io import TMP_GLOB, InputRows, PartsOutput  # noqa: E402,F401  (TMP_GLOB: for callers)
 from cluster.calls import Failure, classify, get  # noqa: E402
 from cluster.names import CONTROLLER_NAME, NAMESPACE  # noqa: E402
 from cluster.router import Router  # noqa: E402
@@ -270,9 +270,9 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
     unknown = [o for o in wanted if o not in {s.name for s in manifest.outputs}]
     if unknown:
         raise InvalidInput(f"--output-columns {', '.join(unknown)}: the model's outputs are {', '.join(s.name for s in manifest.outputs)}")
-    ds = read_dataset(job.input)
-    mapping = column_map(job, manifest.inputs, ds.schema().names)
-    rows = ds.count()
+    data = InputRows(job.input)
+    mapping = column_map(job, manifest.inputs, data.columns)
+    rows = data.rows
     out = PartsOutput(job.output)
     out.prepare({"model": job.model, "version": job.version, "input": job.input, "batch_size": job.batch_size,
                  "rows": rows})
@@ -281,17 +281,22 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
         f"on {len(fleet.workers)} worker(s): {', '.join(sorted(fleet.workers))}")
     specs = {s.name: s for s in manifest.inputs}
     dispatcher = Dispatcher(job, fleet, out, wanted, summary, say)
-    start = 0
-    for index, batch in enumerate(ds.iter_batches(batch_size=job.batch_size, batch_format="numpy", prefetch_batches=2)):
-        n = len(next(iter(batch.values())))
-        row_ids = np.arange(start, start + n, dtype=np.int64)
-        start += n
-        if out.has_part(index):
-            summary.parts_skipped += 1
-            continue
-        dispatcher.submit(_Part(index, row_ids, {name: _to_array(batch[col], specs[name], col) for name, col in mapping.items()}))
-        dispatcher.collect(block=False)
-    dispatcher.drain()
+    columns = sorted(set(mapping.values()))
+    parts = data.batches(job.batch_size, columns, wanted=lambda i: not out.has_part(i))
+    try:
+        for index, start, batch in parts:
+            if batch is None:
+                summary.parts_skipped += 1
+                continue
+            row_ids = np.arange(start, start + len(batch[columns[0]]), dtype=np.int64)
+            dispatcher.submit(_Part(index, row_ids, {name: _to_array(batch[col], specs[name], col) for name, col in mapping.items()}))
+            dispatcher.collect(block=False)
+        dispatcher.drain()
+    finally:
+        parts.close()  # the reader thread stops
+        # A job that fails leaves whole parts only: the writes in flight end (or remove their
+        # temporary file) before the failure reaches the caller.
+        dispatcher.writer.shutdown(wait=True)
     summary.seconds = time.monotonic() - t0
     out.write_summary(summary.to_dict())
     say(summary.render())
@@ -302,7 +307,7 @@ def parse_args(argv: list[str] | None = None) -> BatchJob:
     parser = argparse.ArgumentParser(prog="python -m cluster.batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--version")
-    parser.add_argument("--input", required=True, help="Parquet / .npy / .npz file or directory (any URI Ray Data reads)")
+    parser.add_argument("--input", required=True, help="Parquet / .npy / .npz file or directory, or a URI pyarrow.fs opens (s3://...)")
     parser.add_argument("--output", required=True, help="output directory (or URI) for part-NNNNN.parquet")
     parser.add_argument("--batch-size", type=int, default=4096, help="rows per part (default %(default)s)")
     parser.add_argument("--input-column", action="append", default=[], metavar="[INPUT=]COLUMN",

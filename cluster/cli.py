@@ -389,7 +389,7 @@ def _add_serving_commands(sub) -> None:
     p = sub.add_parser("batch", help="score a data set on the fleet (`ray job submit` of cluster.batch)")
     p.add_argument("--model", required=True)
     p.add_argument("--version")
-    p.add_argument("--input", required=True, help="Parquet / .npy / .npz file or directory, or a URI Ray Data reads")
+    p.add_argument("--input", required=True, help="Parquet / .npy / .npz file or directory, or a URI pyarrow.fs opens (s3://...)")
     p.add_argument("--output", required=True, help="output directory (a rerun resumes into it)")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per output part (default %(default)s)")
     p.add_argument("--input-column", action="append", default=[], metavar="[INPUT=]COLUMN")
