@@ -101,7 +101,38 @@ def test_request_over_max_batch_is_split(repo, demo_models, digits_test):
     ref = ort.InferenceSession(str(demo_models["digits-mlp"])).run(None, {"input": X})
     np.testing.assert_array_equal(out["label"], ref[0])
     assert out["probabilities"].shape == (150, 10)
+    np.testing.assert_allclose(out["probabilities"], ref[1], rtol=1e-6)
     assert worker.runner.engine_stats()[a.manifest.engine_key]["exec_count"] >= 3  # 64 + 64 + 22 rows
+
+
+def test_split_requests_are_right_when_their_chunks_are_merged_with_others(repo, digits_test):
+    """A request over max batch has its chunks' outputs written into one array each; a chunk the
+    batcher merged with other requests is copied into its rows."""
+    worker = FleetWorker(WorkerSpec("w", slots=2))
+    a = art(repo, "digits-mlp")
+    worker.load(a.manifest, repo.object_source(a.manifest), LoadOptions(max_queue_delay_us=20_000))
+    X = digits_test[0]
+    expected = {"label": np.concatenate([infer(worker, "digits-mlp", {"input": X[i:i + 1]})["label"] for i in range(150)])}
+    errors = []
+
+    def big():
+        for _ in range(10):
+            out = infer(worker, "digits-mlp", {"input": X[:150]})
+            if not np.array_equal(out["label"], expected["label"]) or out["probabilities"].shape != (150, 10):
+                errors.append("big")
+
+    def small(offset):
+        for i in range(30):
+            row = (offset * 30 + i) % 150
+            if infer(worker, "digits-mlp", {"input": X[row:row + 3]})["label"][0] != expected["label"][row]:
+                errors.append(row)
+
+    threads = [threading.Thread(target=big) for _ in range(2)] + [threading.Thread(target=small, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
 
 
 def test_concurrent_inference_is_correct(repo, digits_test):
