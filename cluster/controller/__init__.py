@@ -86,7 +86,7 @@ class FleetController(RepositoryVerbs, RolloutVerbs, UpgradeVerbs):
         self._stats: dict[str, dict] = {}  # worker id -> its latest status view
         self._stats_at = float("-inf")
         self._request_stats: dict[str, dict] = {}  # ingress replica -> its latest report
-        self._health_task: asyncio.Task | None = None
+        self._health_tasks: list[asyncio.Task] = []
         self._started = False
         self.gcs: GcsWatch | None = None  # whether the head's GCS answers (set at start)
         self._router_port: int | None = None  # the front door's gRPC router (chosen before the workers start)
@@ -103,7 +103,8 @@ class FleetController(RepositoryVerbs, RolloutVerbs, UpgradeVerbs):
         if self.endpoints.front_door:
             await self._start_front_door()
         self._started = True
-        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+        loop = asyncio.get_running_loop()
+        self._health_tasks = [loop.create_task(self._health_loop()), loop.create_task(self._gcs_loop())]
         return await self.status()
 
     def _public_host(self) -> str:
@@ -251,17 +252,24 @@ class FleetController(RepositoryVerbs, RolloutVerbs, UpgradeVerbs):
 
     # ---- health ------------------------------------------------------------
     async def _health_loop(self) -> None:
+        assert self.gcs is not None
         while True:
             await asyncio.sleep(HEALTH_PERIOD_S)
-            gcs_up = await self._check_gcs()
             await self.pool.check_all()  # calls between running actors need no GCS
-            if gcs_up:
+            if self.gcs.up:
                 await self.pool.watch_hosts()  # hosts that joined, left or died
                 await self._check_front_door()  # starting another would wait for the GCS
 
+    async def _gcs_loop(self) -> None:
+        """The GCS probe on its own: a GCS that dies under ``watch_hosts`` holds the health loop up to
+        its 10 s wait for ``ray.nodes()``, and the outage must be known (loads refused at once) sooner."""
+        while True:
+            await asyncio.sleep(HEALTH_PERIOD_S)
+            await self._check_gcs()
+
     async def _check_gcs(self) -> bool:
         assert self.gcs is not None
-        change = self.gcs.observe(await asyncio.to_thread(self.gcs.probe))
+        change = self.gcs.observe(await self.gcs.probe())
         if change == "down":
             self.events.add("gcs-down", address=self.gcs.address)
             log.error("the head's GCS (%s) does not answer: loads and builds wait; loaded models serve on",
@@ -428,8 +436,8 @@ class FleetController(RepositoryVerbs, RolloutVerbs, UpgradeVerbs):
         return repository_index(self.router, self.loader.unloaded)
 
     async def shutdown(self) -> None:
-        if self._health_task:
-            self._health_task.cancel()
+        for task in self._health_tasks:
+            task.cancel()
         if self._front is not None:
             try:
                 await asyncio.wait_for(self._front.stop.remote(), 30)

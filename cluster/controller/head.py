@@ -10,7 +10,7 @@ Without Ray in it: the probe is a TCP connect.
 
 from __future__ import annotations
 
-import socket
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -27,13 +27,15 @@ class GcsWatch:
         self.outages = 0
         self.last_outage_s: float | None = None
 
-    def probe(self, timeout_s: float = 0.5) -> bool:
-        """Whether something listens on the GCS port (a dead GCS refuses at once)."""
+    async def probe(self, timeout_s: float = 0.5) -> bool:
+        """Whether something listens on the GCS port (a dead GCS refuses at once). On the event loop:
+        no thread to wait for, however the GCS's host behaves."""
         try:
-            socket.create_connection(self._where, timeout=timeout_s).close()
-            return True
-        except OSError:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(*self._where), timeout_s)
+        except (OSError, asyncio.TimeoutError):
             return False
+        writer.close()
+        return True
 
     @property
     def up(self) -> bool:

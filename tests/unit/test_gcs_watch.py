@@ -1,5 +1,6 @@
 """The controller's view of the head's GCS (cluster/controller/head.py) and its config."""
 
+import asyncio
 import socket
 
 import pytest
@@ -14,8 +15,8 @@ def test_a_listening_port_is_up_and_a_closed_one_is_down():
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        assert GcsWatch(f"127.0.0.1:{port}").probe()
-    assert not GcsWatch(f"127.0.0.1:{port}").probe()  # closed now: refused at once
+        assert asyncio.run(GcsWatch(f"127.0.0.1:{port}").probe())
+    assert not asyncio.run(GcsWatch(f"127.0.0.1:{port}").probe())  # closed now: refused at once
 
 
 def test_outages_are_timed_and_calls_that_need_the_gcs_are_refused_meanwhile():
