@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from workers.errors import FleetError
 from workers.grpc_server import MODEL_INFER
 from workers.kserve.codec import InferRequest
 from workers.kserve.handler import HttpAnswer, InferPolicy, Served, error_answer, handle_infer, json_answer, served_by
-from workers.httpwire import HttpConnection, RawHttpRequest
+from workers.httpwire import Handler, HttpConnection, RawHttpRequest
 from workers.loopthread import LoopThread
 from workers.runner import EngineRunner
 from workers.stats import RequestStats
 
-MissHandler = Callable[[RawHttpRequest], Awaitable[HttpAnswer]]
-RequestHandler = Callable[[RawHttpRequest], Awaitable[HttpAnswer]]
+MissHandler = Handler  # an HTTP request this worker cannot serve, passed on
 
 
 @dataclass(frozen=True)
@@ -60,7 +58,7 @@ class WorkerHttpServer:
         self.options = options
         self.stats = stats
         self.on_miss = on_miss
-        self.grpc: RequestHandler | None = None  # gRPC ModelInfer over HTTP/1.1 (workers/grpc_http1.py), once gRPC is on
+        self.grpc: Handler | None = None  # gRPC ModelInfer over HTTP/1.1 (workers/grpc_http1.py), once gRPC is on
         self.port = 0
         self.active = 0  # inference requests in this server now (a draining fleet waits for none)
         self._loop = LoopThread("worker-http", fast=True)
