@@ -48,7 +48,7 @@ app = FastAPI(title="forward-fleet", version=SERVER_VERSION, description="KServe
 
 
 def respond(answer: HttpAnswer) -> Response:
-    return Response(content=answer.body, status_code=answer.status, headers=dict(answer.headers))
+    return Response(content=answer.content(), status_code=answer.status, headers=dict(answer.headers))
 
 
 @app.exception_handler(FleetError)

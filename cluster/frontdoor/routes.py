@@ -89,8 +89,8 @@ def error_response(code: int) -> bytes:
     answer = error_answer(ERRORS[code])
     head = [f"HTTP/1.1 {answer.status} Service Unavailable"]
     head += [f"{k}: {v}" for k, v in answer.headers]
-    head += ["cache-control: no-cache", f"content-length: {len(answer.body)}", "connection: close"]
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + answer.body
+    head += ["cache-control: no-cache", f"content-length: {answer.size}", "connection: close"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + answer.content()
 
 
 GRPC_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"

@@ -220,3 +220,59 @@ def test_an_engine_evicted_after_the_lookup_is_passed_on_not_refused(served, mon
     r = _post(f"{url}/v2/models/gone/infer", {"input": digits_test[0][:1]})
     assert r.status_code == 404 and r.headers["x-fleet-error"] == "ModelNotFound", r.text  # the ingress's answer
     assert len(ingress.seen) == seen + 1 and ingress.seen[-1][0] == "/v2/models/gone/infer"
+
+
+def _read_answers(sock, count: int) -> list[tuple[int, dict, bytes]]:
+    """``count`` HTTP/1.1 answers with Content-Length bodies off one socket: (status, headers, body)."""
+    buffer, answers = b"", []
+    while len(answers) < count:
+        while b"\r\n\r\n" not in buffer:
+            chunk = sock.recv(1 << 16)
+            assert chunk, f"connection closed after {len(answers)} answers"
+            buffer += chunk
+        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+        length = int(headers["content-length"])
+        while len(buffer) < length:
+            chunk = sock.recv(1 << 16)
+            assert chunk, "connection closed inside a body"
+            buffer += chunk
+        answers.append((int(status_line.split()[1]), headers, buffer[:length]))
+        buffer = buffer[length:]
+    return answers
+
+
+def test_large_bodies_pipelined_or_trickled_are_read_whole(served, demo_models, digits_test):
+    """Bodies from 64 KiB are read straight into a buffer of their own (httpwire.DIRECT_BYTES): the
+    next request on the connection must start exactly where such a body ends, and a body that
+    arrives in small pieces, its head split too, must come out whole."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    _, url, _ = served
+    X = np.tile(digits_test[0], (3, 1))[:600]  # 600 x 64 float32: 150 KiB
+    reference = ort.InferenceSession(str(demo_models["digits-mlp"]))
+    requests_ = []
+    for rows in (X, X[::-1].copy(), X[:1]):  # large, large, small
+        body, headers = encode_request({"input": rows})
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        requests_.append((f"POST /v2/models/digits-mlp/infer HTTP/1.1\r\nHost: x\r\n{head}"
+                          f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        assert len(body) > (64 << 10) or rows is not X and len(rows) == 1
+    expected = [reference.run(None, {"input": rows})[0] for rows in (X, X[::-1], X[:1])]
+    address = urlsplit(url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(b"".join(requests_))  # three in one write
+        answers = _read_answers(sock, 3)
+        piece = 1000  # then the first one again, a thousand bytes at a time
+        for start in range(0, len(requests_[0]), piece):
+            sock.sendall(requests_[0][start:start + piece])
+            if start % (50 * piece) == 0:
+                time.sleep(0.01)
+        answers += _read_answers(sock, 1)
+    for (status, headers, content), want in zip(answers, [*expected, expected[0]]):
+        assert status == 200, content[:300]
+        _, outputs = decode_response(content, headers.get("inference-header-content-length"))
+        np.testing.assert_array_equal(outputs["label"], want)

@@ -26,7 +26,7 @@ def encode_request(
     ``shm_inputs`` are inputs already written into registered shared memory regions;
     ``shm_outputs`` names outputs to be written into them (these need ``outputs``)."""
     binary_output = binary if binary_output is None else binary_output
-    blobs: list[bytes] = []
+    blobs: "list[bytes | memoryview]" = []
     items = []
     for name, value in inputs.items():
         array = np.asarray(value)

@@ -153,11 +153,12 @@ class _BinaryReader:
     def left(self) -> int:
         return len(self.data) - self.offset
 
-    def take(self, name: str, size: int) -> bytes:
+    def take(self, name: str, size: int) -> memoryview:
+        """The next ``size`` bytes, not copied: the tensor made of them is a view of the body."""
         if size > self.left:
             raise InvalidInput(
                 f"input '{name}': binary_data_size {size} runs past the end of the body ({self.left} bytes left)")
-        raw = bytes(self.data[self.offset:self.offset + size])
+        raw = self.data[self.offset:self.offset + size]
         self.offset += size
         return raw
 
@@ -340,6 +341,19 @@ def encode_response(
 ) -> tuple[bytes, dict[str, str]]:
     """Response body and headers; binary where the request asked for it (outputs already
     written into shared memory, ``shm_io.write_shm_outputs``, are only described)."""
+    header, blobs, headers = encode_response_parts(model, version, outputs, request, parameters)
+    return b"".join([header, *blobs]) if blobs else header, headers
+
+
+def encode_response_parts(
+    model: str,
+    version: str,
+    outputs: "dict[str, np.ndarray | ShmWritten]",
+    request: InferRequest,
+    parameters: dict | None = None,
+) -> "tuple[bytes, list[bytes | memoryview], dict[str, str]]":
+    """``encode_response`` as the JSON header and the binary tensors that follow it, views of the
+    outputs themselves: a server writes them to its socket as they are, not joined first."""
     if request.outputs is None:
         wanted = [RequestedOutput(name, request.binary_output) for name in outputs]
     else:
@@ -350,7 +364,7 @@ def encode_response(
                 f"requested output {', '.join(repr(u) for u in unknown)} does not exist; "
                 f"the model's outputs are {', '.join(repr(n) for n in outputs)}"
             )
-    blobs: list[bytes] = []
+    blobs: "list[bytes | memoryview]" = []
     out_list = [written_entry(req.name, value) if isinstance(value := outputs[req.name], ShmWritten)
                 else tensor_entry(req.name, np.asarray(value), req.binary, blobs) for req in wanted]
     body = {"model_name": model, "model_version": version, "outputs": out_list}
@@ -358,18 +372,19 @@ def encode_response(
         body["id"] = request.id
     if parameters:
         body["parameters"] = parameters
-    return with_blobs(body, blobs)
+    header, headers = header_of(body, blobs)
+    return header, blobs, headers
 
 
-def tensor_entry(name: str, array: np.ndarray, binary: bool, blobs: list[bytes]) -> dict:
+def tensor_entry(name: str, array: np.ndarray, binary: bool, blobs: "list[bytes | memoryview]") -> dict:
     """One tensor's JSON entry; binary data (always for FP16) is appended to ``blobs``."""
     datatype = numpy_to_datatype(array.dtype)
     entry: dict = {"name": name, "datatype": datatype, "shape": list(array.shape)}
     if binary or datatype == "FP16":
         if datatype == "BYTES":
             blob = encode_bytes_tensor(array)
-        else:
-            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        else:  # a view of the array's own bytes: copied once, into the socket or the joined body
+            blob = memoryview(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8))
         entry["parameters"] = {"binary_data_size": len(blob)}
         blobs.append(blob)
     else:
@@ -389,12 +404,15 @@ def shm_entry(name: str, tensor: "ShmWritten | ShmInput") -> dict:
     return {"name": name, "datatype": tensor.datatype, "shape": list(tensor.shape), "parameters": tensor.ref.to_params()}
 
 
-def with_blobs(body: dict, blobs: list[bytes]) -> tuple[bytes, dict[str, str]]:
-    """The JSON header, followed by the binary tensors if there are any."""
+def with_blobs(body: dict, blobs: "list[bytes | memoryview]") -> tuple[bytes, dict[str, str]]:
+    """The JSON header, followed by the binary tensors if there are any, as one body."""
+    header, headers = header_of(body, blobs)
+    return b"".join([header, *blobs]) if blobs else header, headers
+
+
+def header_of(body: dict, blobs: "list[bytes | memoryview]") -> tuple[bytes, dict[str, str]]:
+    """The JSON header of a body whose binary tensors are ``blobs`` (sent after it), and the HTTP headers."""
     header = json.dumps(body, separators=(",", ":")).encode()
     if not blobs:
         return header, {"content-type": "application/json"}
-    return header + b"".join(blobs), {
-        "content-type": "application/octet-stream",
-        HEADER_LENGTH: str(len(header)),
-    }
+    return header, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}

@@ -30,7 +30,7 @@ from workers.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
-from workers.kserve.codec import HEADER_LENGTH, InferRequest, ShmWritten, encode_response, read_infer_request
+from workers.kserve.codec import HEADER_LENGTH, InferRequest, ShmWritten, encode_response_parts, read_infer_request
 from workers.manifest import validate_model_ref
 from workers.stats import RequestStats
 
@@ -45,6 +45,16 @@ class HttpAnswer:
     headers: list[tuple[str, str]]  # lower-case names
     body: bytes
     trailers: list[tuple[str, str]] | None = None  # sent chunked, with these trailers (gRPC's status)
+    # Binary tensors that follow ``body``, as views of the outputs: the worker's endpoint writes
+    # them to the socket as they are; ``content`` joins them for servers that take one body.
+    blobs: "tuple[bytes | memoryview, ...]" = ()
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + sum(len(b) for b in self.blobs)
+
+    def content(self) -> bytes:
+        return b"".join([self.body, *self.blobs]) if self.blobs else self.body
 
 
 def json_answer(status: int, body: object, headers: "list[tuple[str, str]] | None" = None) -> HttpAnswer:
@@ -185,8 +195,9 @@ async def handle_infer(
                                   limit=policy.max_request_bytes)
 
     def encode(served: Served, request: InferRequest) -> HttpAnswer:
-        content, out_headers = encode_response(model, served.version, served.outputs, request, served.parameters)
-        return HttpAnswer(200, list(out_headers.items()), content)
+        header, blobs, out_headers = encode_response_parts(model, served.version, served.outputs, request,
+                                                           served.parameters)
+        return HttpAnswer(200, list(out_headers.items()), header, blobs=tuple(blobs))
 
     try:
         return await run_infer(model, version, headers, decode, encode, policy=policy, serve=serve, stats=stats,
