@@ -15,9 +15,9 @@ from __future__ import annotations
 import grpc
 
 from workers.errors import FleetError, InvalidInput
-from workers.grpc_server import Metadata, WorkerGrpcServer
+from workers.grpc_server import Metadata, WorkerGrpcServer, grpc_error
 from workers.httpwire import RawHttpRequest
-from workers.kserve.handler import ERROR_TYPE_HEADER, HttpAnswer
+from workers.kserve.handler import HttpAnswer
 
 # HTTP/1.1 and HTTP/2 headers that are not gRPC metadata (they must not travel on with a miss)
 _NOT_METADATA = frozenset({"host", "content-type", "content-length", "te", "transfer-encoding", "connection",
@@ -62,9 +62,8 @@ def grpc_answer(message: bytes | None = None, status: str = "OK", details: str =
 
 
 def error_grpc_answer(exc: BaseException) -> HttpAnswer:
-    if isinstance(exc, FleetError):
-        return grpc_answer(status=exc.grpc_status, details=exc.message, trailing=((ERROR_TYPE_HEADER, type(exc).__name__),))
-    return grpc_answer(status="INTERNAL", details=f"internal error: {type(exc).__name__}: {exc}")
+    code, details, trailing = grpc_error(exc)
+    return grpc_answer(status=code.name, details=details, trailing=trailing)
 
 
 class GrpcOverHttp1:
