@@ -262,8 +262,9 @@ class Router:
 
     def standby_defaults(self, model: str) -> dict[str, str]:
         """Out-of-reach worker id -> its default version of ``model``, where it holds that engine."""
-        return {w: v for w, v in self._defaults.get(model, {}).items()
-                if self.workers[w].standby and w in self.standby_holders(model, v)}
+        defaults = {w: v for w, v in self._defaults.get(model, {}).items() if self.workers[w].standby}
+        holders = {v: set(self.standby_holders(model, v)) for v in set(defaults.values())}
+        return {w: v for w, v in defaults.items() if w in holders[v]}
 
     def standby_holders(self, model: str, version: str) -> list[str]:
         """Compatible workers holding an engine of (model, version) that are out of reach for now."""
