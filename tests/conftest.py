@@ -1,7 +1,14 @@
+import os
+
+# The test process holds gRPC channels while it starts processes (ray start, HAProxy, perf_analyzer,
+# wrk): gRPC's fork handlers then race its own threads, and one CI run died in grpcio with "Fatal
+# Python error: Aborted". It only ever fork-execs, for which gRPC's documented setting is this
+# (grpc/doc/fork_support.md). Before anything imports grpc.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 from pathlib import Path
 
 import atexit
-import os
 import shutil
 import tempfile
 
