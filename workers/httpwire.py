@@ -245,4 +245,3 @@ def _unviewed(buffer: bytearray) -> bool:
         return False
     buffer.append(last)
     return True
-

@@ -384,7 +384,8 @@ def tensor_entry(name: str, array: np.ndarray, binary: bool, blobs: "list[bytes 
         if datatype == "BYTES":
             blob = encode_bytes_tensor(array)
         else:  # a view of the array's own bytes: copied once, into the socket or the joined body
-            blob = memoryview(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8))
+            little_endian = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+            blob = memoryview(little_endian.reshape(-1).view(np.uint8))
         entry["parameters"] = {"binary_data_size": len(blob)}
         blobs.append(blob)
     else:
@@ -411,7 +412,7 @@ def with_blobs(body: dict, blobs: "list[bytes | memoryview]") -> tuple[bytes, di
 
 
 def header_of(body: dict, blobs: "list[bytes | memoryview]") -> tuple[bytes, dict[str, str]]:
-    """The JSON header of a body whose binary tensors are ``blobs`` (sent after it), and the HTTP headers."""
+    """The JSON header of a body whose binary tensors (``blobs``) follow it, and the HTTP headers."""
     header = json.dumps(body, separators=(",", ":")).encode()
     if not blobs:
         return header, {"content-type": "application/json"}
