@@ -108,6 +108,10 @@ class FrontDoor:
                 return
             except OSError:
                 time.sleep(0.05)
+        # Not left behind half-started: it would come up later, uncounted, after its start was
+        # reported failed (a CI run saw a restart "fail" and HAProxy serve anyway, restarts still 0).
+        self._proc.kill()
+        self._proc.wait()
         raise NotReady(f"HAProxy did not listen on {self.bind[0]}:{self.bind[1]} within {timeout_s:.0f} s")
 
     @property

@@ -178,6 +178,13 @@ def test_haproxy_killed_is_started_again_by_the_fleet(fleet):
     else:
         pytest.fail("the front door did not come back within 30 s")
     after = front_door(fleet)
-    assert after["running"] and after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1
-    assert any(e["event"] == "front-door-restarted" for e in after["events"])
+    assert after["running"] and after["pid"] != before["pid"]
+    # Its actor starts HAProxy again; or, when that actor did not answer the controller's health
+    # call within 10 s (a busy 2-core machine, reproduced under load), the controller starts another.
+    restarted = after["restarts"] == before["restarts"] + 1 and any(
+        e["event"] == "front-door-restarted" for e in after["events"])
+    controller_events = requests.get(fleet["url"] + "/v2/fleet/status", headers=auth(), timeout=30).json()["events"]
+    replaced = any(e.get("event") == "front-door-replaced" for e in controller_events)
+    assert restarted or replaced, ({k: after[k] for k in ("pid", "restarts")}, after["events"][-5:],
+                                   [e for e in controller_events if "front" in e.get("event", "")])
     assert {r["model"] for r in after["routes"]} >= {"digits-mlp"}  # with the routes it had
