@@ -166,25 +166,30 @@ def test_reloads_under_traffic_lose_no_request(fleet):
 def test_haproxy_killed_is_started_again_by_the_fleet(fleet):
     before = front_door(fleet)
     os.kill(before["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def recovered() -> "dict | None":
+        """The front door's state once HAProxy was started again and serves, else None. Not a 200
+        alone: the killed master's worker can answer a moment longer, before the restart is done."""
+        after = front_door(fleet)
+        restarted = after["running"] and after["restarts"] == before["restarts"] + 1 and any(
+            e["event"] == "front-door-restarted" for e in after["events"])
+        # or the controller started another front-door actor: its health call went unanswered
+        # for 10 s (a busy 2-core machine)
+        events = requests.get(fleet["url"] + "/v2/fleet/status", headers=auth(), timeout=30).json()["events"]
+        replaced = after["running"] and any(e.get("event") == "front-door-replaced" for e in events)
+        if not (restarted or replaced):
+            return None
+        r = requests.post(fleet["url"] + "/v2/models/digits-mlp/infer", json=BODY, headers=auth(), timeout=5)
+        return after if r.status_code == 200 else None
+
+    deadline, after, seen = time.monotonic() + 30, None, None
+    while after is None and time.monotonic() < deadline:
         try:
-            r = requests.post(fleet["url"] + "/v2/models/digits-mlp/infer", json=BODY, headers=auth(), timeout=5)
-            if r.status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
+            after = recovered()
+        except (requests.RequestException, KeyError) as exc:  # down for a moment: no answer, or an error page
+            seen = repr(exc)
         time.sleep(0.2)
-    else:
-        pytest.fail("the front door did not come back within 30 s")
-    after = front_door(fleet)
-    assert after["running"] and after["pid"] != before["pid"]
-    # Its actor starts HAProxy again; or, when that actor did not answer the controller's health
-    # call within 10 s (a busy 2-core machine, reproduced under load), the controller starts another.
-    restarted = after["restarts"] == before["restarts"] + 1 and any(
-        e["event"] == "front-door-restarted" for e in after["events"])
-    controller_events = requests.get(fleet["url"] + "/v2/fleet/status", headers=auth(), timeout=30).json()["events"]
-    replaced = any(e.get("event") == "front-door-replaced" for e in controller_events)
-    assert restarted or replaced, ({k: after[k] for k in ("pid", "restarts")}, after["events"][-5:],
-                                   [e for e in controller_events if "front" in e.get("event", "")])
+    if after is None:
+        pytest.fail(f"the front door did not come back within 30 s (last: {seen})")
+    assert after["pid"] != before["pid"]
     assert {r["model"] for r in after["routes"]} >= {"digits-mlp"}  # with the routes it had
