@@ -11,6 +11,8 @@ helper API, ~268 MB of FP32 weights) it measures, at batch 1 and batch 256:
                 same session options) called in-process: the GPU's limit for this model
   fleet-client  the in-cluster Python path (no HTTP): the DataPlane (route + worker call, as
                 the ingress and the batch job use it) from up to 4 client actors per GPU
+  fleet-client-shm  the in-cluster client (cluster.incluster.InClusterClient) from the same actors,
+                its tensors in shared memory of the client's process instead of Ray's object store
   fleet-http-binary  KServe v2 binary over HTTP, closed-loop load from a separate process
   fleet-http-shm     the Python client, FleetClient(shared_memory=True), from several
                 processes on the host: tensors in the client's shared memory region, only
@@ -44,7 +46,7 @@ from benchmarks.common import REPO_ROOT, closed_loop_row, progress
 
 MODEL = "big-mlp"
 CLIENTS_PER_GPU = 4
-SYSTEMS = ("fleet-client", "fleet-http-binary", "fleet-http-shm")
+SYSTEMS = ("fleet-client", "fleet-client-shm", "fleet-http-binary", "fleet-http-shm")
 
 
 class NoGpu(RuntimeError):

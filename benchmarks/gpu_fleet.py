@@ -46,12 +46,14 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
                        f"http://127.0.0.1:{config.port}", args.clients_per_gpu * n_gpus, tool)
         # Several client actors: one Python process serializing 4 MB requests and reading 4 MB
         # answers tops out near 500 requests/s, below what one GPU serves at batch 256.
-        clients = [client_bench_class().remote() for _ in range(run.clients)] if "fleet-client" in args.systems else []
+        in_cluster = {"fleet-client", "fleet-client-shm"} & set(args.systems)
+        clients = [client_bench_class().remote() for _ in range(run.clients)] if in_cluster else []
         for batch in args.batches:
             first = len(rows)
             feeds = feeds_for(batch)
             scale = [c * n_gpus for c in args.levels[batch]]
-            rows += [run.client(clients, batch, c, feeds) for c in (scale if clients else ())]
+            rows += [run.client(clients, batch, c, feeds) for c in (scale if "fleet-client" in args.systems else ())]
+            rows += [run.client(clients, batch, c, feeds, "shm") for c in (scale if "fleet-client-shm" in args.systems else ())]
             rows += [run.shm(batch, c, feeds) for c in (scale if "fleet-http-shm" in args.systems else ())]
             if "fleet-http-binary" in args.systems:
                 rows += run.http_binary(batch, scale, feeds)
@@ -101,12 +103,15 @@ class _Measure:
     def _row(self, system: str, variant: str, batch: int, c: int, latencies: list[float], elapsed: float) -> dict:
         return closed_loop_row(system, variant, batch, c, latencies, elapsed, gpus=self.n_gpus, targets=self.targets)
 
-    def client(self, clients: list, batch: int, c: int, feeds: dict) -> dict:
-        """The DataPlane from client actors (``c`` concurrent calls spread over them)."""
+    def client(self, clients: list, batch: int, c: int, feeds: dict, how: str = "dataplane") -> dict:
+        """The DataPlane from client actors (``c`` concurrent calls spread over them); ``how="shm"``: the
+        in-cluster client with its tensors in shared memory (system "fleet-client-shm")."""
         used = clients[:min(c, len(clients))]
         shares = [c // len(used) + (1 if i < c % len(used) else 0) for i in range(len(used))]
-        outs = ray.get([b.run.remote("dataplane", self.model, feeds, n, self.duration_s) for b, n in zip(used, shares)])
-        return self._row("fleet-client", f"dataplane, {len(used)} client actor(s)", batch, c,
+        outs = ray.get([b.run.remote(how, self.model, feeds, n, self.duration_s) for b, n in zip(used, shares)])
+        system, variant = ("fleet-client-shm", "InClusterClient(shared_memory=True)") if how == "shm" else \
+            ("fleet-client", "dataplane")
+        return self._row(system, f"{variant}, {len(used)} client actor(s)", batch, c,
                          [x for o in outs for x in o["latencies"]], max(o["elapsed"] for o in outs))
 
     def shm(self, batch: int, c: int, feeds: dict) -> dict:

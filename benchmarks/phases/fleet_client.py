@@ -1,5 +1,7 @@
 """fleet-client: the fleet from inside the cluster, no HTTP: through the DataPlane (route +
-worker call, what the ingress does) and straight at the worker holding the engine (as the batch job)."""
+worker call, what the ingress does), through the in-cluster client with its tensors in shared
+memory (``cluster.incluster.InClusterClient``), and straight at the worker holding the engine
+(as the batch job)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,13 @@ import time
 import ray
 
 from cluster.dataplane import DataPlane
+from cluster.incluster import InClusterClient
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from workers.kserve.codec import InferRequest
 
 from benchmarks.common import closed_loop_row, local_fleet, model_inputs, progress
 
-HOWS = ("dataplane", "direct")
+HOWS = ("dataplane", "shm", "direct")  # "shm": InClusterClient(shared_memory=True)
 
 
 def client_bench_class():
@@ -27,6 +30,7 @@ def client_bench_class():
 
         def __init__(self) -> None:
             self.plane = DataPlane(ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE))
+            self.shm_client: InClusterClient | None = None
 
         async def _direct(self, model: str, feeds: dict):
             plane = self.plane
@@ -44,6 +48,11 @@ def client_bench_class():
             await self.plane.refresh(force=True)
             if how == "direct":
                 call = await self._direct(model, feeds)
+            elif how == "shm":
+                self.shm_client = self.shm_client or InClusterClient(self.plane.controller, shared_memory=True)
+
+                def call():
+                    return self.shm_client.infer(model, feeds)
             else:
                 def call():
                     return self.plane.serve(model, None, InferRequest(feeds))

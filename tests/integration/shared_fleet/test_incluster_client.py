@@ -1,0 +1,89 @@
+"""The in-cluster client (``cluster.incluster.InClusterClient``) on a real fleet: the data plane
+from the test's own Ray driver, tensors in shared memory and through Ray's object store."""
+
+import asyncio
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import ray
+
+from cluster.incluster import InClusterClient
+from cluster.names import CONTROLLER_NAME, NAMESPACE
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def fleet(shared_fleet):
+    return shared_fleet
+
+
+def _regions() -> set[str]:
+    controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    return {r["name"] for r in ray.get(controller.shm_status.remote())}
+
+
+def _expected(source, X: np.ndarray) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"input": X})))
+
+
+def test_concurrent_calls_in_shared_memory_match_onnx_runtime(fleet):
+    """Six calls at once, each in its own region of this process (asked for: these inputs are small
+    enough to go inside the Ray call by default); the answers are the model's."""
+    rng = np.random.default_rng(11)
+    batches = [rng.random((rows, 64), dtype=np.float32) for rows in (1, 3, 17, 64, 200, 256)]
+
+    async def scenario():
+        client = InClusterClient(shared_memory=True)
+        try:
+            answers = await asyncio.gather(*(client.infer_with_parameters("digits-mlp", {"input": X})
+                                             for X in batches))
+            during = _regions()
+            mine = {arena.region for arena in client._arenas}
+            # a second round reuses the regions: nothing is registered anew
+            again = await client.infer("digits-mlp", {"input": batches[0]}, outputs=["probabilities"])
+            return answers, during, mine, {arena.region for arena in client._arenas}, again
+        finally:
+            await client.close()
+
+    answers, during, mine, after_second, again = asyncio.run(scenario())
+    assert len(mine) == len(batches) and all(mine)  # one region per call in flight
+    assert mine <= during and after_second == mine
+    for X, answer in zip(batches, answers):
+        expected = _expected(fleet["sources"]["digits-mlp"], X)
+        assert answer.outputs.keys() == expected.keys()
+        np.testing.assert_array_equal(answer.outputs["label"], expected["label"])
+        np.testing.assert_allclose(answer.outputs["probabilities"], expected["probabilities"], rtol=1e-5, atol=1e-6)
+        assert answer.parameters["fleet_worker"].endswith("-cpu")
+    assert set(again) == {"probabilities"}
+    assert not mine & _regions()  # close() unregistered them ...
+    assert not any(os.path.exists(f"/dev/shm/{name}") for name in mine)  # ... and unlinked the objects
+
+
+def test_large_inputs_take_shared_memory_by_default_small_ones_the_ray_call(fleet):
+    """By default (``shared_memory=None``) a 384 KiB input goes through a region, 256 bytes do not;
+    ``shared_memory=False`` registers nothing; all three answer alike."""
+    X = np.random.default_rng(12).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    before = _regions()
+
+    async def scenario():
+        plain, auto = InClusterClient(shared_memory=False), InClusterClient()
+        try:
+            small = await auto.infer("digits-mlp", {"input": X[0, 0, :1, :64]})
+            after_small = _regions()
+            return (await plain.infer("cnn-small", {"input": X}), await auto.infer("cnn-small", {"input": X}),
+                    after_small, _regions(), small)
+        finally:
+            await plain.close()
+            await auto.close()
+
+    via_store, via_shm, after_small, during, small = asyncio.run(scenario())
+    assert after_small == before and small["probabilities"].shape == (1, 10)
+    assert len(during - before) == 1  # the default client's one region, for the large input; the other none
+    for name, expected in _expected(fleet["sources"]["cnn-small"], X).items():
+        np.testing.assert_allclose(via_store[name], expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(via_shm[name], via_store[name])
