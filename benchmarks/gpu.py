@@ -43,6 +43,7 @@ from cluster.env import apply_ray_env
 
 from benchmarks import loadgen
 from benchmarks.common import REPO_ROOT, closed_loop_row, progress
+from benchmarks.gpu_observe import observe
 
 MODEL = "big-mlp"
 CLIENTS_PER_GPU = 4
@@ -136,13 +137,15 @@ def bench_bare(model_path: Path, batches: list[int], width: int, duration_s: flo
                 for _ in range(5):
                     engine.run(feeds)
             for threads in BARE_THREADS:
-                latencies, elapsed = _threads_loop(engines[:1], feeds, threads, duration_s)
+                with observe(False, duration_s) as observed:
+                    latencies, elapsed = _threads_loop(engines[:1], feeds, threads, duration_s)
                 rows.append(closed_loop_row("bare", f"one session, {threads} thread(s)", batch, threads, latencies,
-                                            elapsed, gpus=1, sessions=1))
+                                            elapsed, gpus=1, sessions=1, observed=observed))
             for sessions in BARE_SESSIONS:
-                latencies, elapsed = _threads_loop(engines[:sessions], feeds, sessions, duration_s)
+                with observe(False, duration_s) as observed:
+                    latencies, elapsed = _threads_loop(engines[:sessions], feeds, sessions, duration_s)
                 rows.append(closed_loop_row("bare", f"{sessions} sessions, one thread each", batch, sessions,
-                                            latencies, elapsed, gpus=1, sessions=sessions))
+                                            latencies, elapsed, gpus=1, sessions=sessions, observed=observed))
     finally:
         for engine in engines:
             engine.deactivate()
@@ -199,6 +202,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "a local Ray per GPU count")
     p.add_argument("--batch-job-rows", type=int, default=0,
                    help="also score a Parquet file of this many rows with the batch job (0: skip; 200000 is 3.3 GB)")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy the GPU worker during every fleet row (GPU utilization and CPU per process are always "
+                        "recorded, under each row's 'observed')")
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench-results"))
     args = p.parse_args(argv)
     args.systems = tuple(s for s in args.systems.split(",") if s and not (args.no_http and s == "fleet-http-binary"))
@@ -244,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"{len(names)} GPU(s): {', '.join(names)}; model {doc['model']}")
     doc["rows"] += bench_bare(model_path, args.batches, args.width, args.duration)
     for r in doc["rows"]:
-        progress(f"bare batch={r['batch']} {r['variant']}: {r['rows_per_s']:,.0f} rows/s, p50 {r['p50_ms']:.2f} ms")
+        progress(f"bare batch={r['batch']} {r['variant']}: {r['rows_per_s']:,.0f} rows/s, p50 {r['p50_ms']:.2f} ms, "
+                 f"GPU busy {r['observed'].get('gpu_util_mean_pct', '?')} %")
     doc["bare_best"] = {b: {"rows_per_s": r["rows_per_s"], "variant": r["variant"]} for b, r in bare_best(doc["rows"]).items()}
     for n in [n_all] if args.ray_address else sorted({1, n_all}):
         doc["rows"] += bench_fleet(model_path, n, args, tool, work / f"fleet-{n}", lambda b: feeds_for(b, args.width))

@@ -21,6 +21,7 @@ from workers.kserve.client_codec import encode_request
 
 from benchmarks import loadgen
 from benchmarks.common import CONFIG, closed_loop_row, progress
+from benchmarks.gpu_observe import observe
 from benchmarks.phases.fleet_client import client_bench_class
 from benchmarks.shm_load import shm_client_load
 
@@ -43,7 +44,7 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
         if not outcomes or not all(o.ok for o in outcomes):
             raise RuntimeError(f"building {model} on the fleet failed: {[o.error for o in outcomes]}")
         run = _Measure(model, n_gpus, args.duration, sorted({o.target.describe() for o in outcomes}),
-                       f"http://127.0.0.1:{config.port}", args.clients_per_gpu * n_gpus, tool)
+                       f"http://127.0.0.1:{config.port}", args.clients_per_gpu * n_gpus, tool, args.profile)
         # Several client actors: one Python process serializing 4 MB requests and reading 4 MB
         # answers tops out near 500 requests/s, below what one GPU serves at batch 256.
         in_cluster = {"fleet-client", "fleet-client-shm"} & set(args.systems)
@@ -59,7 +60,8 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
                 rows += run.http_binary(batch, scale, feeds)
             for row in rows[first:]:
                 progress(f"{row['system']:<18} gpus={n_gpus} batch={batch:<4} c={row['concurrency']:<3} "
-                         f"{row['rows_per_s']:>10,.0f} rows/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms")
+                         f"{row['rows_per_s']:>10,.0f} rows/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
+                         f"GPU busy {row['observed'].get('gpu_util_mean_pct', '?')} %  CPU % {row['observed']['cpu_pct_by_role']}")
         if args.batch_job_rows:
             rows.append(batch_job_row(controller, model, args.batch_job_rows, n_gpus, work, feeds_for(1)["input"].shape[1]))
             progress(f"batch-job          gpus={n_gpus} {rows[-1]['rows_per_s']:>10,.0f} rows/s ({rows[-1]['variant']})")
@@ -96,29 +98,33 @@ class _Measure:
     """One system at one (batch, concurrency) on the deployed fleet."""
 
     def __init__(self, model: str, n_gpus: int, duration_s: float, targets: list[str], base_url: str, clients: int,
-                 tool: str) -> None:
+                 tool: str, profile: bool) -> None:
         self.model, self.n_gpus, self.duration_s, self.targets = model, n_gpus, duration_s, targets
-        self.base_url, self.clients, self.tool = base_url, clients, tool
+        self.base_url, self.clients, self.tool, self.profile = base_url, clients, tool, profile
 
-    def _row(self, system: str, variant: str, batch: int, c: int, latencies: list[float], elapsed: float) -> dict:
-        return closed_loop_row(system, variant, batch, c, latencies, elapsed, gpus=self.n_gpus, targets=self.targets)
+    def _row(self, system: str, variant: str, batch: int, c: int, latencies: list[float], elapsed: float,
+             observed: dict) -> dict:
+        return closed_loop_row(system, variant, batch, c, latencies, elapsed, gpus=self.n_gpus, targets=self.targets,
+                               observed=observed)
 
     def client(self, clients: list, batch: int, c: int, feeds: dict, how: str = "dataplane") -> dict:
         """The DataPlane from client actors (``c`` concurrent calls spread over them); ``how="shm"``: the
         in-cluster client with its tensors in shared memory (system "fleet-client-shm")."""
         used = clients[:min(c, len(clients))]
         shares = [c // len(used) + (1 if i < c % len(used) else 0) for i in range(len(used))]
-        outs = ray.get([b.run.remote(how, self.model, feeds, n, self.duration_s) for b, n in zip(used, shares)])
+        with observe(self.profile, self.duration_s) as observed:
+            outs = ray.get([b.run.remote(how, self.model, feeds, n, self.duration_s) for b, n in zip(used, shares)])
         system, variant = ("fleet-client-shm", "InClusterClient(shared_memory=True)") if how == "shm" else \
             ("fleet-client", "dataplane")
         return self._row(system, f"{variant}, {len(used)} client actor(s)", batch, c,
-                         [x for o in outs for x in o["latencies"]], max(o["elapsed"] for o in outs))
+                         [x for o in outs for x in o["latencies"]], max(o["elapsed"] for o in outs), observed)
 
     def shm(self, batch: int, c: int, feeds: dict) -> dict:
         procs = min(c, self.clients)
-        out = shm_client_load(self.base_url, self.model, feeds, c, self.duration_s, procs)
+        with observe(self.profile, self.duration_s) as observed:
+            out = shm_client_load(self.base_url, self.model, feeds, c, self.duration_s, procs)
         return self._row("fleet-http-shm", f"FleetClient(shared_memory=True), {procs} process(es)", batch, c,
-                         out["latencies"], out["elapsed"])
+                         out["latencies"], out["elapsed"], observed)
 
     def http_binary(self, batch: int, scale: list[int], feeds: dict) -> list[dict]:
         """KServe v2 binary over HTTP from the load generator (a separate process), every level."""
@@ -127,8 +133,9 @@ class _Measure:
         loadgen.run(url, body, headers, concurrency=max(scale), duration_s=2, tool=self.tool)  # warm-up
         rows = []
         for c in scale:
-            r = loadgen.run(url, body, headers, concurrency=c, duration_s=self.duration_s, rows_per_request=batch,
-                            tool=self.tool)
+            with observe(self.profile, self.duration_s) as observed:
+                r = loadgen.run(url, body, headers, concurrency=c, duration_s=self.duration_s, rows_per_request=batch,
+                                tool=self.tool)
             rows.append({"system": "fleet-http-binary", "variant": r.tool, "gpus": self.n_gpus, "batch": batch,
-                         "targets": self.targets, **r.to_dict()})
+                         "targets": self.targets, **r.to_dict(), "observed": observed})
         return rows
