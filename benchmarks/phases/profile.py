@@ -104,7 +104,7 @@ def _collect_spies(spies: dict[str, tuple[Path, subprocess.Popen]], duration: fl
     return profiles
 
 
-def _samples(path: Path):
+def samples(path: Path):
     """(stack, count) of each line of a py-spy 'raw' (collapsed) profile."""
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -115,7 +115,7 @@ def _samples(path: Path):
 def collapsed_top(path: Path, n: int = 12) -> list[tuple[str, float]]:
     """Self-time share of the leaf frames of a py-spy 'raw' (collapsed) profile."""
     leaf: Counter = Counter()
-    for stack, count in _samples(path):
+    for stack, count in samples(path):
         leaf[stack.split(";")[-1]] += count
     total = sum(leaf.values())
     return [(frame, round(100.0 * c / total, 1)) for frame, c in leaf.most_common(n)] if total else []
@@ -125,7 +125,7 @@ def inclusive(path: Path, needles: dict[str, str]) -> dict[str, float]:
     """Inclusive share of samples whose stack contains each needle."""
     counts = dict.fromkeys(needles, 0)
     total = 0
-    for stack, count in _samples(path):
+    for stack, count in samples(path):
         total += count
         for label, needle in needles.items():
             if needle in stack:
