@@ -65,7 +65,9 @@ class _GpuUtilization:
 
 
 SPY_RATE = 100
-SPIED = ("fleet worker", "ray::ClientBench")  # the GPU worker, and the in-cluster clients' first actor
+# The GPU worker sampled only while a thread holds its GIL (--gil: the busy shares then add up to how
+# much of the time the GIL was held, 100 % when Python is the limit), and the in-cluster clients' first actor.
+SPIED = {"fleet worker": ["--gil"], "ray::ClientBench": []}
 
 
 def _py_spy() -> Path | None:
@@ -75,7 +77,7 @@ def _py_spy() -> Path | None:
     return next((p / "py-spy" for p in places if (p / "py-spy").exists()), None)
 
 
-def _spy(pid: int, seconds: float) -> tuple[Path, subprocess.Popen, float] | None:
+def _spy(pid: int, seconds: float, extra: list[str]) -> tuple[Path, subprocess.Popen, float] | None:
     py_spy = _py_spy()
     if py_spy is None:
         return None
@@ -83,7 +85,7 @@ def _spy(pid: int, seconds: float) -> tuple[Path, subprocess.Popen, float] | Non
     target = Path(tempfile.mkdtemp(prefix="gpu-spy-")) / f"{pid}.txt"
     proc = subprocess.Popen([str(py_spy), "record", "--pid", str(pid), "--duration", str(duration),
                              "--rate", str(SPY_RATE), "--format", "raw", "--output", str(target), "--nonblocking",
-                             "--threads"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--threads", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return target, proc, duration
 
 
@@ -115,7 +117,8 @@ def observe(profile: bool, seconds: float) -> Iterator[dict]:
     roles = processes_by_role(os.getpid())
     procs = {pid: role for role, pids in roles.items() for pid in pids}
     before = {pid: cpu_seconds(pid) for pid in procs}
-    spies = {role: _spy(roles[role][0], seconds * 0.8) for role in SPIED if profile and roles.get(role)}
+    spies = {role: _spy(roles[role][0], seconds * 0.8, extra) for role, extra in SPIED.items()
+             if profile and roles.get(role)}
     children = os.times()  # the load generator is a child of this process (it ends within the block)
     t0 = time.monotonic()
     with _GpuUtilization() as gpu:
