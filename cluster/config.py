@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workers.artifacts import DEFAULT_CACHE_BYTES
+from workers.cpus import usable_cpus
 from workers.devices import Device, parse_compute_capability
 from workers.errors import InvalidConfig
 from workers.messages import LoadOptions
@@ -387,7 +388,7 @@ class FleetConfig(_Strict):
 
     def ingress_replica_count(self) -> int:
         """Two replicas beat one even on 2 cores (one decodes while the other waits on a worker)."""
-        return self.ingress_replicas or min(8, max(2, (os.cpu_count() or 2) // 4))
+        return self.ingress_replicas or min(8, max(2, usable_cpus() // 4))
 
     def model_config_for(self, model: str) -> ModelConfig:
         return self.models.get(model) or ModelConfig()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from workers.batcher import DynamicBatcher, EngineStats
+from workers.cpus import usable_cpus
 from workers.custom_ops import LibraryFile
 from workers.loaded import LoadedEngine, check_engine_io, warm_up
 from workers.engines import Engine, executes_on_cpu, open_engine
@@ -269,7 +269,7 @@ class EngineRunner(RequestPath):
         if options.slots:
             return options.slots
         if executes_on_cpu(manifest.target):
-            return max(1, min(self.slots, os.cpu_count() or 1))
+            return max(1, min(self.slots, usable_cpus()))
         return self.slots
 
     def _intra_op_threads(self, manifest: Manifest, options: LoadOptions) -> int:
@@ -278,7 +278,7 @@ class EngineRunner(RequestPath):
         between the HTTP work (cnn-small at max batch over HTTP: +24 % on 2 cores)."""
         if self.intra_op_threads or not executes_on_cpu(manifest.target):
             return self.intra_op_threads
-        return max(1, (os.cpu_count() or 1) // self._slots(manifest, options))
+        return max(1, usable_cpus() // self._slots(manifest, options))
 
     @contextlib.contextmanager
     def build_reservation(self, what: str, nbytes: int, wait_s: float):

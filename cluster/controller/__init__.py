@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 import ray
 
 from workers.artifacts import ArtifactSource, RayObject
+from workers.cpus import usable_cpus
 from workers.engines import executes_on_cpu
 from workers.errors import FleetError, ModelNotFound, RepositoryUnavailable, SharedMemoryError
 from workers.kserve.handler import InferPolicy
@@ -143,7 +143,7 @@ class FleetController(RepositoryVerbs, RolloutVerbs, UpgradeVerbs):
 
     async def _start_front_door(self) -> None:
         host = self.config.host
-        threads = max(1, min(4, (os.cpu_count() or 2) // 4))
+        threads = max(1, min(4, usable_cpus() // 4))
         grpc = None
         if self.config.grpc_port is not None:
             policy = InferPolicy(self.config.max_request_bytes, self.config.auth_token, self.config.auth_inference)
