@@ -32,6 +32,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from workers.cpus import usable_cpus  # noqa: E402
+
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
 
 
@@ -86,7 +88,7 @@ def fleet(model: Path, name: str, data: Path, out: Path, batch_size: int, max_ba
 
     config = load_config(str(CONFIG), repository=str(out.parent / "repository"), port=free_port(), grpc_port=free_port(),
                          models={name: {"max_batch": max_batch}})
-    ray.init(address="local", namespace=NAMESPACE, num_cpus=os.cpu_count(), log_to_driver=False,
+    ray.init(address="local", namespace=NAMESPACE, num_cpus=usable_cpus(), log_to_driver=False,
              include_dashboard=False, logging_level=logging.ERROR)
     try:
         controller = deploy(config)

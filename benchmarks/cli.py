@@ -20,8 +20,16 @@ phase in its own process, fully torn down before the next):
 Writes bench-results/<timestamp>.json and .png, prints the table and the issue 7
 targets. ``--quick`` shortens every run (smoke test, ~3 minutes).
 
-    fleet bench -- [--quick] [--phases bare,router,...] [--triton-python PATH]
+    fleet bench -- [--quick] [--phases bare,router,...] [--triton-python PATH] [--pin 0-7:8-15]
     .venv/bin/python scripts/bench.py [same options]
+
+``--pin FLEET_CPUS:LOADGEN_CPUS`` (taskset's list syntax) runs this process and all it starts
+(phases, Ray, the fleet, HAProxy, bare ONNX Runtime) on FLEET_CPUS, and the load generator on
+LOADGEN_CPUS; thread and slot counts follow the cores each has. On a GPU host, the CPU
+bench with the fleet on the CPU only (no GPU worker):
+
+    CUDA_VISIBLE_DEVICES= python3 scripts/bench.py --phases bare,fleet-http --models cnn-small \
+        --pin 0-7:8-15 --loadgen wrk
 """
 
 from __future__ import annotations
@@ -36,7 +44,10 @@ import sys
 import time
 from pathlib import Path
 
+from workers.cpus import usable_cpus
+
 from benchmarks import loadgen, report
+from benchmarks.loadgen import format_cpu_list, parse_cpu_list
 from benchmarks.ceiling import ceiling
 from benchmarks.common import DEFAULT_OUT, MODELS, REPO_ROOT, prepare, progress
 from benchmarks.phases import PHASES
@@ -62,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--triton-python", default=os.environ.get("FLEET_BENCH_TRITON_PYTHON"),
                    help="python of an environment with nvidia-pytriton (default: $FLEET_BENCH_TRITON_PYTHON, "
                         "else this python if it has pytriton)")
+    p.add_argument("--pin", metavar="FLEET_CPUS:LOADGEN_CPUS",
+                   help="run the bench, Ray, the fleet and bare on FLEET_CPUS and the load generator on LOADGEN_CPUS "
+                        "(taskset list syntax, e.g. 0-7:8-15); default: no pinning")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results directory (default bench-results/)")
     p.add_argument("--retries", type=int, default=1, help="times a failed phase is run again (default %(default)s)")
     p.add_argument("--no-chart", action="store_true")
@@ -77,7 +91,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown model(s) {', '.join(bad)}; choose from {', '.join(MODELS)}")
     if args.duration is None:
         args.duration = 2.0 if args.quick else 4.0
+    try:
+        args.pin = parse_pin(args.pin) if args.pin else None
+    except ValueError as exc:
+        p.error(str(exc))
     return args
+
+
+def parse_pin(text: str, available: frozenset[int] | None = None) -> tuple[frozenset[int], frozenset[int]]:
+    """"0-7:8-15" -> (fleet cores, load generator cores): two non-empty, disjoint sets of the cores
+    this process may use (``available``, default its affinity mask); ValueError saying what is wrong."""
+    fleet_text, colon, loadgen_text = text.partition(":")
+    if not colon or not fleet_text.strip() or not loadgen_text.strip():
+        raise ValueError(f"--pin {text!r}: expected FLEET_CPUS:LOADGEN_CPUS, e.g. 0-7:8-15")
+    fleet, gen = parse_cpu_list(fleet_text), parse_cpu_list(loadgen_text)
+    if fleet & gen:
+        raise ValueError(f"--pin {text!r}: the fleet and the load generator share core(s) {format_cpu_list(fleet & gen)}")
+    available = frozenset(os.sched_getaffinity(0)) if available is None else available
+    missing = (fleet | gen) - available
+    if missing:
+        raise ValueError(f"--pin {text!r}: core(s) {format_cpu_list(missing)} are not available to this process "
+                         f"(it may use {format_cpu_list(available)})")
+    return fleet, gen
+
+
+def apply_pin(pin: tuple[frozenset[int], frozenset[int]] | None) -> dict | None:
+    """Move this process onto the fleet's cores (what it starts inherits them) and name the load
+    generator's in the environment the phases inherit (``benchmarks.loadgen`` pins its child)."""
+    if pin is None:
+        os.environ.pop(loadgen.CPUS_ENV, None)
+        return None
+    fleet, gen = pin
+    os.sched_setaffinity(0, fleet)
+    os.environ[loadgen.CPUS_ENV] = format_cpu_list(gen)
+    return {"fleet_cpus": format_cpu_list(fleet), "loadgen_cpus": format_cpu_list(gen), "fleet_cores": len(fleet),
+            "loadgen_cores": len(gen)}
 
 
 def git_info() -> dict:
@@ -97,7 +145,7 @@ def host_info() -> dict:
     import onnxruntime
     import ray  # only its version: this process never starts Ray
 
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    return {"cpus": os.cpu_count(), "usable_cpus": usable_cpus(), "platform": platform.platform(), "python": platform.python_version(),
             "ray": ray.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
             "load_average_at_start": list(os.getloadavg())}
 
@@ -109,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     calls this, as does scripts/bench.py.
     """
     args = parse_args(argv)
+    pin = apply_pin(args.pin)  # first: everything below, and all it starts, runs on the fleet's cores
     out_dir = Path(args.out).resolve()
     workdir = out_dir / "work"
     stamp = dt.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
@@ -116,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict = {"schema": report.SCHEMA, "started": stamp, "quick": args.quick, "host": host_info(),
                  "git": git_info(),
                  "args": {"phases": args.phase_list, "models": args.model_list, "duration_s": args.duration,
-                          "loadgen": args.loadgen}, "phases": {}}
+                          "loadgen": args.loadgen}, "pin": pin, "phases": {}}
+    if pin:
+        progress(f"pinned: the bench, Ray, the fleet and bare on cores {pin['fleet_cpus']}, "
+                 f"the load generator on {pin['loadgen_cpus']}")
     progress(f"preparing models, artifacts and request bodies in {workdir} ...")
     ctx = Context(args.quick, args.model_list, args.duration, loadgen.pick_tool(args.loadgen),
                   prepare(workdir, args.model_list), workdir, args.triton_python)
@@ -166,6 +218,10 @@ def _write(doc: dict, out_dir: Path, stamp: str, chart: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stamp}.json"
     json_path.write_text(json.dumps(doc, indent=2, default=str))
+    if doc.get("pin"):
+        pin = doc["pin"]
+        print(f"pinned: bench, Ray, fleet, HAProxy and bare on cores {pin['fleet_cpus']} ({pin['fleet_cores']}); "
+              f"load generator on {pin['loadgen_cpus']} ({pin['loadgen_cores']}) of {doc['host']['cpus']}\n")
     print(report.markdown_table(doc))
     print()
     print(report.targets_table(doc["targets"]))

@@ -28,6 +28,8 @@ from cluster.env import apply_ray_env
 from cluster.names import NAMESPACE, SERVE_APP_NAME
 from cluster.net import free_port
 
+from workers.cpus import usable_cpus
+
 from benchmarks.loadgen import percentile
 from benchmarks.serve_modes import direct_ingress_url, fleet_mode
 
@@ -166,7 +168,7 @@ def ray_start():
     apply_ray_env()  # a no-op when the orchestrator built the environment (serve_modes.phase_env)
     import ray
 
-    ray.init(address="local", namespace=NAMESPACE, num_cpus=2, log_to_driver=False, include_dashboard=False,
+    ray.init(address="local", namespace=NAMESPACE, num_cpus=max(2, usable_cpus()), log_to_driver=False, include_dashboard=False,
              logging_level=logging.ERROR)
     return ray
 

@@ -31,6 +31,7 @@ import requests  # noqa: E402
 from benchmarks import loadgen  # noqa: E402
 from benchmarks.batch_wide import CONFIG, make_wide_mul  # noqa: E402
 from workers.kserve.client_codec import decode_response, encode_request  # noqa: E402
+from workers.cpus import usable_cpus  # noqa: E402
 
 
 def measure(args, work: Path) -> dict:
@@ -46,7 +47,7 @@ def measure(args, work: Path) -> dict:
     model = make_wide_mul(work / f"{name}.onnx", args.width)
     config = load_config(str(CONFIG), repository=str(work / "repository"), port=free_port(), grpc_port=free_port(),
                          models={name: {"max_batch": args.batch}})
-    ray.init(address="local", namespace=NAMESPACE, num_cpus=os.cpu_count(), log_to_driver=False,
+    ray.init(address="local", namespace=NAMESPACE, num_cpus=usable_cpus(), log_to_driver=False,
              include_dashboard=False, logging_level=logging.ERROR)
     try:
         controller = deploy(config)

@@ -13,6 +13,11 @@ Two engines, same result shape (``LoadResult``):
 Both are closed loop: ``concurrency`` connections, each sends its next request as
 soon as the previous answer arrives, for ``duration_s`` seconds.
 
+Pinning: with ``FLEET_LOADGEN_CPUS`` set (taskset's list syntax, e.g. ``8-15``; ``scripts/bench.py
+--pin`` sets it), the generator process runs on those cores only (``sched_setaffinity`` in the
+child before it execs), and wrk's thread count follows them, so it never competes with a server
+pinned elsewhere.
+
 Standard library only: the Triton phase runs in PyTriton's own environment and uses
 this module there too. Run ``python -m benchmarks.loadgen --help`` for the standalone form.
 """
@@ -35,6 +40,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 RESULT_MARK = "LOADGEN_RESULT "
+CPUS_ENV = "FLEET_LOADGEN_CPUS"  # the cores the load generator runs on (taskset list syntax); unset: any
 
 _WRK_LUA = r"""
 local f = assert(io.open(os.getenv("LOADGEN_BODY"), "rb"))
@@ -147,17 +153,68 @@ def run(
     return result
 
 
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """taskset's list syntax, "0-7,9,12-13" -> {0, ..., 7, 9, 12, 13}; ValueError naming bad text."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        lo, dash, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise ValueError(f"CPU list {text!r}: {part!r} is neither N nor N-M") from None
+        if first < 0 or last < first:
+            raise ValueError(f"CPU list {text!r}: {part!r} is not an ascending range of CPU numbers")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
+
+
+def format_cpu_list(cpus) -> str:
+    """{0, 1, 2, 5} -> "0-2,5" (taskset's list syntax)."""
+    out: list[str] = []
+    for cpu in sorted(cpus):
+        if out and "-" in out[-1] and int(out[-1].split("-")[1]) == cpu - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{cpu}"
+        elif out and "-" not in out[-1] and int(out[-1]) == cpu - 1:
+            out[-1] = f"{out[-1]}-{cpu}"
+        else:
+            out.append(str(cpu))
+    return ",".join(out)
+
+
+def pinned_cpus() -> frozenset[int] | None:
+    """The cores ``FLEET_LOADGEN_CPUS`` names, or None when it is unset or empty."""
+    text = os.environ.get(CPUS_ENV, "").strip()
+    return parse_cpu_list(text) if text else None
+
+
+def _pin_child(cpus: frozenset[int] | None):
+    """A ``preexec_fn`` that moves the child onto ``cpus`` before it execs (None: no pinning)."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def wrk_threads(concurrency: int, cpus: frozenset[int] | None) -> int:
+    """wrk's threads: unpinned, 1 (2 from 64 connections): on a small machine every core wrk takes is
+    one the server lacks. Pinned, up to one per core it has, with at least 8 connections each."""
+    if cpus is None:
+        return 1 if concurrency < 64 else 2
+    return max(1, min(len(cpus), concurrency // 8))
+
+
 def _run_wrk(url, body_path, content_type, header_length, concurrency, duration_s, timeout_s, tmp: Path) -> LoadResult:
     script = tmp / "post.lua"
     script.write_text(_WRK_LUA)
     env = dict(os.environ, LOADGEN_BODY=str(body_path), LOADGEN_CONTENT_TYPE=content_type, LOADGEN_HEADER_LENGTH=header_length)
-    # One thread: on a small machine every core wrk takes is one the server lacks.
-    threads = 1 if concurrency < 64 else 2
+    cpus = pinned_cpus()
+    threads = wrk_threads(concurrency, cpus)
     cmd = [
         wrk_path() or "wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(duration_s))}s",
         f"--timeout={max(1, round(timeout_s))}s", "-s", str(script), url,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration_s + timeout_s + 30)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration_s + timeout_s + 30,
+                          preexec_fn=_pin_child(cpus))
     r = _marked_result(proc, "wrk")
     detail = {k: r[k] for k in ("connect", "read", "write", "status", "timeout") if r[k]}
     # wrk counts a non-2xx answer as a completed request and as a 'status' error;
@@ -187,7 +244,7 @@ def _run_python_subprocess(url, body_path, content_type, header_length, concurre
     # From the checkout's root, so that `-m benchmarks.loadgen` finds this package in any environment
     # (PyTriton's has no install of the project).
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + timeout_s + 60,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[1], preexec_fn=_pin_child(pinned_cpus()))
     d = _marked_result(proc, "python load generator")
     d.pop("req_per_s", None)
     d.pop("rows_per_s", None)

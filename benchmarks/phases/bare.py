@@ -1,10 +1,16 @@
-"""bare: ONNX Runtime in-process at batch 1 and max batch, the machine's limit for each model."""
+"""bare: ONNX Runtime in-process at batch 1 and max batch, the machine's limit for each model.
+
+One session with as many intra-op threads as this process has cores (its affinity mask:
+``scripts/bench.py --pin`` puts it on the fleet's cores), set explicitly: ONNX Runtime's own
+default may count the machine's cores instead."""
 
 from __future__ import annotations
 
 import time
 
 import onnxruntime as ort
+
+from workers.cpus import usable_cpus
 
 from benchmarks.common import closed_loop_row, model_inputs, progress
 
@@ -13,15 +19,17 @@ WINDOWS = 5
 
 def run(spec: dict) -> dict:
     rows = []
+    threads = usable_cpus()
     for model in spec["models"]:
         info = spec["prepared"]["models"][model]
         options = ort.SessionOptions()
-        options.log_severity_level = 3  # same options as workers/engines/onnxruntime.py (intra_op_threads 0)
+        options.log_severity_level = 3  # as workers/engines/onnxruntime.py
+        options.intra_op_num_threads = threads
         session = ort.InferenceSession(info["onnx"], sess_options=options, providers=["CPUExecutionProvider"])
         for batch in sorted({1, info["max_batch"]}):
-            row = _measure(session, model, batch, spec["duration_s"])
+            row = dict(_measure(session, model, batch, spec["duration_s"]), intra_op_threads=threads)
             progress(f"bare {model} batch {batch}: {row['rows_per_s']:.0f} rows/s, "
-                     f"{row['p50_ms'] * 1e3:.0f} us/call p50")
+                     f"{row['p50_ms'] * 1e3:.0f} us/call p50, {threads} thread(s)")
             rows.append(row)
     return {"rows": rows}
 
