@@ -10,7 +10,9 @@ the checkout's root. So this module needs only numpy, onnxruntime, pytriton and
 (``benchmarks.httpbench.check_saved_answers``), both where the project's helpers are.
 
 ONNX Runtime runs inside the Python callable, one instance, Triton's dynamic batcher
-on (500 us queue delay, the fleet's default). The request bodies are the exact bytes
+on (500 us queue delay, the fleet's default). ``spec["provider"]``: "cpu" (default, the CPU
+bench) or "cuda" (``benchmarks.gpu_triton``, the GPU bench): ONNX Runtime's CUDA provider with
+the options the fleet's engine uses (``session_providers``). The request bodies are the exact bytes
 the fleet phases send. Each endpoint's first answer is saved for that check.
 
 ``python -m benchmarks.phases.triton SPEC.json`` serves the same Triton until its stdin
@@ -20,6 +22,8 @@ one line ``TRITON_READY`` once it answers.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 import urllib.error
@@ -42,12 +46,46 @@ def _np_dtype(ort_type: str):
     return table[ort_type]
 
 
-def bind_model(triton, name: str, onnx_path: str, max_batch: int, queue_delay_us: int) -> None:
+# What workers/engines/onnxruntime.py does for its CUDA sessions (that module cannot be imported
+# here): cuBLAS's workspace at 8 x 16 KiB unless the environment says otherwise, the arena growing
+# by what is asked, no TF32 (a float32 model computes in float32).
+CUBLAS_WORKSPACE = ":16:8"
+
+
+def session_providers(provider: str, device_id: int = 0) -> list:
+    """ONNX Runtime's providers for ``provider`` ("cpu" or "cuda"), with the fleet engine's CUDA options."""
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        return [("CUDAExecutionProvider", {"device_id": device_id, "arena_extend_strategy": "kSameAsRequested",
+                                           "use_tf32": 0})]
+    raise ValueError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
+
+
+def make_session(onnx_path: str, provider: str = "cpu", device_id: int = 0):
+    """The session Triton's callable runs: the fleet engine's session options; a CUDA session or an error."""
     import onnxruntime as ort
+
+    if provider == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # before the first CUDA session
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError(f"onnxruntime {ort.__version__} in PyTriton's environment has no CUDAExecutionProvider "
+                               f"(providers: {', '.join(ort.get_available_providers())}): put onnxruntime-gpu on "
+                               "its PYTHONPATH")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(onnx_path, sess_options=options, providers=session_providers(provider, device_id))
+    if provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise RuntimeError(f"ONNX Runtime could not create a CUDA session for {onnx_path}")
+    return session
+
+
+def bind_model(triton, name: str, onnx_path: str, max_batch: int, queue_delay_us: int, provider: str = "cpu",
+               device_id: int = 0) -> None:
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
-    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    session = make_session(onnx_path, provider, device_id)
     out_names = [o.name for o in session.get_outputs()]
 
     def per_row_shape(node) -> tuple:
@@ -72,17 +110,31 @@ def bind_model(triton, name: str, onnx_path: str, max_batch: int, queue_delay_us
 def _match_libpython() -> None:
     """Make Triton's Python backend stub load this interpreter's libpython.
 
-    The stub is linked against ``libpython3.X.so``; without this it may find the
+    The stub is linked against ``libpython3.X.so.1.0``; without this it may find the
     system's copy (say Debian's 3.11.2) while running this interpreter's standard
     library (say pyenv's 3.11.7), and fail in ``multiprocessing`` with
-    "'_thread.RLock' object has no attribute '_recursion_count'".
+    "'_thread.RLock' object has no attribute '_recursion_count'". Where there is none at
+    all (a distribution's python3.12 whose libpython3.12 package is not installed, as on
+    a bare Ubuntu 24.04), the stub could not start and Triton would only time out: say so.
     """
-    import os
+    import ctypes
     import sysconfig
 
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if libdir and any(Path(libdir).glob("libpython3*.so*")):
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    lib = f"libpython{version}.so.1.0"
+    dirs = [d for d in (sysconfig.get_config_var("LIBDIR"), str(Path(sys.base_prefix) / "lib"),
+                        f"/usr/lib/{sysconfig.get_config_var('MULTIARCH') or 'x86_64-linux-gnu'}") if d]
+    libdir = next((d for d in dirs if (Path(d) / lib).exists()), None)
+    if libdir:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
+        return
+    try:
+        ctypes.CDLL(lib)  # somewhere the dynamic loader finds by itself (ldconfig, LD_LIBRARY_PATH)
+    except OSError:
+        raise RuntimeError(f"{lib} is not on this host (looked in {', '.join(dirs)} and the loader's path): Triton's "
+                           f"Python backend stub (PyTriton) needs the shared libpython of Python {version}. Install it "
+                           f"(Debian/Ubuntu: apt-get install libpython{version}, on 24.04 libpython{version}t64) or "
+                           "use a Python built with --enable-shared, and pass that python as --triton-python") from None
 
 
 def _post(url: str, body: bytes, headers: dict) -> tuple[int, bytes, dict]:
@@ -147,7 +199,8 @@ def run(spec: dict) -> dict:
     try:
         for model in spec["models"]:
             info = spec["prepared"]["models"][model]
-            bind_model(triton, model, info["onnx"], info["max_batch"], spec.get("queue_delay_us", 500))
+            bind_model(triton, model, info["onnx"], info["max_batch"], spec.get("queue_delay_us", 500),
+                       spec.get("provider", "cpu"), spec.get("device_id", 0))
         triton.run()
         base = f"http://127.0.0.1:{ports['http']}"
         _wait_ready(base, 120)
@@ -195,6 +248,16 @@ def _load_all(spec: dict, base: str, out: dict) -> None:
                     return
 
 
+def _info(spec: dict) -> dict:
+    import numpy
+    import onnxruntime
+    import pytriton
+
+    return {"pytriton": pytriton.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
+            "provider": spec.get("provider", "cpu"), "python": sys.version.split()[0],
+            "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+
+
 def serve_until_stdin_closes(spec: dict) -> None:
     """Triton (PyTriton) with the spec's models on ``spec["ports"]``, its restricted APIs behind
     ``spec["access_token"]``, until stdin closes."""
@@ -208,9 +271,11 @@ def serve_until_stdin_closes(spec: dict) -> None:
     try:
         for model in spec["models"]:
             info = spec["prepared"]["models"][model]
-            bind_model(triton, model, info["onnx"], info["max_batch"], spec.get("queue_delay_us", 500))
+            bind_model(triton, model, info["onnx"], info["max_batch"], spec.get("queue_delay_us", 500),
+                       spec.get("provider", "cpu"), spec.get("device_id", 0))
         triton.run()
         _wait_ready(f"http://127.0.0.1:{ports['http']}", 120)
+        print("TRITON_INFO " + json.dumps(_info(spec)), flush=True)
         print("TRITON_READY", flush=True)
         sys.stdin.read()
     finally:
@@ -218,6 +283,4 @@ def serve_until_stdin_closes(spec: dict) -> None:
 
 
 if __name__ == "__main__":
-    import json
-
     serve_until_stdin_closes(json.loads(Path(sys.argv[1]).read_text()))
