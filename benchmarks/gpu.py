@@ -19,7 +19,12 @@ helper API, ~268 MB of FP32 weights) it measures, at batch 1 and batch 256:
                 their descriptions over HTTP (Triton's system shared memory extension)
 
 first with one GPU, then (when the host has more) with all of them, so the fleet's
-scaling over GPUs shows. Results: DIR/gpu-<timestamp>.json (DIR: $OUT if set, else
+scaling over GPUs shows. With ``--triton-python PYTHON [--triton-pythonpath DIRS]``, then:
+
+  triton-http-binary  Triton via PyTriton, ONNX Runtime CUDA inside, on the same GPU, driven like
+                fleet-http-binary; ``vs_triton`` compares the two per batch and level
+                (``benchmarks/gpu_triton.py`` has the GPU host's command line)
+ Results: DIR/gpu-<timestamp>.json (DIR: $OUT if set, else
 bench-results/) and a table on stdout.
 
 It stops at once with a clear message where there is no CUDA GPU or no CUDA
@@ -41,7 +46,7 @@ from cluster.console import say
 from cluster.demo import make_big_mlp
 from cluster.env import apply_ray_env
 
-from benchmarks import loadgen
+from benchmarks import gpu_triton, loadgen
 from benchmarks.common import REPO_ROOT, closed_loop_row, progress
 from benchmarks.gpu_observe import observe
 
@@ -205,6 +210,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="py-spy the GPU worker during every fleet row (GPU utilization and CPU per process are always "
                         "recorded, under each row's 'observed')")
+    gpu_triton.add_arguments(p)
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench-results"))
     args = p.parse_args(argv)
     args.systems = tuple(s for s in args.systems.split(",") if s and not (args.no_http and s == "fleet-http-binary"))
@@ -255,11 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     doc["bare_best"] = {b: {"rows_per_s": r["rows_per_s"], "variant": r["variant"]} for b, r in bare_best(doc["rows"]).items()}
     for n in [n_all] if args.ray_address else sorted({1, n_all}):
         doc["rows"] += bench_fleet(model_path, n, args, tool, work / f"fleet-{n}", lambda b: feeds_for(b, args.width))
+    if args.triton_python:  # after the fleet part: its fleet is torn down, the GPU is Triton's
+        doc["triton"] = _triton_part(model_path, args, tool, work)
+        doc["rows"] += doc["triton"].pop("rows", [])
     if n_all > 1:
         doc["scaling"] = scaling(doc["rows"], args.systems, args.batches, n_all)
     doc["fp32_peak_tflops"] = fp32_peak(names[0])
     add_compute(doc["rows"], args.width, args.layers, doc["fp32_peak_tflops"])
     doc["vs_bare_best"] = vs_bare_best(doc["rows"])
+    if args.triton_python:
+        doc["vs_triton"] = gpu_triton.vs_triton(doc["rows"])
+        doc["vs_triton_target_met"] = gpu_triton.target_met(doc["vs_triton"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu-{dt.datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}.json"
@@ -267,8 +279,22 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(summary(doc["rows"])))
     if "scaling" in doc:
         print(f"\nthroughput with {n_all} GPUs vs 1 (best level each): {doc['scaling']}")
+    if "triton" in doc:
+        print("\n" + "\n".join(gpu_triton.table(doc.get("vs_triton", []))))
+        for what in ("error", "wrong_answers"):
+            if doc["triton"].get(what):
+                print(f"\ntriton {what.replace('_', ' ')}: {doc['triton'][what]}")
     print(f"\nresults: {path}")
-    return 0
+    return 1 if doc.get("triton", {}).get("error") or doc.get("triton", {}).get("wrong_answers") else 0
+
+
+def _triton_part(model_path: Path, args, tool: str, work: Path) -> dict:
+    """Triton's rows and what it said; a failure is recorded (and makes the exit status 1), not raised."""
+    try:
+        return gpu_triton.bench_triton(model_path, args, tool, work, lambda b: feeds_for(b, args.width))
+    except Exception as exc:  # noqa: BLE001 (keep the fleet's results; say what broke)
+        progress(f"triton part failed: {type(exc).__name__}: {exc}")
+        return {"rows": [], "error": f"{type(exc).__name__}: {exc}"}
 
 
 def vs_bare_best(rows: list[dict]) -> dict[str, float]:

@@ -72,7 +72,8 @@ def triton_env(pythonpath: str, marker: str, base: dict | None = None) -> dict[s
 
 
 @contextmanager
-def pytriton_server(python: str, pythonpath: str, spec: dict, work: Path) -> Iterator[tuple[str, dict]]:
+def pytriton_server(python: str, pythonpath: str, spec: dict, work: Path,
+                    stop_grace_s: float = 60) -> Iterator[tuple[str, dict]]:
     """PyTriton serving ``spec`` (``benchmarks.phases.triton``) until the block ends: (base URL, its info).
 
     Started in a session of its own; on the way out (normally, on an exception, on SIGTERM) its stdin
@@ -92,7 +93,7 @@ def pytriton_server(python: str, pythonpath: str, spec: dict, work: Path) -> Ite
         info = _wait_ready(proc, log_path, READY_TIMEOUT_S)
         yield f"http://127.0.0.1:{spec['ports']['http']}", info
     finally:
-        _stop(proc, marker)
+        _stop(proc, marker, stop_grace_s)
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -131,14 +132,14 @@ def _tail(path: Path, n: int = 1500) -> str:
         return "(no log)"
 
 
-def _stop(proc: subprocess.Popen, marker: str) -> None:
+def _stop(proc: subprocess.Popen, marker: str, grace_s: float) -> None:
     if proc.stdin is not None:
         try:
             proc.stdin.close()  # serve_until_stdin_closes: PyTriton stops Triton
         except OSError:
             pass
     try:
-        proc.wait(60)
+        proc.wait(grace_s)
     except subprocess.TimeoutExpired:
         pass
     try:
@@ -171,11 +172,11 @@ def _check_answer(content: bytes, headers: dict, want) -> str | None:
     return None
 
 
-def reference_outputs(model_path: Path, batches: list[int], feeds_for) -> dict[int, dict]:
+def reference_outputs(model_path: Path, batches: list[int], feeds_for, provider: str = "cuda") -> dict[int, dict]:
     """The bare engine's outputs (the fleet's engine class, CUDA, as ``bench_bare``) for each batch's feeds."""
     from workers.engines.onnxruntime import OnnxRuntimeEngine
 
-    with OnnxRuntimeEngine(model_path, provider="cuda", device_id=0) as engine:
+    with OnnxRuntimeEngine(model_path, provider=provider, device_id=0) as engine:
         return {b: engine.run(feeds_for(b)) for b in batches}
 
 
@@ -186,17 +187,18 @@ def _post(url: str, body: bytes, headers: dict) -> tuple[int, bytes, dict]:
     return r.status_code, r.content, dict(r.headers)
 
 
-def bench_triton(model_path: Path, args, tool: str, work: Path, feeds_for) -> dict:
-    """``{"rows": [...], "info": {...}}``, plus ``"wrong_answers"`` / ``"error"`` where Triton failed."""
+def bench_triton(model_path: Path, args, tool: str, work: Path, feeds_for, provider: str = "cuda") -> dict:
+    """``{"rows": [...], "info": {...}}``, plus ``"wrong_answers"`` where Triton answered wrong.
+    ``provider`` "cpu" only for tests on a machine without a GPU."""
     model = model_path.stem
-    reference = reference_outputs(model_path, args.batches, feeds_for)
-    spec = {"models": [model], "provider": "cuda", "device_id": 0, "queue_delay_us": QUEUE_DELAY_US,
+    reference = reference_outputs(model_path, args.batches, feeds_for, provider)
+    spec = {"models": [model], "provider": provider, "device_id": 0, "queue_delay_us": QUEUE_DELAY_US,
             "access_token": secrets.token_urlsafe(16),
             "ports": {"http": free_port(), "grpc": free_port(), "metrics": free_port()},
             "prepared": {"models": {model: {"onnx": str(model_path), "max_batch": max(args.batches)}}}}
     out: dict = {"rows": [], "info": {"python": args.triton_python, "pythonpath": args.triton_pythonpath,
                                       "max_batch": max(args.batches), "queue_delay_us": QUEUE_DELAY_US}}
-    progress(f"triton: starting PyTriton ({args.triton_python}, ONNX Runtime CUDA inside, max batch "
+    progress(f"triton: starting PyTriton ({args.triton_python}, ONNX Runtime {provider} inside, max batch "
              f"{max(args.batches)}, queue delay {QUEUE_DELAY_US} us)")
     t0 = time.monotonic()
     with pytriton_server(args.triton_python, args.triton_pythonpath, spec, work / "triton") as (base, info):
@@ -218,7 +220,7 @@ def bench_triton(model_path: Path, args, tool: str, work: Path, feeds_for) -> di
                 r = loadgen.run(url, body, headers, concurrency=c, duration_s=args.duration, rows_per_request=batch,
                                 tool=tool)
                 row = {"system": SYSTEM, "variant": f"pytriton {info.get('pytriton', '?')}, onnxruntime "
-                       f"{info.get('onnxruntime', '?')} cuda, {r.tool}", "gpus": 1, "batch": batch, **r.to_dict()}
+                       f"{info.get('onnxruntime', '?')} {provider}, {r.tool}", "gpus": 1, "batch": batch, **r.to_dict()}
                 out["rows"].append(row)
                 progress(f"{SYSTEM:<18} gpus=1 batch={batch:<4} c={c:<3} {row['rows_per_s']:>10,.0f} rows/s  "
                          f"{row['req_per_s']:>9,.0f} req/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
