@@ -13,13 +13,17 @@ batch 1, c=64: fleet >= 1.2x Triton's req/s, p99 no worse).
 PyTriton 0.7.0 pins numpy < 2, so it runs in its own environment: ``--triton-python PYTHON`` and
 ``--triton-pythonpath DIRS`` (put before PYTHONPATH for that process only; the checkout's root is
 always added, for ``-m benchmarks.phases.triton``). On the GPU host, with the fleet's wheels in
-/tmp/site and PyTriton's (``scripts/pack_triton_env.sh``) in /tmp/triton-site:
+/tmp/site and PyTriton's in the venv /tmp/triton-venv (``scripts/pack_triton_env.sh`` packs them, its
+install.sh makes the venv):
 
     PYTHONPATH=/tmp/site:. python3 scripts/gpu_bench.py --batches 1 --levels 1:64 \\
-        --systems fleet-http-binary --loadgen wrk \\
-        --triton-python python3 --triton-pythonpath /tmp/triton-site:/tmp/site
+        --systems fleet-http-binary --loadgen wrk --triton-python /tmp/triton-venv/bin/python3 \\
+        --triton-pythonpath /tmp/triton-venv/lib/python3.12/site-packages:/tmp/site
 
-/tmp/triton-site first: its numpy 1.26 wins there, onnxruntime-gpu comes from /tmp/site. Triton
+The venv's site-packages first: its numpy 1.26 (and protobuf 6) win there, onnxruntime-gpu comes from
+/tmp/site. A venv, not a bare directory on PYTHONPATH: Triton's Python backend stub runs an isolated
+interpreter (PYTHONPATH ignored) that finds numpy, zmq and pytriton only in the venv whose bin/ PyTriton
+puts on its PATH, and PyTriton finds its own libraries only when installed in a site directory. Triton
 (tritonserver and its Python backend stubs) runs in a process group of its own, ended on every
 exit path of this module (SIGTERM included); run the bench under ``unshare --pid --fork
 --mount-proc`` where possible, so that even a SIGKILL leaves nothing behind.

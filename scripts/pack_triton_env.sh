@@ -5,20 +5,22 @@
 #   bash scripts/pack_triton_env.sh            (from the checkout's root; network to PyPI)
 #
 # nvidia-pytriton 0.7.0 pins numpy < 2 and tritonclient[grpc] pins protobuf < 7, while the fleet's
-# wheels in /tmp/site bring numpy 2 and protobuf 7: so PyTriton gets a site directory of its own,
-# /tmp/triton-site, put BEFORE /tmp/site on the Triton process's PYTHONPATH only. It holds everything
-# pip resolves for PyTriton (numpy 1.26 wins there); onnxruntime-gpu 1.31.1 (numpy >= 1.21.6, checked
-# below where its wheel is cached) comes from /tmp/site.
+# wheels in /tmp/site bring numpy 2 and protobuf 7: so PyTriton gets an environment of its own, a venv
+# (/tmp/triton-venv, no pip, no system site-packages) whose site-packages holds everything pip resolves
+# for PyTriton, put BEFORE /tmp/site on the Triton process's PYTHONPATH only (numpy 1.26 wins there);
+# onnxruntime-gpu 1.31.1 (numpy >= 1.21.6, checked below where its wheel is cached) comes from /tmp/site.
+# A venv and not a bare --target directory: Triton's Python backend stub runs an isolated interpreter
+# that ignores PYTHONPATH and finds numpy, zmq and pytriton only in the venv on its PATH.
 #
 # Writes parts of at most PART_MB (default 60) megabytes to .wheelparts/t0 .. .wheelparts/tN (git
 # ignores /.wheelparts/ through .git/info/exclude); wheels larger than a part are cut into pieces.
 # Touches nothing else under .wheelparts. On the host, one transfer per part, each followed by
 #   bash .wheelparts/tK/stash.sh          # copies part K into /tmp/tritonparts
 # and after the last one
-#   bash .wheelparts/tN/install.sh        # joins pieces, pip installs into /tmp/triton-site
+#   bash .wheelparts/tN/install.sh        # joins pieces, makes /tmp/triton-venv, installs into it
 # (/tmp must survive between transfers: the same running host). Then
-#   PYTHONPATH=/tmp/site:. python3 scripts/gpu_bench.py ... --triton-python python3 \
-#       --triton-pythonpath /tmp/triton-site:/tmp/site
+#   PYTHONPATH=/tmp/site:. python3 scripts/gpu_bench.py ... --triton-python /tmp/triton-venv/bin/python3 \
+#       --triton-pythonpath /tmp/triton-venv/lib/python3.12/site-packages:/tmp/site
 set -euo pipefail
 PART_MB=${PART_MB:-60}
 ROOT="$(pwd)"
@@ -51,7 +53,7 @@ mapfile -t wheels < <(cd "$PICKED" && ls *.whl)
 ort=$(ls "$FLEET_CACHE"/onnxruntime_gpu-1.31.1-*.whl 2>/dev/null | head -1 || true)
 if [ -n "$ort" ]; then
   need=$(unzip -p "$ort" 'onnxruntime_gpu-1.31.1.dist-info/METADATA' | sed -n 's/^Requires-Dist: numpy//p')
-  echo "onnxruntime-gpu 1.31.1 asks numpy$need: numpy 1.26 from /tmp/triton-site satisfies it" >&2
+  echo "onnxruntime-gpu 1.31.1 asks numpy$need: numpy 1.26 in the Triton venv satisfies it" >&2
 fi
 
 mkdir -p "$OUT"
@@ -104,9 +106,16 @@ for first in *.piece00; do
 done
 n=$(ls *.whl | wc -l)
 [ "$n" -eq {len(set(wheels))} ] || {{ echo "expected {len(set(wheels))} wheels in /tmp/tritonparts, found $n: stash every part t0..t{n - 1}" >&2; exit 1; }}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/triton-site *.whl
-echo "installed $n wheels into /tmp/triton-site"
-PYTHONPATH=/tmp/triton-site:/tmp/site python3 -c 'import numpy, pytriton, tritonclient.grpc, tritonclient.http, onnxruntime as o; print("triton-site: numpy", numpy.__version__, "pytriton", pytriton.__version__, "onnxruntime", o.__version__, o.get_available_providers())' || echo "WARNING: PyTriton's environment does not import (see above)" >&2
+# A venv, not a bare --target directory: Triton's Python backend stub starts an isolated interpreter
+# (PYTHONPATH ignored) that finds numpy, zmq and pytriton only in the site-packages of the venv whose
+# bin/ is on its PATH; and PyTriton finds its libraries (nvidia_pytriton.libs) only from a site dir.
+if [ ! -x /tmp/triton-venv/bin/python3 ]; then
+  python3 -m venv --without-pip /tmp/triton-venv || PYTHONPATH=/tmp/site python3 -m virtualenv --no-pip --no-setuptools --no-wheel /tmp/triton-venv
+fi
+site=$(/tmp/triton-venv/bin/python3 -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" *.whl
+echo "installed $n wheels into $site"
+PYTHONPATH="$site":/tmp/site /tmp/triton-venv/bin/python3 -c 'import numpy, pytriton, tritonclient.grpc, tritonclient.http, onnxruntime as o; print("triton env: numpy", numpy.__version__, "pytriton", pytriton.__version__, "onnxruntime", o.__version__, o.get_available_providers())' || echo "WARNING: PyTriton's environment does not import (see above)" >&2
 v=$(python3 -c 'import sys; print(f"{{sys.version_info[0]}}.{{sys.version_info[1]}}")')
 lib=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')
 if [ -e "$lib/libpython$v.so.1.0" ] || ldconfig -p 2>/dev/null | grep -q "libpython$v.so.1.0"; then
@@ -115,6 +124,7 @@ else
   echo "WARNING: libpython$v.so.1.0 is not on this host: Triton's Python backend stub cannot start (apt-get install libpython$v, on Ubuntu 24.04 libpython${{v}}t64)" >&2
 fi
 df -h /dev/shm | tail -1 | awk '{{print "/dev/shm: " $2 " total, " $4 " free (PyTriton passes tensors through it)"}}'
+echo "gpu_bench: --triton-python /tmp/triton-venv/bin/python3 --triton-pythonpath $site:/tmp/site"
 """)
 print(f"{n} part(s), {sum(x[0] for x in pieces) / 1e6:.1f} MB in all, {len(set(wheels))} wheels", file=sys.stderr)
 PY

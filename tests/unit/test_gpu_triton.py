@@ -1,6 +1,7 @@
 """The GPU bench's Triton part (benchmarks/gpu_triton.py) without a GPU: its provider list, its
 environment, the comparison; end to end on the CPU only with a PyTriton environment
-(FLEET_BENCH_TRITON_PYTHON, opt-in: PyTriton pins numpy < 2 and lives in its own venv)."""
+(FLEET_BENCH_TRITON_PYTHON, opt-in: PyTriton pins numpy < 2 and lives in its own venv; with
+FLEET_BENCH_TRITON_PYTHONPATH for a site directory such as the GPU host's /tmp/triton-site)."""
 
 import os
 import sys
@@ -133,7 +134,8 @@ def test_triton_part_end_to_end_on_the_cpu(tmp_path):
 
     model = make_big_mlp(tmp_path / "big-mlp.onnx", 64, 2)
     args = Namespace(batches=[1, 4], levels={1: [4], 4: [2]}, duration=1.0,
-                     triton_python=os.environ["FLEET_BENCH_TRITON_PYTHON"], triton_pythonpath="")
+                     triton_python=os.environ["FLEET_BENCH_TRITON_PYTHON"],
+                     triton_pythonpath=os.environ.get("FLEET_BENCH_TRITON_PYTHONPATH", ""))
     out = gpu_triton.bench_triton(model, args, "python", tmp_path, lambda b: gpu.feeds_for(b, 64), provider="cpu")
     assert "wrong_answers" not in out, out
     assert [(r["system"], r["batch"], r["concurrency"]) for r in out["rows"]] == [
