@@ -16,9 +16,12 @@ always added, for ``-m benchmarks.phases.triton``). On the GPU host, with the fl
 /tmp/site and PyTriton's in the venv /tmp/triton-venv (``scripts/pack_triton_env.sh`` packs them, its
 install.sh makes the venv):
 
-    PYTHONPATH=/tmp/site:. python3 scripts/gpu_bench.py --batches 1 --levels 1:64 \\
+    PYTHONPATH=/tmp/site:. python3 scripts/gpu_bench.py --batches 1,256 --levels 1:64/256:8 \\
         --systems fleet-http-binary --loadgen wrk --triton-python /tmp/triton-venv/bin/python3 \\
         --triton-pythonpath /tmp/triton-venv/lib/python3.12/site-packages:/tmp/site
+
+Max batch (the fleet's and Triton's) is the largest of ``--batches``: keep 256 in it, or batch-1
+requests have nothing to be batched into.
 
 The venv's site-packages first: its numpy 1.26 (and protobuf 6) win there, onnxruntime-gpu comes from
 /tmp/site. A venv, not a bare directory on PYTHONPATH: Triton's Python backend stub runs an isolated
