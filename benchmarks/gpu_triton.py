@@ -50,6 +50,7 @@ from workers.kserve.client_codec import decode_response, encode_request
 
 from benchmarks import loadgen
 from benchmarks.common import REPO_ROOT, progress, stop_marked
+from benchmarks.gpu_observe import observe
 
 SYSTEM = "triton-http-binary"
 FLEET_SYSTEM = "fleet-http-binary"
@@ -224,14 +225,16 @@ def bench_triton(model_path: Path, args, tool: str, work: Path, feeds_for, provi
             levels = args.levels[batch]
             loadgen.run(url, body, headers, concurrency=max(levels), duration_s=2, tool=tool)  # warm-up
             for c in levels:
-                r = loadgen.run(url, body, headers, concurrency=c, duration_s=args.duration, rows_per_request=batch,
-                                tool=tool)
+                with observe(False, args.duration) as observed:  # GPU utilization and CPU, as the fleet's rows
+                    r = loadgen.run(url, body, headers, concurrency=c, duration_s=args.duration,
+                                    rows_per_request=batch, tool=tool)
                 row = {"system": SYSTEM, "variant": f"pytriton {info.get('pytriton', '?')}, onnxruntime "
-                       f"{info.get('onnxruntime', '?')} {provider}, {r.tool}", "gpus": 1, "batch": batch, **r.to_dict()}
+                       f"{info.get('onnxruntime', '?')} {provider}, {r.tool}", "gpus": 1, "batch": batch, **r.to_dict(),
+                       "observed": observed}
                 out["rows"].append(row)
                 progress(f"{SYSTEM:<18} gpus=1 batch={batch:<4} c={c:<3} {row['rows_per_s']:>10,.0f} rows/s  "
                          f"{row['req_per_s']:>9,.0f} req/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
-                         f"errors {row['errors']}")
+                         f"errors {row['errors']}  GPU busy {observed.get('gpu_util_mean_pct', '?')} %")
     return out
 
 
