@@ -195,11 +195,16 @@ def _pin_child(cpus: frozenset[int] | None):
     return lambda: os.sched_setaffinity(0, cpus)
 
 
-def wrk_threads(concurrency: int, cpus: frozenset[int] | None) -> int:
-    """wrk's threads: unpinned, 1 (2 from 64 connections): on a small machine every core wrk takes is
-    one the server lacks. Pinned, up to one per core it has, with at least 8 connections each."""
+def wrk_threads(concurrency: int, cpus: frozenset[int] | None, cores: int | None = None) -> int:
+    """wrk's threads. Unpinned on up to 4 cores: 1 (2 from 64 connections), as every core wrk takes is
+    one the server lacks. Unpinned on more: a quarter of the cores (one thread moving 4 MB bodies both
+    ways tops out near 5 GB/s, below what one GPU serves). Pinned: up to one per core it has, with at
+    least 8 connections each."""
     if cpus is None:
-        return 1 if concurrency < 64 else 2
+        cores = cores or len(os.sched_getaffinity(0))
+        if cores <= 4:
+            return 1 if concurrency < 64 else 2
+        return max(1, min(concurrency, cores // 4))
     return max(1, min(len(cpus), concurrency // 8))
 
 

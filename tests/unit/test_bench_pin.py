@@ -40,7 +40,8 @@ def test_bench_command_line_takes_pin():
 
 
 def test_wrk_threads_follow_the_load_generators_cores():
-    assert loadgen.wrk_threads(8, None) == 1 and loadgen.wrk_threads(64, None) == 2
+    assert loadgen.wrk_threads(8, None, cores=2) == 1 and loadgen.wrk_threads(64, None, cores=4) == 2
+    assert loadgen.wrk_threads(8, None, cores=16) == 4 and loadgen.wrk_threads(2, None, cores=16) == 2
     assert loadgen.wrk_threads(64, frozenset(range(8))) == 8
     assert loadgen.wrk_threads(8, frozenset(range(8))) == 1
     assert loadgen.wrk_threads(256, frozenset({3, 4})) == 2
