@@ -158,3 +158,15 @@ def test_a_broken_row_group_fails_the_job_in_order(tmp_path):
             got.append(batch["input"])
     assert len(got) >= 1  # the parts of row group 0 came first
     np.testing.assert_array_equal(np.concatenate(got)[:400], X[:400])
+
+
+def test_a_part_is_plain_parquet_with_the_outputs_schema(tmp_path):
+    from cluster.batch_io import PartsOutput
+    out = PartsOutput(str(tmp_path / "out"))
+    out.prepare({"job": 1})
+    out.write_part(3, np.arange(300, 400, dtype=np.int64), {"output": X[:100], "label": np.arange(100)})
+    table = pq.read_table(tmp_path / "out" / "part-00003.parquet")
+    assert table.schema == pa.schema([("row_id", pa.int64()), ("output", pa.list_(pa.float32(), 6)), ("label", pa.int64())])
+    np.testing.assert_array_equal(table["row_id"].to_numpy(), np.arange(300, 400))
+    np.testing.assert_array_equal(np.stack(table["output"].to_numpy(zero_copy_only=False)), X[:100])
+    assert not list((tmp_path / "out").glob(".part-*"))
