@@ -36,6 +36,9 @@ from workers.storage import Store, StoreSpec
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 TMP_GLOB = ".part-*.tmp"
+# Bytes a local Parquet reader reads at a time: whole column chunks (the default) cost ~1.5x the CPU per row
+# with two row groups of 256 MB decoded at once (page faults on fresh memory), and as much memory.
+READ_BUFFER = 8 << 20
 
 
 def usable_cores() -> int:
@@ -149,8 +152,10 @@ class InputRows:
         def read(path: str, group: int, q: queue.Queue) -> None:
             try:
                 with self.store.errors("read", ""):
-                    # pre_buffer: one coalesced read per column chunk, for object stores; a local file is read as it goes
-                    parquet = pq.ParquetFile(self.store.fs.open_input_file(path), metadata=self.footers[path], pre_buffer=remote)
+                    # An object store: one coalesced read per column chunk (pre_buffer). A local file: read
+                    # READ_BUFFER at a time, not a column chunk at once (256 MB in a row group of 16,384 rows).
+                    parquet = pq.ParquetFile(self.store.fs.open_input_file(path), metadata=self.footers[path], pre_buffer=remote,
+                                             buffer_size=0 if remote else READ_BUFFER)
                     for batch in parquet.iter_batches(batch_size=piece_rows, row_groups=[group], columns=columns, use_threads=False):
                         if not _put(q, (len(batch), {name: column_to_numpy(batch.column(name), name) for name in columns}), stop):
                             return
