@@ -48,17 +48,19 @@ def make_wide_mul(path: Path, width: int) -> Path:
     return path
 
 
-def write_rows(path: Path, rows: int, width: int, digits: bool) -> Path:
-    """As benchmarks/gpu_fleet.py writes its batch input: one fixed-size-list column, row groups of 16,384."""
+def write_rows(path: Path, rows: int, width: int, digits: bool, row_group: int = 16384) -> Path:
+    """As benchmarks/gpu_fleet.py writes its batch input: one fixed-size-list column, row groups of 16,384
+    (4 parts of the default 4,096 rows: the job reads up to io_threads() row groups at once, one per thread)."""
     rng = np.random.default_rng(7)
     if digits:
         from cluster.demo import digits_split
         X = digits_split()[1].astype(np.float32)
     with pq.ParquetWriter(path, pa.schema([("input", pa.list_(pa.float32(), width))])) as writer:
-        for start in range(0, rows, 16384):
-            n = min(16384, rows - start)
+        for start in range(0, rows, row_group):
+            n = min(row_group, rows - start)
             chunk = X[rng.integers(0, len(X), n)] if digits else rng.standard_normal((n, width), dtype=np.float32)
-            writer.write_table(pa.table({"input": pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), width)}))
+            writer.write_table(pa.table({"input": pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), width)}),
+                               row_group_size=row_group)
     return path
 
 
@@ -109,6 +111,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=50_000)
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--row-group", type=int, default=16384, help="rows per row group of the input file (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=256, help="the wide model's max batch (the GPU run's big MLP: 256)")
     p.add_argument("--digits", action="store_true", help="the digits-mlp demo model (width 64) instead of a wide Mul")
     p.add_argument("--skip-bare", action="store_true")
@@ -127,10 +130,10 @@ def main() -> None:
         else:
             name, width, max_batch = "wide-mul", args.width, args.max_batch
             model = make_wide_mul(work / "wide-mul.onnx", width)
-        data = work / f"rows-{name}-{args.rows}.parquet"
+        data = work / f"rows-{name}-{args.rows}-{width}-rg{args.row_group}.parquet"
         if not data.exists():
-            write_rows(data, args.rows, width, args.digits)
-        result = {"model": name, "rows": args.rows, "width": width, "batch_size": args.batch_size,
+            write_rows(data, args.rows, width, args.digits, args.row_group)
+        result = {"model": name, "rows": args.rows, "width": width, "batch_size": args.batch_size, "row_group": args.row_group,
                   "input_mb": round(data.stat().st_size / 1e6, 1)}
         if not args.skip_bare:
             result["bare_rows_per_s"] = round(bare(model, data, args.batch_size))

@@ -36,15 +36,16 @@ from workers.kserve.codec import InferRequest  # noqa: E402
 from workers.manifest import Manifest  # noqa: E402
 from workers.tensors import TensorSpec  # noqa: E402
 
-from cluster.batch_io import TMP_GLOB, InputRows, PartsOutput  # noqa: E402,F401  (TMP_GLOB: for callers)
+from cluster.batch_io import TMP_GLOB, InputRows, PartsOutput, io_threads  # noqa: E402,F401  (TMP_GLOB: for callers)
 from cluster.calls import Failure, classify, get  # noqa: E402
 from cluster.names import CONTROLLER_NAME, NAMESPACE  # noqa: E402
 from cluster.router import Router  # noqa: E402
 
 MAX_RETRIES_PER_PART = 5
-# Writing a part is CPU-bound Parquet encoding (~0.15 s per 64 MB on the CPU machine, with or without
-# lz4) that releases the GIL: one thread per two cores, so a many-core GPU host writes as fast as it scores.
-WRITER_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
+# Writing a part is CPU-bound Parquet encoding (~0.1 s per 64 MB on the CPU machine) that releases the
+# GIL: one thread per two cores the job may use (its affinity, not the machine's), so a many-core GPU
+# host writes as fast as it scores.
+WRITER_THREADS = io_threads()
 RETRY_BACKOFF_S = 0.2  # times the part's attempts: a busy fleet gets a moment to settle
 
 

@@ -6,6 +6,11 @@ endpoint; credentials from the usual AWS environment variables): the input is re
 the same filesystem, and parts are written through it. A part appears whole or not at
 all: in a directory it is written to a temporary name and renamed; on an object store it
 is serialized first and sent as one object. A rerun finds the finished parts and skips them.
+
+Both directions scale with the cores the process may use (``io_threads``): Parquet row groups are
+decoded on a pool of threads, several at once, and parts are encoded on as many (the job's writer
+pool); pyarrow releases the GIL for both. On the CPU machine one thread decodes ~45,000 and encodes
+~35,000 rows of 4,096 float32 a second, so a GPU host scoring 300,000 such rows/s needs about 8 of each.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import json
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +36,23 @@ from workers.storage import Store, StoreSpec
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 TMP_GLOB = ".part-*.tmp"
+# Bytes a local Parquet reader reads at a time: whole column chunks (the default) cost ~1.5x the CPU per row
+# with two row groups of 256 MB decoded at once (page faults on fresh memory), and as much memory.
+READ_BUFFER = 8 << 20
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's or Ray's share), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def io_threads(cores: int | None = None) -> int:
+    """Threads for one direction of a job's IO (decoding the input, encoding parts): half the usable
+    cores each, at least 2, at most 16 (each thread holds a row group or a part in memory)."""
+    return max(2, min(16, (cores or usable_cores()) // 2))
 
 
 def open_location(where: str) -> Store:
@@ -58,7 +82,13 @@ class InputRows:
     Not Ray Data: every row passes through the job's process on its way to a worker anyway, and Ray
     Data's detour (read tasks -> object store -> the driver -> fixed-size lists as arrays of per-row
     arrays, stacked again) held a job over 16 KB rows near 3,000 rows/s on the CPU machine, where
-    pyarrow alone reads them at ~25,000; its count() read every file once more."""
+    pyarrow alone reads them at ~25,000; its count() read every file once more.
+
+    Parquet is read a row group per task on ``threads`` threads, each streaming its group in pieces
+    of a part into a small queue of its own, and the pieces are taken back in file order: memory stays
+    near ``threads`` x (``prefetch`` + 1) pieces however large the row groups, and a row group whose
+    parts are all done already is not read at all. One row group is read by one thread only (pyarrow
+    cannot start in the middle of one), so a file of a single huge row group reads on one core."""
 
     def __init__(self, where: str) -> None:
         self.where = where
@@ -67,6 +97,7 @@ class InputRows:
         with self.store.errors("read", ""):
             if self.kind == ".parquet":
                 footers = [self._footer(p) for p in self.paths]
+                self.footers = dict(zip(self.paths, footers))
                 schema = footers[0].schema.to_arrow_schema()
                 if any(f.metadata and b"ARROW:extension:name" in f.metadata for f in schema):
                     import ray.data.extensions  # noqa: F401  (registers Ray Data's tensor columns, e.g. from write_parquet)
@@ -93,53 +124,120 @@ class InputRows:
         with self.store.fs.open_input_file(path) as f, np.load(io.BytesIO(f.read())) as data:
             return {k: data[k] for k in data.files}
 
-    def _chunks(self, columns: list[str], rows: int) -> Iterator[dict[str, np.ndarray]]:
-        """The rows in file order, in chunks of at most ``rows`` (Parquet; .npy and .npz: whole files)."""
+    def _arrays(self, columns: list[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(rows, column -> rows) of each .npy or .npz file in order: whole files (.npy memory-mapped)."""
         for path in self.paths:
             with self.store.errors("read", ""):
-                if self.kind == ".parquet":
-                    for batch in pq.ParquetFile(self.store.fs.open_input_file(path)).iter_batches(batch_size=rows, columns=columns):
-                        yield {name: column_to_numpy(batch.column(name), name) for name in columns}
-                elif self.kind == ".npy":
-                    yield {"data": self._npy(path)}
+                if self.kind == ".npy":
+                    data = {"data": self._npy(path)}
                 else:
                     data = self._npz(path)
                     missing = [c for c in columns if c not in data]
                     if missing:
                         raise InvalidInput(f"--input {self.where}: {path} has no array {', '.join(missing)}")
-                    yield {c: data[c] for c in columns}
+                    data = {c: data[c] for c in columns}
+            yield len(data[columns[0]]), data
+
+    def _row_groups(self, columns: list[str], piece_rows: int, needed: Callable[[int, int], bool], threads: int,
+                    depth: int) -> Generator[tuple[int, dict[str, np.ndarray] | None], None, None]:
+        """(rows, column -> rows) pieces of every Parquet row group in file order, each group read on
+        the pool in pieces of at most ``piece_rows``; (rows, None) for a group ``needed(first row,
+        rows)`` says no part wants. At most ``threads`` groups are read at once, ``depth`` pieces ahead each."""
+        groups = deque((path, g, self.footers[path].row_group(g).num_rows)
+                       for path in self.paths for g in range(self.footers[path].num_row_groups))
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="batch-reader")
+        remote = not self.store.spec.is_local
+
+        def read(path: str, group: int, q: queue.Queue) -> None:
+            try:
+                with self.store.errors("read", ""):
+                    # An object store: one coalesced read per column chunk (pre_buffer). A local file: read
+                    # READ_BUFFER at a time, not a column chunk at once (256 MB in a row group of 16,384 rows).
+                    parquet = pq.ParquetFile(self.store.fs.open_input_file(path), metadata=self.footers[path], pre_buffer=remote,
+                                             buffer_size=0 if remote else READ_BUFFER)
+                    for batch in parquet.iter_batches(batch_size=piece_rows, row_groups=[group], columns=columns, use_threads=False):
+                        if not _put(q, (len(batch), {name: column_to_numpy(batch.column(name), name) for name in columns}), stop):
+                            return
+                _put(q, (_DONE, None), stop)
+            except BaseException as exc:  # noqa: BLE001  (re-raised in the consumer, in order)
+                _put(q, (_DONE, exc), stop)
+
+        active: deque[tuple[int, queue.Queue | None]] = deque()  # (rows, its pieces; None: not read)
+        start = reading = 0
+        try:
+            while groups or active:
+                while groups and reading < threads:  # keep `threads` groups reading
+                    path, group, rows = groups.popleft()
+                    if rows and needed(start, rows):
+                        q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+                        pool.submit(read, path, group, q)
+                        active.append((rows, q))
+                        reading += 1
+                    else:
+                        active.append((rows, None))
+                    start += rows
+                rows, q = active.popleft()
+                if q is None:
+                    if rows:
+                        yield rows, None
+                    continue
+                reading -= 1
+                while True:
+                    n, item = q.get()
+                    if n is _DONE:
+                        if item is not None:
+                            raise item
+                        break
+                    yield n, item
+        finally:
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def batches(self, batch_size: int, columns: list[str], wanted: Callable[[int], bool] = lambda index: True,
-                prefetch: int = 2) -> Generator[tuple[int, int, dict[str, np.ndarray] | None], None, None]:
+                prefetch: int = 2, threads: int | None = None) -> Generator[tuple[int, int, dict[str, np.ndarray] | None], None, None]:
         """(part index, its first row, column -> rows) for consecutive parts of ``batch_size`` rows (the
-        last may be shorter); the arrays are None for a part not ``wanted`` (done already). Read on a
-        thread, ``prefetch`` parts ahead: Parquet decoding releases the GIL, so it overlaps the dispatch."""
+        last may be shorter), in file order; the arrays are None for a part not ``wanted`` (done already;
+        asked once per part, in order). Parquet is decoded on ``threads`` threads (default: ``io_threads()``)
+        and the parts cut on one more, ``prefetch`` parts ahead: pyarrow releases the GIL, so reading
+        overlaps the dispatch. A part within one row group is a view of it; one across groups, one copy."""
+        answers: dict[int, bool] = {}
+
+        def want(index: int) -> bool:
+            if index not in answers:
+                answers[index] = wanted(index)
+            return answers[index]
+
         def parts() -> Iterator[tuple[int, int, dict[str, np.ndarray] | None]]:
-            pending: list[dict[str, np.ndarray]] = []
-            have = index = start = 0
-            chunks = self._chunks(columns, batch_size)
-            while True:
-                chunk = next(chunks, None)
-                if chunk is not None:
-                    n = len(chunk[columns[0]])
+            if self.kind == ".parquet":
+                pieces: Iterator[tuple[int, dict[str, np.ndarray] | None]] = self._row_groups(
+                    columns, batch_size, lambda first, rows: any(want(i) for i in range(first // batch_size, (first + rows - 1) // batch_size + 1)),
+                    threads or io_threads(), prefetch)
+            else:
+                pieces = self._arrays(columns)
+            pending: list[dict[str, np.ndarray] | None] = []
+            have = index = 0
+            try:
+                for n, piece in pieces:
                     offset = 0
-                    while offset < n:  # cut the chunk at part boundaries
+                    while offset < n:  # cut the piece at part boundaries
                         take = min(batch_size - have, n - offset)
-                        pending.append({c: a[offset:offset + take] for c, a in chunk.items()})
+                        pending.append(None if piece is None else {c: a[offset:offset + take] for c, a in piece.items()})
                         have, offset = have + take, offset + take
                         if have == batch_size:
-                            yield index, start, _join(pending, columns) if wanted(index) else None
-                            pending, have, index, start = [], 0, index + 1, start + batch_size
-                elif have:
-                    yield index, start, _join(pending, columns) if wanted(index) else None
-                    return
-                else:
-                    return
+                            yield index, index * batch_size, _join(pending, columns) if want(index) else None
+                            pending, have, index = [], 0, index + 1
+                if have:
+                    yield index, index * batch_size, _join(pending, columns) if want(index) else None
+            finally:
+                if hasattr(pieces, "close"):
+                    pieces.close()  # the row-group readers stop
         return _prefetched(parts(), prefetch)
 
 
-def _join(pieces: list[dict[str, np.ndarray]], columns: list[str]) -> dict[str, np.ndarray]:
+def _join(pieces: list[dict[str, np.ndarray] | None], columns: list[str]) -> dict[str, np.ndarray]:
     """One contiguous array per column (a copy only when the part spans chunks, or is a memory-mapped slice)."""
+    assert all(p is not None for p in pieces), "a row group skipped under a part that is wanted"
     if len(pieces) == 1:
         return {c: np.ascontiguousarray(pieces[0][c]) for c in columns}
     return {c: np.concatenate([p[c] for p in pieces]) for c in columns}
@@ -175,6 +273,17 @@ def column_to_numpy(column: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray
 _DONE = object()
 
 
+def _put(q: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put ``item`` unless ``stop`` is set first (the consumer went away); whether it was put."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def _prefetched(items: Iterator, depth: int) -> Generator:
     """``items`` produced on a thread, up to ``depth`` ahead; its exception raised here, in order."""
     q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
@@ -183,19 +292,16 @@ def _prefetched(items: Iterator, depth: int) -> Generator:
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not _put(q, (item, None), stop):
                     return
             q.put((_DONE, None))
         except BaseException as exc:  # noqa: BLE001  (re-raised in the consumer)
             q.put((_DONE, exc))
+        finally:
+            if hasattr(items, "close"):
+                items.close()  # its own readers stop too
 
-    thread = threading.Thread(target=produce, name="batch-reader", daemon=True)
+    thread = threading.Thread(target=produce, name="batch-parts", daemon=True)
     thread.start()
     try:
         while True:
@@ -209,11 +315,15 @@ def _prefetched(items: Iterator, depth: int) -> Generator:
         stop.set()
 
 
-# No dictionary (model outputs rarely repeat) and lz4: a 64 MB part took ~1 s with Parquet's
-# defaults, which made the writer, not the GPUs, a job's limit.
+# No dictionary (model outputs rarely repeat): a 64 MB part took ~1 s with Parquet's defaults, which
+# made the writer, not the GPUs, a job's limit. No compression: on random floats lz4 saved nothing and
+# cost ~5% of a part's write; on ReLU-like outputs (half zeros) it halved the rows written per CPU second
+# (~15,000 against ~30,000 on the CPU machine) to save a third of the bytes.
 # Statistics (min/max per page) only for row_id, which readers filter on: over a model's outputs
 # they were a pass over every value that no reader uses (14% of a part's write time, 4,096 x 4,096 floats).
-PARQUET_OPTIONS = {"use_dictionary": False, "compression": "lz4", "write_statistics": ["row_id"]}
+# Left as is: the list levels (a definition and a repetition level per value) are about half of what remains;
+# non-nullable items would halve them (~2x rows/s) but change the output's Arrow schema.
+PARQUET_OPTIONS = {"use_dictionary": False, "compression": "none", "write_statistics": ["row_id"]}
 
 
 def part_name(index: int) -> str:

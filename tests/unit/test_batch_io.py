@@ -77,3 +77,96 @@ def test_a_reader_failure_reaches_the_job(tmp_path):
     np.savez(tmp_path / "z.npz", input=X)
     with pytest.raises(InvalidInput, match="has no array nope"):
         list(InputRows(str(tmp_path / "z.npz")).batches(300, ["nope"]))
+
+
+def write_groups(path, X, sizes) -> None:
+    """One Parquet file whose row groups have the given sizes (a column of row ids next to the rows)."""
+    assert sum(sizes) == len(X)
+    schema = pa.schema([("input", pa.list_(pa.float32(), X.shape[1])), ("row", pa.int64())])
+    with pq.ParquetWriter(path, schema) as writer:
+        start = 0
+        for n in sizes:
+            writer.write_table(pa.table({"input": fixed(X[start:start + n]), "row": np.arange(start, start + n)}, schema=schema))
+            start += n
+    assert pq.ParquetFile(path).num_row_groups == len(sizes)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_row_groups_read_in_parallel_keep_file_order_and_resume(tmp_path, threads, monkeypatch):
+    """Row groups smaller, larger and straddling the part size (256), read on several threads: every
+    part holds its own rows; parts done already are skipped, and a row group under done parts only
+    is not read at all."""
+    sizes = [100, 300, 56, 3, 1, 140, 0, 300, 1, 1]
+    sizes[-1] = 1000 - sum(sizes[:-1])
+    write_groups(tmp_path / "g.parquet", X, sizes)
+    write_groups(tmp_path / "h.parquet", X[:300], [300])  # a second file: row ids go on across files
+    rows = InputRows(str(tmp_path))
+    assert rows.rows == 1300
+    read: list[int] = []
+
+    class Recorded(pq.ParquetFile):
+        def iter_batches(self, *args, row_groups=None, **kwargs):
+            read.extend(row_groups)
+            return super().iter_batches(*args, row_groups=row_groups, **kwargs)
+
+    monkeypatch.setattr("cluster.batch_io.pq.ParquetFile", Recorded)
+    expected = np.concatenate([X, X[:300]])
+    asked: list[int] = []
+
+    def wanted(index: int) -> bool:
+        asked.append(index)
+        return index not in (1, 2, 3)  # rows 256..1023: done by an earlier run
+
+    parts = list(rows.batches(256, ["input", "row"], wanted=wanted, threads=threads))
+    assert asked == list(range(6))  # once each, in order
+    assert [(i, s) for i, s, _ in parts] == [(i, 256 * i) for i in range(6)]
+    assert [i for i, _, b in parts if b is None] == [1, 2, 3]
+    assert sorted(read) == [0, 0, 1]  # g.parquet's groups 0 and 1 (rows 0..400), h.parquet's one; none of rows 400..1000
+    for index, start, batch in parts:
+        if batch is None:
+            continue
+        n = min(256, 1300 - start)
+        np.testing.assert_array_equal(batch["input"], expected[start:start + n])
+        assert batch["input"].flags.c_contiguous and batch["input"].shape == (n, 6)
+        np.testing.assert_array_equal(batch["row"], np.arange(start, start + n) % 1000)
+
+
+def test_a_reader_that_stops_early_releases_its_threads(tmp_path):
+    import threading
+    write_groups(tmp_path / "g.parquet", X, [100] * 10)
+    before = threading.active_count()
+    parts = InputRows(str(tmp_path / "g.parquet")).batches(50, ["input"], threads=4, prefetch=1)
+    _, _, first = next(parts)
+    np.testing.assert_array_equal(first["input"], X[:50])
+    parts.close()
+    import time
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
+def test_a_broken_row_group_fails_the_job_in_order(tmp_path):
+    write_groups(tmp_path / "g.parquet", X, [400, 600])
+    data = (tmp_path / "g.parquet").read_bytes()
+    meta = pq.read_metadata(tmp_path / "g.parquet").row_group(1).column(0)
+    at = meta.data_page_offset + 64
+    (tmp_path / "g.parquet").write_bytes(data[:at] + bytes(4096) + data[at + 4096:])  # garbage in group 1's pages
+    got = []
+    with pytest.raises(Exception):
+        for _, _, batch in InputRows(str(tmp_path / "g.parquet")).batches(200, ["input"], threads=3):
+            got.append(batch["input"])
+    assert len(got) >= 1  # the parts of row group 0 came first
+    np.testing.assert_array_equal(np.concatenate(got)[:400], X[:400])
+
+
+def test_a_part_is_plain_parquet_with_the_outputs_schema(tmp_path):
+    from cluster.batch_io import PartsOutput
+    out = PartsOutput(str(tmp_path / "out"))
+    out.prepare({"job": 1})
+    out.write_part(3, np.arange(300, 400, dtype=np.int64), {"output": X[:100], "label": np.arange(100)})
+    table = pq.read_table(tmp_path / "out" / "part-00003.parquet")
+    assert table.schema == pa.schema([("row_id", pa.int64()), ("output", pa.list_(pa.float32(), 6)), ("label", pa.int64())])
+    np.testing.assert_array_equal(table["row_id"].to_numpy(), np.arange(300, 400))
+    np.testing.assert_array_equal(np.stack(table["output"].to_numpy(zero_copy_only=False)), X[:100])
+    assert not list((tmp_path / "out").glob(".part-*"))
