@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from workers.cpus import usable_cpus
 from workers.errors import InvalidInput
 from workers.storage import Store, StoreSpec
 
@@ -41,18 +42,10 @@ TMP_GLOB = ".part-*.tmp"
 READ_BUFFER = 8 << 20
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's or Ray's share), not the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def io_threads(cores: int | None = None) -> int:
     """Threads for one direction of a job's IO (decoding the input, encoding parts): half the usable
     cores each, at least 2, at most 16 (each thread holds a row group or a part in memory)."""
-    return max(2, min(16, (cores or usable_cores()) // 2))
+    return max(2, min(16, (cores or usable_cpus()) // 2))
 
 
 def open_location(where: str) -> Store:
