@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from cluster.net import free_port
+from workers.cpus import usable_cpus
 
 from benchmarks.common import REPO_ROOT, prepare
 from benchmarks.httpbench import check_saved_answers
@@ -63,13 +64,16 @@ class Context:
 def levels_for(phase: str, quick: bool) -> dict:
     """Concurrency levels per model (and per model/protocol) for each HTTP phase.
 
-    cnn-small as JSON is a 15 MB body (about a second a request): full runs only.
+    cnn-small as JSON is a 15 MB body (about a second a request): full runs only. With 8 cores or
+    more (say a GPU host's, ``--pin``), the fleet's CPU worker has as many slots: 16 requests in
+    flight keep them busy while others are read and answered.
     """
     digits = [1, 32] if quick else [1, 8, 32]
     cnn = [8] if quick else [1, 8]
     cnn_json = [] if quick else [2]
     if phase == "fleet-http":
-        return {"digits-mlp": digits, "cnn-small/binary": cnn, "cnn-small/json": cnn_json}
+        cnn_fleet = cnn + ([16] if usable_cpus() >= 8 else [])
+        return {"digits-mlp": digits, "cnn-small/binary": cnn_fleet, "cnn-small/json": cnn_json}
     if phase == "fleet-levers":
         return {"digits-mlp/binary": digits, "digits-mlp/json": [], "cnn-small/binary": [8], "cnn-small/json": []}
     if phase == "fleet-client":
