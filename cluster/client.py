@@ -27,12 +27,13 @@ from workers.tensors import batch_rows
 
 from cluster.client_tls import ClientTls
 from cluster.grpc_client import GrpcTransport
-from cluster.shm_arena import ShmArena
+from cluster.shm_arena import ShmArena, written_outputs
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _raise_for(status: int, body: bytes, error_type: str | None) -> None:
+def raise_for_answer(status: int, body: bytes, error_type: str | None) -> None:
+    """Raise the typed error an answer of the fleet carries (its status, body and x-fleet-error)."""
     try:
         import json
 
@@ -108,7 +109,7 @@ class FleetClient:
                     continue
                 raise FleetError(f"cannot reach the fleet at {self.url}: is it up (`fleet up`)? ({exc})") from None
         if resp.status_code >= 400:
-            _raise_for(resp.status_code, resp.content, resp.headers.get(ERROR_TYPE_HEADER))
+            raise_for_answer(resp.status_code, resp.content, resp.headers.get(ERROR_TYPE_HEADER))
         return resp
 
     def infer(
@@ -125,7 +126,7 @@ class FleetClient:
             self.last_parameters, arrays, _ = self._grpc.infer(model, inputs, version=version, outputs=outputs)
             return arrays
         body, headers = encode_request(inputs, binary=self.binary, outputs=outputs)
-        resp = self._request("POST", _infer_path(model, version), data=body, headers=headers)
+        resp = self._request("POST", infer_path(model, version), data=body, headers=headers)
         header, arrays = decode_response(resp.content, resp.headers.get(HEADER_LENGTH))
         self.last_parameters = header.get("parameters", {})
         return arrays
@@ -146,11 +147,10 @@ class FleetClient:
         else:
             body, headers = encode_request(rest, binary=self.binary, outputs=wanted, shm_inputs=plan.inputs,
                                            shm_outputs=plan.outputs)
-            resp = self._request("POST", _infer_path(model, version), data=body, headers=headers)
+            resp = self._request("POST", infer_path(model, version), data=body, headers=headers)
             header, received = decode_response(resp.content, resp.headers.get(HEADER_LENGTH))
             self.last_parameters = header.get("parameters", {})
-            described = [(o["name"], o["datatype"], o["shape"]) for o in header.get("outputs", [])
-                         if o["name"] not in received]
+            described = written_outputs(header, received)
         result = dict(received)
         for name, datatype, shape in described:  # written into the region: copied out of it
             result[name] = self._arena.read(plan.outputs[name], datatype, shape)
@@ -236,7 +236,7 @@ class FleetClient:
         return self._request("POST", f"/v2/repository/models/{model}/unload").json()
 
 
-def _infer_path(model: str, version: str | None) -> str:
+def infer_path(model: str, version: str | None) -> str:
     return f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
 
 
@@ -274,14 +274,14 @@ class AsyncFleetClient:
             async with self._sess().request(method, self.url + path, **kwargs) as resp:
                 body = await resp.read()
                 if resp.status >= 400:
-                    _raise_for(resp.status, body, resp.headers.get(ERROR_TYPE_HEADER))
+                    raise_for_answer(resp.status, body, resp.headers.get(ERROR_TYPE_HEADER))
                 return body, {k.lower(): v for k, v in resp.headers.items()}
         except aiohttp.ClientConnectionError as exc:
             raise FleetError(f"cannot reach the fleet at {self.url}: {exc}") from None
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray], *, version: str | None = None) -> dict[str, np.ndarray]:
         body, headers = encode_request(inputs, binary=self.binary)
-        content, resp_headers = await self._request("POST", _infer_path(model, version), data=body, headers=headers)
+        content, resp_headers = await self._request("POST", infer_path(model, version), data=body, headers=headers)
         return decode_response(content, resp_headers.get(HEADER_LENGTH))[1]
 
     async def infer_many(self, model: str, batches: Iterable[dict[str, np.ndarray]], *, concurrency: int = 8) -> list[dict[str, np.ndarray]]:

@@ -32,6 +32,7 @@ class DataPlane:
         self.router = Router()
         self.handles: dict = {}
         self.shm_workers: dict[str, frozenset[str]] = {}  # shared memory region -> workers that mapped it
+        self.http_addresses: dict[str, tuple[str, int]] = {}  # worker id -> its own KServe v2 endpoint
         self._epoch = -1
         self._generation = -1
         self._clock = clock
@@ -47,6 +48,7 @@ class DataPlane:
             self.router.apply(inventory)
             self.handles = dict(inventory.handles)
             self.shm_workers = dict(inventory.shm)
+            self.http_addresses = {r.worker_id: r.info.http for r in inventory.workers if r.info.http}
             self._epoch, self._generation = inventory.epoch, inventory.manifest_generation
 
     async def _fresh(self) -> None:
@@ -123,9 +125,7 @@ class DataPlane:
         last_error: FleetError | None = None
 
         def pick() -> Choice | None:
-            # no version named: each worker serves its own default (cluster.rollout), so a version 2
-            # built for the T4s only does not pull every request onto the T4s
-            return self.router.choose(model, version, among) if pinned else self.router.choose_unpinned(model, among)
+            return self._pick(model, version, pinned, among)
 
         for _ in range(ATTEMPTS):
             choice = pick()
@@ -145,6 +145,19 @@ class DataPlane:
             except _Retry as retry:
                 last_error = retry.error
         raise last_error or NotReady(f"model '{model}' could not be served; try again")
+
+    async def choose(self, model: str, version: str | None, request: InferRequest) -> Choice | None:
+        """The worker ``serve`` would send ``request`` to now, loading nothing (None: no worker holds the
+        model, or none that mapped the request's regions). For a caller with its own way to the worker."""
+        pinned = version is not None
+        version = await self.resolve(model, version)
+        regions = request.regions()
+        return self._pick(model, version, pinned, await self._shm_holders(regions) if regions else None)
+
+    def _pick(self, model: str, version: str, pinned: bool, among: set[str] | None) -> Choice | None:
+        # no version named: each worker serves its own default (cluster.rollout), so a version 2
+        # built for the T4s only does not pull every request onto the T4s
+        return self.router.choose(model, version, among) if pinned else self.router.choose_unpinned(model, among)
 
     async def _call(self, choice: Choice, model: str, version: str, request: InferRequest) -> Served:
         worker_id = choice.worker_id

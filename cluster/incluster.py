@@ -12,13 +12,17 @@ least-outstanding choice, a load on a miss, a retry after a lost worker). A call
 travel one of two ways:
 
 * **shared memory** (``shared_memory=None``, the default, uses it for inputs of 64 KiB or more,
-  which Ray would put in its object store, where it can): when a worker
-  of this host serves the model, each call's inputs are copied into a POSIX shared memory
-  region of this process, registered with the fleet (Triton's system shared memory, as
-  ``FleetClient(shared_memory=True)`` does over HTTP); the worker reads them in place (a GPU
-  worker page-locks the region, so the copies to and from the device are DMA) and writes the
-  outputs there. The Ray call carries only their descriptions. One region per call in flight,
-  reused by later calls. It needs ``allow_client_shm: true`` in the fleet's config.
+  which Ray would put in its object store, where it can): when a worker of this host serves the
+  model, each call's inputs are copied into a POSIX shared memory region of this process,
+  registered with the fleet (Triton's system shared memory, as ``FleetClient(shared_memory=True)``
+  does over HTTP); the worker reads them in place (a GPU worker page-locks the region, so the copies
+  to and from the device are DMA) and writes the outputs there. One region per call in flight, reused
+  by later calls. It needs ``allow_client_shm: true`` in the fleet's config. Such a call goes to the
+  chosen worker's own KServe v2 endpoint, as the front door's requests do: only the tensors'
+  descriptions travel, and neither side pays Ray's per-call work (on one H200 that work, not the
+  copies, held the in-cluster path near 0.6x of the GPU's limit). Where that endpoint cannot answer
+  (no worker holds the model yet, the worker just went away or lost the engine), the call goes
+  through Ray, which loads and retries as the ingress does.
 * **Ray's object store** otherwise: the arrays go with the actor call (what the batch job does).
 
 With ``shared_memory=None`` the client falls back to the object store, once and for good, when
@@ -31,17 +35,21 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import aiohttp
 import numpy as np
 import ray
 
-from workers.errors import FleetError, NotReady, SharedMemoryError
-from workers.kserve.codec import InferRequest, RequestedOutput, ShmWritten
+from workers.errors import FleetError, NotReady, SharedMemoryError, Unauthorized, WorkerLost
+from workers.kserve.client_codec import decode_response, encode_request
+from workers.kserve.codec import HEADER_LENGTH, InferRequest, RequestedOutput, ShmWritten
+from workers.kserve.handler import ERROR_TYPE_HEADER
 from workers.tensors import batch_rows
 
 from cluster.calls import get
+from cluster.client import infer_path, raise_for_answer
 from cluster.dataplane import DataPlane
 from cluster.names import CONTROLLER_NAME, NAMESPACE
-from cluster.shm_arena import ShmArena, ShmPlan
+from cluster.shm_arena import ShmArena, ShmPlan, written_outputs
 
 SHM_FROM_BYTES = 1 << 16  # smaller inputs travel inside the Ray call itself (Ray inlines them)
 
@@ -57,9 +65,15 @@ class Answer:
 class InClusterClient:
     """Inference from inside the cluster, through the data plane, tensors in shared memory where it can."""
 
-    def __init__(self, controller=None, *, shared_memory: bool | None = None) -> None:
+    def __init__(self, controller=None, *, shared_memory: bool | None = None, token: str | None = None,
+                 timeout_s: float = 120.0) -> None:
         self.plane = DataPlane(controller or ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE))
         self.shared_memory = shared_memory
+        self.timeout_s = timeout_s
+        self._token = token  # the fleet's auth_token, where its workers ask for it on inference
+        self._http = True  # requests in shared memory go to the worker's own endpoint
+        self._http_session: aiohttp.ClientSession | None = None
+        self.calls_over_http = 0  # answered by a worker's own endpoint (the rest went through Ray)
         self._free: list[ShmArena] = []  # one arena per call in flight, kept for the next calls
         self._arenas: list[ShmArena] = []
         self._output_specs: dict[tuple[str, str | None], list[dict]] = {}
@@ -119,21 +133,71 @@ class InClusterClient:
             return arena.place(arrays, [s for s in specs if s["name"] in wanted], batch_rows(arrays))
 
         plan = await asyncio.to_thread(place) if big or not arena.region else place()
-        request = InferRequest({n: a for n, a in arrays.items() if n not in plan.inputs},
-                               outputs=[RequestedOutput(n, binary=True, shm=plan.outputs.get(n)) for n in wanted],
+        rest = {n: a for n, a in arrays.items() if n not in plan.inputs}
+        request = InferRequest(rest, outputs=[RequestedOutput(n, binary=True, shm=plan.outputs.get(n)) for n in wanted],
                                shm_inputs=plan.inputs)
-        served = await self.plane.serve(model, version, request)
-        written = {n: o for n, o in served.outputs.items() if isinstance(o, ShmWritten)}
-        result = {n: np.asarray(o) for n, o in served.outputs.items() if not isinstance(o, ShmWritten)}
+        answer = await self._over_http(model, version, request, rest, wanted, plan)
+        if answer is None:  # through Ray: routed, loaded on a miss and retried as the ingress does
+            served = await self.plane.serve(model, version, request)
+            answer = (served.parameters,
+                      {n: np.asarray(o) for n, o in served.outputs.items() if not isinstance(o, ShmWritten)},
+                      [(n, o.datatype, list(o.shape)) for n, o in served.outputs.items() if isinstance(o, ShmWritten)])
+        parameters, result, written = answer
 
         def read() -> dict[str, np.ndarray]:
-            return {n: arena.read(plan.outputs[n], w.datatype, list(w.shape)) for n, w in written.items()}
+            return {n: arena.read(plan.outputs[n], datatype, shape) for n, datatype, shape in written}
 
         result.update(await asyncio.to_thread(read) if big else read())
-        return Answer({n: result[n] for n in wanted if n in result}, served.parameters)
+        return Answer({n: result[n] for n in wanted if n in result}, parameters)
+
+    async def _over_http(self, model: str, version: str | None, request: InferRequest, rest: dict[str, np.ndarray],
+                         wanted: list[str], plan: ShmPlan) -> tuple[dict, dict, list] | None:
+        """The request to its worker's own KServe v2 endpoint (what the front door does): only the
+        tensors' descriptions travel, a few hundred bytes, without Ray's per-call work on either side.
+        None where that cannot answer it (no worker holds the model yet, the worker went away or lost
+        the engine, the endpoint wants a token this client lacks): the caller takes the Ray path."""
+        if not self._http:
+            return None
+        choice = await self.plane.choose(model, version, request)
+        address = self.plane.http_addresses.get(choice.worker_id) if choice is not None else None
+        if choice is None or address is None:
+            return None
+        body, headers = encode_request(rest, binary=True, outputs=wanted, shm_inputs=plan.inputs,
+                                       shm_outputs=plan.outputs)
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        url = f"http://{address[0]}:{address[1]}{infer_path(model, version)}"
+        self.plane.router.begin(choice.worker_id)
+        try:
+            async with self._session().post(url, data=body, headers=headers) as resp:
+                content = await resp.read()
+                status, error_type = resp.status, resp.headers.get(ERROR_TYPE_HEADER)
+                header_length = resp.headers.get(HEADER_LENGTH)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            return None  # the Ray path finds out what happened to the worker, and retries elsewhere
+        finally:
+            self.plane.router.end(choice.worker_id)
+        if status != 200:
+            try:
+                raise_for_answer(status, content, error_type)
+            except (NotReady, WorkerLost):
+                return None
+            except Unauthorized:
+                self._http = False  # for good: the token will not appear
+                return None
+        header, received = decode_response(content, header_length)
+        self.calls_over_http += 1
+        return header.get("parameters", {}), dict(received), written_outputs(header, received)
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http_session is None or self._http_session.closed:
+            self._http_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        return self._http_session
 
     async def close(self) -> None:
         """Unregister and unlink this client's regions."""
+        if self._http_session is not None:
+            await self._http_session.close()
         arenas, self._arenas, self._free = self._arenas, [], []
         for arena in arenas:
             try:

@@ -67,6 +67,12 @@ def plan_request(region: str, inputs: dict[str, np.ndarray], output_specs: list[
     return ShmPlan(shm_inputs, shm_outputs, offset)
 
 
+def written_outputs(header: dict, received: dict) -> list[tuple[str, str, list[int]]]:
+    """(name, datatype, shape) of the outputs an answer's JSON header describes but does not carry:
+    the ones the server wrote into the region."""
+    return [(o["name"], o["datatype"], o["shape"]) for o in header.get("outputs", []) if o["name"] not in received]
+
+
 class ShmArena:
     """This client's shared memory object and the fleet region over it."""
 

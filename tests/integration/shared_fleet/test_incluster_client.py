@@ -46,11 +46,12 @@ def test_concurrent_calls_in_shared_memory_match_onnx_runtime(fleet):
             mine = {arena.region for arena in client._arenas}
             # a second round reuses the regions: nothing is registered anew
             again = await client.infer("digits-mlp", {"input": batches[0]}, outputs=["probabilities"])
-            return answers, during, mine, {arena.region for arena in client._arenas}, again
+            return answers, during, mine, {arena.region for arena in client._arenas}, again, client.calls_over_http
         finally:
             await client.close()
 
-    answers, during, mine, after_second, again = asyncio.run(scenario())
+    answers, during, mine, after_second, again, over_http = asyncio.run(scenario())
+    assert over_http == len(batches) + 1  # each to the worker's own endpoint, none through Ray
     assert len(mine) == len(batches) and all(mine)  # one region per call in flight
     assert mine <= during and after_second == mine
     for X, answer in zip(batches, answers):
@@ -62,6 +63,27 @@ def test_concurrent_calls_in_shared_memory_match_onnx_runtime(fleet):
     assert set(again) == {"probabilities"}
     assert not mine & _regions()  # close() unregistered them ...
     assert not any(os.path.exists(f"/dev/shm/{name}") for name in mine)  # ... and unlinked the objects
+
+
+def test_shared_memory_through_ray_when_the_worker_endpoint_is_not_used(fleet):
+    """The Ray path for requests in shared memory (what a call takes when the worker's endpoint cannot
+    answer it): the same answers, the outputs written into the region."""
+    X = np.random.default_rng(13).random((40, 64), dtype=np.float32)
+
+    async def scenario():
+        client = InClusterClient(shared_memory=True)
+        client._http = False
+        try:
+            return await client.infer_with_parameters("digits-mlp", {"input": X}), client.calls_over_http
+        finally:
+            await client.close()
+
+    answer, over_http = asyncio.run(scenario())
+    assert over_http == 0
+    expected = _expected(fleet["sources"]["digits-mlp"], X)
+    np.testing.assert_array_equal(answer.outputs["label"], expected["label"])
+    np.testing.assert_allclose(answer.outputs["probabilities"], expected["probabilities"], rtol=1e-5, atol=1e-6)
+    assert answer.parameters["fleet_worker"].endswith("-cpu")
 
 
 def test_large_inputs_take_shared_memory_by_default_small_ones_the_ray_call(fleet):
