@@ -293,6 +293,9 @@ class FleetConfig(_Strict):
     intra_op_threads: int = Field(0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     ingress_replicas: int | None = Field(None, ge=1, le=64)  # HTTP ingress replicas; None: by CPU count
+    # event loop threads of each worker's own HTTP endpoint; 0: one per four cores of its host, 1 to 4
+    # (more read large bodies in parallel: a 4 MB body costs a loop about a millisecond each way)
+    worker_http_loops: int = Field(0, ge=0, le=16)
     max_request_bytes: int = 64 << 20
     auth_token: str | None = None  # bearer token for repository/admin calls (env FLEET_AUTH_TOKEN)
     auth_inference: bool = False  # require the token for inference and metadata too

@@ -9,6 +9,8 @@ worker's HTTP endpoint gets ``IngressForwarder`` as its ``on_miss``, its gRPC en
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import grpc
 
@@ -28,14 +30,17 @@ _FORWARD_RESPONSE = ("content-type", HEADER_LENGTH, ERROR_TYPE_HEADER)
 class IngressForwarder:
     def __init__(self, ingress_url: str) -> None:
         self.url = ingress_url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None  # made on the server's loop, on first use
+        # one session per event loop of the worker's endpoint (a session belongs to its loop), made on first use
+        self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 
     async def __call__(self, request: RawHttpRequest) -> HttpAnswer:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300))
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get(loop)
+        if session is None:
+            session = self._sessions[loop] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300))
         forward = {k: v for k, v in request.headers.items() if k in _FORWARD_REQUEST}
         try:
-            async with self._session.post(self.url + request.target, data=request.body, headers=forward,
+            async with session.post(self.url + request.target, data=request.body, headers=forward,
                                           skip_auto_headers=("Content-Type",)) as resp:
                 content = await resp.read()
                 headers = [(k.lower(), v) for k, v in resp.headers.items() if k.lower() in _FORWARD_RESPONSE]
@@ -44,8 +49,10 @@ class IngressForwarder:
             return error_answer(NotReady(f"could not reach the ingress at {self.url}: {exc}"))
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        """Close the calling loop's session."""
+        session = self._sessions.pop(asyncio.get_running_loop(), None)
+        if session is not None:
+            await session.close()
 
 
 class GrpcMissForwarder:

@@ -7,17 +7,23 @@ Everything else goes to the Ray Serve ingress. A request for an engine this work
 does not hold (evicted a moment ago) goes to ``on_miss``, which the fleet supplies
 (it passes the request on to the ingress); the worker itself knows nothing of it.
 
-The server runs its own event loop (uvloop when present) in a thread of the worker
-process; requests join the engine's dynamic batcher without blocking the loop, and
-the batch runs on the batcher's threads (ONNX Runtime releases the GIL).
+The server runs its own event loops (uvloop when present), each in a thread of the worker
+process, all accepting on one listening socket; requests join the engine's dynamic batcher
+without blocking a loop, and the batch runs on the batcher's threads (ONNX Runtime releases
+the GIL). More than one loop pays off for large bodies: a loop thread spends about a
+millisecond of kernel time reading and another writing each 4 MB body, and reads run without
+the GIL, so a second loop reads while the first writes (``HttpOptions.loops``; by default one
+per four cores, at most four, so one on a small machine).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from dataclasses import dataclass, field
 
+from workers.cpus import usable_cpus
 from workers.errors import FleetError
 from workers.grpc_server import MODEL_INFER
 from workers.kserve.codec import InferRequest
@@ -37,6 +43,10 @@ class HttpOptions:
     host: str | None = "127.0.0.1"  # None: the fleet picks (its node's own address; loopback on the head)
     port: int = 0  # 0: any free port
     policy: InferPolicy = field(default_factory=InferPolicy)
+    loops: int = 0  # event loop threads; 0: one per four usable cores, 1 to 4
+
+    def loop_count(self) -> int:
+        return self.loops or max(1, min(4, usable_cpus() // 4))
 
 
 def parse_infer_path(path: str) -> tuple[str, str | None] | None:
@@ -50,7 +60,7 @@ def parse_infer_path(path: str) -> tuple[str, str | None] | None:
 
 
 class WorkerHttpServer:
-    """The HTTP server (a thread with its own event loop) in front of one EngineRunner."""
+    """The HTTP server (threads with an event loop each, one listening socket) in front of one EngineRunner."""
 
     def __init__(self, runner: EngineRunner, options: HttpOptions, stats: RequestStats,
                  on_miss: MissHandler | None = None) -> None:
@@ -61,7 +71,9 @@ class WorkerHttpServer:
         self.grpc: Handler | None = None  # gRPC ModelInfer over HTTP/1.1 (workers/grpc_http1.py), once gRPC is on
         self.port = 0
         self.active = 0  # inference requests in this server now (a draining fleet waits for none)
-        self._loop = LoopThread("worker-http", fast=True)
+        self._active_lock = threading.Lock()  # the loops count from their own threads
+        self._loops = [LoopThread("worker-http" + (f"-{i}" if i else ""), fast=True)
+                       for i in range(options.loop_count())]
 
     @property
     def address(self) -> tuple[str, int]:
@@ -75,6 +87,14 @@ class WorkerHttpServer:
         sock.listen(2048)
         self.port = sock.getsockname()[1]
         limit = self.options.policy.max_request_bytes
+        # Each loop accepts on its own descriptor of the one listening socket (the kernel gives each
+        # connection to one of them), so closing one loop's server leaves the others' open.
+        for loop_thread in self._loops:
+            self._start_loop(loop_thread, sock.dup(), limit)
+        sock.close()
+        return self.port
+
+    def _start_loop(self, loop_thread: LoopThread, sock: socket.socket, limit: int) -> None:
         servers: list[asyncio.AbstractServer] = []
 
         async def setup() -> None:
@@ -86,13 +106,13 @@ class WorkerHttpServer:
                 server.close()
             closer = getattr(self.on_miss, "aclose", None)
             if closer is not None:
-                await closer()
+                await closer()  # this loop's own session, where the handler keeps one per loop
 
-        self._loop.start(setup, teardown)
-        return self.port
+        loop_thread.start(setup, teardown)
 
     def stop(self) -> None:
-        self._loop.stop()
+        for loop_thread in self._loops:
+            loop_thread.stop()
 
     # ---- requests ----------------------------------------------------------------
     async def handle(self, request: RawHttpRequest) -> HttpAnswer:
@@ -105,14 +125,16 @@ class WorkerHttpServer:
         grpc = self.grpc if path == MODEL_INFER else None
         if (target is None and grpc is None) or method != "POST":
             return json_answer(404, {"error": f"no route for {method} {path} on a worker"})
-        self.active += 1
+        with self._active_lock:
+            self.active += 1
         try:
             if grpc is not None:
                 return await grpc(request)
             assert target is not None
             return await self._infer(*target, request)
         finally:
-            self.active -= 1
+            with self._active_lock:
+                self.active -= 1
 
     async def _infer(self, model: str, version: str | None, request: RawHttpRequest) -> HttpAnswer:
         try:  # the token first: on another host this endpoint is reachable from the network

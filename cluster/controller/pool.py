@@ -203,7 +203,8 @@ class WorkerPool(Draining):
         # On the network (other hosts) a worker's endpoint takes no request without the fleet's token;
         # the front door adds it to what it passes on (routes.render_config's worker_token).
         policy = InferPolicy(cfg.max_request_bytes, cfg.auth_token, cfg.auth_inference or cfg.auth_token is not None)
-        return HttpOptions(host=None, policy=policy)  # None: the worker binds its node's own address
+        # host None: the worker binds its node's own address
+        return HttpOptions(host=None, policy=policy, loops=cfg.worker_http_loops)
 
     def _grpc_options(self) -> GrpcOptions | None:
         """The workers' own gRPC endpoints, when the fleet serves gRPC (through its front door)."""

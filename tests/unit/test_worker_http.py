@@ -62,7 +62,9 @@ def served(tmp_path_factory, demo_models):
     for name in demo_models:
         (a,) = repo.artifacts(name)
         worker.load(a.manifest, repo.object_source(a.manifest), LoadOptions(reject_non_finite=name == "digits-mlp"))
-    host, port = worker.start_http(HttpOptions(policy=InferPolicy(max_request_bytes=4 << 20)),
+    # three event loops on one listening socket: every test here runs across them (the default is one
+    # per four cores, one on a small machine)
+    host, port = worker.start_http(HttpOptions(policy=InferPolicy(max_request_bytes=4 << 20), loops=3),
                                    on_miss=IngressForwarder(f"http://127.0.0.1:{ingress.server_address[1]}"))
     yield worker, f"http://{host}:{port}", ingress
     worker.shutdown()
@@ -113,6 +115,38 @@ def test_concurrent_requests_are_batched_and_correct(served, digits_test):
     assert after["exec_count"] - before["exec_count"] < 320  # requests shared engine runs
     stats = worker.request_stats.report()["models"]["digits-mlp"]
     assert stats["success"] >= 320
+
+
+def test_connections_are_spread_over_the_event_loops(served, digits_test):
+    """Each loop accepts on the one listening socket: many connections at once are served by more
+    than one of them, each answer correct, and the in-flight count comes back to zero."""
+    worker, url, _ = served
+    server = worker._http
+    seen: set[str] = set()
+    real = server.handle
+
+    async def recording(request):
+        seen.add(threading.current_thread().name)
+        return await real(request)
+
+    server.handle = recording  # read per connection: the connections below use it
+    X = digits_test[0][:4].astype(np.float32)
+    expected = _post(url + "/v2/models/digits-mlp/infer", {"input": X}).content
+    try:
+        def one(_):
+            with requests.Session() as session:
+                body, headers = encode_request({"input": X})
+                answers = [session.post(url + "/v2/models/digits-mlp/infer", data=body, headers=headers, timeout=30)
+                           for _ in range(3)]
+            return [(a.status_code, a.content) for a in answers]
+
+        with ThreadPoolExecutor(24) as pool:
+            results = [r for rs in pool.map(one, range(48)) for r in rs]
+    finally:
+        server.handle = real
+    assert all(status == 200 and content == expected for status, content in results)
+    assert len(seen) >= 2 and seen <= {"worker-http", "worker-http-1", "worker-http-2"}, seen
+    assert server.active == 0
 
 
 def test_bad_requests_get_their_4xx_and_the_worker_keeps_serving(served, digits_test):
