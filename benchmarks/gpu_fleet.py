@@ -63,15 +63,18 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
                          f"{row['rows_per_s']:>10,.0f} rows/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
                          f"GPU busy {row['observed'].get('gpu_util_mean_pct', '?')} %  CPU % {row['observed']['cpu_pct_by_role']}")
         if args.batch_job_rows:
-            rows.append(batch_job_row(controller, model, args.batch_job_rows, n_gpus, work, feeds_for(1)["input"].shape[1]))
-            progress(f"batch-job          gpus={n_gpus} {rows[-1]['rows_per_s']:>10,.0f} rows/s ({rows[-1]['variant']})")
+            rows.append(batch_job_row(controller, model, args.batch_job_rows, n_gpus, work, feeds_for(1)["input"].shape[1],
+                                      args.profile))
+            job = rows[-1]
+            progress(f"batch-job          gpus={n_gpus} {job['rows_per_s']:>10,.0f} rows/s ({job['variant']})  GPU busy "
+                     f"{job['observed'].get('gpu_util_p50_pct', '?')} % (median)  CPU % {job['observed']['cpu_pct_by_role']}")
     finally:
         teardown()
         ray.shutdown()
     return rows
 
 
-def batch_job_row(controller, model: str, n_rows: int, n_gpus: int, work: Path, width: int) -> dict:
+def batch_job_row(controller, model: str, n_rows: int, n_gpus: int, work: Path, width: int, profile: bool) -> dict:
     """The batch job (what `ray job submit ... python -m cluster.batch` runs, here in this driver) over a
     Parquet file of ``n_rows`` random rows: rows/s from the first part sent to the last one written."""
     import numpy as np
@@ -86,12 +89,13 @@ def batch_job_row(controller, model: str, n_rows: int, n_gpus: int, work: Path, 
         for start in range(0, n_rows, 16384):
             chunk = rng.standard_normal((min(16384, n_rows - start), width), dtype=np.float32)
             writer.write_table(pa.table({"input": pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), width)}))
-    summary = run_job(BatchJob(model, str(data), str(work / "batch-output"), batch_size=4096), controller)
+    with observe(profile, min(10.0, max(2.0, n_rows / 100_000)), this_process="batch job (the bench's driver)") as observed:
+        summary = run_job(BatchJob(model, str(data), str(work / "batch-output"), batch_size=4096), controller)
     seconds = max(summary.seconds, 1e-9)
     return {"system": "batch-job", "variant": f"cluster.batch, {n_rows:,} rows in parts of 4,096", "gpus": n_gpus,
             "batch": 256, "concurrency": 0, "requests": summary.parts, "errors": 0, "duration_s": seconds,
             "req_per_s": summary.parts / seconds, "rows_per_s": summary.rows_written / seconds, "p50_ms": 0.0,
-            "p99_ms": 0.0, "retries": summary.retries}
+            "p99_ms": 0.0, "retries": summary.retries, "observed": observed}
 
 
 class _Measure:

@@ -111,13 +111,18 @@ def _collect(spy: tuple[Path, subprocess.Popen, float]) -> dict:
 
 
 @contextmanager
-def observe(profile: bool, seconds: float) -> Iterator[dict]:
-    """Yields a dict that holds, after the block, what the GPU and the fleet's processes did during it."""
+def observe(profile: bool, seconds: float, *, this_process: str | None = None) -> Iterator[dict]:
+    """Yields a dict that holds, after the block, what the GPU and the fleet's processes did during it.
+    ``this_process``: the block's work runs here too (the batch job in the bench's driver): it is
+    counted, and spied, under that name."""
     out: dict = {}
     roles = processes_by_role(os.getpid())
+    if this_process:
+        roles[this_process] = [os.getpid()]
     procs = {pid: role for role, pids in roles.items() for pid in pids}
     before = {pid: cpu_seconds(pid) for pid in procs}
-    spies = {role: _spy(roles[role][0], seconds * 0.8, extra) for role, extra in SPIED.items()
+    spied = dict(SPIED, **({this_process: []} if this_process else {}))
+    spies = {role: _spy(roles[role][0], seconds * 0.8, extra) for role, extra in spied.items()
              if profile and roles.get(role)}
     children = os.times()  # the load generator is a child of this process (it ends within the block)
     t0 = time.monotonic()
