@@ -282,9 +282,7 @@ class FleetConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     ray_port: int = Field(6379, ge=1, le=65535)
     dashboard_port: int = Field(8265, ge=1, le=65535)
-    # Devices: every Ray node's real GPUs (or its CPU) get workers when True;
-    # declared simulated nodes always do.
-    discover_nodes: bool = True
+    discover_nodes: bool = True  # every Ray node's real GPUs (or its CPU) get workers; declared simulated nodes always do
     nodes: list[NodeDecl] = Field(default_factory=list)
     memory_fraction: float = Field(0.9, gt=0, le=1)
     reserve_bytes: int = 0
@@ -293,9 +291,7 @@ class FleetConfig(_Strict):
     intra_op_threads: int = Field(0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     ingress_replicas: int | None = Field(None, ge=1, le=64)  # HTTP ingress replicas; None: by CPU count
-    # event loop threads of each worker's own HTTP endpoint; 0: one per four cores of its host, 1 to 4
-    # (more read large bodies in parallel: a 4 MB body costs a loop about a millisecond each way)
-    worker_http_loops: int = Field(0, ge=0, le=16)
+    worker_http_loops: int = Field(0, ge=0, le=16)  # loops of a worker's HTTP endpoint; 0: a quarter of its cores, 1-4
     max_request_bytes: int = 64 << 20
     auth_token: str | None = None  # bearer token for repository/admin calls (env FLEET_AUTH_TOKEN)
     auth_inference: bool = False  # require the token for inference and metadata too
