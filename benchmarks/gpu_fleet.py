@@ -49,6 +49,7 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
         # answers tops out near 500 requests/s, below what one GPU serves at batch 256.
         in_cluster = {"fleet-client", "fleet-client-shm"} & set(args.systems)
         clients = [client_bench_class().remote() for _ in range(run.clients)] if in_cluster else []
+        ray.get([c.__ray_ready__.remote() for c in clients])  # started before anything is observed
         for batch in args.batches:
             first = len(rows)
             feeds = feeds_for(batch)
