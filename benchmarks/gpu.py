@@ -207,6 +207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "a local Ray per GPU count")
     p.add_argument("--batch-job-rows", type=int, default=0,
                    help="also score a Parquet file of this many rows with the batch job (0: skip; 200000 is 3.3 GB)")
+    p.add_argument("--worker-http-loops", type=int, default=1,
+                   help="event loops of the worker's own HTTP endpoint (the fleet config's worker_http_loops)")
     p.add_argument("--profile", action="store_true",
                    help="py-spy the GPU worker during every fleet row (GPU utilization and CPU per process are always "
                         "recorded, under each row's 'observed')")

@@ -30,7 +30,8 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
     are per-GPU concurrencies) on a fleet of ``n_gpus`` serving the model at ``model_path`` (named by its stem)."""
     model = model_path.stem
     config = load_config(str(CONFIG), repository=str(work / "repository"), port=free_port(), grpc_port=free_port(),
-                         models={model: {"max_batch": max(args.batches)}}, allow_client_shm=True)
+                         models={model: {"max_batch": max(args.batches)}}, allow_client_shm=True,
+                         worker_http_loops=args.worker_http_loops)
     if args.ray_address:  # a running cluster (e.g. one Ray node per GPU); it decides how many GPUs there are
         ray.init(address=args.ray_address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
     else:

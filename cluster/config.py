@@ -291,7 +291,7 @@ class FleetConfig(_Strict):
     intra_op_threads: int = Field(0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     ingress_replicas: int | None = Field(None, ge=1, le=64)  # HTTP ingress replicas; None: by CPU count
-    worker_http_loops: int = Field(0, ge=0, le=16)  # loops of a worker's HTTP endpoint; 0: a quarter of its cores, 1-4
+    worker_http_loops: int = Field(1, ge=1, le=16)  # event loops of a worker's HTTP endpoint (workers/http.py)
     max_request_bytes: int = 64 << 20
     auth_token: str | None = None  # bearer token for repository/admin calls (env FLEET_AUTH_TOKEN)
     auth_inference: bool = False  # require the token for inference and metadata too

@@ -62,8 +62,8 @@ def served(tmp_path_factory, demo_models):
     for name in demo_models:
         (a,) = repo.artifacts(name)
         worker.load(a.manifest, repo.object_source(a.manifest), LoadOptions(reject_non_finite=name == "digits-mlp"))
-    # three event loops on one listening socket: every test here runs across them (the default is one
-    # per four cores, one on a small machine)
+    # three event loops on one listening socket (worker_http_loops; the default is one): every test
+    # here runs across them
     host, port = worker.start_http(HttpOptions(policy=InferPolicy(max_request_bytes=4 << 20), loops=3),
                                    on_miss=IngressForwarder(f"http://127.0.0.1:{ingress.server_address[1]}"))
     yield worker, f"http://{host}:{port}", ingress
