@@ -176,13 +176,7 @@ class InputRows:
                         yield rows, None
                     continue
                 reading -= 1
-                while True:
-                    n, item = q.get()
-                    if n is _DONE:
-                        if item is not None:
-                            raise item
-                        break
-                    yield n, item
+                yield from _until_done(q)
         finally:
             stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
@@ -297,15 +291,21 @@ def _prefetched(items: Iterator, depth: int) -> Generator:
     thread = threading.Thread(target=produce, name="batch-parts", daemon=True)
     thread.start()
     try:
-        while True:
-            item, exc = q.get()
-            if item is _DONE:
-                if exc is not None:
-                    raise exc
-                return
+        for item, _ in _until_done(q):
             yield item
     finally:
         stop.set()
+
+
+def _until_done(q: queue.Queue) -> Iterator[tuple]:
+    """The pairs a producer thread put in ``q``, up to its ``(_DONE, error)``: the error is raised here."""
+    while True:
+        head, tail = q.get()
+        if head is _DONE:
+            if tail is not None:
+                raise tail
+            return
+        yield head, tail
 
 
 # No dictionary (model outputs rarely repeat): a 64 MB part took ~1 s with Parquet's defaults, which
