@@ -63,7 +63,7 @@ def add_arguments(p) -> None:
     p.add_argument("--triton-python", help="python of an environment with nvidia-pytriton: after the fleet part, "
                    "measure Triton (PyTriton, ONNX Runtime CUDA inside) on the same GPU with the same load")
     p.add_argument("--triton-pythonpath", default="", help="directories put before PYTHONPATH for the Triton process "
-                   "only, e.g. /tmp/triton-site:/tmp/site (the checkout's root is always added)")
+                   "only, e.g. /tmp/triton-venv/lib/python3.12/site-packages:/tmp/site (the checkout's root is always added)")
 
 
 def triton_env(pythonpath: str, marker: str, base: dict | None = None) -> dict[str, str]:
