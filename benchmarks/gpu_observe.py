@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.common import cpu_seconds, processes_by_role
-from benchmarks.phases.profile import collapsed_top, samples
+from benchmarks.phases.profile import collapsed_top, record_raw, samples
 
 SAMPLE_S = 0.05
 
@@ -83,10 +83,7 @@ def _spy(pid: int, seconds: float, extra: list[str]) -> tuple[Path, subprocess.P
         return None
     duration = max(1, int(seconds))
     target = Path(tempfile.mkdtemp(prefix="gpu-spy-")) / f"{pid}.txt"
-    proc = subprocess.Popen([str(py_spy), "record", "--pid", str(pid), "--duration", str(duration),
-                             "--rate", str(SPY_RATE), "--format", "raw", "--output", str(target), "--nonblocking",
-                             "--threads", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return target, proc, duration
+    return target, record_raw(py_spy, pid, duration, target, ("--threads", *extra), SPY_RATE), duration
 
 
 def thread_busy(path: Path, duration_s: float) -> dict[str, float]:

@@ -83,11 +83,17 @@ def _start_spies(spec: dict, roles: dict[str, list[int]], duration: float) -> di
     for role in SPIED:
         for pid in roles.get(role, [])[:1]:
             target = spy_dir / f"{role.replace(' ', '-')}.txt"
-            spies[role] = (target, subprocess.Popen(
-                [str(py_spy), "record", "--pid", str(pid), "--duration", str(int(duration)), "--rate", "100",
-                 "--format", "raw", "--output", str(target), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            spies[role] = (target, record_raw(py_spy, pid, int(duration), target))
     return spies
+
+
+def record_raw(py_spy: Path, pid: int, duration_s: int, target: Path, extra: tuple[str, ...] = (),
+               rate: int = 100) -> subprocess.Popen:
+    """py-spy recording ``pid`` for ``duration_s`` into ``target`` as a 'raw' (collapsed) profile, without
+    pausing it; ``extra``: more of py-spy's options (--threads, --gil)."""
+    return subprocess.Popen([str(py_spy), "record", "--pid", str(pid), "--duration", str(duration_s), "--rate", str(rate),
+                             "--format", "raw", "--output", str(target), "--nonblocking", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _collect_spies(spies: dict[str, tuple[Path, subprocess.Popen]], duration: float) -> dict[str, dict]:
