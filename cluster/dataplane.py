@@ -118,10 +118,8 @@ class DataPlane:
 
         A request naming shared memory regions goes to a worker that mapped all of them (one on
         the client's host); its outputs in shared memory come back as ShmWritten."""
-        pinned = version is not None
-        version = await self.resolve(model, version)
+        version, pinned, among = await self._target(model, version, request)
         regions = request.regions()
-        among = await self._shm_holders(regions) if regions else None
         last_error: FleetError | None = None
 
         def pick() -> Choice | None:
@@ -149,10 +147,16 @@ class DataPlane:
     async def choose(self, model: str, version: str | None, request: InferRequest) -> Choice | None:
         """The worker ``serve`` would send ``request`` to now, loading nothing (None: no worker holds the
         model, or none that mapped the request's regions). For a caller with its own way to the worker."""
-        pinned = version is not None
-        version = await self.resolve(model, version)
+        version, pinned, among = await self._target(model, version, request)
+        return self._pick(model, version, pinned, among)
+
+    async def _target(self, model: str, version: str | None,
+                      request: InferRequest) -> tuple[str, bool, set[str] | None]:
+        """(the version to serve, whether the caller named it, the workers that mapped the request's
+        shared memory regions: None when it names none)."""
         regions = request.regions()
-        return self._pick(model, version, pinned, await self._shm_holders(regions) if regions else None)
+        resolved = await self.resolve(model, version)
+        return resolved, version is not None, await self._shm_holders(regions) if regions else None
 
     def _pick(self, model: str, version: str, pinned: bool, among: set[str] | None) -> Choice | None:
         # no version named: each worker serves its own default (cluster.rollout), so a version 2

@@ -12,10 +12,10 @@ requests join the engine's dynamic batcher without blocking the loop, and the ba
 the batcher's threads (ONNX Runtime releases the GIL). ``HttpOptions.loops`` runs more loops,
 all accepting on one listening socket. A loop spends about a millisecond of kernel time
 reading each 4 MB body and another writing it, and reads run without the GIL, so more loops
-might read large bodies in parallel; on one H200 host, four loops did not make 4 MB bodies
-clearly faster (0.38-0.41x of bare against 0.30-0.46x with one, in other runs) and cost small
-requests a third of their rate (3,613 against 5,703 requests/s at batch 1): the loops and the
-batcher's threads hand the GIL to each other more often. So one loop by default.
+read large bodies in parallel: on one H200 host, four loops took 4 MB bodies from 0.30x to
+0.38x of bare ONNX Runtime, but cost batch-1 requests a fifth of their rate (3,613 against
+4,617 requests/s; docs/gpu-results.md, 2026-12-04): the loops and the batcher's threads hand
+the GIL to each other more often. So one loop by default; more for a fleet of large bodies.
 """
 
 from __future__ import annotations
