@@ -28,11 +28,13 @@ apply_ray_env()
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from workers.cpus import usable_cpus  # noqa: E402
+
+from benchmarks.common import write_tensor_rows  # noqa: E402
+from cluster.tensor_columns import column_to_numpy  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
 
@@ -48,20 +50,20 @@ def make_wide_mul(path: Path, width: int) -> Path:
     return path
 
 
-def write_rows(path: Path, rows: int, width: int, digits: bool, row_group: int = 16384) -> Path:
-    """As benchmarks/gpu_fleet.py writes its batch input: one fixed-size-list column, row groups of 16,384
+def write_rows(path: Path, rows: int, width: int, digits: bool, row_group: int = 16384, tensors: str = "lists") -> Path:
+    """As benchmarks/gpu_fleet.py writes its batch input: one tensor column, row groups of 16,384
     (4 parts of the default 4,096 rows: the job reads up to io_threads() row groups at once, one per thread)."""
     rng = np.random.default_rng(7)
     if digits:
         from cluster.demo import digits_split
         X = digits_split()[1].astype(np.float32)
-    with pq.ParquetWriter(path, pa.schema([("input", pa.list_(pa.float32(), width))])) as writer:
+
+    def chunks():
         for start in range(0, rows, row_group):
             n = min(row_group, rows - start)
-            chunk = X[rng.integers(0, len(X), n)] if digits else rng.standard_normal((n, width), dtype=np.float32)
-            writer.write_table(pa.table({"input": pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), width)}),
-                               row_group_size=row_group)
-    return path
+            yield X[rng.integers(0, len(X), n)] if digits else rng.standard_normal((n, width), dtype=np.float32)
+
+    return write_tensor_rows(path, chunks(), tensors)
 
 
 def bare(model: Path, data: Path, batch_size: int) -> float:
@@ -71,14 +73,13 @@ def bare(model: Path, data: Path, batch_size: int) -> float:
     rows = 0
     parquet = pq.ParquetFile(data)
     for batch in parquet.iter_batches(batch_size=batch_size):
-        column = batch.column(0)
-        X = column.values.to_numpy(zero_copy_only=False).reshape(len(batch), -1)
+        X = column_to_numpy(batch.column(0), "input", batch.schema.field(0))
         session.run(None, {"input": X})
         rows += len(batch)
     return rows / (time.perf_counter() - started)
 
 
-def fleet(model: Path, name: str, data: Path, out: Path, batch_size: int, max_batch: int) -> dict:
+def fleet(model: Path, name: str, data: Path, out: Path, batch_size: int, max_batch: int, shared_memory: bool) -> dict:
     import ray
 
     from cluster.batch import BatchJob, run_job
@@ -89,7 +90,7 @@ def fleet(model: Path, name: str, data: Path, out: Path, batch_size: int, max_ba
     from cluster.net import free_port
 
     config = load_config(str(CONFIG), repository=str(out.parent / "repository"), port=free_port(), grpc_port=free_port(),
-                         models={name: {"max_batch": max_batch}})
+                         models={name: {"max_batch": max_batch}}, allow_client_shm=shared_memory)
     ray.init(address="local", namespace=NAMESPACE, num_cpus=usable_cpus(), log_to_driver=False,
              include_dashboard=False, logging_level=logging.ERROR)
     try:
@@ -99,7 +100,8 @@ def fleet(model: Path, name: str, data: Path, out: Path, batch_size: int, max_ba
         if os.environ.get("BATCH_WIDE_PAUSE"):  # time to attach py-spy to the worker
             print(f"driver pid {os.getpid()}; pausing {os.environ['BATCH_WIDE_PAUSE']} s", flush=True)
             time.sleep(float(os.environ["BATCH_WIDE_PAUSE"]))
-        summary = run_job(BatchJob(name, str(data), str(out), batch_size=batch_size), controller)
+        summary = run_job(BatchJob(name, str(data), str(out), batch_size=batch_size, shared_memory=None if shared_memory else False),
+                          controller)
         return summary.to_dict()
     finally:
         teardown()
@@ -114,6 +116,9 @@ def main() -> None:
     p.add_argument("--row-group", type=int, default=16384, help="rows per row group of the input file (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=256, help="the wide model's max batch (the GPU run's big MLP: 256)")
     p.add_argument("--digits", action="store_true", help="the digits-mlp demo model (width 64) instead of a wide Mul")
+    p.add_argument("--tensors", choices=("lists", "bytes"), default="lists",
+                   help="the input's tensors as lists of numbers or as bytes (the job writes its outputs alike)")
+    p.add_argument("--no-shm", action="store_true", help="parts through Ray's object store, not shared memory")
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--skip-fleet", action="store_true")
     p.add_argument("--work", default="", help="working directory (default: a temporary one, removed after)")
@@ -130,19 +135,21 @@ def main() -> None:
         else:
             name, width, max_batch = "wide-mul", args.width, args.max_batch
             model = make_wide_mul(work / "wide-mul.onnx", width)
-        data = work / f"rows-{name}-{args.rows}-{width}-rg{args.row_group}.parquet"
+        data = work / f"rows-{name}-{args.rows}-{width}-rg{args.row_group}-{args.tensors}.parquet"
         if not data.exists():
-            write_rows(data, args.rows, width, args.digits, args.row_group)
+            write_rows(data, args.rows, width, args.digits, args.row_group, args.tensors)
         result = {"model": name, "rows": args.rows, "width": width, "batch_size": args.batch_size, "row_group": args.row_group,
+                  "tensors": args.tensors, "shared_memory": not args.no_shm,
                   "input_mb": round(data.stat().st_size / 1e6, 1)}
         if not args.skip_bare:
             result["bare_rows_per_s"] = round(bare(model, data, args.batch_size))
         if not args.skip_fleet:
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
-            summary = fleet(model, name, data, out, args.batch_size, max_batch)
+            summary = fleet(model, name, data, out, args.batch_size, max_batch, not args.no_shm)
             result["job_rows_per_s"] = round(summary["rows_per_s"])
             result["job_seconds"] = round(summary["seconds"], 2)
+            result["transport"] = summary["transport"]
             if "bare_rows_per_s" in result:
                 result["vs_bare"] = round(result["job_rows_per_s"] / result["bare_rows_per_s"], 3)
             shutil.rmtree(out, ignore_errors=True)

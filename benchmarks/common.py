@@ -320,3 +320,28 @@ def processes_by_role(root: int) -> dict[str, list[int]]:
     for pid in descendants(root):
         out.setdefault(role_of(pid), []).append(pid)
     return out
+
+
+def write_tensor_rows(path: Path, chunks: "Iterator", tensors: str = "lists") -> Path:
+    """A Parquet file of one tensor column, ``input``: each numpy chunk a row group, its rows as
+    fixed-size lists of numbers or as bytes (``cluster/tensor_columns.py``): what the batch job reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cluster.tensor_columns import bytes_column, bytes_field, list_column
+
+    writer = None
+    try:
+        for chunk in chunks:
+            if tensors == "bytes":
+                field, column = bytes_field("input", chunk), bytes_column(chunk)
+            else:
+                column = list_column(chunk)
+                field = pa.field("input", column.type)
+            table = pa.Table.from_arrays([column], schema=pa.schema([field]))
+            writer = writer or pq.ParquetWriter(path, table.schema, use_dictionary=False, compression="none")
+            writer.write_table(table, row_group_size=len(chunk))
+    finally:
+        if writer is not None:
+            writer.close()
+    return path

@@ -21,7 +21,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
 from cluster.env import apply_ray_env
@@ -31,15 +31,16 @@ apply_ray_env()  # this module is a job's entry point: Ray reads RAY_AUTH_MODE w
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from workers.errors import FleetError, InvalidInput, NoCompatibleWorker, NotReady  # noqa: E402
-from workers.kserve.codec import InferRequest  # noqa: E402
+from workers.errors import FleetError, InvalidInput, NoCompatibleWorker, NotReady, SharedMemoryError  # noqa: E402
 from workers.manifest import Manifest  # noqa: E402
 from workers.tensors import TensorSpec  # noqa: E402
 
 from cluster.batch_io import TMP_GLOB, InputRows, PartsOutput, io_threads  # noqa: E402,F401  (TMP_GLOB: for callers)
+from cluster.batch_send import RayParts, ShmParts  # noqa: E402
 from cluster.calls import Failure, classify, get  # noqa: E402
 from cluster.names import CONTROLLER_NAME, NAMESPACE  # noqa: E402
 from cluster.router import Router  # noqa: E402
+from cluster.tensor_columns import ENCODINGS, as_input  # noqa: E402
 
 MAX_RETRIES_PER_PART = 5
 # Writing a part is CPU-bound Parquet encoding (~0.1 s per 64 MB on the CPU machine) that releases the
@@ -58,7 +59,9 @@ class BatchJob:
     batch_size: int = 4096
     input_columns: dict[str, str] = field(default_factory=dict)  # model input -> dataset column
     output_columns: tuple[str, ...] = ()  # empty: every output
-    in_flight_per_worker: int = 2
+    in_flight_per_worker: int = 4  # a part is copied in, scored and copied out: 4 keep a GPU busy meanwhile
+    output_tensors: str = "auto"  # "lists", "bytes" (cluster/tensor_columns.py), auto: bytes if the inputs are
+    shared_memory: bool | None = None  # parts in shared memory: None tries it and falls back to Ray's object store
     max_retries: int = MAX_RETRIES_PER_PART  # per part, after a worker died or lost the engine under it
 
 
@@ -70,6 +73,7 @@ class Summary:
     parts_skipped: int = 0
     retries: int = 0
     seconds: float = 0.0
+    transport: str = ""
     rows_per_worker: Counter = field(default_factory=Counter)
     devices: dict[str, str] = field(default_factory=dict)
 
@@ -92,27 +96,6 @@ class Summary:
 
 
 # ---- reading ---------------------------------------------------------------------
-def _to_array(column, spec: TensorSpec, name: str) -> np.ndarray:
-    array = np.asarray(column)
-    if array.dtype == object:  # Parquet list columns arrive as arrays of arrays
-        try:
-            array = np.stack([np.asarray(x) for x in array])
-        except ValueError:
-            raise InvalidInput(f"column '{name}' for input '{spec.name}' has rows of different shapes") from None
-    want = spec.numpy_dtype
-    if array.dtype != want:
-        if array.dtype.kind == want.kind or (array.dtype.kind in "iu" and want.kind in "iuf"):
-            array = array.astype(want)
-        else:
-            raise InvalidInput(f"column '{name}' holds {array.dtype}, input '{spec.name}' needs {spec.datatype}")
-    expected = tuple(spec.shape[1:])
-    if array.ndim != len(spec.shape) or any(w >= 0 and h != w for h, w in zip(array.shape[1:], expected)):
-        raise InvalidInput(
-            f"column '{name}' has rows of shape {list(array.shape[1:])}, input '{spec.name}' needs {list(expected)}"
-        )
-    return np.ascontiguousarray(array)
-
-
 def column_map(job: BatchJob, spec_inputs: tuple[TensorSpec, ...], columns: list[str]) -> dict[str, str]:
     """Model input -> dataset column, failing early and by name."""
     mapping = dict(job.input_columns)
@@ -171,18 +154,35 @@ class _Part:
 
 class Dispatcher:
     """Keeps every worker that holds the model busy with parts; retries a part whose worker
-    died or lost the engine, on whichever worker holds it then."""
+    died or lost the engine, on whichever worker holds it then. Parts travel in shared memory
+    where the fleet allows it and a worker of this host holds the model, else through Ray's
+    object store (``cluster/batch_send.py``)."""
 
     def __init__(self, job: BatchJob, fleet: FleetWorkers, out: PartsOutput, wanted: list[str], summary: Summary,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], shm: ShmParts | None = None) -> None:
         self.job, self.fleet, self.out, self.wanted, self.summary, self.say = job, fleet, out, wanted, summary, say
-        self.in_flight: dict = {}  # ref -> _Part
+        self.ray = RayParts(fleet.model, wanted)
+        self.shm = shm  # until it fails before its first answer (then the object store, for good)
+        self.shm_sender = shm  # closed when the job ends
+        self.shm_answered = False
+        self.in_flight: dict[Future, _Part] = {}
         self.load: Counter = Counter()
         # Parts are written on threads (Parquet encoding releases the GIL) while the next parts go out.
         self.writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="part-writer")
         self.writes: list[Future] = []
 
+    @property
+    def transport(self) -> str:
+        return (self.shm or self.ray).name
+
     def submit(self, part: _Part) -> None:
+        if self.shm is not None:  # the client routes: bound the parts in flight over all workers
+            while len(self.in_flight) >= self.job.in_flight_per_worker * max(1, len(self.fleet.workers)):
+                self.collect(block=True)
+            if self.shm is not None:
+                part.worker = ""
+                self.in_flight[self.shm.send(part.feeds, self.fleet.version)] = part
+                return
         while True:
             free = [w for w in self.fleet.workers if self.load[w] < self.job.in_flight_per_worker]
             if free:
@@ -192,29 +192,47 @@ class Dispatcher:
         handle, device = self.fleet.workers[worker]
         self.summary.devices[worker] = device
         part.worker = worker
-        ref = handle.infer.remote(self.fleet.model, InferRequest(part.feeds), self.fleet.version)  # type: ignore[attr-defined]
-        self.in_flight[ref] = part
+        self.in_flight[self.ray.send(handle, worker, self.fleet.version, part.feeds)] = part
         self.load[worker] += 1
 
     def collect(self, block: bool) -> None:
         if not self.in_flight:
             return
-        done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=None if block else 0)
-        for ref in done:
-            part = self.in_flight.pop(ref)
-            self.load[part.worker] -= 1
+        done, _ = wait(list(self.in_flight), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for future in done:
+            part = self.in_flight.pop(future, None)
+            if part is None:
+                continue  # taken by the collect of a resubmission (below) already
+            if part.worker:
+                self.load[part.worker] -= 1
             try:
-                reply = ray.get(ref)
+                outputs, worker = future.result()
             except Exception as exc:
-                self._retry(part, exc)
+                if not part.worker and self._shm_unusable(exc):
+                    self.submit(part)
+                else:
+                    self._retry(part, exc)
                 continue
-            outputs = {k: reply.outputs[k] for k in self.wanted}
+            if not part.worker:
+                self.shm_answered = True
+                self.summary.devices.setdefault(worker, self.fleet.workers.get(worker, (None, ""))[1])
             while len(self.writes) >= 2 * WRITER_THREADS:  # outputs waiting to be written stay bounded in memory
                 self.writes.pop(0).result()
             self.writes.append(self.writer.submit(self.out.write_part, part.index, part.row_ids, outputs))
-            self.summary.rows_per_worker[part.worker] += len(part.row_ids)
+            self.summary.rows_per_worker[worker] += len(part.row_ids)
             self.summary.rows_written += len(part.row_ids)
         self._written(block=False)
+
+    def _shm_unusable(self, exc: BaseException) -> bool:
+        """Whether a part in shared memory failed because shared memory cannot work here (the fleet
+        does not allow it, no worker of this host holds the model): the parts go through Ray from now on."""
+        if self.shm_answered or self.job.shared_memory or not isinstance(exc, (SharedMemoryError, NotReady)):
+            return False  # (--shared-memory on: the job fails, saying why)
+        if self.shm is not None:  # the first such part says so; its regions go when the job ends
+            self.say(f"  shared memory unusable ({exc}); parts go through {self.ray.name}")
+            self.shm = None
+            self.summary.transport = self.transport
+        return True
 
     def _written(self, block: bool) -> None:
         """Raise a failed write at once; with ``block``, wait for every write."""
@@ -233,19 +251,21 @@ class Dispatcher:
         self.summary.retries += 1
         part.attempts += 1
         reason = "the worker process died" if failure is Failure.WORKER_LOST else str(cause)
+        who = f"worker {part.worker}" if part.worker else "its worker"
         if part.attempts > self.job.max_retries:
-            raise NotReady(f"part {part.index} failed {part.attempts} times, the last on worker {part.worker}: "
+            raise NotReady(f"part {part.index} failed {part.attempts} times, the last on {who}: "
                            f"{reason}; giving up (--max-retries {self.job.max_retries}); a rerun into the same "
                            f"--output resumes from the parts done") from None
         if failure is Failure.WORKER_LOST:
             self.fleet.workers.pop(part.worker, None)
-            self.say(f"  worker {part.worker} lost during part {part.index}; retrying it elsewhere")
+            self.say(f"  {who} lost during part {part.index}; retrying it elsewhere")
         else:
-            self.say(f"  worker {part.worker} no longer holds the model (part {part.index}); retrying")
-        try:
-            get(self.fleet.controller.report_worker.remote(part.worker))  # the inventory sees it at once
-        except Exception:
-            pass
+            self.say(f"  {who} no longer holds the model (part {part.index}); retrying")
+        if part.worker:
+            try:
+                get(self.fleet.controller.report_worker.remote(part.worker))  # the inventory sees it at once
+            except Exception:
+                pass
         time.sleep(RETRY_BACKOFF_S * part.attempts)
         if not self.fleet.workers:
             self.say(f"  no live worker holds {self.fleet.model}: waiting for one (a replacement is started; "
@@ -261,6 +281,12 @@ class Dispatcher:
             self.collect(block=True)
         self._written(block=True)
         self.writer.shutdown(wait=True)
+
+    def close(self) -> None:
+        """The writes in flight end (or remove their temporary file); shared memory is given back."""
+        self.writer.shutdown(wait=True)
+        if self.shm_sender is not None:
+            self.shm_sender.close()
 
 
 def run_job(job: BatchJob, controller, progress=None) -> Summary:
@@ -278,14 +304,20 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
     data = InputRows(job.input)
     mapping = column_map(job, manifest.inputs, data.columns)
     rows = data.rows
-    out = PartsOutput(job.output)
+    tensors = job.output_tensors
+    if tensors == "auto":  # as the input holds them: bytes in, bytes out
+        tensors = "bytes" if set(mapping.values()) <= data.bytes_columns else "lists"
+    out = PartsOutput(job.output, tensors)
     out.prepare({"model": job.model, "version": job.version, "input": job.input, "batch_size": job.batch_size,
                  "rows": rows})
     summary = Summary(rows=rows, parts=-(-rows // job.batch_size))
+    shm = ShmParts(controller, job.model, wanted) if job.shared_memory is not False else None
+    dispatcher = Dispatcher(job, fleet, out, wanted, summary, say, shm)
+    summary.transport = dispatcher.transport
     say(f"batch: {job.model} v{fleet.version} over {rows} rows in {summary.parts} parts of {job.batch_size}, "
-        f"on {len(fleet.workers)} worker(s): {', '.join(sorted(fleet.workers))}")
+        f"on {len(fleet.workers)} worker(s): {', '.join(sorted(fleet.workers))}; parts through {summary.transport}, "
+        f"output tensors as {tensors}")
     specs = {s.name: s for s in manifest.inputs}
-    dispatcher = Dispatcher(job, fleet, out, wanted, summary, say)
     columns = sorted(set(mapping.values()))
     parts = data.batches(job.batch_size, columns, wanted=lambda i: not out.has_part(i))
     try:
@@ -294,14 +326,14 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
                 summary.parts_skipped += 1
                 continue
             row_ids = np.arange(start, start + len(batch[columns[0]]), dtype=np.int64)
-            dispatcher.submit(_Part(index, row_ids, {name: _to_array(batch[col], specs[name], col) for name, col in mapping.items()}))
+            dispatcher.submit(_Part(index, row_ids, {name: as_input(batch[col], specs[name], col) for name, col in mapping.items()}))
             dispatcher.collect(block=False)
         dispatcher.drain()
     finally:
         parts.close()  # the reader thread stops
         # A job that fails leaves whole parts only: the writes in flight end (or remove their
         # temporary file) before the failure reaches the caller.
-        dispatcher.writer.shutdown(wait=True)
+        dispatcher.close()
     summary.seconds = time.monotonic() - t0
     out.write_summary(summary.to_dict())
     say(summary.render())
@@ -320,11 +352,22 @@ def parse_args(argv: list[str] | None = None) -> BatchJob:
     parser.add_argument("--output-columns", default="", help="comma-separated outputs to write (default: all)")
     parser.add_argument("--max-retries", type=int, default=MAX_RETRIES_PER_PART,
                         help="tries per part after a worker died or lost the engine (default %(default)s)")
+    parser.add_argument("--output-tensors", choices=("auto", *ENCODINGS), default="auto",
+                        help="write output tensors as lists of numbers or as bytes, one value per row with their dtype "
+                             "and shape in the column's metadata, ~4x faster to write (default auto: bytes when the "
+                             "input's tensors are bytes)")
+    parser.add_argument("--shared-memory", choices=("auto", "on", "off"), default="auto",
+                        help="send parts in shared memory to a worker of this host (the fleet's allow_client_shm); "
+                             "auto falls back to Ray's object store where it cannot (default %(default)s)")
+    parser.add_argument("--in-flight", type=int, default=BatchJob.in_flight_per_worker,
+                        help="parts in flight per worker (default %(default)s)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     if args.max_retries < 0:
         parser.error("--max-retries must be >= 0")
+    if args.in_flight < 1:
+        parser.error("--in-flight must be >= 1")
     columns: dict[str, str] = {}
     for item in args.input_column:
         name, _, column = item.rpartition("=")
@@ -332,7 +375,8 @@ def parse_args(argv: list[str] | None = None) -> BatchJob:
     return BatchJob(
         model=args.model, version=args.version, input=args.input, output=args.output, batch_size=args.batch_size,
         input_columns=columns, output_columns=tuple(c for c in args.output_columns.split(",") if c),
-        max_retries=args.max_retries,
+        max_retries=args.max_retries, in_flight_per_worker=args.in_flight, output_tensors=args.output_tensors,
+        shared_memory={"auto": None, "on": True, "off": False}[args.shared_memory],
     )
 
 

@@ -34,6 +34,8 @@ from workers.cpus import usable_cpus
 from workers.errors import InvalidInput
 from workers.storage import Store, StoreSpec
 
+from cluster.tensor_columns import bytes_column, bytes_field, column_to_numpy, list_column
+
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 TMP_GLOB = ".part-*.tmp"
@@ -87,6 +89,7 @@ class InputRows:
         self.where = where
         self.store = open_location(where)
         self.paths, self.kind = _input_files(self.store, where)
+        self.bytes_columns: set[str] = set()  # tensors stored as bytes, one value per row (cluster/tensor_columns.py)
         with self.store.errors("read", ""):
             if self.kind == ".parquet":
                 footers = [self._footer(p) for p in self.paths]
@@ -95,6 +98,7 @@ class InputRows:
                 if any(f.metadata and b"ARROW:extension:name" in f.metadata for f in schema):
                     import ray.data.extensions  # noqa: F401  (registers Ray Data's tensor columns, e.g. from write_parquet)
                 self.columns = schema.names
+                self.bytes_columns = {f.name for f in schema if pa.types.is_fixed_size_binary(f.type)}
                 self.rows = sum(f.num_rows for f in footers)  # from the footers: no pass over the rows
             elif self.kind == ".npy":
                 self.columns = ["data"]  # the name Ray Data gives it: --input-column data keeps working
@@ -150,7 +154,7 @@ class InputRows:
                     parquet = pq.ParquetFile(self.store.fs.open_input_file(path), metadata=self.footers[path], pre_buffer=remote,
                                              buffer_size=0 if remote else READ_BUFFER)
                     for batch in parquet.iter_batches(batch_size=piece_rows, row_groups=[group], columns=columns, use_threads=False):
-                        if not _put(q, (len(batch), {name: column_to_numpy(batch.column(name), name) for name in columns}), stop):
+                        if not _put(q, (len(batch), {name: column_to_numpy(batch.column(name), name, batch.schema.field(name)) for name in columns}), stop):
                             return
                 _put(q, (_DONE, None), stop)
             except BaseException as exc:  # noqa: BLE001  (re-raised in the consumer, in order)
@@ -230,33 +234,6 @@ def _join(pieces: list[dict[str, np.ndarray] | None], columns: list[str]) -> dic
     return {c: np.concatenate([p[c] for p in pieces]) for c in columns}
 
 
-def column_to_numpy(column: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:
-    """A Parquet column as numpy: fixed-size lists (any depth) and lists of equal length as one
-    [rows, ...] array without a per-row step; lists of unequal length as an array of row arrays."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if isinstance(column.type, pa.ExtensionType):  # e.g. Ray Data's tensor columns
-        return column.to_numpy(zero_copy_only=False)
-    if column.null_count:
-        raise InvalidInput(f"column '{name}' has {column.null_count} null rows")
-    rows, shape, values = len(column), [], column
-    while pa.types.is_fixed_size_list(values.type) or pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
-        if pa.types.is_fixed_size_list(values.type):
-            width = values.type.list_size
-        else:
-            lengths = np.diff(values.offsets.to_numpy())
-            if len(lengths) and (lengths != lengths[0]).any():
-                return column.to_numpy(zero_copy_only=False)  # ragged: the job names the column and the input
-            width = int(lengths[0]) if len(lengths) else 0
-        if values.null_count:
-            raise InvalidInput(f"column '{name}' has null values")
-        shape.append(width)
-        values = values.flatten()
-    if values.null_count:
-        raise InvalidInput(f"column '{name}' has null values")
-    return values.to_numpy(zero_copy_only=False).reshape([rows, *shape])
-
-
 _DONE = object()
 
 
@@ -315,7 +292,8 @@ def _until_done(q: queue.Queue) -> Iterator[tuple]:
 # Statistics (min/max per page) only for row_id, which readers filter on: over a model's outputs
 # they were a pass over every value that no reader uses (14% of a part's write time, 4,096 x 4,096 floats).
 # Left as is: the list levels (a definition and a repetition level per value) are about half of what remains;
-# non-nullable items would halve them (~2x rows/s) but change the output's Arrow schema.
+# non-nullable items would halve them (~2x rows/s) but change the output's Arrow schema. Tensors written as
+# bytes (the job's --output-tensors bytes, cluster/tensor_columns.py) have no levels: ~4x the rows/s of lists.
 PARQUET_OPTIONS = {"use_dictionary": False, "compression": "none", "write_statistics": ["row_id"]}
 
 
@@ -323,24 +301,28 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def encode_part(row_ids: np.ndarray, outputs: dict[str, np.ndarray]) -> pa.Table:
-    columns = {"row_id": pa.array(row_ids, type=pa.int64())}
+def encode_part(row_ids: np.ndarray, outputs: dict[str, np.ndarray], tensors: str = "lists") -> pa.Table:
+    """A part's table: ``row_id`` and each output, tensors as lists or as bytes (``cluster/tensor_columns.py``)."""
+    fields, columns = [pa.field("row_id", pa.int64())], [pa.array(row_ids, type=pa.int64())]
     for name, array in outputs.items():
-        if array.ndim == 1:
-            columns[name] = pa.array(array)
+        if tensors == "bytes" and array.ndim > 1:
+            fields.append(bytes_field(name, array))
+            columns.append(bytes_column(array))
         else:
-            width = int(np.prod(array.shape[1:]))
-            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), width)
-    return pa.table(columns)
+            column = list_column(array)
+            fields.append(pa.field(name, column.type))
+            columns.append(column)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
 class PartsOutput:
     """Where a job's parts go: a local directory or a URI."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, tensors: str = "lists") -> None:
         self.where = where
         self.store = open_location(where)
         self.local = self.store.spec.is_local
+        self.tensors = tensors  # how output tensors are written: "lists" or "bytes"
 
     @property
     def directory(self) -> Path:
@@ -351,7 +333,7 @@ class PartsOutput:
 
     def write_part(self, index: int, row_ids: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
         """Write one part atomically: it is there whole or not at all."""
-        table = encode_part(row_ids, outputs)
+        table = encode_part(row_ids, outputs, self.tensors)
         if not self.local:
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink, **PARQUET_OPTIONS)
