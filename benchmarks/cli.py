@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results directory (default bench-results/)")
     p.add_argument("--retries", type=int, default=1, help="times a failed phase is run again (default %(default)s)")
     p.add_argument("--no-chart", action="store_true")
+    p.add_argument("--slots", type=int, default=0,
+                   help="the fleet's slots, concurrent runs per engine (default: the fleet config's)")
     args = p.parse_args(argv)
     chosen = [x.strip() for x in args.phases.split(",") if x.strip()] or list(QUICK_DEFAULT_PHASES if args.quick else ALL_PHASES)
     unknown = [x for x in chosen if x not in ALL_PHASES]
@@ -165,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict = {"schema": report.SCHEMA, "started": stamp, "quick": args.quick, "host": host_info(),
                  "git": git_info(),
                  "args": {"phases": args.phase_list, "models": args.model_list, "duration_s": args.duration,
-                          "loadgen": args.loadgen}, "pin": pin, "phases": {}}
+                          "loadgen": args.loadgen, "slots": args.slots or None}, "pin": pin, "phases": {}}
     if pin:
         progress(f"pinned: the bench, Ray, the fleet and bare on cores {pin['fleet_cpus']}, "
                  f"the load generator on {pin['loadgen_cpus']}")
     progress(f"preparing models, artifacts and request bodies in {workdir} ...")
     ctx = Context(args.quick, args.model_list, args.duration, loadgen.pick_tool(args.loadgen),
-                  prepare(workdir, args.model_list), workdir, args.triton_python)
+                  prepare(workdir, args.model_list), workdir, args.triton_python, args.slots)
     doc["loadgen"] = {"tool": ctx.tool}
     doc["fleet_serve_mode"] = shipped_mode()
     if HTTP_PHASES & set(args.phase_list):

@@ -204,7 +204,8 @@ def local_fleet(spec: dict) -> Iterator[LocalFleet]:
     front = spec.get("front_door", True)
     try:
         config = load_config(str(CONFIG), repository=spec["prepared"]["repository"], port=free_port(),
-                             grpc_port=free_port(), front_door=front, allow_client_shm=True)
+                             grpc_port=free_port(), front_door=front, allow_client_shm=True,
+                             **({"slots": spec["slots"]} if spec.get("slots") else {}))
         t0 = time.monotonic()
         deploy(config)
         deploy_s = time.monotonic() - t0

@@ -127,26 +127,28 @@ def _threads_loop(engines: list, feeds: dict, threads: int, duration_s: float) -
     return [x for lat in latencies for x in lat], time.perf_counter() - t0
 
 
-def bench_bare(model_path: Path, batches: list[int], width: int, duration_s: float) -> list[dict]:
+def bench_bare(model_path: Path, batches: list[int], width: int, duration_s: float,
+               threads_list: tuple[int, ...] = BARE_THREADS, sessions_list: tuple[int, ...] = BARE_SESSIONS) -> list[dict]:
     """The fleet's own engine class (CUDA provider, same session options) in-process, at its best:
     one session shared by 1-16 threads, and one session per thread. The fleet's ratios are taken
     against the best of these, not against one caller (which leaves the GPU idle between runs)."""
     from workers.engines.onnxruntime import OnnxRuntimeEngine
 
     rows = []
-    engines = [OnnxRuntimeEngine(model_path, provider="cuda", device_id=0).activate() for _ in range(max(BARE_SESSIONS))]
+    engines = [OnnxRuntimeEngine(model_path, provider="cuda", device_id=0).activate()
+               for _ in range(max((*sessions_list, 1)))]
     try:
         for batch in batches:
             feeds = feeds_for(batch, width)
             for engine in engines:
                 for _ in range(5):
                     engine.run(feeds)
-            for threads in BARE_THREADS:
+            for threads in threads_list:
                 with observe(False, duration_s) as observed:
                     latencies, elapsed = _threads_loop(engines[:1], feeds, threads, duration_s)
                 rows.append(closed_loop_row("bare", f"one session, {threads} thread(s)", batch, threads, latencies,
                                             elapsed, gpus=1, sessions=1, observed=observed))
-            for sessions in BARE_SESSIONS:
+            for sessions in sessions_list:
                 with observe(False, duration_s) as observed:
                     latencies, elapsed = _threads_loop(engines[:sessions], feeds, sessions, duration_s)
                 rows.append(closed_loop_row("bare", f"{sessions} sessions, one thread each", batch, sessions,
@@ -207,6 +209,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "a local Ray per GPU count")
     p.add_argument("--batch-job-rows", type=int, default=0,
                    help="also score a Parquet file of this many rows with the batch job (0: skip; 200000 is 3.3 GB)")
+    p.add_argument("--bare-threads", default=",".join(map(str, BARE_THREADS)),
+                   help="threads sharing bare's one session, comma-separated (default %(default)s, and one session per "
+                        "thread too; fewer, for a quicker look, measures bare only so)")
+    p.add_argument("--slots", type=int, default=0, help="the fleet's slots, concurrent runs per engine (default: the "
+                   "fleet config's)")
     p.add_argument("--worker-http-loops", type=int, default=1,
                    help="event loops of the worker's own HTTP endpoint (the fleet config's worker_http_loops)")
     p.add_argument("--profile", action="store_true",
@@ -221,6 +228,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown --systems {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.bare_threads = tuple(int(t) for t in args.bare_threads.split(","))
     args.levels = parse_levels(args.levels, args.batches)
     return args
 
@@ -256,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                  "gpus": names, "model": f"{args.layers} x Gemm {args.width}x{args.width} + Relu (FP32)", "loadgen": tool,
                  "duration_s": args.duration, "rows": []}
     progress(f"{len(names)} GPU(s): {', '.join(names)}; model {doc['model']}")
-    doc["rows"] += bench_bare(model_path, args.batches, args.width, args.duration)
+    doc["rows"] += bench_bare(model_path, args.batches, args.width, args.duration, args.bare_threads,
+                              BARE_SESSIONS if args.bare_threads == BARE_THREADS else ())
     for r in doc["rows"]:
         progress(f"bare batch={r['batch']} {r['variant']}: {r['rows_per_s']:,.0f} rows/s, p50 {r['p50_ms']:.2f} ms, "
                  f"GPU busy {r['observed'].get('gpu_util_mean_pct', '?')} %")

@@ -20,7 +20,7 @@ from cluster.net import free_port
 from workers.kserve.client_codec import encode_request
 
 from benchmarks import loadgen
-from benchmarks.common import CONFIG, closed_loop_row, progress
+from benchmarks.common import CONFIG, closed_loop_row, progress, write_tensor_rows
 from benchmarks.gpu_observe import observe
 from benchmarks.phases.fleet_client import client_bench_class
 from benchmarks.shm_load import shm_client_load
@@ -31,7 +31,7 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
     model = model_path.stem
     config = load_config(str(CONFIG), repository=str(work / "repository"), port=free_port(), grpc_port=free_port(),
                          models={model: {"max_batch": max(args.batches)}}, allow_client_shm=True,
-                         worker_http_loops=args.worker_http_loops)
+                         worker_http_loops=args.worker_http_loops, **({"slots": args.slots} if args.slots else {}))
     if args.ray_address:  # a running cluster (e.g. one Ray node per GPU); it decides how many GPUs there are
         ray.init(address=args.ray_address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
     else:
@@ -78,23 +78,20 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
 
 def batch_job_row(controller, model: str, n_rows: int, n_gpus: int, work: Path, width: int, profile: bool) -> dict:
     """The batch job (what `ray job submit ... python -m cluster.batch` runs, here in this driver) over a
-    Parquet file of ``n_rows`` random rows: rows/s from the first part sent to the last one written."""
+    Parquet file of ``n_rows`` random rows, tensors stored as bytes (``cluster/tensor_columns.py``), so
+    the outputs are written as bytes too: rows/s from the first part sent to the last one written."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from cluster.batch import BatchJob, run_job
 
     data = work / "batch-input.parquet"
-    rng = np.random.default_rng(7)
-    with pq.ParquetWriter(data, pa.schema([("input", pa.list_(pa.float32(), width))])) as writer:
-        for start in range(0, n_rows, 16384):
-            chunk = rng.standard_normal((min(16384, n_rows - start), width), dtype=np.float32)
-            writer.write_table(pa.table({"input": pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), width)}))
+    chunk = np.random.default_rng(7).standard_normal((16384, width), dtype=np.float32)  # what the rows hold does not matter
+    write_tensor_rows(data, (chunk[:min(16384, n_rows - start)] for start in range(0, n_rows, 16384)), "bytes")
     with observe(profile, min(10.0, max(2.0, n_rows / 100_000)), this_process="batch job (the bench's driver)") as observed:
         summary = run_job(BatchJob(model, str(data), str(work / "batch-output"), batch_size=4096), controller)
     seconds = max(summary.seconds, 1e-9)
-    return {"system": "batch-job", "variant": f"cluster.batch, {n_rows:,} rows in parts of 4,096", "gpus": n_gpus,
+    return {"system": "batch-job", "variant": f"cluster.batch, {n_rows:,} rows in parts of 4,096, tensors as bytes, "
+            f"parts through {summary.transport}", "gpus": n_gpus,
             "batch": 256, "concurrency": 0, "requests": summary.parts, "errors": 0, "duration_s": seconds,
             "req_per_s": summary.parts / seconds, "rows_per_s": summary.rows_written / seconds, "p50_ms": 0.0,
             "p99_ms": 0.0, "retries": summary.retries, "observed": observed}

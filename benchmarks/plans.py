@@ -54,11 +54,12 @@ class Context:
     prepared: dict
     workdir: Path
     triton_python: str | None = None
+    slots: int = 0  # the fleet's slots (0: the fleet config's)
 
     def base(self) -> dict:
         """What every phase's spec holds."""
         return {"prepared": self.prepared, "models": self.models, "duration_s": self.duration_s,
-                "warmup_s": 1 if self.quick else 2, "loadgen": self.tool, "quick": self.quick}
+                "warmup_s": 1 if self.quick else 2, "loadgen": self.tool, "quick": self.quick, "slots": self.slots}
 
 
 def levels_for(phase: str, quick: bool) -> dict:

@@ -310,3 +310,46 @@ def test_large_bodies_pipelined_or_trickled_are_read_whole(served, demo_models, 
         assert status == 200, content[:300]
         _, outputs = decode_response(content, headers.get("inference-header-content-length"))
         np.testing.assert_array_equal(outputs["label"], want)
+
+
+def test_large_answers_sent_off_the_loop_reach_a_slow_reader_whole_and_in_order(served, demo_models, digits_test,
+                                                                              monkeypatch):
+    """Answers from httpwire.OFFLOAD_BYTES are sent by a thread with a blocking send (lowered here, so
+    that digits answers qualify); a client with a tiny receive window keeps that send waiting while it
+    pipelines more requests, which wait their turn (nothing else may write to the socket meanwhile)."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    from workers import httpwire
+
+    sent_off_loop = []
+    send_all = httpwire._send_all
+    monkeypatch.setattr(httpwire, "OFFLOAD_BYTES", 4096)
+    monkeypatch.setattr(httpwire, "_send_all", lambda sock, parts: (sent_off_loop.append(1), send_all(sock, parts)))
+    _, url, _ = served
+    X = np.tile(digits_test[0], (3, 1))[:600]  # answers of 600 rows: ~30 KB, past the client's window
+    reference = ort.InferenceSession(str(demo_models["digits-mlp"]))
+    batches = [X, X[::-1].copy(), X[:1], X[:300]]
+    raw = []
+    for rows in batches:
+        body, headers = encode_request({"input": rows}, outputs=["probabilities", "label"])
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        raw.append((f"POST /v2/models/digits-mlp/infer HTTP/1.1\r\nHost: x\r\n{head}"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+    address = urlsplit(url)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+        sock.settimeout(30)
+        sock.connect((address.hostname, address.port))
+        sock.sendall(raw[0] + raw[1])
+        time.sleep(0.3)  # the first answer fills the window: its send waits for this client to read
+        sock.sendall(raw[2] + raw[3])  # arrive while it waits
+        answers = _read_answers(sock, 4)
+    assert len(sent_off_loop) == 3  # the one-row answer is small: the loop writes it
+    for (status, headers, content), rows in zip(answers, batches):
+        assert status == 200, content[:300]
+        _, outputs = decode_response(content, headers.get("inference-header-content-length"))
+        label, probabilities = reference.run(["label", "probabilities"], {"input": rows})
+        np.testing.assert_array_equal(outputs["label"], label)
+        np.testing.assert_allclose(outputs["probabilities"], probabilities, rtol=1e-5, atol=1e-6)
