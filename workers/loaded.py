@@ -88,7 +88,8 @@ class LoadedEngine:
                              f"in hand ({bound} waiting is its max_queue_size); try again in a moment")
 
     def submit(self, feeds: Feeds, out: Feeds | None, executor: ThreadPoolExecutor) -> Future:
-        """Run one request of any size (admitted already); ``out`` (see ``Engine.run``) only when it is one batch."""
+        """Run one request of any size (admitted already), its outputs written into ``out`` where it
+        has them (see ``Engine.run``; a request cut into chunks: each chunk into its rows of them)."""
         max_batch = self.options.max_batch_for(self.manifest.max_batch)
         if self.batcher is None:
             return executor.submit(self._run_alone, feeds, out)
@@ -96,7 +97,7 @@ class LoadedEngine:
         if rows <= max_batch:
             return self.batcher.submit_nowait(feeds, out)
         starts = range(0, rows, max_batch)
-        whole = self._output_arrays(rows)
+        whole = self._output_arrays(rows, out or {})
         if whole is None:
             parts = [self.batcher.submit_nowait({k: v[s:s + max_batch] for k, v in feeds.items()}) for s in starts]
             return _gather(parts, _concatenate)
@@ -107,13 +108,18 @@ class LoadedEngine:
                                             {k: a[s:s + max_batch] for k, a in whole.items()}) for s in starts]
         return _gather(parts, lambda results: _fill(whole, starts, results))
 
-    def _output_arrays(self, rows: int) -> Feeds | None:
-        """Empty outputs for ``rows`` rows, or None when an output's size is not known before it runs."""
+    def _output_arrays(self, rows: int, given: Feeds) -> Feeds | None:
+        """Outputs for ``rows`` rows: those ``given`` (e.g. in a client's shared memory: the chunks land
+        there, not in new memory copied there after), empty arrays for the rest; None when an output's
+        size is not known before it runs."""
         arrays = {}
         for spec in self.engine.outputs:
             if spec.datatype == "BYTES" or any(d < 0 for d in spec.shape[1:]):
                 return None
-            arrays[spec.name] = np.empty((rows, *spec.shape[1:]), spec.numpy_dtype)
+            shape = (rows, *spec.shape[1:])
+            target = given.get(spec.name)
+            usable = target is not None and target.shape == shape and target.dtype == spec.numpy_dtype
+            arrays[spec.name] = target if usable else np.empty(shape, spec.numpy_dtype)
         return arrays
 
     def _run_alone(self, feeds: Feeds, out: Feeds | None) -> Feeds:

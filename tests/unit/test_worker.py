@@ -307,3 +307,51 @@ def test_max_queue_size_refuses_at_once_and_admits_again_once_the_queue_drains(r
     assert (stats["rejected"], stats["success"]) == (5, slots + 2)
     assert worker.ledger.get(key).in_flight == 0
     assert worker.runner.submit(InferRequest({"input": batch[:1]}), "cnn-small").result(30).outputs["logits"].shape == (1, 10)
+
+
+def test_a_request_over_max_batch_writes_its_chunks_into_the_clients_shared_memory(repo, digits_test, monkeypatch):
+    """Inputs and outputs in a client's region, 150 rows over a max batch of 64: each chunk's outputs
+    are written into their rows of the region by the engine (the answer points there), and are the
+    model's, also with small requests merged into the chunks meanwhile."""
+    import uuid
+    from multiprocessing import shared_memory
+
+    from workers.kserve.codec import RequestedOutput, ShmInput, ShmWritten
+    from workers.shm import ShmRef
+
+    from workers.loaded import LoadedEngine
+
+    worker = FleetWorker(WorkerSpec("w", slots=2))
+    a = art(repo, "digits-mlp")
+    worker.load(a.manifest, repo.object_source(a.manifest), LoadOptions(max_queue_delay_us=5_000))
+    X = digits_test[0]
+    expected = infer(worker, "digits-mlp", {"input": X[:150]})
+    targets = []  # the arrays the chunks were written into, per request over max batch
+    output_arrays = LoadedEngine._output_arrays
+    monkeypatch.setattr(LoadedEngine, "_output_arrays",
+                        lambda self, rows, given: targets.append(output_arrays(self, rows, given)) or targets[-1])
+    region = shared_memory.SharedMemory(name=f"fftest_{uuid.uuid4().hex[:10]}", create=True, size=1 << 16)
+    try:
+        np.ndarray((150, 64), np.float32, buffer=region.buf)[:] = X[:150]
+        assert worker.register_shm("r", "/" + region.name, 0, 1 << 16)
+        outputs = {"probabilities": ShmRef("r", 150 * 10 * 4, 150 * 64 * 4), "label": ShmRef("r", 150 * 8, 150 * 74 * 4)}
+        request = InferRequest({}, outputs=[RequestedOutput(n, binary=True, shm=ref) for n, ref in outputs.items()],
+                               shm_inputs={"input": ShmInput(ShmRef("r", 150 * 64 * 4, 0), "FP32", (150, 64))})
+        small = threading.Thread(target=lambda: [infer(worker, "digits-mlp", {"input": X[i:i + 3]}) for i in range(20)])
+        small.start()
+        for _ in range(5):
+            reply = worker.infer("digits-mlp", request)
+            assert all(isinstance(reply.outputs[n], ShmWritten) for n in outputs)
+            np.testing.assert_array_equal(np.ndarray((150, 10), np.float32, buffer=region.buf, offset=150 * 64 * 4),
+                                          expected["probabilities"])
+            np.testing.assert_array_equal(np.ndarray((150,), np.int64, buffer=region.buf, offset=150 * 74 * 4),
+                                          expected["label"])
+            np.ndarray((150 * 12,), np.float32, buffer=region.buf, offset=150 * 64 * 4)[:] = -1  # the next writes anew
+        small.join()
+        # the region's own memory (views of the worker's mapping), not new arrays copied there after
+        assert len(targets) == 5 and all(t[n].base is not None for t in targets for n in outputs)
+    finally:
+        worker.unregister_shm("r")
+        worker.shutdown()
+        region.close()
+        region.unlink()
