@@ -59,7 +59,7 @@ class BatchJob:
     batch_size: int = 4096
     input_columns: dict[str, str] = field(default_factory=dict)  # model input -> dataset column
     output_columns: tuple[str, ...] = ()  # empty: every output
-    in_flight_per_worker: int = 4  # a part is copied in, scored and copied out: 4 keep a GPU busy meanwhile
+    in_flight_per_worker: int = 8  # a part is copied in, scored and copied out: 8 keep a GPU busy meanwhile
     output_tensors: str = "auto"  # "lists", "bytes" (cluster/tensor_columns.py), auto: bytes if the inputs are
     shared_memory: bool | None = None  # parts in shared memory: None tries it and falls back to Ray's object store
     max_retries: int = MAX_RETRIES_PER_PART  # per part, after a worker died or lost the engine under it
@@ -76,6 +76,10 @@ class Summary:
     transport: str = ""
     rows_per_worker: Counter = field(default_factory=Counter)
     devices: dict[str, str] = field(default_factory=dict)
+    # Where the job's own thread waited, in seconds: for the input (reading was the limit), for the
+    # workers (all parts it may have in flight out), for the writes (writing was the limit).
+    waited_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("input", "workers", "writes"), 0.0))
+    part_seconds: float = 0.0  # sum over parts of the time from sent to answered (mean = this / parts)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -87,6 +91,9 @@ class Summary:
         lines = [
             f"rows: {self.rows} ({self.rows_written} this run, {self.parts_skipped} of {self.parts} parts already done)",
             f"time: {self.seconds:.1f} s, {self.to_dict()['rows_per_s']:.0f} rows/s, retries: {self.retries}",
+            f"parts through {self.transport}, {1000 * self.part_seconds / max(1, self.parts - self.parts_skipped):.0f} ms "
+            f"each from sent to answered; waited {self.waited_s['input']:.1f} s for input, "
+            f"{self.waited_s['workers']:.1f} s for workers, {self.waited_s['writes']:.1f} s for writes",
             "share by device:",
         ]
         total = sum(self.rows_per_worker.values()) or 1
@@ -150,6 +157,7 @@ class _Part:
     feeds: dict
     worker: str = ""
     attempts: int = 0
+    sent: float = 0.0
 
 
 class Dispatcher:
@@ -180,7 +188,7 @@ class Dispatcher:
             while len(self.in_flight) >= self.job.in_flight_per_worker * max(1, len(self.fleet.workers)):
                 self.collect(block=True)
             if self.shm is not None:
-                part.worker = ""
+                part.worker, part.sent = "", time.monotonic()
                 self.in_flight[self.shm.send(part.feeds, self.fleet.version)] = part
                 return
         while True:
@@ -191,14 +199,16 @@ class Dispatcher:
         worker = min(free, key=lambda w: (self.load[w], -self.summary.rows_per_worker[w]))
         handle, device = self.fleet.workers[worker]
         self.summary.devices[worker] = device
-        part.worker = worker
+        part.worker, part.sent = worker, time.monotonic()
         self.in_flight[self.ray.send(handle, worker, self.fleet.version, part.feeds)] = part
         self.load[worker] += 1
 
     def collect(self, block: bool) -> None:
         if not self.in_flight:
             return
+        started = time.monotonic()
         done, _ = wait(list(self.in_flight), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        self.summary.waited_s["workers"] += time.monotonic() - started
         for future in done:
             part = self.in_flight.pop(future, None)
             if part is None:
@@ -216,8 +226,11 @@ class Dispatcher:
             if not part.worker:
                 self.shm_answered = True
                 self.summary.devices.setdefault(worker, self.fleet.workers.get(worker, (None, ""))[1])
+            self.summary.part_seconds += time.monotonic() - part.sent
+            started = time.monotonic()
             while len(self.writes) >= 2 * WRITER_THREADS:  # outputs waiting to be written stay bounded in memory
                 self.writes.pop(0).result()
+            self.summary.waited_s["writes"] += time.monotonic() - started
             self.writes.append(self.writer.submit(self.out.write_part, part.index, part.row_ids, outputs))
             self.summary.rows_per_worker[worker] += len(part.row_ids)
             self.summary.rows_written += len(part.row_ids)
@@ -279,7 +292,9 @@ class Dispatcher:
     def drain(self) -> None:
         while self.in_flight:
             self.collect(block=True)
+        started = time.monotonic()
         self._written(block=True)
+        self.summary.waited_s["writes"] += time.monotonic() - started
         self.writer.shutdown(wait=True)
 
     def close(self) -> None:
@@ -321,7 +336,13 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
     columns = sorted(set(mapping.values()))
     parts = data.batches(job.batch_size, columns, wanted=lambda i: not out.has_part(i))
     try:
-        for index, start, batch in parts:
+        while True:
+            started = time.monotonic()
+            item = next(parts, None)
+            summary.waited_s["input"] += time.monotonic() - started
+            if item is None:
+                break
+            index, start, batch = item
             if batch is None:
                 summary.parts_skipped += 1
                 continue

@@ -287,7 +287,7 @@ class FleetConfig(_Strict):
     memory_fraction: float = Field(0.9, gt=0, le=1)
     reserve_bytes: int = 0
     cpu_budget: int | None = None  # budget of a CPU device (default: fraction of RAM)
-    slots: int = Field(4, ge=1, le=256)
+    slots: int = Field(8, ge=1, le=256)  # configs/local.yaml says why 8
     intra_op_threads: int = Field(0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     ingress_replicas: int | None = Field(None, ge=1, le=64)  # HTTP ingress replicas; None: by CPU count

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from workers.errors import PayloadTooLarge
@@ -42,17 +40,6 @@ Handler = Callable[[RawHttpRequest], Awaitable[HttpAnswer]]
 DRAIN_BYTES = 256 << 20
 READ_BYTES = 256 << 10  # what one read takes for the parser (asyncio's own read size)
 DIRECT_BYTES = 64 << 10  # bodies from this size are read into one buffer of their own
-# Answers from this size are sent by a thread of their own, without the GIL (HttpConnection._send_off_loop).
-OFFLOAD_BYTES = int(os.environ.get("FLEET_HTTP_OFFLOAD_BYTES", 0))  # 0: never (the default until measured on a GPU host)
-SEND_TIMEOUT_S = 60.0  # a client that reads nothing of an answer for this long loses the connection
-_senders: ThreadPoolExecutor | None = None
-
-
-def _sender_pool() -> ThreadPoolExecutor:
-    global _senders
-    if _senders is None:
-        _senders = ThreadPoolExecutor(max_workers=16, thread_name_prefix="http-send")
-    return _senders
 
 _REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 413: b"Payload Too Large",
             500: b"Internal Server Error", 503: b"Service Unavailable"}
@@ -65,9 +52,7 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     A large body with a Content-Length is read by the kernel straight into one buffer of its
     size (``get_buffer``), not in pieces that are copied again to be joined: each copy of a 4 MB
-    body cost the event loop about a millisecond, on the thread that serves every request.
-    A large answer is sent by a thread of its own with a blocking send, which releases the GIL,
-    not by the event loop, whose write copies it into the kernel holding the GIL (``_send_off_loop``)."""
+    body cost the event loop about a millisecond, on the thread that serves every request."""
 
     def __init__(self, handler: Handler, limit: int) -> None:
         import httptools
@@ -83,9 +68,6 @@ class HttpConnection(asyncio.BufferedProtocol):
         self.direct: bytearray | None = None  # a body the kernel writes into (see get_buffer)
         self.filled = 0
         self.spare: bytearray | None = None  # the last such body, answered and no longer viewed
-        self.sender: socket.socket | None = None  # this connection's descriptor again, for _send_off_loop
-        self.sending = False
-        self.held: list[bytes] = []  # what arrived while an answer was being sent off the loop
         self._reset()
 
     def _reset(self) -> None:
@@ -103,9 +85,6 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc) -> None:
         self.transport = None
-        if self.sender is not None and not self.sending:
-            self.sender.close()
-            self.sender = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.direct is not None:  # exactly the rest of the body: what follows it goes to the parser
@@ -130,9 +109,6 @@ class HttpConnection(asyncio.BufferedProtocol):
         import httptools
 
         if self.transport is None:  # answered and closed: ignore the rest
-            return
-        if self.sending:  # parsed once the answer is out: nothing may write to the socket meanwhile
-            self.held.append(bytes(data))
             return
         try:
             self.parser.feed_data(data)
@@ -224,52 +200,16 @@ class HttpConnection(asyncio.BufferedProtocol):
                 except Exception as exc:  # never leave a client without an answer
                     log.exception("internal error")
                     answer = internal_error_answer(exc)
-                if 0 < OFFLOAD_BYTES <= answer.size and request.method != "HEAD" and self._can_send_off_loop():
-                    await self._send_off_loop(self._frame(answer, request.keep_alive), request.keep_alive)
-                else:
-                    self._write(answer, request.keep_alive, head_only=request.method == "HEAD")
+                self._write(answer, request.keep_alive, head_only=request.method == "HEAD")
                 if isinstance(request.body, bytearray) and _unviewed(request.body):
                     self.spare = request.body
         finally:
             self.busy = False
 
-    def _can_send_off_loop(self) -> bool:
-        """Plain TCP (no TLS), nothing of an earlier answer still queued on the transport."""
-        transport = self.transport
-        return (transport is not None and transport.get_extra_info("sslcontext") is None
-                and transport.get_extra_info("socket") is not None and transport.get_write_buffer_size() == 0)
-
-    async def _send_off_loop(self, parts: list[bytes], keep_alive: bool) -> None:
-        """Send an answer with a blocking send on a thread, through a duplicate of the connection's
-        descriptor. The event loop's own write copies a 4 MB answer into the kernel holding the GIL
-        (py-spy on an H200 host: 65-71 % of the worker's GIL time at 4 MB answers); a blocking
-        ``sendall`` does the same copy without it, while the loop and the engine's threads go on.
-        What the client sends meanwhile waits (``held``), so nothing else writes to the socket."""
-        assert self.transport is not None
-        if self.sender is None:
-            self.sender = socket.socket(fileno=os.dup(self.transport.get_extra_info("socket").fileno()))
-            self.sender.settimeout(SEND_TIMEOUT_S)  # the descriptor stays non-blocking; sendall polls
-        self.sending = True
-        try:
-            await asyncio.get_running_loop().run_in_executor(_sender_pool(), _send_all, self.sender, parts)
-        except OSError:  # the client went away, or stopped reading
-            self._close()
-        finally:
-            self.sending = False
+    def _write(self, answer: HttpAnswer, keep_alive: bool, head_only: bool = False, close: bool = True) -> None:
+        """Send ``answer``; without ``keep_alive`` it says "connection: close" and (``close``) closes."""
         if self.transport is None:
-            if self.sender is not None:
-                self.sender.close()
-                self.sender = None
             return
-        if not keep_alive:
-            self._close()
-            return
-        held, self.held = self.held, []
-        for data in held:
-            self.data_received(data)
-
-    def _frame(self, answer: HttpAnswer, keep_alive: bool, head_only: bool = False) -> list[bytes]:
-        """The status line and headers, then the body (chunked, with trailers, where it has them)."""
         body = [] if head_only else [answer.body, *answer.blobs]
         size = answer.size
         head = [b"HTTP/1.1 %d %s\r\n" % (answer.status, _REASONS.get(answer.status, b"Error"))]
@@ -287,31 +227,12 @@ class HttpConnection(asyncio.BufferedProtocol):
                                               for k, v in answer.trailers or ()) + b"\r\n")
         else:
             parts += body
-        return parts
-
-    def _write(self, answer: HttpAnswer, keep_alive: bool, head_only: bool = False, close: bool = True) -> None:
-        """Send ``answer``; without ``keep_alive`` it says "connection: close" and (``close``) closes."""
-        if self.transport is None:
-            return
-        parts = self._frame(answer, keep_alive, head_only)
-        if answer.size < 65536:
+        if size < 65536:
             self.transport.write(b"".join(parts))
         else:
             self.transport.writelines(parts)  # large answers: the outputs' own bytes, not joined first
         if not keep_alive and close:
             self._close()
-
-
-def _send_all(sock: socket.socket, parts: list[bytes]) -> None:
-    """Every byte of ``parts`` in as few system calls as the socket takes (sendmsg gathers them)."""
-    views = [v for v in (memoryview(p).cast("B") for p in parts) if v.nbytes]
-    while views:
-        sent = sock.sendmsg(views[:64])  # (IOV_MAX is 1024; an answer has a handful)
-        while views and sent >= views[0].nbytes:
-            sent -= views[0].nbytes
-            views.pop(0)
-        if sent:
-            views[0] = views[0][sent:]
 
 
 def _unviewed(buffer: bytearray) -> bool:
