@@ -209,6 +209,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "a local Ray per GPU count")
     p.add_argument("--batch-job-rows", type=int, default=0,
                    help="also score a Parquet file of this many rows with the batch job (0: skip; 200000 is 3.3 GB)")
+    p.add_argument("--batch-job-in-flight", default="", help="parts in flight per worker for the batch job, "
+                   "comma-separated: one job run each (default: the job's own default)")
     p.add_argument("--bare-threads", default=",".join(map(str, BARE_THREADS)),
                    help="threads sharing bare's one session, comma-separated (default %(default)s, and one session per "
                         "thread too; fewer, for a quicker look, measures bare only so)")
@@ -229,6 +231,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.bare_threads = tuple(int(t) for t in args.bare_threads.split(","))
+    args.batch_job_in_flight = [int(n) for n in args.batch_job_in_flight.split(",") if n]
     args.levels = parse_levels(args.levels, args.batches)
     return args
 

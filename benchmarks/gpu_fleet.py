@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -65,21 +66,25 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
                          f"{row['rows_per_s']:>10,.0f} rows/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
                          f"GPU busy {row['observed'].get('gpu_util_mean_pct', '?')} %  CPU % {row['observed']['cpu_pct_by_role']}")
         if args.batch_job_rows:
-            rows.append(batch_job_row(controller, model, args.batch_job_rows, n_gpus, work, feeds_for(1)["input"].shape[1],
-                                      args.profile))
-            job = rows[-1]
-            progress(f"batch-job          gpus={n_gpus} {job['rows_per_s']:>10,.0f} rows/s ({job['variant']})  GPU busy "
-                     f"{job['observed'].get('gpu_util_p50_pct', '?')} % (median)  CPU % {job['observed']['cpu_pct_by_role']}")
+            for job in batch_job_rows(controller, model, args.batch_job_rows, n_gpus, work, feeds_for(1)["input"].shape[1],
+                                      args.profile, args.batch_job_in_flight):
+                rows.append(job)
+                progress(f"batch-job          gpus={n_gpus} {job['rows_per_s']:>10,.0f} rows/s ({job['variant']})  GPU busy "
+                         f"{job['observed'].get('gpu_util_p50_pct', '?')} % (median)  CPU % {job['observed']['cpu_pct_by_role']}")
     finally:
         teardown()
         ray.shutdown()
     return rows
 
 
-def batch_job_row(controller, model: str, n_rows: int, n_gpus: int, work: Path, width: int, profile: bool) -> dict:
+def batch_job_rows(controller, model: str, n_rows: int, n_gpus: int, work: Path, width: int, profile: bool,
+                   in_flight: list[int]) -> Iterator[dict]:
     """The batch job (what `ray job submit ... python -m cluster.batch` runs, here in this driver) over a
     Parquet file of ``n_rows`` random rows, tensors stored as bytes (``cluster/tensor_columns.py``), so
-    the outputs are written as bytes too: rows/s from the first part sent to the last one written."""
+    the outputs are written as bytes too, once per parts-in-flight setting (none: the job's default):
+    rows/s from the job's start to the last part written."""
+    import shutil
+
     import numpy as np
 
     from cluster.batch import BatchJob, run_job
@@ -87,14 +92,18 @@ def batch_job_row(controller, model: str, n_rows: int, n_gpus: int, work: Path, 
     data = work / "batch-input.parquet"
     chunk = np.random.default_rng(7).standard_normal((16384, width), dtype=np.float32)  # what the rows hold does not matter
     write_tensor_rows(data, (chunk[:min(16384, n_rows - start)] for start in range(0, n_rows, 16384)), "bytes")
-    with observe(profile, min(10.0, max(2.0, n_rows / 100_000)), this_process="batch job (the bench's driver)") as observed:
-        summary = run_job(BatchJob(model, str(data), str(work / "batch-output"), batch_size=4096), controller)
-    seconds = max(summary.seconds, 1e-9)
-    return {"system": "batch-job", "variant": f"cluster.batch, {n_rows:,} rows in parts of 4,096, tensors as bytes, "
-            f"parts through {summary.transport}", "gpus": n_gpus,
-            "batch": 256, "concurrency": 0, "requests": summary.parts, "errors": 0, "duration_s": seconds,
-            "req_per_s": summary.parts / seconds, "rows_per_s": summary.rows_written / seconds, "p50_ms": 0.0,
-            "p99_ms": 0.0, "retries": summary.retries, "observed": observed}
+    for n in in_flight or [BatchJob.in_flight_per_worker]:
+        out = work / f"batch-output-{n}"
+        with observe(profile, min(10.0, max(2.0, n_rows / 100_000)), this_process="batch job (the bench's driver)") as observed:
+            summary = run_job(BatchJob(model, str(data), str(out), batch_size=4096, in_flight_per_worker=n), controller)
+        shutil.rmtree(out, ignore_errors=True)  # 16 KB a row: the next run's room
+        seconds = max(summary.seconds, 1e-9)
+        yield {"system": "batch-job", "variant": f"cluster.batch, {n_rows:,} rows in parts of 4,096, {n} in flight, "
+               f"tensors as bytes, parts through {summary.transport}", "gpus": n_gpus,
+               "batch": 256, "concurrency": n, "requests": summary.parts, "errors": 0, "duration_s": seconds,
+               "req_per_s": summary.parts / seconds, "rows_per_s": summary.rows_written / seconds, "p50_ms": 0.0,
+               "p99_ms": 0.0, "retries": summary.retries, "waited_s": summary.waited_s,
+               "part_ms": 1000 * summary.part_seconds / max(1, summary.parts), "observed": observed}
 
 
 class _Measure:
