@@ -301,7 +301,10 @@ class Dispatcher:
         """The writes in flight end (or remove their temporary file); shared memory is given back."""
         self.writer.shutdown(wait=True)
         if self.shm_sender is not None:
-            self.shm_sender.close()
+            try:
+                self.shm_sender.close()
+            except Exception as exc:  # noqa: BLE001  (cleanup: the job's own outcome is what the caller hears)
+                self.say(f"  could not give the job's shared memory regions back cleanly: {exc}")
 
 
 def run_job(job: BatchJob, controller, progress=None) -> Summary:

@@ -74,9 +74,20 @@ class ShmParts:
         return asyncio.run_coroutine_threadsafe(call(), self.loop)
 
     def close(self) -> None:
-        """Unregister and unlink the regions; stop the loop."""
+        """Cancel the parts still in flight (a job that failed leaves some), unregister and unlink the
+        regions, stop the loop."""
+
+        async def shut() -> None:
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            await self.client.close()
+
         try:
-            asyncio.run_coroutine_threadsafe(self.client.close(), self.loop).result(timeout=60)
+            asyncio.run_coroutine_threadsafe(shut(), self.loop).result(timeout=60)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
+            if not self.thread.is_alive():
+                self.loop.close()

@@ -59,10 +59,13 @@ def test_fleet_batch_and_jobs_wrap_the_ray_cli(fleet):
     work, config, _, env = fleet
     data = write_parquet_rows(work / "small.parquet", digits_rows(1000))
     result = subprocess.run(FLEET + ["batch", "--config", str(config), "--model", "digits-mlp", "--input", str(data),
-                                     "--output", str(work / "small-out"), "--batch-size", "300"],
+                                     "--output", str(work / "small-out"), "--batch-size", "300", "--output-tensors", "bytes",
+                                     "--shared-memory", "off", "--in-flight", "2"],
                             cwd=work, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert len(list((work / "small-out").glob("part-*.parquet"))) == 4
+    assert "--output-tensors bytes --shared-memory off --in-flight 2" in result.stdout + result.stderr  # passed on
+    assert "parts through Ray's object store, output tensors as bytes" in result.stdout + result.stderr
     jobs = subprocess.run(FLEET + ["jobs", "--config", str(config)], cwd=work, capture_output=True, text=True, timeout=60,
                           env=env)
     assert jobs.returncode == 0 and "SUCCEEDED" in jobs.stdout
