@@ -10,7 +10,9 @@ them, so faster GPUs serve more), and writes ``part-NNNNN.parquet`` with the inp
 row ids and the outputs. Each part is written once, atomically; a rerun into the
 same ``--output`` skips finished parts; a worker lost mid-part costs a retry of
 that part on another worker, never a row. Input and output may be local paths or
-URIs (``s3://...``; ``cluster/batch_io.py``).
+URIs (``s3://...``; ``cluster/batch_io.py``). Tensors may be stored as lists of numbers
+or as bytes (``cluster/tensor_columns.py``); parts travel in shared memory where the
+fleet allows it, else through Ray's object store (``cluster/batch_send.py``).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class BatchJob:
     input_columns: dict[str, str] = field(default_factory=dict)  # model input -> dataset column
     output_columns: tuple[str, ...] = ()  # empty: every output
     in_flight_per_worker: int = 8  # a part is copied in, scored and copied out: 8 keep a GPU busy meanwhile
-    output_tensors: str = "auto"  # "lists", "bytes" (cluster/tensor_columns.py), auto: bytes if the inputs are
+    output_tensors: str = "auto"  # "lists", "bytes" (cluster/tensor_columns.py); auto: as the inputs are stored
     shared_memory: bool | None = None  # parts in shared memory: None tries it and falls back to Ray's object store
     max_retries: int = MAX_RETRIES_PER_PART  # per part, after a worker died or lost the engine under it
 
