@@ -10,9 +10,10 @@ helper API, ~268 MB of FP32 weights) it measures, at batch 1 and batch 256:
   bare          the fleet's own engine class (workers.engines.onnxruntime, CUDA provider,
                 same session options) called in-process: the GPU's limit for this model
   fleet-client  the in-cluster Python path (no HTTP): the DataPlane (route + worker call, as
-                the ingress and the batch job use it) from up to 4 client actors per GPU
+                the ingress uses it, and the batch job without shared memory) from up to 4 client actors per GPU
   fleet-client-shm  the in-cluster client (cluster.incluster.InClusterClient) from the same actors,
                 its tensors in shared memory of the client's process instead of Ray's object store
+                (what the batch job uses where the fleet allows shared memory)
   fleet-http-binary  KServe v2 binary over HTTP, closed-loop load from a separate process
   fleet-http-shm     the Python client, FleetClient(shared_memory=True), from several
                 processes on the host: tensors in the client's shared memory region, only
