@@ -134,16 +134,18 @@ def test_row_groups_read_in_parallel_keep_file_order_and_resume(tmp_path, thread
 def test_a_reader_that_stops_early_releases_its_threads(tmp_path):
     import threading
     write_groups(tmp_path / "g.parquet", X, [100] * 10)
-    before = threading.active_count()
+    before = set(threading.enumerate())  # (a thread of an earlier test may end meanwhile: compare who, not how many)
     parts = InputRows(str(tmp_path / "g.parquet")).batches(50, ["input"], threads=4, prefetch=1)
     _, _, first = next(parts)
     np.testing.assert_array_equal(first["input"], X[:50])
+    started = [t for t in threading.enumerate() if t not in before]
+    assert started  # the reader's threads, which close() must stop
     parts.close()
     import time
     deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
+    while any(t.is_alive() for t in started) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert threading.active_count() == before
+    assert not [t.name for t in started if t.is_alive()]
 
 
 def test_a_broken_row_group_fails_the_job_in_order(tmp_path):
