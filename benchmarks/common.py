@@ -329,16 +329,12 @@ def write_tensor_rows(path: Path, chunks: "Iterator", tensors: str = "lists") ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cluster.tensor_columns import bytes_column, bytes_field, list_column
+    from cluster.tensor_columns import tensor_column
 
     writer = None
     try:
         for chunk in chunks:
-            if tensors == "bytes":
-                field, column = bytes_field("input", chunk), bytes_column(chunk)
-            else:
-                column = list_column(chunk)
-                field = pa.field("input", column.type)
+            field, column = tensor_column("input", chunk, tensors)
             table = pa.Table.from_arrays([column], schema=pa.schema([field]))
             writer = writer or pq.ParquetWriter(path, table.schema, use_dictionary=False, compression="none")
             writer.write_table(table, row_group_size=len(chunk))

@@ -34,7 +34,7 @@ from workers.cpus import usable_cpus
 from workers.errors import InvalidInput
 from workers.storage import Store, StoreSpec
 
-from cluster.tensor_columns import bytes_column, bytes_field, column_to_numpy, list_column
+from cluster.tensor_columns import column_to_numpy, tensor_column
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
@@ -302,13 +302,9 @@ def encode_part(row_ids: np.ndarray, outputs: dict[str, np.ndarray], tensors: st
     """A part's table: ``row_id`` and each output, tensors as lists or as bytes (``cluster/tensor_columns.py``)."""
     fields, columns = [pa.field("row_id", pa.int64())], [pa.array(row_ids, type=pa.int64())]
     for name, array in outputs.items():
-        if tensors == "bytes" and array.ndim > 1:
-            fields.append(bytes_field(name, array))
-            columns.append(bytes_column(array))
-        else:
-            column = list_column(array)
-            fields.append(pa.field(name, column.type))
-            columns.append(column)
+        field, column = tensor_column(name, array, tensors)
+        fields.append(field)
+        columns.append(column)
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 

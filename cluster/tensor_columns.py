@@ -27,18 +27,31 @@ DTYPE_KEY, SHAPE_KEY = b"dtype", b"shape"
 ENCODINGS = ("lists", "bytes")
 
 
+def tensor_column(name: str, array: np.ndarray, encoding: str = "lists") -> tuple[pa.Field, pa.Array]:
+    """``array``'s rows as one column ``name`` and its field: as bytes (``encoding="bytes"``, for
+    arrays of 2 or more dimensions) or as lists of numbers (plain values for 1-D arrays)."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"tensor encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
+    if encoding == "bytes" and array.ndim > 1:
+        return bytes_field(name, array), bytes_column(array)
+    column = list_column(array)
+    return pa.field(name, column.type), column
+
+
+def _row_bytes(array: np.ndarray) -> int:
+    return int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
+
+
 def bytes_field(name: str, array: np.ndarray) -> pa.Field:
     """The Parquet/Arrow field of ``array``'s rows as bytes, with the metadata that reads them back."""
-    row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
-    return pa.field(name, pa.binary(row_bytes), nullable=False,
+    return pa.field(name, pa.binary(_row_bytes(array)), nullable=False,
                     metadata={DTYPE_KEY: array.dtype.name.encode(), SHAPE_KEY: json.dumps(list(array.shape[1:])).encode()})
 
 
 def bytes_column(array: np.ndarray) -> pa.FixedSizeBinaryArray:
     """Each row of ``array`` as one fixed-size binary value (no copy of a C-contiguous little-endian array)."""
     array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), len(array), [None, pa.py_buffer(array)])
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(_row_bytes(array)), len(array), [None, pa.py_buffer(array)])
 
 
 def list_column(array: np.ndarray) -> pa.Array:

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.batch_io import InputRows, PartsOutput
-from cluster.tensor_columns import as_input, bytes_column, bytes_field, column_to_numpy
+from cluster.tensor_columns import as_input, bytes_column, bytes_field, column_to_numpy, tensor_column
 from workers.errors import InvalidInput
 from workers.tensors import TensorSpec
 
@@ -77,3 +77,14 @@ def test_parts_written_as_bytes_read_back_with_the_reader(tmp_path):
     (_, _, batch), = InputRows(str(tmp_path / "out" / "part-00000.parquet")).batches(100, ["output", "label"])
     np.testing.assert_array_equal(batch["output"], X[:100])
     np.testing.assert_array_equal(batch["label"], np.arange(100))
+
+
+def test_tensor_column_writes_either_encoding_and_reads_back_the_same_rows():
+    for encoding, kind in (("bytes", pa.types.is_fixed_size_binary), ("lists", pa.types.is_fixed_size_list)):
+        field, column = tensor_column("x", X, encoding)
+        assert kind(field.type) and field.type == column.type
+        np.testing.assert_array_equal(column_to_numpy(column, "x", field).reshape(X.shape), X)
+    field, column = tensor_column("label", np.arange(5), "bytes")  # one value a row stays a plain column
+    assert field.type == pa.int64() and column.to_pylist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="tensor encoding 'json': use one of lists, bytes"):
+        tensor_column("x", X, "json")
