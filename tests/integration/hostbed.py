@@ -175,7 +175,9 @@ class HostBed:
             host.earlier.append(host.proc)
         env = {**env, MARKER: self.bed_id, "TMPDIR": "/tmp"}
         host.proc = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--fork", "--mount-proc", "--mount", "--uts",
+            # --kill-child: the host's PID namespace ends with this process, however it ends (a killed
+            # `unshare --fork` alone leaves its child, the namespace's first process, running).
+            ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--kill-child", "--mount-proc", "--mount", "--uts",
              "--propagation", "private", "sh", "-c", script],
             env=env, stdout=open(host.log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
         return host

@@ -312,6 +312,8 @@ def test_a_host_leaves_drained_and_joins_again(bed):
           f"{len(failed)} failed; served by {dict(by_host)}")
     assert left["rc"] == 0, left["out"]
     assert not failed, failed[:3]
+    # `fleet join --block` (the host's first process) returns once `fleet leave` has stopped its node
+    assert fleet.bed.hosts["v100-host"].proc.wait(60) == 0, "fleet join --block did not exit 0 after fleet leave"
     wait_for(lambda: not node_alive("v100-node"), 60, "the V100 host's node gone")
     hosts = {h["name"]: h for h in status(bed)["hosts"]}
     assert set(hosts["v100-node"]["workers"].values()) == {"waiting for its host"}, hosts
