@@ -38,6 +38,7 @@ from workers.manifest import Manifest  # noqa: E402
 from workers.tensors import TensorSpec  # noqa: E402
 
 from cluster.batch_io import TMP_GLOB, InputRows, PartsOutput, io_threads  # noqa: E402,F401  (TMP_GLOB: for callers)
+from cluster.batch_report import PROGRESS_EVERY_S, Progress, Summary  # noqa: E402
 from cluster.batch_send import RayParts, ShmParts  # noqa: E402
 from cluster.calls import Failure, classify, get  # noqa: E402
 from cluster.names import CONTROLLER_NAME, NAMESPACE  # noqa: E402
@@ -65,43 +66,7 @@ class BatchJob:
     output_tensors: str = "auto"  # "lists", "bytes" (cluster/tensor_columns.py); auto: as the inputs are stored
     shared_memory: bool | None = None  # parts in shared memory: None tries it and falls back to Ray's object store
     max_retries: int = MAX_RETRIES_PER_PART  # per part, after a worker died or lost the engine under it
-
-
-@dataclass
-class Summary:
-    rows: int = 0
-    rows_written: int = 0
-    parts: int = 0
-    parts_skipped: int = 0
-    retries: int = 0
-    seconds: float = 0.0
-    transport: str = ""
-    rows_per_worker: Counter = field(default_factory=Counter)
-    devices: dict[str, str] = field(default_factory=dict)
-    # Where the job's own thread waited, in seconds: for the input (reading was the limit), for the
-    # workers (all parts it may have in flight out), for the writes (writing was the limit).
-    waited_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("input", "workers", "writes"), 0.0))
-    part_seconds: float = 0.0  # sum over parts of the time from sent to answered (mean = this / parts)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["rows_per_worker"] = dict(self.rows_per_worker)
-        d["rows_per_s"] = self.rows_written / self.seconds if self.seconds else 0.0
-        return d
-
-    def render(self) -> str:
-        lines = [
-            f"rows: {self.rows} ({self.rows_written} this run, {self.parts_skipped} of {self.parts} parts already done)",
-            f"time: {self.seconds:.1f} s, {self.to_dict()['rows_per_s']:.0f} rows/s, retries: {self.retries}",
-            f"parts through {self.transport}, {1000 * self.part_seconds / max(1, self.parts - self.parts_skipped):.0f} ms "
-            f"each from sent to answered; waited {self.waited_s['input']:.1f} s for input, "
-            f"{self.waited_s['workers']:.1f} s for workers, {self.waited_s['writes']:.1f} s for writes",
-            "share by device:",
-        ]
-        total = sum(self.rows_per_worker.values()) or 1
-        for worker, rows in sorted(self.rows_per_worker.items()):
-            lines.append(f"  {worker:<24} {self.devices.get(worker, ''):<28} {rows:>9} rows  {100 * rows / total:5.1f} %")
-        return "\n".join(lines)
+    progress_every_s: float = PROGRESS_EVERY_S  # a progress line this often (0: none)
 
 
 # ---- reading ---------------------------------------------------------------------
@@ -171,6 +136,7 @@ class Dispatcher:
     def __init__(self, job: BatchJob, fleet: FleetWorkers, out: PartsOutput, wanted: list[str], summary: Summary,
                  say: Callable[[str], None], shm: ShmParts | None = None) -> None:
         self.job, self.fleet, self.out, self.wanted, self.summary, self.say = job, fleet, out, wanted, summary, say
+        self.progress = Progress(summary, say, job.progress_every_s)
         self.ray = RayParts(fleet.model, wanted)
         self.shm = shm  # until it fails before its first answer (then the object store, for good)
         self.shm_sender = shm  # closed when the job ends
@@ -237,6 +203,7 @@ class Dispatcher:
             self.summary.rows_per_worker[worker] += len(part.row_ids)
             self.summary.rows_written += len(part.row_ids)
         self._written(block=False)
+        self.progress.tick()
 
     def _shm_unusable(self, exc: BaseException) -> bool:
         """Whether a part in shared memory failed because shared memory cannot work here (the fleet
@@ -350,6 +317,7 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
             index, start, batch = item
             if batch is None:
                 summary.parts_skipped += 1
+                summary.rows_skipped += min(job.batch_size, rows - start)
                 continue
             row_ids = np.arange(start, start + len(batch[columns[0]]), dtype=np.int64)
             dispatcher.submit(_Part(index, row_ids, {name: as_input(batch[col], specs[name], col) for name, col in mapping.items()}))
@@ -387,6 +355,8 @@ def parse_args(argv: list[str] | None = None) -> BatchJob:
                              "auto falls back to Ray's object store where it cannot (default %(default)s)")
     parser.add_argument("--in-flight", type=int, default=BatchJob.in_flight_per_worker,
                         help="parts in flight per worker (default %(default)s)")
+    parser.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S, metavar="SECONDS",
+                        help="a progress line this often, 0 for none (default %(default)s)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
@@ -403,6 +373,7 @@ def parse_args(argv: list[str] | None = None) -> BatchJob:
         input_columns=columns, output_columns=tuple(c for c in args.output_columns.split(",") if c),
         max_retries=args.max_retries, in_flight_per_worker=args.in_flight, output_tensors=args.output_tensors,
         shared_memory={"auto": None, "on": True, "off": False}[args.shared_memory],
+        progress_every_s=args.progress_every,
     )
 
 

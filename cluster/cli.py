@@ -279,10 +279,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     job = [sys.executable, "-m", "cluster.batch", "--model", args.model, "--input", _abs(args.input),
            "--output", _abs(args.output), "--batch-size", str(args.batch_size)]
-    for column in args.input_column:
-        job += ["--input-column", column]
-    for name in ("version", "output_columns", "output_tensors", "shared_memory", "in_flight"):
-        if getattr(args, name):
+    job += [arg for column in args.input_column for arg in ("--input-column", column)]
+    for name in ("version", "output_columns", "output_tensors", "shared_memory", "in_flight", "progress_every"):
+        if getattr(args, name) is not None:
             job += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     cmd = [ray_cli_path(), "job", "submit", "--address", _dashboard(args)]
     if args.working_dir:
@@ -396,6 +395,7 @@ def _add_serving_commands(sub) -> None:
     p.add_argument("--output-tensors", choices=("auto", "lists", "bytes"), help="output tensors as lists or bytes (default auto: as the input's)")
     p.add_argument("--shared-memory", choices=("auto", "on", "off"), help="parts in shared memory where the fleet allows it (default auto)")
     p.add_argument("--in-flight", type=int, help="parts in flight per worker (default 8)")
+    p.add_argument("--progress-every", type=float, metavar="SECONDS", help="a progress line this often, 0 for none (default 10)")
     p.add_argument("--working-dir", help="passed to `ray job submit --working-dir` (not needed on one machine)")
     p.add_argument("--address", help="Ray dashboard address (default: http://127.0.0.1:<dashboard_port of --config>)")
     p.add_argument("--config", help="fleet config (for its dashboard port)")

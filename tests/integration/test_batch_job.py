@@ -1,5 +1,6 @@
 """Batch inference submitted with the real `ray job submit` CLI to a head with its dashboard on 127.0.0.1."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,11 +61,12 @@ def test_fleet_batch_and_jobs_wrap_the_ray_cli(fleet):
     data = write_parquet_rows(work / "small.parquet", digits_rows(1000))
     result = subprocess.run(FLEET + ["batch", "--config", str(config), "--model", "digits-mlp", "--input", str(data),
                                      "--output", str(work / "small-out"), "--batch-size", "300", "--output-tensors", "bytes",
-                                     "--shared-memory", "off", "--in-flight", "2"],
+                                     "--shared-memory", "off", "--in-flight", "2", "--progress-every", "0.001"],
                             cwd=work, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert len(list((work / "small-out").glob("part-*.parquet"))) == 4
-    assert "--output-tensors bytes --shared-memory off --in-flight 2" in result.stdout + result.stderr  # passed on
+    assert "--output-tensors bytes --shared-memory off --in-flight 2 --progress-every 0.001" in result.stdout + result.stderr
+    assert re.search(r"  [\d,]+ of 1,000 rows \(\d+ %\) in \d+ s, [\d,]+ rows/s", result.stdout + result.stderr)  # progress
     assert "parts through Ray's object store, output tensors as bytes" in result.stdout + result.stderr
     jobs = subprocess.run(FLEET + ["jobs", "--config", str(config)], cwd=work, capture_output=True, text=True, timeout=60,
                           env=env)

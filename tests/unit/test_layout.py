@@ -15,7 +15,8 @@ PACKAGES = ("workers", "cluster", "benchmarks")
 PURE = ("workers.targets", "workers.ledger", "workers.manifest", "workers.tensors", "workers.messages",
         "workers.devices", "cluster.router", "cluster.inventory", "cluster.frontdoor.routes", "cluster.controller.views",
         "cluster.controller.head", "workers.gpu_health", "workers.warmup", "cluster.triton.mapping",
-        "cluster.rollout", "cluster.runtime_policy", "workers.trust", "cluster.upgrade")
+        "cluster.rollout", "cluster.runtime_policy", "workers.trust", "cluster.upgrade", "cluster.batch_report",
+        "cluster.tensor_columns")
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
 

@@ -1,0 +1,77 @@
+"""What a batch job says about itself: a line every few seconds while it runs, its summary at the end.
+
+No Ray here: ``cluster/batch.py`` fills a ``Summary`` as parts come back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass
+class Summary:
+    rows: int = 0
+    rows_written: int = 0
+    parts: int = 0
+    parts_skipped: int = 0
+    rows_skipped: int = 0  # in parts an earlier run wrote
+    retries: int = 0
+    seconds: float = 0.0
+    transport: str = ""
+    rows_per_worker: Counter = field(default_factory=Counter)
+    devices: dict[str, str] = field(default_factory=dict)
+    # Where the job's own thread waited, in seconds: for the input (reading was the limit), for the
+    # workers (all parts it may have in flight out), for the writes (writing was the limit).
+    waited_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("input", "workers", "writes"), 0.0))
+    part_seconds: float = 0.0  # sum over parts of the time from sent to answered (mean = this / parts)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rows_per_worker"] = dict(self.rows_per_worker)
+        d["rows_per_s"] = self.rows_written / self.seconds if self.seconds else 0.0
+        return d
+
+    def render(self) -> str:
+        lines = [
+            f"rows: {self.rows} ({self.rows_written} this run, {self.parts_skipped} of {self.parts} parts already done)",
+            f"time: {self.seconds:.1f} s, {self.to_dict()['rows_per_s']:.0f} rows/s, retries: {self.retries}",
+            f"parts through {self.transport}, {1000 * self.part_seconds / max(1, self.parts - self.parts_skipped):.0f} ms "
+            f"each from sent to answered; waited {self.waited_s['input']:.1f} s for input, "
+            f"{self.waited_s['workers']:.1f} s for workers, {self.waited_s['writes']:.1f} s for writes",
+            "share by device:",
+        ]
+        total = sum(self.rows_per_worker.values()) or 1
+        for worker, rows in sorted(self.rows_per_worker.items()):
+            lines.append(f"  {worker:<24} {self.devices.get(worker, ''):<28} {rows:>9} rows  {100 * rows / total:5.1f} %")
+        return "\n".join(lines)
+
+
+class Progress:
+    """One line every ``every_s`` seconds (0: none) while the job runs: rows written of those this
+    run has to do, the rate since it started and the time left at that rate."""
+
+    def __init__(self, summary: Summary, say: Callable[[str], None], every_s: float = PROGRESS_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.summary, self.say, self.every_s, self.clock = summary, say, every_s, clock
+        self.started = clock()
+        self.next_at = self.started + every_s
+
+    def tick(self) -> None:
+        """Say where the job is, when a line is due."""
+        if self.every_s <= 0:
+            return
+        now = self.clock()
+        if now < self.next_at:
+            return
+        self.next_at = now + self.every_s
+        s = self.summary
+        todo = max(1, s.rows - s.rows_skipped)
+        rate = s.rows_written / (now - self.started) if now > self.started else 0.0
+        left = f", about {(todo - s.rows_written) / rate:.0f} s left" if rate else ""
+        self.say(f"  {s.rows_written:,} of {todo:,} rows ({100 * s.rows_written / todo:.0f} %) in "
+                 f"{now - self.started:.0f} s, {rate:,.0f} rows/s{left}")

@@ -1,0 +1,63 @@
+"""The batch job's progress lines and summary (cluster/batch_report.py): pure, driven by a clock we step."""
+
+from cluster.batch_report import Progress, Summary
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_line_when_due_with_rows_rate_and_time_left():
+    clock, said = Clock(), []
+    summary = Summary(rows=10_000, parts=10)
+    progress = Progress(summary, said.append, every_s=5, clock=clock)
+    summary.rows_written = 2_000
+    clock.now += 4.9
+    progress.tick()
+    assert said == []  # not due yet
+    clock.now += 0.1
+    progress.tick()
+    assert said == ["  2,000 of 10,000 rows (20 %) in 5 s, 400 rows/s, about 20 s left"]
+    summary.rows_written = 3_000
+    clock.now += 1
+    progress.tick()
+    assert len(said) == 1  # the next one is 5 s after the last
+
+
+def test_parts_done_by_an_earlier_run_are_not_counted_as_work_left():
+    clock, said = Clock(), []
+    summary = Summary(rows=10_000, parts=10, parts_skipped=5, rows_skipped=5_000)
+    progress = Progress(summary, said.append, every_s=1, clock=clock)
+    summary.rows_written = 2_500
+    clock.now += 10
+    progress.tick()
+    assert said == ["  2,500 of 5,000 rows (50 %) in 10 s, 250 rows/s, about 10 s left"]
+
+
+def test_no_lines_when_turned_off_or_before_any_row():
+    clock, said = Clock(), []
+    summary = Summary(rows=100, parts=1)
+    Progress(summary, said.append, every_s=0, clock=clock).tick()
+    clock.now += 100
+    Progress(summary, said.append, every_s=0, clock=clock).tick()
+    assert said == []
+    quiet = Progress(summary, said.append, every_s=1, clock=clock)
+    clock.now += 2
+    quiet.tick()
+    assert said == ["  0 of 100 rows (0 %) in 2 s, 0 rows/s"]  # no rate yet: no time left either
+
+
+def test_summary_renders_rate_transport_and_share_by_device():
+    summary = Summary(rows=4_000, rows_written=4_000, parts=4, seconds=2.0, transport="shared memory",
+                      part_seconds=0.4)
+    summary.rows_per_worker.update({"w1": 3_000, "w2": 1_000})
+    summary.devices.update({"w1": "H100", "w2": "T4"})
+    text = summary.render()
+    assert "time: 2.0 s, 2000 rows/s, retries: 0" in text
+    assert "parts through shared memory, 100 ms each from sent to answered" in text
+    assert "w1" in text and " 75.0 %" in text and " 25.0 %" in text
+    assert summary.to_dict()["rows_per_s"] == 2000.0
