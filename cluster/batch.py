@@ -184,7 +184,7 @@ class Dispatcher:
             if part.worker:
                 self.load[part.worker] -= 1
             try:
-                outputs, worker = future.result()
+                outputs, worker, release = future.result()
             except Exception as exc:
                 if not part.worker and self._shm_unusable(exc):
                     self.submit(part)
@@ -199,11 +199,17 @@ class Dispatcher:
             while len(self.writes) >= 2 * WRITER_THREADS:  # outputs waiting to be written stay bounded in memory
                 self.writes.pop(0).result()
             self.summary.waited_s["writes"] += time.monotonic() - started
-            self.writes.append(self.writer.submit(self.out.write_part, part.index, part.row_ids, outputs))
+            self.writes.append(self.writer.submit(self._write, part.index, part.row_ids, outputs, release))
             self.summary.rows_per_worker[worker] += len(part.row_ids)
             self.summary.rows_written += len(part.row_ids)
         self._written(block=False)
         self.progress.tick()
+
+    def _write(self, index: int, row_ids: np.ndarray, outputs: dict, release: Callable[[], None]) -> None:
+        try:
+            self.out.write_part(index, row_ids, outputs)
+        finally:
+            release()  # the part's region, where its outputs were read in place
 
     def _shm_unusable(self, exc: BaseException) -> bool:
         """Whether a part in shared memory failed because shared memory cannot work here (the fleet

@@ -33,6 +33,7 @@ the fleet does not allow shared memory or no worker of this host mapped the regi
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -54,12 +55,19 @@ from cluster.shm_arena import ShmArena, ShmPlan, written_outputs
 SHM_FROM_BYTES = 1 << 16  # smaller inputs travel inside the Ray call itself (Ray inlines them)
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclass
 class Answer:
-    """One call's outputs and who served it (``fleet_worker``, ``fleet_device``, ...)."""
+    """One call's outputs and who served it (``fleet_worker``, ``fleet_device``, ...). With
+    ``in_place=True`` the outputs may view the call's shared memory region: ``release()`` (from any
+    thread, once they are no longer used) gives it back for later calls."""
 
     outputs: dict[str, np.ndarray]
     parameters: dict
+    release: Callable[[], None] = _nothing
 
 
 class InClusterClient:
@@ -83,12 +91,18 @@ class InClusterClient:
         return (await self.infer_with_parameters(model, inputs, version=version, outputs=outputs)).outputs
 
     async def infer_with_parameters(self, model: str, inputs: dict[str, np.ndarray], *, version: str | None = None,
-                                    outputs: list[str] | None = None) -> Answer:
+                                    outputs: list[str] | None = None, in_place: bool = False) -> Answer:
+        """``in_place``: outputs written into shared memory stay there (no copy out) until the answer's
+        ``release()``; meanwhile this call's region serves no other call."""
         big = sum(np.asarray(a).nbytes for a in inputs.values()) >= SHM_FROM_BYTES
         if self.shared_memory or (self.shared_memory is None and big):
             arena = self._free.pop() if self._free else self._new_arena()
+            kept = False
             try:
-                return await self._infer_shm(arena, model, inputs, version, outputs, big)
+                answer = await self._infer_shm(arena, model, inputs, version, outputs, big, in_place)
+                if in_place:
+                    answer.release, kept = self._giver_back(arena), True
+                return answer
             except (SharedMemoryError, NotReady):
                 if self.shared_memory:
                     raise  # asked for: the caller should hear why not
@@ -97,11 +111,29 @@ class InClusterClient:
                     self._arenas.remove(arena)
                 # else no worker of this host serves the model: this call goes through the object store
             finally:
-                if arena in self._arenas:
+                if arena in self._arenas and not kept:
                     self._free.append(arena)
         wanted = [RequestedOutput(name, binary=True) for name in outputs] if outputs else None
         served = await self.plane.serve(model, version, InferRequest(inputs, outputs=wanted))
         return Answer({n: np.asarray(a) for n, a in served.outputs.items()}, served.parameters)
+
+    def _giver_back(self, arena: ShmArena) -> Callable[[], None]:
+        """A call that puts ``arena`` back among the free ones, on this client's event loop, once."""
+        loop = asyncio.get_running_loop()
+        pending = [arena]
+
+        def give_back(held: ShmArena) -> None:
+            if held in self._arenas:  # (close() took them all: nothing to give back)
+                self._free.append(held)
+
+        def release() -> None:
+            if pending:
+                try:
+                    loop.call_soon_threadsafe(give_back, pending.pop())
+                except RuntimeError:
+                    pass  # the loop is closed: so is the client, and its regions are gone
+
+        return release
 
     def _new_arena(self) -> ShmArena:
         controller = self.plane.controller
@@ -123,7 +155,7 @@ class InClusterClient:
         return specs
 
     async def _infer_shm(self, arena: ShmArena, model: str, inputs: dict[str, np.ndarray], version: str | None,
-                         outputs: list[str] | None, big: bool) -> Answer:
+                         outputs: list[str] | None, big: bool, in_place: bool = False) -> Answer:
         arrays = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
         specs = await self._specs(model, version)
         wanted = outputs or [s["name"] for s in specs]
@@ -145,9 +177,9 @@ class InClusterClient:
         parameters, result, written = answer
 
         def read() -> dict[str, np.ndarray]:
-            return {n: arena.read(plan.outputs[n], datatype, shape) for n, datatype, shape in written}
+            return {n: arena.read(plan.outputs[n], datatype, shape, copy=not in_place) for n, datatype, shape in written}
 
-        result.update(await asyncio.to_thread(read) if big else read())
+        result.update(await asyncio.to_thread(read) if big and not in_place else read())
         return Answer({n: result[n] for n in wanted if n in result}, parameters)
 
     async def _over_http(self, model: str, version: str | None, request: InferRequest, rest: dict[str, np.ndarray],

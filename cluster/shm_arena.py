@@ -117,12 +117,13 @@ class ShmArena:
         target = np.ndarray(array.shape, array.dtype.newbyteorder("<"), buffer=self._shm.buf, offset=ref.offset)
         np.copyto(target, array, casting="no" if array.dtype.byteorder in "=<|" else "equiv")
 
-    def read(self, ref: ShmRef, datatype: str, shape: list[int]) -> np.ndarray:
-        """A copy of an output the server wrote (the region is reused by the next request)."""
+    def read(self, ref: ShmRef, datatype: str, shape: list[int], copy: bool = True) -> np.ndarray:
+        """An output the server wrote: a copy (the region is reused by the next request), or with
+        ``copy=False`` a view of it in the region (the caller keeps the region until done with it)."""
         assert self._shm is not None
         dtype = DATATYPE_TO_NUMPY[datatype].newbyteorder("<")
         view = np.ndarray(tuple(shape), dtype, buffer=self._shm.buf, offset=ref.offset)
-        return view.astype(DATATYPE_TO_NUMPY[datatype], copy=True)
+        return view.astype(DATATYPE_TO_NUMPY[datatype], copy=True) if copy else view
 
     def release(self) -> None:
         """Unregister the region and unlink the object (also when the fleet is gone)."""
@@ -134,6 +135,9 @@ class ShmArena:
         except Exception:
             pass  # the fleet is down: the object still goes
         finally:
-            shm.close()
+            try:
+                shm.close()
+            except BufferError:
+                pass  # an output read in place is still viewed: unmapped when the last view goes
             shm.unlink()
             self.region = ""

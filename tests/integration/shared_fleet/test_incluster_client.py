@@ -109,3 +109,37 @@ def test_large_inputs_take_shared_memory_by_default_small_ones_the_ray_call(flee
     for name, expected in _expected(fleet["sources"]["cnn-small"], X).items():
         np.testing.assert_allclose(via_store[name], expected, rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(via_shm[name], via_store[name])
+
+
+def test_outputs_read_in_place_hold_their_region_until_released(fleet):
+    """``in_place=True``: the outputs are the region's own bytes (no copy out); while an answer is held
+    its region serves no other call; ``release()`` (here from another thread) gives it back."""
+    rng = np.random.default_rng(14)
+    first, second = rng.random((50, 64), dtype=np.float32), rng.random((70, 64), dtype=np.float32)
+
+    async def scenario():
+        client = InClusterClient(shared_memory=True)
+        try:
+            held = await client.infer_with_parameters("digits-mlp", {"input": first}, in_place=True)
+            kept = {name: array.copy() for name, array in held.outputs.items()}
+            views = all(array.base is not None and not array.flags.owndata for array in held.outputs.values())
+            other = await client.infer_with_parameters("digits-mlp", {"input": second}, in_place=True)
+            two = len(client._arenas)  # the held region was not reused
+            unchanged = all(np.array_equal(held.outputs[n], kept[n]) for n in kept)
+            await asyncio.to_thread(held.release)
+            held.release()  # a second release gives nothing back twice
+            await asyncio.sleep(0)  # the loop runs the give-back
+            free_after = len(client._free)
+            other.release()
+            await asyncio.sleep(0)
+            third = await client.infer("digits-mlp", {"input": first})
+            return kept, views, two, unchanged, free_after, len(client._arenas), third
+        finally:
+            await client.close()
+
+    kept, views, two, unchanged, free_after, arenas_after, third = asyncio.run(scenario())
+    assert views and two == 2 and unchanged and free_after == 1 and arenas_after == 2
+    expected = _expected(fleet["sources"]["digits-mlp"], first)
+    np.testing.assert_array_equal(kept["label"], expected["label"])
+    np.testing.assert_allclose(kept["probabilities"], expected["probabilities"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(third["label"], expected["label"])  # a reused region, copied out as before
