@@ -38,7 +38,7 @@ from workers.manifest import Manifest  # noqa: E402
 from workers.tensors import TensorSpec  # noqa: E402
 
 from cluster.batch_io import TMP_GLOB, InputRows, PartsOutput, io_threads  # noqa: E402,F401  (TMP_GLOB: for callers)
-from cluster.batch_report import PROGRESS_EVERY_S, Progress, Summary  # noqa: E402
+from cluster.batch_report import PROGRESS_EVERY_S, Progress, Summary, worker_time  # noqa: E402
 from cluster.batch_send import RayParts, ShmParts  # noqa: E402
 from cluster.calls import Failure, classify, get  # noqa: E402
 from cluster.names import CONTROLLER_NAME, NAMESPACE  # noqa: E402
@@ -282,6 +282,14 @@ class Dispatcher:
                 self.say(f"  could not give the job's shared memory regions back cleanly: {exc}")
 
 
+def _model_statistics(controller, model: str, version: str | None) -> dict | None:
+    """The model's statistics now; None where the fleet cannot say (the summary then leaves them out)."""
+    try:
+        return get(controller.model_statistics.remote(model, version), timeout=30)
+    except Exception:  # noqa: BLE001  (a report: the job's own outcome does not depend on it)
+        return None
+
+
 def run_job(job: BatchJob, controller, progress=None) -> Summary:
     progress = progress or sys.stderr
     say = lambda msg: print(msg, file=progress, flush=True)  # noqa: E731
@@ -313,6 +321,7 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
     specs = {s.name: s for s in manifest.inputs}
     columns = sorted(set(mapping.values()))
     parts = data.batches(job.batch_size, columns, wanted=lambda i: not out.has_part(i))
+    stats_before = _model_statistics(controller, job.model, fleet.version)
     try:
         while True:
             started = time.monotonic()
@@ -335,6 +344,9 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
         # temporary file) before the failure reaches the caller.
         dispatcher.close()
     summary.seconds = time.monotonic() - t0
+    stats_after = _model_statistics(controller, job.model, fleet.version) if stats_before is not None else None
+    if stats_before is not None and stats_after is not None:
+        summary.workers = worker_time(stats_before, stats_after)
     out.write_summary(summary.to_dict())
     say(summary.render())
     return summary

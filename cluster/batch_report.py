@@ -29,6 +29,7 @@ class Summary:
     # workers (all parts it may have in flight out), for the writes (writing was the limit).
     waited_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("input", "workers", "writes"), 0.0))
     part_seconds: float = 0.0  # sum over parts of the time from sent to answered (mean = this / parts)
+    workers: dict = field(default_factory=dict)  # what the model's engines did meanwhile (worker_time)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -45,6 +46,11 @@ class Summary:
             f"{self.waited_s['workers']:.1f} s for workers, {self.waited_s['writes']:.1f} s for writes",
             "share by device:",
         ]
+        if self.workers.get("runs"):
+            w = self.workers
+            lines.insert(3, f"the model's engines meanwhile: {w['runs']} runs of {w['rows'] / w['runs']:.0f} rows on average, "
+                            f"{1000 * w['compute_s'] / w['runs']:.2f} ms each; a request queued "
+                            f"{1000 * w['queue_s'] / max(1, w['requests']):.2f} ms on average (all traffic to the model)")
         total = sum(self.rows_per_worker.values()) or 1
         for worker, rows in sorted(self.rows_per_worker.items()):
             lines.append(f"  {worker:<24} {self.devices.get(worker, ''):<28} {rows:>9} rows  {100 * rows / total:5.1f} %")
@@ -75,3 +81,24 @@ class Progress:
         left = f", about {(todo - s.rows_written) / rate:.0f} s left" if rate else ""
         self.say(f"  {s.rows_written:,} of {todo:,} rows ({100 * s.rows_written / todo:.0f} %) in "
                  f"{now - self.started:.0f} s, {rate:,.0f} rows/s{left}")
+
+
+def worker_time(before: dict, after: dict) -> dict:
+    """What the model's engines did between two readings of its statistics (Triton's, as the fleet's
+    ``model_statistics`` gives them): runs, rows, requests (a part counts once per max-batch chunk),
+    the seconds they computed (summed over runs, which overlap on several slots) and queued."""
+    def totals(reading: dict) -> dict:
+        sums = dict.fromkeys(("runs", "rows", "requests", "compute_ns", "queue_ns"), 0)
+        for version in reading.get("model_stats", []):
+            stats = version["inference_stats"]
+            sums["runs"] += version["execution_count"]
+            sums["rows"] += version["inference_count"]
+            sums["requests"] += stats["success"]["count"]
+            sums["compute_ns"] += stats["compute_infer"]["ns"]
+            sums["queue_ns"] += stats["queue"]["ns"]
+        return sums
+
+    a, b = totals(before), totals(after)
+    d = {k: b[k] - a[k] for k in a}
+    return {"runs": d["runs"], "rows": d["rows"], "requests": d["requests"], "compute_s": d["compute_ns"] / 1e9,
+            "queue_s": d["queue_ns"] / 1e9}

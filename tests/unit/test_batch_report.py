@@ -1,6 +1,7 @@
 """The batch job's progress lines and summary (cluster/batch_report.py): pure, driven by a clock we step."""
 
-from cluster.batch_report import Progress, Summary
+from cluster.batch_report import Progress, Summary, worker_time
+from cluster.controller.views import model_statistics
 
 
 class Clock:
@@ -61,3 +62,21 @@ def test_summary_renders_rate_transport_and_share_by_device():
     assert "parts through shared memory, 100 ms each from sent to answered" in text
     assert "w1" in text and " 75.0 %" in text and " 25.0 %" in text
     assert summary.to_dict()["rows_per_s"] == 2000.0
+
+
+def _stats(runs: int, rows: int, run_us: float, queue_us: float) -> dict:
+    """The fleet's statistics of one model version (cluster.controller.views), from one worker's engine."""
+    engine = {"model": "mlp", "version": "1", "success": runs, "inference_count": rows, "exec_count": runs,
+              "queue_us": queue_us, "request_compute_us": run_us, "batch_sizes": {"256": runs},
+              "batch_compute_us": {"256": run_us}}
+    return model_statistics({"w1": {"engines": {"mlp:1": engine}}}, [("mlp", "1")])
+
+
+def test_worker_time_is_what_the_engines_did_between_two_readings():
+    before, after = _stats(10, 2_560, 8_000.0, 1_000.0), _stats(26, 6_656, 20_000.0, 5_000.0)
+    got = worker_time(before, after)
+    assert got == {"runs": 16, "rows": 4_096, "requests": 16, "compute_s": 0.012, "queue_s": 0.004}
+    summary = Summary(rows=4_096, rows_written=4_096, parts=1, seconds=1.0, transport="shared memory", workers=got)
+    assert ("the model's engines meanwhile: 16 runs of 256 rows on average, 0.75 ms each; a request queued "
+            "0.25 ms on average") in summary.render()
+    assert "engines meanwhile" not in Summary(rows=1, parts=1).render()  # nothing to say without statistics
