@@ -103,7 +103,8 @@ def batch_job_rows(controller, model: str, n_rows: int, n_gpus: int, work: Path,
                "batch": 256, "concurrency": n, "requests": summary.parts, "errors": 0, "duration_s": seconds,
                "req_per_s": summary.parts / seconds, "rows_per_s": summary.rows_written / seconds, "p50_ms": 0.0,
                "p99_ms": 0.0, "retries": summary.retries, "waited_s": summary.waited_s,
-               "part_ms": 1000 * summary.part_seconds / max(1, summary.parts), "observed": observed}
+               "part_ms": 1000 * summary.part_seconds / max(1, summary.parts), "engines": summary.workers,
+               "observed": observed}
 
 
 class _Measure:
