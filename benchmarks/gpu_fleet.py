@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
 
+from cluster.batch_report import worker_time
 from cluster.buildfarm import build_on_fleet
 from cluster.config import load_config
 from cluster.deploy import deploy, teardown
@@ -46,7 +48,7 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
         if not outcomes or not all(o.ok for o in outcomes):
             raise RuntimeError(f"building {model} on the fleet failed: {[o.error for o in outcomes]}")
         run = _Measure(model, n_gpus, args.duration, sorted({o.target.describe() for o in outcomes}),
-                       f"http://127.0.0.1:{config.port}", args.clients_per_gpu * n_gpus, tool, args.profile)
+                       f"http://127.0.0.1:{config.port}", args.clients_per_gpu * n_gpus, tool, args.profile, controller)
         # Several client actors: one Python process serializing 4 MB requests and reading 4 MB
         # answers tops out near 500 requests/s, below what one GPU serves at batch 256.
         in_cluster = {"fleet-client", "fleet-client-shm"} & set(args.systems)
@@ -64,12 +66,13 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
             for row in rows[first:]:
                 progress(f"{row['system']:<18} gpus={n_gpus} batch={batch:<4} c={row['concurrency']:<3} "
                          f"{row['rows_per_s']:>10,.0f} rows/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
-                         f"GPU busy {row['observed'].get('gpu_util_mean_pct', '?')} %  CPU % {row['observed']['cpu_pct_by_role']}")
+                         f"{_engines_text(row.get('engines'))}GPU busy {row['observed'].get('gpu_util_mean_pct', '?')} %  CPU % {row['observed']['cpu_pct_by_role']}")
         if args.batch_job_rows:
             for job in batch_job_rows(controller, model, args.batch_job_rows, n_gpus, work, feeds_for(1)["input"].shape[1],
                                       args.profile, args.batch_job_in_flight):
                 rows.append(job)
-                progress(f"batch-job          gpus={n_gpus} {job['rows_per_s']:>10,.0f} rows/s ({job['variant']})  GPU busy "
+                progress(f"batch-job          gpus={n_gpus} {job['rows_per_s']:>10,.0f} rows/s ({job['variant']})  "
+                         f"{_engines_text(job.get('engines'))}GPU busy "
                          f"{job['observed'].get('gpu_util_p50_pct', '?')} % (median)  CPU % {job['observed']['cpu_pct_by_role']}")
     finally:
         teardown()
@@ -111,33 +114,43 @@ class _Measure:
     """One system at one (batch, concurrency) on the deployed fleet."""
 
     def __init__(self, model: str, n_gpus: int, duration_s: float, targets: list[str], base_url: str, clients: int,
-                 tool: str, profile: bool) -> None:
+                 tool: str, profile: bool, controller) -> None:
         self.model, self.n_gpus, self.duration_s, self.targets = model, n_gpus, duration_s, targets
         self.base_url, self.clients, self.tool, self.profile = base_url, clients, tool, profile
+        self.controller = controller
+
+    @contextmanager
+    def engines(self) -> Iterator[dict]:
+        """What the model's engines did during the block: runs, rows, the ms a run took on its slot, the
+        time queued (the fleet's statistics before and after; ``cluster.batch_report.worker_time``)."""
+        seen: dict = {}
+        before = ray.get(self.controller.model_statistics.remote(self.model))
+        yield seen
+        seen.update(worker_time(before, ray.get(self.controller.model_statistics.remote(self.model))))
 
     def _row(self, system: str, variant: str, batch: int, c: int, latencies: list[float], elapsed: float,
-             observed: dict) -> dict:
-        return closed_loop_row(system, variant, batch, c, latencies, elapsed, gpus=self.n_gpus, targets=self.targets,
-                               observed=observed)
+             observed: dict, engines: dict) -> dict:
+        return {**closed_loop_row(system, variant, batch, c, latencies, elapsed, gpus=self.n_gpus, targets=self.targets,
+                                  observed=observed), "engines": engines}
 
     def client(self, clients: list, batch: int, c: int, feeds: dict, how: str = "dataplane") -> dict:
         """The DataPlane from client actors (``c`` concurrent calls spread over them); ``how="shm"``: the
         in-cluster client with its tensors in shared memory (system "fleet-client-shm")."""
         used = clients[:min(c, len(clients))]
         shares = [c // len(used) + (1 if i < c % len(used) else 0) for i in range(len(used))]
-        with observe(self.profile, self.duration_s) as observed:
+        with observe(self.profile, self.duration_s) as observed, self.engines() as engines:
             outs = ray.get([b.run.remote(how, self.model, feeds, n, self.duration_s) for b, n in zip(used, shares)])
         system, variant = ("fleet-client-shm", "InClusterClient(shared_memory=True)") if how == "shm" else \
             ("fleet-client", "dataplane")
         return self._row(system, f"{variant}, {len(used)} client actor(s)", batch, c,
-                         [x for o in outs for x in o["latencies"]], max(o["elapsed"] for o in outs), observed)
+                         [x for o in outs for x in o["latencies"]], max(o["elapsed"] for o in outs), observed, engines)
 
     def shm(self, batch: int, c: int, feeds: dict) -> dict:
         procs = min(c, self.clients)
-        with observe(self.profile, self.duration_s) as observed:
+        with observe(self.profile, self.duration_s) as observed, self.engines() as engines:
             out = shm_client_load(self.base_url, self.model, feeds, c, self.duration_s, procs)
         return self._row("fleet-http-shm", f"FleetClient(shared_memory=True), {procs} process(es)", batch, c,
-                         out["latencies"], out["elapsed"], observed)
+                         out["latencies"], out["elapsed"], observed, engines)
 
     def http_binary(self, batch: int, scale: list[int], feeds: dict) -> list[dict]:
         """KServe v2 binary over HTTP from the load generator (a separate process), every level."""
@@ -146,9 +159,17 @@ class _Measure:
         loadgen.run(url, body, headers, concurrency=max(scale), duration_s=2, tool=self.tool)  # warm-up
         rows = []
         for c in scale:
-            with observe(self.profile, self.duration_s) as observed:
+            with observe(self.profile, self.duration_s) as observed, self.engines() as engines:
                 r = loadgen.run(url, body, headers, concurrency=c, duration_s=self.duration_s, rows_per_request=batch,
                                 tool=self.tool)
             rows.append({"system": "fleet-http-binary", "variant": r.tool, "gpus": self.n_gpus, "batch": batch,
-                         "targets": self.targets, **r.to_dict(), "observed": observed})
+                         "targets": self.targets, **r.to_dict(), "observed": observed, "engines": engines})
         return rows
+
+
+def _engines_text(engines: dict | None) -> str:
+    """"runs 1.23 ms, queued 0.45 ms  " for a progress line (nothing without statistics)."""
+    if not engines or not engines.get("runs"):
+        return ""
+    return (f"runs {1000 * engines['compute_s'] / engines['runs']:.2f} ms of {engines['rows'] / engines['runs']:.0f} rows, "
+            f"queued {1000 * engines['queue_s'] / max(1, engines['requests']):.2f} ms  ")
