@@ -196,7 +196,9 @@ class Dispatcher:
                 self.summary.devices.setdefault(worker, self.fleet.workers.get(worker, (None, ""))[1])
             self.summary.part_seconds += time.monotonic() - part.sent
             started = time.monotonic()
-            while len(self.writes) >= 2 * WRITER_THREADS:  # outputs waiting to be written stay bounded in memory
+            # Outputs waiting to be written stay bounded in memory; read in place, each holds its part's
+            # region (a region more to register, and on a GPU worker to page-lock): no more than writers.
+            while len(self.writes) >= (WRITER_THREADS if not part.worker else 2 * WRITER_THREADS):
                 self.writes.pop(0).result()
             self.summary.waited_s["writes"] += time.monotonic() - started
             self.writes.append(self.writer.submit(self._write, part.index, part.row_ids, outputs, release))
