@@ -219,6 +219,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "fleet config's)")
     p.add_argument("--worker-http-loops", type=int, default=1,
                    help="event loops of the worker's own HTTP endpoint (the fleet config's worker_http_loops)")
+    p.add_argument("--gil-switch-ms", type=float, default=None,
+                   help="the workers' GIL switch interval (the fleet config's gil_switch_interval_ms; default "
+                        "Python's 5 ms; benchmarks.batcher_gil says why it may matter)")
     p.add_argument("--profile", action="store_true",
                    help="py-spy the GPU worker during every fleet row (GPU utilization and CPU per process are always "
                         "recorded, under each row's 'observed')")

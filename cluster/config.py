@@ -292,11 +292,11 @@ class FleetConfig(_Strict):
     max_ongoing_requests: int = Field(256, ge=1)
     ingress_replicas: int | None = Field(None, ge=1, le=64)  # HTTP ingress replicas; None: by CPU count
     worker_http_loops: int = Field(1, ge=1, le=16)  # event loops of a worker's HTTP endpoint (workers/http.py)
+    gil_switch_interval_ms: float | None = Field(None, gt=0, le=100)  # workers' sys.setswitchinterval; None: Python's 5
     max_request_bytes: int = 64 << 20
     auth_token: str | None = None  # bearer token for repository/admin calls (env FLEET_AUTH_TOKEN)
     auth_inference: bool = False  # require the token for inference and metadata too
-    # HAProxy on `port` sends inference straight to a worker holding the model (one hop);
-    # the rest goes to Ray Serve on `serve_port` (None: a free port picked at start).
+    # HAProxy on `port` sends inference straight to a worker holding the model (one hop); the rest to Serve on `serve_port`
     front_door: bool = True
     serve_port: int | None = Field(None, ge=1, le=65535)
     # KServe v2 / Triton gRPC (inference.GRPCInferenceService) on its own port, as Triton's 8001;

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class WorkerSpec:
     build_wait_s: float = 120.0  # how long a build waits for room in this device's budget (it never evicts)
     labels: dict = field(default_factory=dict, hash=False, compare=False)
     environment: tuple[str, ...] = ()  # requirements of the Python environment it starts in (its GPU type's)
+    # How long a Python thread may hold the GIL while another waits for it (None: Python's 5 ms). An engine
+    # thread back from a GPU run waits up to this long for a busy thread to let go (docs/performance.md).
+    gil_switch_interval_ms: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.memory_fraction <= 1:
@@ -144,6 +148,8 @@ class FleetWorker:
         """``read_object``: reads an artifact sent through Ray's object store (``ray.get``; the fleet's
         subclass passes it)."""
         self.spec = spec
+        if spec.gil_switch_interval_ms is not None:
+            sys.setswitchinterval(spec.gil_switch_interval_ms / 1000)
         limit_cublas_workspace()  # before the probe's CUDA run makes the process's first cuBLAS handle
         self.artifacts = ArtifactCache(default_cache_root(), spec.cache_bytes, read_object)
         self.device = _resolve_device(spec)
