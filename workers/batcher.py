@@ -7,10 +7,12 @@ batch size). At most ``slots`` batches run at once (one execution context each).
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,6 +21,7 @@ import numpy as np
 from workers.tensors import batch_rows
 
 Feeds = dict[str, np.ndarray]
+log = logging.getLogger("forward-fleet.batcher")
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,18 @@ class DynamicBatcher:
         self._clock = clock
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
-        self._slots = threading.Semaphore(slots)
-        self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="batch")
+        # One thread per slot takes the batches; a token in ``_free`` is a slot with nothing to do. Both
+        # queues are C (queue.SimpleQueue): a hand-off is two calls that hold the GIL for microseconds,
+        # where a Semaphore and a ThreadPoolExecutor took Python-level locks, a Future and a work item.
+        self._free: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._batches: queue.SimpleQueue[list[_Pending] | None] = queue.SimpleQueue()
+        for _ in range(slots):
+            self._free.put(True)
         self._stats_lock = threading.Lock()
         self._closed = False
+        self._runners = [threading.Thread(target=self._serve, name=f"batch_{i}", daemon=True) for i in range(slots)]
+        for runner in self._runners:
+            runner.start()
         self._collector = threading.Thread(target=self._collect, name="batch-collector", daemon=True)
         self._collector.start()
 
@@ -123,7 +134,10 @@ class DynamicBatcher:
             self._closed = True
             self._cond.notify_all()
         self._collector.join()
-        self._pool.shutdown(wait=True)
+        for _ in self._runners:  # after every batch the collector handed over
+            self._batches.put(None)
+        for runner in self._runners:
+            runner.join()
 
     # ---- collector thread ------------------------------------------------------
     def _collect(self) -> None:
@@ -155,8 +169,16 @@ class DynamicBatcher:
                     if late or rows >= limit or blocked or (rows in preferred and not self._queue):
                         break
                     self._cond.wait(deadline - self._clock())
-            self._slots.acquire()  # while we wait for a free context, the next batch keeps filling
-            self._pool.submit(self._execute, batch)
+            self._free.get()  # while we wait for a free slot, the next batch keeps filling
+            self._batches.put(batch)
+
+    def _serve(self) -> None:
+        """One slot: run the batches it is handed until close()."""
+        while (batch := self._batches.get()) is not None:
+            try:
+                self._execute(batch)
+            except BaseException:  # e.g. a caller cancelled its future: the slot lives on
+                log.exception("a batch's results could not be handed back")
 
     def _execute(self, batch: list[_Pending]) -> None:
         try:
@@ -184,4 +206,4 @@ class DynamicBatcher:
             for p, out in zip(batch, outputs):
                 p.future.set_result(out)
         finally:
-            self._slots.release()
+            self._free.put(True)

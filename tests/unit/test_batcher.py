@@ -116,3 +116,47 @@ def test_worker_batches_concurrent_requests(tmp_path, demo_models, digits_test):
     assert stats["batching"] and stats["success"] == 32 and stats["exec_count"] < 32
     assert out == list(worker.infer("m", InferRequest({"input": X})).outputs["label"])
     worker.shutdown()
+
+
+def test_slots_bound_the_runs_at_once_and_a_cancelled_request_costs_no_slot(mlp, digits_test):
+    """``slots`` runs at most at once, and all of them used; a request whose caller cancelled its future
+    before the answer leaves its slot serving: afterwards two runs still meet at once (the engine here is
+    the real one, gated)."""
+    running, peak, lock, gate = [0], [0], threading.Lock(), threading.Event()
+    both = threading.Barrier(2, timeout=10)  # passed only by two runs at the same time
+    meet = [False]
+
+    def run(feeds, out=None):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        gate.wait(10)
+        if meet[0]:
+            both.wait()
+        try:
+            return mlp.run(feeds, out)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    X = digits_test[0][:64].astype(np.float32)
+    batcher = DynamicBatcher(run, BatchingOptions(max_batch=8, max_queue_delay_us=0), slots=2)
+    try:
+        futures = [batcher.submit_nowait({"input": X[i:i + 8]}) for i in range(0, 64, 8)]  # 8 full batches
+        cancelled = futures[-1].cancel()  # still queued behind the gate: its caller gave up
+        threading.Timer(0.2, gate.set).start()
+        outputs = [f.result(timeout=10) for f in futures[:-1]]
+        for _ in range(1000):  # the cancelled request's batch runs too (and is not answered)
+            if batcher.stats.exec_count == 8:
+                break
+            threading.Event().wait(0.01)
+        meet[0] = True
+        later = [batcher.submit_nowait({"input": X[i:i + 8]}) for i in (0, 8)]
+        later = [f.result(timeout=20) for f in later]  # both slots still serve
+    finally:
+        batcher.close()
+    assert cancelled and peak[0] == 2
+    expected = mlp.run({"input": X})["label"]
+    np.testing.assert_array_equal(np.concatenate([o["label"] for o in outputs]), expected[:56])
+    np.testing.assert_array_equal(np.concatenate([o["label"] for o in later]), expected[:16])
+    assert not any(t.is_alive() for t in batcher._runners)  # close() ended every slot's thread
