@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import ray
 
-from cluster.batch_report import worker_time
 from cluster.buildfarm import build_on_fleet
 from cluster.config import load_config
 from cluster.deploy import deploy, teardown
@@ -120,14 +119,12 @@ class _Measure:
         self.base_url, self.clients, self.tool, self.profile = base_url, clients, tool, profile
         self.controller = controller
 
-    @contextmanager
-    def engines(self) -> Iterator[dict]:
+    def engines(self) -> AbstractContextManager[dict]:
         """What the model's engines did during the block: runs, rows, the ms a run took on its slot, the
-        time queued (the fleet's statistics before and after; ``cluster.batch_report.worker_time``)."""
-        seen: dict = {}
-        before = ray.get(self.controller.model_statistics.remote(self.model))
-        yield seen
-        seen.update(worker_time(before, ray.get(self.controller.model_statistics.remote(self.model))))
+        time queued (``cluster.batch.engines_during``, as the batch job's summary has them)."""
+        from cluster.batch import engines_during
+
+        return engines_during(self.controller, self.model)
 
     def _row(self, system: str, variant: str, batch: int, c: int, latencies: list[float], elapsed: float,
              observed: dict, engines: dict) -> dict:

@@ -22,7 +22,8 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
@@ -174,9 +175,8 @@ class Dispatcher:
     def collect(self, block: bool) -> None:
         if not self.in_flight:
             return
-        started = time.monotonic()
-        done, _ = wait(list(self.in_flight), timeout=None if block else 0, return_when=FIRST_COMPLETED)
-        self.summary.waited_s["workers"] += time.monotonic() - started
+        with self.summary.waiting("workers"):
+            done, _ = wait(list(self.in_flight), timeout=None if block else 0, return_when=FIRST_COMPLETED)
         for future in done:
             part = self.in_flight.pop(future, None)
             if part is None:
@@ -195,12 +195,11 @@ class Dispatcher:
                 self.shm_answered = True
                 self.summary.devices.setdefault(worker, self.fleet.workers.get(worker, (None, ""))[1])
             self.summary.part_seconds += time.monotonic() - part.sent
-            started = time.monotonic()
             # Outputs waiting to be written stay bounded in memory; read in place, each holds its part's
             # region (a region more to register, and on a GPU worker to page-lock): no more than writers.
-            while len(self.writes) >= (WRITER_THREADS if not part.worker else 2 * WRITER_THREADS):
-                self.writes.pop(0).result()
-            self.summary.waited_s["writes"] += time.monotonic() - started
+            with self.summary.waiting("writes"):
+                while len(self.writes) >= (WRITER_THREADS if not part.worker else 2 * WRITER_THREADS):
+                    self.writes.pop(0).result()
             self.writes.append(self.writer.submit(self._write, part.index, part.row_ids, outputs, release))
             self.summary.rows_per_worker[worker] += len(part.row_ids)
             self.summary.rows_written += len(part.row_ids)
@@ -269,9 +268,8 @@ class Dispatcher:
     def drain(self) -> None:
         while self.in_flight:
             self.collect(block=True)
-        started = time.monotonic()
-        self._written(block=True)
-        self.summary.waited_s["writes"] += time.monotonic() - started
+        with self.summary.waiting("writes"):
+            self._written(block=True)
         self.writer.shutdown(wait=True)
 
     def close(self) -> None:
@@ -285,11 +283,23 @@ class Dispatcher:
 
 
 def _model_statistics(controller, model: str, version: str | None) -> dict | None:
-    """The model's statistics now; None where the fleet cannot say (the summary then leaves them out)."""
+    """The model's statistics now; None where the fleet cannot say."""
     try:
         return get(controller.model_statistics.remote(model, version), timeout=30)
-    except Exception:  # noqa: BLE001  (a report: the job's own outcome does not depend on it)
+    except Exception:  # noqa: BLE001  (a report: nothing depends on it)
         return None
+
+
+@contextmanager
+def engines_during(controller, model: str, version: str | None = None) -> Iterator[dict]:
+    """What the model's engines did during the block (``batch_report.worker_time``: runs, rows, compute
+    and queue time), filled in when it ends; left empty where the fleet could not say."""
+    seen: dict = {}
+    before = _model_statistics(controller, model, version)
+    yield seen
+    after = _model_statistics(controller, model, version) if before is not None else None
+    if before is not None and after is not None:
+        seen.update(worker_time(before, after))
 
 
 def run_job(job: BatchJob, controller, progress=None) -> Summary:
@@ -323,32 +333,29 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
     specs = {s.name: s for s in manifest.inputs}
     columns = sorted(set(mapping.values()))
     parts = data.batches(job.batch_size, columns, wanted=lambda i: not out.has_part(i))
-    stats_before = _model_statistics(controller, job.model, fleet.version)
-    try:
-        while True:
-            started = time.monotonic()
-            item = next(parts, None)
-            summary.waited_s["input"] += time.monotonic() - started
-            if item is None:
-                break
-            index, start, batch = item
-            if batch is None:
-                summary.parts_skipped += 1
-                summary.rows_skipped += min(job.batch_size, rows - start)
-                continue
-            row_ids = np.arange(start, start + len(batch[columns[0]]), dtype=np.int64)
-            dispatcher.submit(_Part(index, row_ids, {name: as_input(batch[col], specs[name], col) for name, col in mapping.items()}))
-            dispatcher.collect(block=False)
-        dispatcher.drain()
-    finally:
-        parts.close()  # the reader thread stops
-        # A job that fails leaves whole parts only: the writes in flight end (or remove their
-        # temporary file) before the failure reaches the caller.
-        dispatcher.close()
-    summary.seconds = time.monotonic() - t0
-    stats_after = _model_statistics(controller, job.model, fleet.version) if stats_before is not None else None
-    if stats_before is not None and stats_after is not None:
-        summary.workers = worker_time(stats_before, stats_after)
+    with engines_during(controller, job.model, fleet.version) as engines:
+        try:
+            while True:
+                with summary.waiting("input"):
+                    item = next(parts, None)
+                if item is None:
+                    break
+                index, start, batch = item
+                if batch is None:
+                    summary.parts_skipped += 1
+                    summary.rows_skipped += min(job.batch_size, rows - start)
+                    continue
+                row_ids = np.arange(start, start + len(batch[columns[0]]), dtype=np.int64)
+                dispatcher.submit(_Part(index, row_ids, {name: as_input(batch[col], specs[name], col) for name, col in mapping.items()}))
+                dispatcher.collect(block=False)
+            dispatcher.drain()
+        finally:
+            parts.close()  # the reader thread stops
+            # A job that fails leaves whole parts only: the writes in flight end (or remove their
+            # temporary file) before the failure reaches the caller.
+            dispatcher.close()
+        summary.seconds = time.monotonic() - t0
+    summary.workers = engines
     out.write_summary(summary.to_dict())
     say(summary.render())
     return summary

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 PROGRESS_EVERY_S = 10.0
@@ -30,6 +31,13 @@ class Summary:
     waited_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("input", "workers", "writes"), 0.0))
     part_seconds: float = 0.0  # sum over parts of the time from sent to answered (mean = this / parts)
     workers: dict = field(default_factory=dict)  # what the model's engines did meanwhile (worker_time)
+
+    @contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        """The block's time counts as the job's thread waiting for ``what`` (input, workers, writes)."""
+        started = time.monotonic()
+        yield
+        self.waited_s[what] += time.monotonic() - started
 
     def to_dict(self) -> dict:
         d = asdict(self)

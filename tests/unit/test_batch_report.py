@@ -1,5 +1,7 @@
 """The batch job's progress lines and summary (cluster/batch_report.py): pure, driven by a clock we step."""
 
+import threading
+
 from cluster.batch_report import Progress, Summary, worker_time
 from cluster.controller.views import model_statistics
 
@@ -80,3 +82,11 @@ def test_worker_time_is_what_the_engines_did_between_two_readings():
     assert ("the model's engines meanwhile: 16 runs of 256 rows on average, 0.75 ms each; a request queued "
             "0.25 ms on average") in summary.render()
     assert "engines meanwhile" not in Summary(rows=1, parts=1).render()  # nothing to say without statistics
+
+
+def test_waiting_adds_the_blocks_time_to_what_the_job_waited_for():
+    summary = Summary()
+    for _ in range(2):
+        with summary.waiting("writes"):
+            threading.Event().wait(0.01)
+    assert summary.waited_s["writes"] >= 0.02 and summary.waited_s["input"] == summary.waited_s["workers"] == 0
