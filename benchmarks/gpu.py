@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cluster.console import say
@@ -102,20 +104,21 @@ def fp32_peak(gpu_name: str) -> float | None:
     return next((peak for key, peak in FP32_PEAK_TFLOPS.items() if key in gpu_name), None)
 
 
-def _threads_loop(engines: list, feeds: dict, threads: int, duration_s: float) -> tuple[list[float], float]:
-    """``threads`` threads calling ``engines[i % len(engines)].run`` in a closed loop; all latencies."""
+def threads_loop(call_for: Callable[[int], Callable[[], object]], threads: int,
+                 duration_s: float) -> tuple[list[float], float]:
+    """``threads`` threads, thread ``i`` calling ``call_for(i)`` in a closed loop; all latencies."""
     import threading
 
     latencies: list[list[float]] = [[] for _ in range(threads)]
     start = threading.Barrier(threads + 1)
 
     def loop(i: int) -> None:
-        engine = engines[i % len(engines)]
+        call = call_for(i)
         start.wait()
         end = time.perf_counter() + duration_s
         while time.perf_counter() < end:
             t0 = time.perf_counter()
-            engine.run(feeds)
+            call()
             latencies[i].append(time.perf_counter() - t0)
 
     workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
@@ -126,6 +129,11 @@ def _threads_loop(engines: list, feeds: dict, threads: int, duration_s: float) -
     for w in workers:
         w.join()
     return [x for lat in latencies for x in lat], time.perf_counter() - t0
+
+
+def _runs(engines: list, feeds: dict) -> Callable[[int], Callable[[], object]]:
+    """Thread i runs ``feeds`` on ``engines[i % len(engines)]``."""
+    return lambda i: functools.partial(engines[i % len(engines)].run, feeds)
 
 
 def bench_bare(model_path: Path, batches: list[int], width: int, duration_s: float,
@@ -146,12 +154,12 @@ def bench_bare(model_path: Path, batches: list[int], width: int, duration_s: flo
                     engine.run(feeds)
             for threads in threads_list:
                 with observe(False, duration_s) as observed:
-                    latencies, elapsed = _threads_loop(engines[:1], feeds, threads, duration_s)
+                    latencies, elapsed = threads_loop(_runs(engines[:1], feeds), threads, duration_s)
                 rows.append(closed_loop_row("bare", f"one session, {threads} thread(s)", batch, threads, latencies,
                                             elapsed, gpus=1, sessions=1, observed=observed))
             for sessions in sessions_list:
                 with observe(False, duration_s) as observed:
-                    latencies, elapsed = _threads_loop(engines[:sessions], feeds, sessions, duration_s)
+                    latencies, elapsed = threads_loop(_runs(engines[:sessions], feeds), sessions, duration_s)
                 rows.append(closed_loop_row("bare", f"{sessions} sessions, one thread each", batch, sessions,
                                             latencies, elapsed, gpus=1, sessions=sessions, observed=observed))
     finally:

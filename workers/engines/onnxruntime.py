@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import _pybind_state as ort_c
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
 from workers.custom_ops import session_options
@@ -175,25 +176,38 @@ class OnnxRuntimeEngine(Engine):
         return dict(zip(self._output_names, results))
 
     def _infer_into(self, feeds: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """IOBinding: ONNX Runtime writes the outputs named in ``out`` straight into those arrays
-        (with CUDA: the device-to-host copy lands there, a DMA when the memory is pinned), so
-        no output array is allocated and copied again."""
+        """ONNX Runtime writes the outputs straight into the arrays of ``out`` (with CUDA: the
+        device-to-host copy lands there, a DMA when the memory is page-locked), so no output array
+        is allocated and copied again.
+
+        Not through an IOBinding: its ``bind_cpu_input`` copies the input to the GPU at once, holding
+        the GIL, with ``cudaMemcpy`` on CUDA's legacy default stream, which waits for every run in
+        flight on ONNX Runtime's (blocking) streams. Each bind drained the GPU and stalled every other
+        Python thread (docs/performance.md). Here the inputs are CPU values over the callers' memory,
+        copied inside ``Run`` on the run's own stream with the GIL released, as ``session.run`` does."""
         assert self._session is not None
-        binding = self._session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        if set(out) != set(self._output_names) or any(a.dtype == np.object_ for a in feeds.values()):
+            return super()._infer_into(feeds, out)  # an output to be sized by the run: run, then copy
+        cpu = _cpu_device()
+        feed_values = ort_c.OrtValueVector()
+        arrays = [np.ascontiguousarray(a) for a in feeds.values()]  # alive until Run returns
+        for array in arrays:
+            feed_values.push_back(ort_c.OrtValue.ortvalue_from_numpy(array, cpu))
+        fetch_values = ort_c.OrtValueVector()
         for name in self._output_names:
-            target = out.get(name)
-            if target is None:
-                binding.bind_output(name, "cpu")
-            else:
-                binding.bind_output(name, "cpu", 0, target.dtype.type, list(target.shape), target.ctypes.data)
+            fetch_values.push_back(ort_c.OrtValue.ortvalue_from_numpy(out[name], cpu))
         try:
-            self._session.run_with_iobinding(binding)
+            self._session._sess.run_with_ortvaluevector(
+                ort_c.RunOptions(), list(feeds), feed_values, self._output_names, fetch_values,
+                [cpu] * len(self._output_names))
         except OrtInvalidArgument as exc:
             raise self._refused(exc) from None
-        values = binding.get_outputs()
-        return {name: out[name] if name in out else value.numpy() for name, value in zip(self._output_names, values)}
+        return dict(out)
+
+
+def _cpu_device():
+    """ONNX Runtime's name for ordinary host memory (page-locked or not: CUDA tells them apart itself)."""
+    return ort_c.OrtDevice(ort_c.OrtDevice.cpu(), ort_c.OrtDevice.default_memory(), 0)
 
 
 def _ort_strings(name: str, array: np.ndarray) -> np.ndarray:
