@@ -323,9 +323,11 @@ def processes_by_role(root: int) -> dict[str, list[int]]:
     return out
 
 
-def write_tensor_rows(path: Path, chunks: "Iterator", tensors: str = "lists") -> Path:
+def write_tensor_rows(path: Path, chunks: "Iterator", tensors: str = "lists", dictionary: bool = False) -> Path:
     """A Parquet file of one tensor column, ``input``: each numpy chunk a row group, its rows as
-    fixed-size lists of numbers or as bytes (``cluster/tensor_columns.py``): what the batch job reads."""
+    fixed-size lists of numbers or as bytes (``cluster/tensor_columns.py``): what the batch job reads.
+    ``dictionary``: dictionary-encode the column (chunks that repeat a few rows then take little disk;
+    a reader still gets every row in full)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -336,7 +338,8 @@ def write_tensor_rows(path: Path, chunks: "Iterator", tensors: str = "lists") ->
         for chunk in chunks:
             field, column = tensor_column("input", chunk, tensors)
             table = pa.Table.from_arrays([column], schema=pa.schema([field]))
-            writer = writer or pq.ParquetWriter(path, table.schema, use_dictionary=False, compression="none")
+            writer = writer or pq.ParquetWriter(path, table.schema, use_dictionary=dictionary, compression="none",
+                                                dictionary_pagesize_limit=1 << 30)
             writer.write_table(table, row_group_size=len(chunk))
     finally:
         if writer is not None:

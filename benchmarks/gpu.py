@@ -220,6 +220,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also score a Parquet file of this many rows with the batch job (0: skip; 200000 is 3.3 GB)")
     p.add_argument("--batch-job-in-flight", default="", help="parts in flight per worker for the batch job, "
                    "comma-separated: one job run each (default: the job's own default)")
+    p.add_argument("--batch-job-repeat", type=int, default=0,
+                   help="the batch job's input repeats this many distinct rows in each row group of 16,384, "
+                        "dictionary-encoded (2,000,000 rows of 16 KB fit the lent disk; 0: every row distinct)")
     p.add_argument("--bare-threads", default=",".join(map(str, BARE_THREADS)),
                    help="threads sharing bare's one session, comma-separated (default %(default)s, and one session per "
                         "thread too; fewer, for a quicker look, measures bare only so)")
