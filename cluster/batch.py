@@ -158,6 +158,7 @@ class Dispatcher:
                 self.collect(block=True)
             if self.shm is not None:
                 part.worker, part.sent = "", time.monotonic()
+                self.summary.mark("first sent")
                 self.in_flight[self.shm.send(part.feeds, self.fleet.version)] = part
                 return
         while True:
@@ -169,6 +170,7 @@ class Dispatcher:
         handle, device = self.fleet.workers[worker]
         self.summary.devices[worker] = device
         part.worker, part.sent = worker, time.monotonic()
+        self.summary.mark("first sent")
         self.in_flight[self.ray.send(handle, worker, self.fleet.version, part.feeds)] = part
         self.load[worker] += 1
 
@@ -195,6 +197,8 @@ class Dispatcher:
                 self.shm_answered = True
                 self.summary.devices.setdefault(worker, self.fleet.workers.get(worker, (None, ""))[1])
             self.summary.part_seconds += time.monotonic() - part.sent
+            self.summary.mark("first answered")
+            self.summary.mark("last answered", first_only=False)
             # Outputs waiting to be written stay bounded in memory; read in place, each holds its part's
             # region (a region more to register, and on a GPU worker to page-lock): no more than writers.
             with self.summary.waiting("writes"):
@@ -323,7 +327,7 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
     out = PartsOutput(job.output, tensors)
     out.prepare({"model": job.model, "version": job.version, "input": job.input, "batch_size": job.batch_size,
                  "rows": rows})
-    summary = Summary(rows=rows, parts=-(-rows // job.batch_size))
+    summary = Summary(rows=rows, parts=-(-rows // job.batch_size), started=t0)
     shm = ShmParts(controller, job.model, wanted) if job.shared_memory is not False else None
     dispatcher = Dispatcher(job, fleet, out, wanted, summary, say, shm)
     summary.transport = dispatcher.transport
@@ -349,6 +353,7 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
                 dispatcher.submit(_Part(index, row_ids, {name: as_input(batch[col], specs[name], col) for name, col in mapping.items()}))
                 dispatcher.collect(block=False)
             dispatcher.drain()
+            summary.mark("all written")
         finally:
             parts.close()  # the reader thread stops
             # A job that fails leaves whole parts only: the writes in flight end (or remove their

@@ -31,6 +31,15 @@ class Summary:
     waited_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("input", "workers", "writes"), 0.0))
     part_seconds: float = 0.0  # sum over parts of the time from sent to answered (mean = this / parts)
     workers: dict = field(default_factory=dict)  # what the model's engines did meanwhile (worker_time)
+    # Seconds from the job's start to its first part sent, first answered, last answered and all parts
+    # written: before the first and after the last is the job's own start and end (opening, regions, writes).
+    timeline: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic, repr=False)
+
+    def mark(self, event: str, first_only: bool = True) -> None:
+        """When ``event`` (first sent, first answered, last answered) happened, from the job's start."""
+        if not (first_only and event in self.timeline):
+            self.timeline[event] = round(time.monotonic() - self.started, 3)
 
     @contextmanager
     def waiting(self, what: str) -> Iterator[None]:
@@ -42,6 +51,7 @@ class Summary:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["rows_per_worker"] = dict(self.rows_per_worker)
+        d.pop("started")
         d["rows_per_s"] = self.rows_written / self.seconds if self.seconds else 0.0
         return d
 
@@ -54,6 +64,11 @@ class Summary:
             f"{self.waited_s['workers']:.1f} s for workers, {self.waited_s['writes']:.1f} s for writes",
             "share by device:",
         ]
+        t = self.timeline
+        if {"first sent", "first answered", "last answered"} <= set(t):
+            written = f", all written at {t['all written']:.1f} s" if "all written" in t else ""
+            lines.insert(3, f"timeline: first part sent at {t['first sent']:.1f} s, first answered at {t['first answered']:.1f} s, "
+                            f"last answered at {t['last answered']:.1f} s{written}, done at {self.seconds:.1f} s")
         if self.workers.get("runs"):
             w = self.workers
             lines.insert(3, f"the model's engines meanwhile: {w['runs']} runs of {w['rows'] / w['runs']:.0f} rows on average, "

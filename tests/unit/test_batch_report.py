@@ -90,3 +90,22 @@ def test_waiting_adds_the_blocks_time_to_what_the_job_waited_for():
         with summary.waiting("writes"):
             threading.Event().wait(0.01)
     assert summary.waited_s["writes"] >= 0.02 and summary.waited_s["input"] == summary.waited_s["workers"] == 0
+
+
+def test_the_timeline_keeps_the_first_sent_and_answered_and_the_last_answered():
+    import time
+
+    summary = Summary(rows=8_192, rows_written=8_192, parts=2, seconds=1.0, started=time.monotonic() - 0.5)
+    assert "timeline" not in summary.render()  # nothing answered yet
+    summary.mark("first sent")
+    summary.mark("first answered")
+    first = dict(summary.timeline)
+    threading.Event().wait(0.02)
+    summary.mark("first sent")  # a second part: the first times stay
+    summary.mark("last answered", first_only=False)
+    summary.mark("last answered", first_only=False)
+    assert summary.timeline["first sent"] == first["first sent"] >= 0.5
+    assert summary.timeline["last answered"] >= first["first answered"] + 0.02
+    assert "timeline: first part sent at 0.5 s, first answered at 0.5 s, last answered at 0.5 s, done at 1.0 s" \
+        in summary.render()
+    assert "started" not in summary.to_dict() and summary.to_dict()["timeline"] == summary.timeline
