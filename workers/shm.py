@@ -192,9 +192,19 @@ class SharedMemoryRegistry:
         everything else that is wrong with the request."""
         info = RegionInfo.checked(name, key, offset, byte_size)
         with self._lock:
-            if name in self._regions:
-                raise SharedMemoryError(f"shared memory region '{name}' is already registered; unregister it first")
-            self._regions[name] = _Mapped(info, self.root, self.pinner)
+            taken = name in self._regions
+        if not taken:
+            # Mapped and page-locked outside the lock: pinning a region of 128 MB took tens of ms on an
+            # H200 host, and under the lock it held up every request's lookup and every other registration.
+            mapped = _Mapped(info, self.root, self.pinner)
+            with self._lock:
+                taken = name in self._regions
+                if not taken:
+                    self._regions[name] = mapped
+            if taken:  # registered meanwhile by another call
+                mapped.close()
+        if taken:
+            raise SharedMemoryError(f"shared memory region '{name}' is already registered; unregister it first")
         return info
 
     def unregister(self, name: str | None = None) -> list[str]:

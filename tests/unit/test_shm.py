@@ -3,6 +3,7 @@ against real POSIX shared memory objects (no Ray)."""
 
 import json
 import os
+import threading
 import uuid
 from multiprocessing import shared_memory
 
@@ -241,6 +242,43 @@ def test_regions_are_pinned_for_the_device_and_unpinned_before_unmapping(shm_obj
     refusing.register("q", "/" + obj.name, 0, 64)
     assert refusing.status("q")[0]["pinned"] is False  # still usable, copies staged
     refusing.close()
+
+
+class SlowPinner(RecordingPinner):
+    """cudaHostRegister of a large region takes tens of ms: this one waits until told to go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pinning, self.go_on = threading.Event(), threading.Event()
+
+    def pin(self, address: int, size: int) -> bool:
+        self.pinning.set()
+        assert self.go_on.wait(10)
+        return super().pin(address, size)
+
+
+def test_a_region_being_pinned_holds_up_neither_requests_nor_other_registrations(shm_object):
+    pinner = SlowPinner()
+    registry = SharedMemoryRegistry(pinner=pinner)
+    first, second = shm_object(4096), shm_object(4096)
+    pinner.go_on.set()
+    registry.register("in-use", "/" + first.name, 0, 4096)
+    pinner.go_on.clear()
+    pinner.pinning.clear()
+    slow = threading.Thread(target=registry.register, args=("new", "/" + second.name, 0, 4096))
+    slow.start()
+    try:
+        assert pinner.pinning.wait(10)
+        release = registry.hold({"in-use"})  # a request using another region goes on meanwhile
+        release()
+        assert [r["name"] for r in registry.status()] == ["in-use"]
+        with pytest.raises(SharedMemoryError, match="already registered"):
+            registry.register("in-use", "/" + first.name, 0, 4096)
+    finally:
+        pinner.go_on.set()
+        slow.join(10)
+    assert [r["name"] for r in registry.status()] == ["in-use", "new"]
+    registry.close()
 
 
 def test_engine_writes_outputs_straight_into_shared_memory(shm_object, registry, demo_models):
