@@ -87,6 +87,15 @@ def require_cuda() -> list[str]:
     return names
 
 
+def cuda_gpus_or_say(tool: str) -> list[str] | None:
+    """``require_cuda()``, or None after saying why ``tool`` cannot run here."""
+    try:
+        return require_cuda()
+    except NoGpu as exc:
+        say(f"{tool} needs a CUDA GPU: {exc}")
+        return None
+
+
 def feeds_for(batch: int, width: int):
     import numpy as np
 
@@ -266,10 +275,8 @@ def parse_levels(text: str, batches: list[int]) -> dict[int, list[int]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        names = require_cuda()
-    except NoGpu as exc:
-        say(f"gpu_bench needs a CUDA GPU: {exc}")
+    names = cuda_gpus_or_say("gpu_bench")
+    if names is None:
         return 2
     apply_ray_env()  # before anything imports Ray: Ray and Serve read their switches then
     from benchmarks.gpu_fleet import bench_fleet

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.console import say
 from cluster.demo import make_big_mlp
 
 from benchmarks.common import REPO_ROOT, closed_loop_row, progress
-from benchmarks.gpu import NoGpu, feeds_for, require_cuda, threads_loop
+from benchmarks.gpu import cuda_gpus_or_say, feeds_for, threads_loop
 
 
 def _page_locked(array: np.ndarray, pinner) -> np.ndarray:
@@ -94,10 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench-results"))
     args = p.parse_args(argv)
-    try:
-        names = require_cuda()
-    except NoGpu as exc:
-        say(f"gpu_engine_paths needs a CUDA GPU: {exc}")
+    names = cuda_gpus_or_say("gpu_engine_paths")
+    if names is None:
         return 2
     model = make_big_mlp(Path(tempfile.mkdtemp(prefix="engine-paths-")) / "big-mlp.onnx", args.width, 4)
     rows = measure(model, args.batch, args.width, tuple(int(t) for t in args.threads.split(",")), args.duration)

@@ -206,12 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="big-mlp,cnn-wide")
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench-results"))
     args = p.parse_args(argv)
-    from benchmarks.gpu import NoGpu, require_cuda
+    from benchmarks.gpu import cuda_gpus_or_say
 
-    try:
-        names = require_cuda()
-    except NoGpu as exc:
-        say(f"gpu_precision needs a CUDA GPU: {exc}")
+    names = cuda_gpus_or_say("gpu_precision")
+    if names is None:
         return 2
     duration = 2.0 if args.quick else 5.0
     work = Path(tempfile.mkdtemp(prefix="gpu-precision-"))
