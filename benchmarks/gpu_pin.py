@@ -1,0 +1,130 @@
+"""What page-locking a client's shared memory region costs a GPU worker (``cudaHostRegister``).
+
+    python3 -m benchmarks.gpu_pin [--regions 24] [--mb 128] [--out DIR]      (on a GPU host)
+
+A batch job holds a region per part in flight and per part waiting to be written: 24 regions of
+128 MB at 16 parts in flight on the big MLP. The worker page-locks each when it is registered
+(``workers.devices.CudaHostPinner``, as ``workers/shm.py`` does). This measures how long that takes
+for fresh POSIX shared memory objects: one after another, then from as many threads as regions (if
+the driver serialises the calls, the threads take as long in total). Then how long a 64 MB copy into
+a region takes once it is pinned, against one into fresh pages of an object that is not. Results:
+a table, and DIR/gpu-pin-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import mmap
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import REPO_ROOT
+from benchmarks.gpu import cuda_gpus_or_say
+
+
+def _fresh(n: int, nbytes: int) -> list[tuple[shared_memory.SharedMemory, mmap.mmap]]:
+    """``n`` new objects, each mapped as a worker maps a region (pages not yet touched)."""
+    made = []
+    for _ in range(n):
+        shm = shared_memory.SharedMemory(name=f"ffpin_{uuid.uuid4().hex[:10]}", create=True, size=nbytes)
+        fd = os.open(f"/dev/shm/{shm.name}", os.O_RDWR)
+        try:
+            made.append((shm, mmap.mmap(fd, nbytes)))
+        finally:
+            os.close(fd)
+    return made
+
+
+def _address(mapped: mmap.mmap) -> int:
+    import ctypes
+
+    anchor = ctypes.c_char.from_buffer(mapped)
+    address = ctypes.addressof(anchor)
+    del anchor
+    return address
+
+
+def _pin_all(regions, pinner, threads: int) -> tuple[list[float], float]:
+    """Seconds each pin took, and the wall time for all of them."""
+    def pin(mapped: mmap.mmap) -> float:
+        t0 = time.perf_counter()
+        if not pinner.pin(_address(mapped), len(mapped)):
+            raise RuntimeError("cudaHostRegister refused a region")
+        return time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        each = list(pool.map(pin, [m for _, m in regions]))
+    return each, time.perf_counter() - t0
+
+
+def _release(regions, pinner, pinned: bool) -> None:
+    for shm, mapped in regions:
+        if pinned:
+            pinner.unpin(_address(mapped))
+        mapped.close()
+        shm.close()
+        shm.unlink()
+
+
+def _copy_ms(mapped: mmap.mmap, nbytes: int) -> float:
+    source = np.ones(nbytes // 4, np.float32)
+    target = np.ndarray(source.shape, np.float32, buffer=mapped)
+    t0 = time.perf_counter()
+    np.copyto(target, source)
+    elapsed = time.perf_counter() - t0
+    del target
+    return 1000 * elapsed
+
+
+def measure(n: int, mb: int) -> dict:
+    from workers.devices import CudaHostPinner
+
+    pinner, nbytes, result = CudaHostPinner(), mb << 20, {}
+    for label, threads in (("one after another", 1), (f"{n} threads", n)):
+        regions = _fresh(n, nbytes)
+        each, wall = _pin_all(regions, pinner, threads)
+        result[label] = {"pin_ms_each": [round(1000 * s, 1) for s in each], "wall_ms": round(1000 * wall, 1)}
+        if threads == 1:
+            result["copy_64mb_into_pinned_ms"] = round(_copy_ms(regions[0][1], 64 << 20), 1)
+        _release(regions, pinner, pinned=True)
+    unpinned = _fresh(1, nbytes)
+    result["copy_64mb_into_fresh_unpinned_ms"] = round(_copy_ms(unpinned[0][1], 64 << 20), 1)
+    _release(unpinned, pinner, pinned=False)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gpu_pin", description=__doc__.split("\n\n")[0])
+    p.add_argument("--regions", type=int, default=24)
+    p.add_argument("--mb", type=int, default=128, help="MB per region (a part of 4,096 x 4,096 floats in and out: 128)")
+    p.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench-results"))
+    args = p.parse_args(argv)
+    names = cuda_gpus_or_say("gpu_pin")
+    if names is None:
+        return 2
+    result = measure(args.regions, args.mb)
+    for label in ("one after another", f"{args.regions} threads"):
+        each = result[label]["pin_ms_each"]
+        print(f"{label}: {args.regions} x {args.mb} MB pinned in {result[label]['wall_ms']:.0f} ms "
+              f"(each {min(each):.0f}-{max(each):.0f} ms, median {sorted(each)[len(each) // 2]:.0f})")
+    print(f"64 MB copied into a pinned region: {result['copy_64mb_into_pinned_ms']} ms; into fresh unpinned "
+          f"pages: {result['copy_64mb_into_fresh_unpinned_ms']} ms")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu-pin-{dt.datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}.json"
+    path.write_text(json.dumps({"gpus": names, "regions": args.regions, "mb": args.mb, **result}, indent=2))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
