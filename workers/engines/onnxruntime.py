@@ -182,9 +182,10 @@ class OnnxRuntimeEngine(Engine):
 
         Not through an IOBinding: its ``bind_cpu_input`` copies the input to the GPU at once, holding
         the GIL, with ``cudaMemcpy`` on CUDA's legacy default stream, which waits for every run in
-        flight on ONNX Runtime's (blocking) streams. Each bind drained the GPU and stalled every other
-        Python thread (docs/performance.md). Here the inputs are CPU values over the callers' memory,
-        copied inside ``Run`` on the run's own stream with the GIL released, as ``session.run`` does."""
+        flight on ONNX Runtime's (blocking) streams. Here the inputs are CPU values over the callers'
+        memory, copied inside ``Run`` on the run's own stream with the GIL released, as ``session.run``
+        does (alone, both ran as fast on an H200: docs/performance.md). When ``out`` lacks an output
+        (its size known only after the run), the run allocates them all and those of ``out`` are copied."""
         assert self._session is not None
         if set(out) != set(self._output_names) or any(a.dtype == np.object_ for a in feeds.values()):
             return super()._infer_into(feeds, out)  # an output to be sized by the run: run, then copy
