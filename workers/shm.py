@@ -122,6 +122,14 @@ class RegionInfo:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
 
 
+def mapping_address(mapped: mmap.mmap) -> int:
+    """Where ``mapped`` starts in this process's memory (for ``HostPinner.pin``)."""
+    anchor = ctypes.c_char.from_buffer(mapped)
+    address = ctypes.addressof(anchor)
+    del anchor  # holds the mapping open otherwise
+    return address
+
+
 class _Mapped:
     """One registered region, mapped into this process."""
 
@@ -155,9 +163,7 @@ class _Mapped:
             os.close(fd)
         self.view = memoryview(self._map)[self._base:self._base + info.byte_size]
         if pinner is not None:
-            anchor = ctypes.c_char.from_buffer(self._map)
-            address = ctypes.addressof(anchor)
-            del anchor  # holds the mapping open otherwise
+            address = mapping_address(self._map)
             if pinner.pin(address, len(self._map)):
                 self._pinned_at = address
 
