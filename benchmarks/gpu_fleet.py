@@ -14,6 +14,7 @@ from pathlib import Path
 
 import ray
 
+from cluster.batch_report import per_run
 from cluster.buildfarm import build_on_fleet
 from cluster.config import load_config
 from cluster.deploy import deploy, teardown
@@ -175,5 +176,5 @@ def _engines_text(engines: dict | None) -> str:
     """"runs 1.23 ms, queued 0.45 ms  " for a progress line (nothing without statistics)."""
     if not engines or not engines.get("runs"):
         return ""
-    return (f"runs {1000 * engines['compute_s'] / engines['runs']:.2f} ms of {engines['rows'] / engines['runs']:.0f} rows, "
-            f"queued {1000 * engines['queue_s'] / max(1, engines['requests']):.2f} ms  ")
+    run_ms, rows, queued_ms = per_run(engines)
+    return f"runs {run_ms:.2f} ms of {rows:.0f} rows, queued {queued_ms:.2f} ms  "

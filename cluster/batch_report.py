@@ -70,10 +70,9 @@ class Summary:
             lines.insert(3, f"timeline: first part sent at {t['first sent']:.1f} s, first answered at {t['first answered']:.1f} s, "
                             f"last answered at {t['last answered']:.1f} s{written}, done at {self.seconds:.1f} s")
         if self.workers.get("runs"):
-            w = self.workers
-            lines.insert(3, f"the model's engines meanwhile: {w['runs']} runs of {w['rows'] / w['runs']:.0f} rows on average, "
-                            f"{1000 * w['compute_s'] / w['runs']:.2f} ms each; a request queued "
-                            f"{1000 * w['queue_s'] / max(1, w['requests']):.2f} ms on average (all traffic to the model)")
+            run_ms, rows, queued_ms = per_run(self.workers)
+            lines.insert(3, f"the model's engines meanwhile: {self.workers['runs']} runs of {rows:.0f} rows on average, "
+                            f"{run_ms:.2f} ms each; a request queued {queued_ms:.2f} ms on average (all traffic to the model)")
         total = sum(self.rows_per_worker.values()) or 1
         for worker, rows in sorted(self.rows_per_worker.items()):
             lines.append(f"  {worker:<24} {self.devices.get(worker, ''):<28} {rows:>9} rows  {100 * rows / total:5.1f} %")
@@ -104,6 +103,12 @@ class Progress:
         left = f", about {(todo - s.rows_written) / rate:.0f} s left" if rate else ""
         self.say(f"  {s.rows_written:,} of {todo:,} rows ({100 * s.rows_written / todo:.0f} %) in "
                  f"{now - self.started:.0f} s, {rate:,.0f} rows/s{left}")
+
+
+def per_run(engines: dict) -> tuple[float, float, float]:
+    """From ``worker_time``'s numbers (with runs): ms a run took, rows per run, ms a request queued."""
+    runs = engines["runs"]
+    return 1000 * engines["compute_s"] / runs, engines["rows"] / runs, 1000 * engines["queue_s"] / max(1, engines["requests"])
 
 
 def worker_time(before: dict, after: dict) -> dict:
