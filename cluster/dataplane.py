@@ -183,6 +183,15 @@ class DataPlane:
         device = self.router.workers[worker_id].caps.device
         return Served(reply.version, reply.outputs, served_by(worker_id, device, reply.target_key))
 
+    def region_mapped(self, name: str, workers: list[str]) -> None:
+        """A region this process registered, and the workers that mapped it (the controller's answer):
+        requests naming it route at once, without a refresh of the whole inventory each. (The next
+        refresh brings the same from the controller; any thread may call this.)"""
+        self.shm_workers[name] = frozenset(workers)
+
+    def region_gone(self, name: str) -> None:
+        self.shm_workers.pop(name, None)
+
     async def _shm_holders(self, regions: set[str]) -> set[str]:
         """The workers that mapped every one of ``regions``."""
         if not regions <= self.shm_workers.keys():

@@ -139,9 +139,10 @@ class InClusterClient:
         controller = self.plane.controller
 
         def register(name: str, key: str, size: int) -> None:
-            get(controller.register_shm.remote(name, key, 0, size))
+            self.plane.region_mapped(name, get(controller.register_shm.remote(name, key, 0, size)))
 
         def unregister(name: str) -> None:
+            self.plane.region_gone(name)
             get(controller.unregister_shm.remote(name))
 
         arena = ShmArena(register, unregister)

@@ -118,3 +118,19 @@ def test_shared_memory_requests_go_only_to_workers_that_mapped_the_region():
     controller.changed()
     for _ in range(4):
         assert serve(plane, "m75", request).parameters["fleet_worker"] == "t4-b"
+
+
+def test_a_region_this_process_registered_routes_without_reading_the_inventory_again():
+    a, b = FakeWorker("t4-a"), FakeWorker("t4-b")
+    for w in (a, b):
+        w.loaded[manifest("m75").engine_key] = manifest("m75")
+    controller, plane = plane_with(a, b)
+    asyncio.run(plane.refresh(force=True))
+    controller.inventory.calls.clear()
+    plane.region_mapped("r1", ["t4-a"])  # what the controller answered the registration
+    request = InferRequest({"input": X}, outputs=[RequestedOutput("input", False, ShmRef("r1", 32))])
+    assert serve(plane, "m75", request).parameters["fleet_worker"] == "t4-a"
+    assert controller.inventory.calls == []  # a job's first parts each forced one (a batch job: 7 of its first 10)
+    plane.region_gone("r1")
+    with pytest.raises(SharedMemoryError, match="'r1' is not registered"):
+        serve(plane, "m75", request)
