@@ -113,7 +113,7 @@ def batch_job_rows(controller, model: str, n_rows: int, n_gpus: int, work: Path,
                "req_per_s": summary.parts / seconds, "rows_per_s": summary.rows_written / seconds, "p50_ms": 0.0,
                "p99_ms": 0.0, "retries": summary.retries, "waited_s": summary.waited_s,
                "part_ms": 1000 * summary.part_seconds / max(1, summary.parts), "engines": summary.workers,
-               "timeline_s": dict(summary.timeline, done=round(summary.seconds, 3)),
+               "timeline_s": dict(summary.timeline, done=round(summary.seconds, 3)), "regions": summary.regions,
                "observed": observed}
 
 

@@ -39,7 +39,7 @@ from workers.manifest import Manifest  # noqa: E402
 from workers.tensors import TensorSpec  # noqa: E402
 
 from cluster.batch_io import TMP_GLOB, InputRows, PartsOutput, io_threads  # noqa: E402,F401  (TMP_GLOB: for callers)
-from cluster.batch_report import PROGRESS_EVERY_S, Progress, Summary, worker_time  # noqa: E402
+from cluster.batch_report import PROGRESS_EVERY_S, Progress, Summary, region_costs, worker_time  # noqa: E402
 from cluster.batch_send import RayParts, ShmParts  # noqa: E402
 from cluster.calls import Failure, classify, get  # noqa: E402
 from cluster.names import CONTROLLER_NAME, NAMESPACE  # noqa: E402
@@ -280,6 +280,7 @@ class Dispatcher:
         """The writes in flight end (or remove their temporary file); shared memory is given back."""
         self.writer.shutdown(wait=True)
         if self.shm_sender is not None:
+            self.summary.regions = region_costs(self.shm_sender.client.region_setups())
             try:
                 self.shm_sender.close()
             except Exception as exc:  # noqa: BLE001  (cleanup: the job's own outcome is what the caller hears)

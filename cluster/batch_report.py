@@ -34,6 +34,8 @@ class Summary:
     # Seconds from the job's start to its first part sent, first answered, last answered and all parts
     # written: before the first and after the last is the job's own start and end (opening, regions, writes).
     timeline: dict[str, float] = field(default_factory=dict)
+    # The shared memory regions the job created (region_costs): what they cost before they served.
+    regions: dict = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic, repr=False)
 
     def mark(self, event: str, first_only: bool = True) -> None:
@@ -69,6 +71,12 @@ class Summary:
             written = f", all written at {t['all written']:.1f} s" if "all written" in t else ""
             lines.insert(3, f"timeline: first part sent at {t['first sent']:.1f} s, first answered at {t['first answered']:.1f} s, "
                             f"last answered at {t['last answered']:.1f} s{written}, done at {self.seconds:.1f} s")
+        if self.regions.get("count"):
+            r = self.regions
+            lines.insert(3, f"shared memory: {r['count']} regions of {r['mb']:.0f} MB (one per part in flight or being "
+                            f"written), each created and registered in {r['setup_ms'][0]:.0f} ms (median; at most "
+                            f"{r['setup_ms'][1]:.0f}), its first inputs copied in {r['first_fill_ms'][0]:.0f} ms "
+                            f"(at most {r['first_fill_ms'][1]:.0f})")
         if self.workers.get("runs"):
             run_ms, rows, queued_ms = per_run(self.workers)
             lines.insert(3, f"the model's engines meanwhile: {self.workers['runs']} runs of {rows:.0f} rows on average, "
@@ -103,6 +111,21 @@ class Progress:
         left = f", about {(todo - s.rows_written) / rate:.0f} s left" if rate else ""
         self.say(f"  {s.rows_written:,} of {todo:,} rows ({100 * s.rows_written / todo:.0f} %) in "
                  f"{now - self.started:.0f} s, {rate:,.0f} rows/s{left}")
+
+
+def region_costs(setups: list) -> dict:
+    """From ``RegionSetup``s (``cluster/shm_arena.py``): how many, their size and the ms each took to
+    set up and to fill the first time, as [median, max]. Empty when there were none."""
+    if not setups:
+        return {}
+
+    def median_max(seconds: list[float]) -> list[float]:
+        ms = sorted(1000 * s for s in seconds) or [0.0]
+        return [round(ms[len(ms) // 2], 1), round(ms[-1], 1)]
+
+    return {"count": len(setups), "mb": max(s.byte_size for s in setups) / 2**20,
+            "setup_ms": median_max([s.setup_s for s in setups]),
+            "first_fill_ms": median_max([s.first_fill_s for s in setups if s.first_fill_s is not None])}
 
 
 def per_run(engines: dict) -> tuple[float, float, float]:

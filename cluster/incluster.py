@@ -50,7 +50,7 @@ from cluster.calls import get
 from cluster.client import infer_path, raise_for_answer
 from cluster.dataplane import DataPlane
 from cluster.names import CONTROLLER_NAME, NAMESPACE
-from cluster.shm_arena import ShmArena, ShmPlan, written_outputs
+from cluster.shm_arena import RegionSetup, ShmArena, ShmPlan, written_outputs
 
 SHM_FROM_BYTES = 1 << 16  # smaller inputs travel inside the Ray call itself (Ray inlines them)
 
@@ -148,6 +148,10 @@ class InClusterClient:
         arena = ShmArena(register, unregister)
         self._arenas.append(arena)
         return arena
+
+    def region_setups(self) -> list[RegionSetup]:
+        """What each shared memory object this client created cost before it served (until ``close()``)."""
+        return [setup for arena in self._arenas for setup in arena.setups]
 
     async def _specs(self, model: str, version: str | None) -> list[dict]:
         specs = self._output_specs.get((model, version))

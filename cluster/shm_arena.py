@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -41,6 +42,17 @@ class ShmPlan:
     inputs: dict[str, ShmInput]
     outputs: dict[str, ShmRef]
     byte_size: int
+
+
+@dataclass
+class RegionSetup:
+    """What one shared memory object cost before it served: creating and registering it (the fleet's
+    workers on this host map it, a GPU worker page-locks it), and the first copy of inputs into it
+    (its pages are new: the kernel allocates and zeroes each). A region reused costs neither again."""
+
+    byte_size: int
+    setup_s: float
+    first_fill_s: float | None = None
 
 
 def plan_request(region: str, inputs: dict[str, np.ndarray], output_specs: list[dict], rows: int) -> ShmPlan:
@@ -81,6 +93,7 @@ class ShmArena:
         self._unregister = unregister
         self._shm: shared_memory.SharedMemory | None = None
         self.region = ""
+        self.setups: list[RegionSetup] = []  # one per object this arena created
 
     @property
     def byte_size(self) -> int:
@@ -92,6 +105,7 @@ class ShmArena:
             return self.region
         size = max(MIN_BYTES, nbytes, 2 * self.byte_size)
         self.release()
+        started = time.monotonic()
         name = f"ff_{os.getpid()}_{uuid.uuid4().hex[:12]}"
         shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         try:
@@ -101,6 +115,7 @@ class ShmArena:
             shm.unlink()
             raise
         self._shm, self.region = shm, name
+        self.setups.append(RegionSetup(shm.size, time.monotonic() - started))
         return name
 
     def place(self, inputs: dict[str, np.ndarray], output_specs: list[dict], rows: int) -> ShmPlan:
@@ -108,8 +123,11 @@ class ShmArena:
         plan = plan_request(self.region, inputs, output_specs, rows)
         if plan.byte_size > self.byte_size or not self.region:  # a new region: plan again under its name
             plan = plan_request(self.ensure(plan.byte_size), inputs, output_specs, rows)
+        started = time.monotonic()
         for name, item in plan.inputs.items():
             self._write(item.ref, inputs[name])
+        if self.setups and self.setups[-1].first_fill_s is None:
+            self.setups[-1].first_fill_s = time.monotonic() - started
         return plan
 
     def _write(self, ref: ShmRef, array: np.ndarray) -> None:

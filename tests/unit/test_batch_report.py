@@ -2,7 +2,7 @@
 
 import threading
 
-from cluster.batch_report import Progress, Summary, worker_time
+from cluster.batch_report import Progress, Summary, region_costs, worker_time
 from cluster.controller.views import model_statistics
 
 
@@ -109,3 +109,15 @@ def test_the_timeline_keeps_the_first_sent_and_answered_and_the_last_answered():
     assert "timeline: first part sent at 0.5 s, first answered at 0.5 s, last answered at 0.5 s, done at 1.0 s" \
         in summary.render()
     assert "started" not in summary.to_dict() and summary.to_dict()["timeline"] == summary.timeline
+
+
+def test_the_regions_line_says_what_setting_up_and_first_filling_them_cost():
+    from cluster.shm_arena import RegionSetup
+
+    assert region_costs([]) == {} and "shared memory:" not in Summary(rows=1, parts=1).render()
+    setups = [RegionSetup(128 << 20, s, f) for s, f in ((0.010, 0.030), (0.020, 0.050), (0.090, None))]
+    costs = region_costs(setups)
+    assert costs == {"count": 3, "mb": 128.0, "setup_ms": [20.0, 90.0], "first_fill_ms": [50.0, 50.0]}
+    text = Summary(rows=1, parts=1, regions=costs).render()
+    assert ("shared memory: 3 regions of 128 MB (one per part in flight or being written), each created and "
+            "registered in 20 ms (median; at most 90), its first inputs copied in 50 ms (at most 50)") in text

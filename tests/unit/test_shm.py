@@ -362,6 +362,14 @@ def test_client_arena_unlinks_its_old_region_when_it_grows():
         second = arena.ensure(3 * MIN_BYTES)
         assert second != first and registered == {second: 3 * MIN_BYTES}
         assert not os.path.exists(f"/dev/shm/{first}") and os.path.exists(f"/dev/shm/{second}")
+        # what each object cost before it served: set up (created, registered), and its first fill only
+        assert [s.byte_size for s in arena.setups] == [MIN_BYTES, 3 * MIN_BYTES]
+        assert all(s.setup_s > 0 and s.first_fill_s is None for s in arena.setups)
+        arena.place({"x": np.ones(1000, np.float32)}, [], 1000)
+        first_fill = arena.setups[-1].first_fill_s
+        arena.place({"x": np.ones(1000, np.float32)}, [], 1000)
+        assert first_fill is not None and arena.setups[-1].first_fill_s == first_fill
+        assert arena.setups[0].first_fill_s is None  # never filled: replaced before
     finally:
         arena.release()
     assert registered == {} and not os.path.exists(f"/dev/shm/{second}")
