@@ -35,6 +35,7 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
     config = load_config(str(CONFIG), repository=str(work / "repository"), port=free_port(), grpc_port=free_port(),
                          models={model: {"max_batch": max(args.batches)}}, allow_client_shm=True,
                          worker_http_loops=args.worker_http_loops, gil_switch_interval_ms=args.gil_switch_ms,
+                         client_shm_pinning=args.shm_pinning,
                          **({"slots": args.slots} if args.slots else {}))
     if args.ray_address:  # a running cluster (e.g. one Ray node per GPU); it decides how many GPUs there are
         ray.init(address=args.ray_address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)

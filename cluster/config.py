@@ -223,13 +223,8 @@ class TlsOptions(_Strict):
         return self.cert is not None
 
     def resolved(self, base_dir: Path) -> "TlsOptions":
-        def absolute(p: str | None) -> str | None:
-            if p is None:
-                return None
-            path = Path(p).expanduser()
-            return str(path if path.is_absolute() else (base_dir / path).resolve())
-
-        return TlsOptions(cert=absolute(self.cert), key=absolute(self.key), client_ca=absolute(self.client_ca))
+        files = {f: getattr(self, f) for f in ("cert", "key", "client_ca")}
+        return TlsOptions(**{f: p and _absolute(p, base_dir) for f, p in files.items()})
 
 
 class GcsFaultTolerance(_Strict):
@@ -310,10 +305,12 @@ class FleetConfig(_Strict):
     # by this; None: the build's own default) and waits this long for room; it never evicts.
     build_workspace_bytes: int | None = None
     build_wait_s: float = Field(120.0, ge=0, le=3600)
-    # Triton's system shared memory extension: clients on a fleet host register POSIX shared
-    # memory objects and send only tensor descriptions. Off by default (Triton's
-    # --allow-client-shm): workers then read and write any object a client names.
+    # Triton's system shared memory extension: clients on a fleet host register POSIX shared memory objects and
+    # send only tensor descriptions. Off by default (Triton's --allow-client-shm): workers then read and write any
+    # object a client names. A GPU worker page-locks each region: in the background (registration returns once
+    # it is mapped), at registration, or off (copies staged by the driver, as Triton does).
     allow_client_shm: bool = False
+    client_shm_pinning: Literal["background", "registration", "off"] = "background"
     gcs_fault_tolerance: GcsFaultTolerance = Field(default_factory=GcsFaultTolerance)
     tls: TlsOptions = Field(default_factory=TlsOptions)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
@@ -398,16 +395,12 @@ class FleetConfig(_Strict):
 
     def resolved(self, base_dir: Path | None = None) -> "FleetConfig":
         """An absolute repository path (a URI stays as it is); ``FLEET_AUTH_TOKEN`` fills ``auth_token``."""
-        repo = self.repository
-        if self.repository_is_local:
-            path = Path(repo.removeprefix("file://")).expanduser()
-            repo = str(path if path.is_absolute() else ((base_dir or Path.cwd()) / path).resolve())
+        base = base_dir or Path.cwd()
+        repo = _absolute(self.repository.removeprefix("file://"), base) if self.repository_is_local else self.repository
         token = self.auth_token or os.environ.get("FLEET_AUTH_TOKEN") or None
         triton = self.triton_repository
-        if triton and "://" not in triton:
-            path = Path(triton).expanduser()
-            triton = str(path if path.is_absolute() else ((base_dir or Path.cwd()) / path).resolve())
-        tls = self.tls.resolved(base_dir or Path.cwd())
+        triton = _absolute(triton, base) if triton and "://" not in triton else triton
+        tls = self.tls.resolved(base)
         return self.model_copy(update={"repository": repo, "auth_token": token, "tls": tls, "triton_repository": triton})
 
     def store_spec(self) -> StoreSpec:
@@ -415,6 +408,12 @@ class FleetConfig(_Strict):
         o = self.storage
         return StoreSpec(self.repository, o.endpoint_override, o.scheme, o.region, o.access_key, o.secret_key,
                          o.connect_timeout_s, o.request_timeout_s)
+
+
+def _absolute(where: str, base_dir: Path) -> str:
+    """A path of the config's, relative to ``base_dir`` unless it is absolute (``~`` expanded)."""
+    path = Path(where).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
 
 
 def load_config(path: str | Path | None = None, **overrides) -> FleetConfig:

@@ -71,6 +71,8 @@ class WorkerSpec:
     # How long a Python thread may hold the GIL while another waits for it (None: Python's 5 ms). An engine
     # thread back from a GPU run waits up to this long for a busy thread to let go (docs/performance.md).
     gil_switch_interval_ms: float | None = None
+    # When a GPU worker page-locks a client's shared memory region: "background", "registration" or "off".
+    shm_pinning: str = "background"
 
     def __post_init__(self) -> None:
         if not 0 < self.memory_fraction <= 1:
@@ -169,7 +171,8 @@ class FleetWorker:
         self.baseline_used_bytes = self._memory_probe() if self._memory_probe else None  # after the context
         self._gpu_health = _gpu_health_probe(uuid) if real_gpu else None
         # regions registered by clients on this host; pinned for the GPU, so copies are DMA
-        self.shm = SharedMemoryRegistry(pinner=CudaHostPinner() if real_gpu else None)
+        self.shm = SharedMemoryRegistry(pinner=CudaHostPinner() if real_gpu and spec.shm_pinning != "off" else None,
+                                        pin_in_background=spec.shm_pinning == "background")
         self.runner = EngineRunner(self.caps, _budget(spec, self.device), slots=spec.slots,
                                    intra_op_threads=spec.intra_op_threads, shm=self.shm,
                                    memory_probe=self._memory_probe)

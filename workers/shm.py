@@ -22,6 +22,7 @@ import os
 import re
 import stat
 import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -131,12 +132,16 @@ def mapping_address(mapped: mmap.mmap) -> int:
 
 
 class _Mapped:
-    """One registered region, mapped into this process."""
+    """One registered region, mapped into this process, and page-locked for the device if there is a
+    pinner: at once, or (``pin_on``: an executor) in the background, while requests use it unpinned."""
 
-    def __init__(self, info: RegionInfo, root: Path, pinner: HostPinner | None = None) -> None:
+    def __init__(self, info: RegionInfo, root: Path, pinner: HostPinner | None = None,
+                 pin_on: Executor | None = None) -> None:
         self.info = info
         self._pinner = pinner
         self._pinned_at: int | None = None
+        self._pin_lock = threading.Lock()  # a pin and the close() that would undo it, one at a time
+        self._closed = False
         self.users = 0  # requests using it now (SharedMemoryRegistry.using)
         self.retired = False  # unregistered while in use: closed when the last user is done
         path = root / info.key.lstrip("/")
@@ -163,8 +168,19 @@ class _Mapped:
             os.close(fd)
         self.view = memoryview(self._map)[self._base:self._base + info.byte_size]
         if pinner is not None:
+            if pin_on is None:
+                self._pin()
+            else:
+                pin_on.submit(self._pin)
+
+    def _pin(self) -> None:
+        # The copies of a request that uses the region meanwhile are staged by the driver, as for any
+        # pageable memory; those after the pin are DMA. Nothing else changes for them.
+        with self._pin_lock:
+            if self._closed or self._pinner is None:
+                return
             address = mapping_address(self._map)
-            if pinner.pin(address, len(self._map)):
+            if self._pinner.pin(address, len(self._map)):
                 self._pinned_at = address
 
     @property
@@ -172,9 +188,11 @@ class _Mapped:
         return self._pinned_at is not None
 
     def close(self) -> None:
-        if self._pinner is not None and self._pinned_at is not None:
-            self._pinner.unpin(self._pinned_at)
-            self._pinned_at = None
+        with self._pin_lock:  # a pin under way ends first, and is undone; one not yet begun never begins
+            self._closed = True
+            if self._pinner is not None and self._pinned_at is not None:
+                self._pinner.unpin(self._pinned_at)
+                self._pinned_at = None
         try:
             self.view.release()
             self._map.close()
@@ -185,9 +203,13 @@ class _Mapped:
 class SharedMemoryRegistry:
     """The regions registered in this process, by name. Thread-safe."""
 
-    def __init__(self, root: Path = SHM_ROOT, pinner: HostPinner | None = None) -> None:
+    def __init__(self, root: Path = SHM_ROOT, pinner: HostPinner | None = None, pin_in_background: bool = False) -> None:
+        """``pinner``: page-lock each region for the device. ``pin_in_background``: registration returns
+        once the region is mapped, and one thread pins the regions in the order they came (a batch job
+        registers 24 regions of 128 MB as it starts; each pin takes tens of ms on an H200 host)."""
         self.root = Path(root)
         self.pinner = pinner
+        self._pin_on = ThreadPoolExecutor(1, thread_name_prefix="shm-pin") if pinner and pin_in_background else None
         self._regions: dict[str, _Mapped] = {}
         self._lock = threading.Lock()
 
@@ -202,7 +224,7 @@ class SharedMemoryRegistry:
         if not taken:
             # Mapped and page-locked outside the lock: pinning a region of 128 MB took tens of ms on an
             # H200 host, and under the lock it held up every request's lookup and every other registration.
-            mapped = _Mapped(info, self.root, self.pinner)
+            mapped = _Mapped(info, self.root, self.pinner, self._pin_on)
             with self._lock:
                 taken = name in self._regions
                 if not taken:

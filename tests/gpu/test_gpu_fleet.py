@@ -2,6 +2,7 @@
 requests served by ONNX Runtime CUDA and spread over every GPU."""
 
 import collections
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -90,8 +91,14 @@ def test_shared_memory_client_on_gpus_equals_http(gpu_fleet):
             got = shm.infer("big-mlp", {"input": x})
             np.testing.assert_allclose(got["output"], want["output"], rtol=1e-5, atol=1e-5)
             served[shm.last_parameters["fleet_worker"]] += 1
-        # every GPU worker mapped the client's region and page-locked it (cudaHostRegister)
+        # every GPU worker mapped the client's region and page-locked it (cudaHostRegister, in the
+        # background: client_shm_pinning's default)
         for handle in worker_handles(gpu_fleet["controller"]).values():
-            mine = [r for r in ray.get(handle.stats.remote())["shm"] if r["name"] == shm._arena.region]
+            deadline = time.monotonic() + 10
+            while True:
+                mine = [r for r in ray.get(handle.stats.remote())["shm"] if r["name"] == shm._arena.region]
+                if (mine and mine[0]["pinned"]) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
             assert mine and mine[0]["pinned"], mine
     assert len(served) == gpu_fleet["gpus"], served

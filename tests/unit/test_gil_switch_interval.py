@@ -35,3 +35,10 @@ def test_a_worker_applies_it_to_its_process():
         assert sys.getswitchinterval() == pytest.approx(0.0005)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_client_shm_pinning_reaches_every_workers_spec_and_is_validated():
+    assert {spec.shm_pinning for spec, _ in plan_node(FleetConfig(), _node())} == {"background"}
+    assert {spec.shm_pinning for spec, _ in plan_node(FleetConfig(client_shm_pinning="off"), _node())} == {"off"}
+    with pytest.raises(ValidationError, match="client_shm_pinning"):
+        FleetConfig(client_shm_pinning="later")

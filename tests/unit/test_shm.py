@@ -281,6 +281,41 @@ def test_a_region_being_pinned_holds_up_neither_requests_nor_other_registrations
     registry.close()
 
 
+def test_pinned_in_the_background_a_region_serves_at_once_and_is_unpinned_on_unregister(shm_object):
+    """client_shm_pinning: background. Registration returns once the region is mapped; requests use it
+    unpinned meanwhile; one thread pins regions in order; unregistering waits for a pin under way and
+    undoes it, and a region unregistered before its turn is never pinned."""
+    pinner = SlowPinner()
+    registry = SharedMemoryRegistry(pinner=pinner, pin_in_background=True)
+    first, second = shm_object(4096), shm_object(4096)
+    try:
+        registry.register("a", "/" + first.name, 0, 4096)  # returns while the pin waits for go_on
+        assert pinner.pinning.wait(10) and registry.status("a")[0]["pinned"] is False
+        with registry.using({"a"}):
+            registry.buffer(ShmRef("a", 4, 8), "x")[:] = b"used"  # usable before it is pinned
+        registry.register("b", "/" + second.name, 0, 4096)  # queued behind a's pin
+        registry.unregister("b")  # before its turn: never pinned
+        closing = threading.Thread(target=registry.unregister, args=("a",))
+        closing.start()
+        closing.join(0.2)
+        assert closing.is_alive()  # waits for a's pin to end...
+        pinner.go_on.set()
+        closing.join(10)
+        assert not closing.is_alive()
+        assert [c[0] for c in pinner.calls] == ["pin", "unpin"] and not pinner.pinned  # ...and undoes it
+        assert bytes(first.buf[8:12]) == b"used"
+        registry.register("c", "/" + second.name, 0, 4096)
+        for _ in range(100):
+            if registry.status("c")[0]["pinned"]:
+                break
+            threading.Event().wait(0.05)
+        assert registry.status("c")[0]["pinned"] is True
+    finally:
+        pinner.go_on.set()
+        registry.close()
+    assert not pinner.pinned
+
+
 def test_engine_writes_outputs_straight_into_shared_memory(shm_object, registry, demo_models):
     from workers.engines.onnxruntime import OnnxRuntimeEngine
 
