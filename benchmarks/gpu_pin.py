@@ -7,8 +7,11 @@ A batch job holds a region per part in flight and per part waiting to be written
 (``workers.devices.CudaHostPinner``, as ``workers/shm.py`` does). This measures how long that takes
 for fresh POSIX shared memory objects: one after another, then from as many threads as regions (if
 the driver serialises the calls, the threads take as long in total). Then how long a copy of 64 MB (at most the region) into
-a region takes once it is pinned, against one into fresh pages of an object that is not. Results:
-a table, and DIR/gpu-pin-<time>.json.
+a region takes once it is pinned, against one into fresh pages of an object that is not. Last, whether
+pinning holds up the GPU's work meanwhile (a worker pins in the background while it serves: the fleet's
+``client_shm_pinning``): the big MLP at batch 256 from 4 threads on one session, its rows/s before,
+during and after pinning the same number of fresh regions on another thread. Results: a table, and
+DIR/gpu-pin-<time>.json.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import datetime as dt
 import json
 import mmap
 import os
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +100,55 @@ def measure(n: int, mb: int) -> dict:
     return result
 
 
+def under_load(model_path: Path, pinner, n: int, mb: int, provider: str = "cuda", threads: int = 4, batch: int = 256,
+               width: int = 4096, lead_s: float = 1.0, tail_s: float = 1.0) -> dict:
+    """rows/s of ``threads`` threads running the model on one session before, during and after another
+    thread pins ``n`` fresh regions of ``mb`` MB one after another (as the worker's pinning thread does)."""
+    import threading
+
+    from workers.engines.onnxruntime import OnnxRuntimeEngine
+
+    engine = OnnxRuntimeEngine(model_path, provider=provider, device_id=0).activate()
+    feeds = {"input": np.random.default_rng(0).standard_normal((batch, width)).astype(np.float32)}
+    done: list[list[float]] = [[] for _ in range(threads)]  # when each run ended
+    stop = threading.Event()
+
+    def loop(i: int) -> None:
+        while not stop.is_set():
+            engine.run(feeds)
+            done[i].append(time.perf_counter())
+
+    regions = _fresh(n, mb << 20)
+    runners = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    try:
+        engine.run(feeds)
+        begin = time.perf_counter()
+        for r in runners:
+            r.start()
+        time.sleep(lead_s)
+        pins_began = time.perf_counter()
+        each, _ = _pin_all(regions, pinner, 1)
+        pins_ended = time.perf_counter()
+        time.sleep(tail_s)
+        stop.set()
+        for r in runners:
+            r.join()
+        ended = time.perf_counter()
+    finally:
+        stop.set()
+        _release(regions, pinner, pinned=True)
+        engine.deactivate()
+    ends = sorted(t for runs in done for t in runs)
+
+    def rate(a: float, b: float) -> float:
+        return round(batch * sum(a <= t < b for t in ends) / max(b - a, 1e-9))
+
+    warm = begin + min(0.3, lead_s / 2)  # the threads' first runs left out
+    return {"threads": threads, "batch": batch, "pin_ms_each": [round(1000 * s, 1) for s in each],
+            "pins_ms": round(1000 * (pins_ended - pins_began), 1), "rows_per_s_before": rate(warm, pins_began),
+            "rows_per_s_during": rate(pins_began, pins_ended), "rows_per_s_after": rate(pins_ended, ended)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpu_pin", description=__doc__.split("\n\n")[0])
     p.add_argument("--regions", type=int, default=24)
@@ -106,12 +159,21 @@ def main(argv: list[str] | None = None) -> int:
     if names is None:
         return 2
     result = measure(args.regions, args.mb)
+    from cluster.demo import make_big_mlp
+    from workers.devices import CudaHostPinner
+
+    with tempfile.TemporaryDirectory(prefix="gpu-pin-") as tmp:
+        result["under_load"] = loaded = under_load(make_big_mlp(Path(tmp) / "big-mlp.onnx", 4096, 4), CudaHostPinner(),
+                                                   args.regions, args.mb)
     for label in ("one after another", f"{args.regions} threads"):
         each = result[label]["pin_ms_each"]
         print(f"{label}: {args.regions} x {args.mb} MB pinned in {result[label]['wall_ms']:.0f} ms "
               f"(each {min(each):.0f}-{max(each):.0f} ms, median {sorted(each)[len(each) // 2]:.0f})")
     print(f"{result['copy_mb']} MB copied into a pinned region: {result['copy_into_pinned_ms']} ms; into fresh "
           f"unpinned pages: {result['copy_into_fresh_unpinned_ms']} ms")
+    print(f"the big MLP, batch 256, {loaded['threads']} threads: {loaded['rows_per_s_before']:,} rows/s before, "
+          f"{loaded['rows_per_s_during']:,} while {args.regions} regions were pinned ({loaded['pins_ms']:.0f} ms), "
+          f"{loaded['rows_per_s_after']:,} after")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu-pin-{dt.datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}.json"
