@@ -10,8 +10,9 @@ the driver serialises the calls, the threads take as long in total). Then how lo
 a region takes once it is pinned, against one into fresh pages of an object that is not. Last, whether
 pinning holds up the GPU's work meanwhile (a worker pins in the background while it serves: the fleet's
 ``client_shm_pinning``): the big MLP at batch 256 from 4 threads on one session, its rows/s before,
-during and after pinning the same number of fresh regions on another thread. Results: a table, and
-DIR/gpu-pin-<time>.json.
+during and after pinning the same number of fresh regions on another thread; and the same while 4, then
+8 threads copy memory, as a batch job's process beside the worker does (do its copies slow the GPU's
+DMA from host memory?). Results: a table, and DIR/gpu-pin-<time>.json.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -100,10 +102,10 @@ def measure(n: int, mb: int) -> dict:
     return result
 
 
-def under_load(model_path: Path, pinner, n: int, mb: int, provider: str = "cuda", threads: int = 4, batch: int = 256,
-               width: int = 4096, lead_s: float = 1.0, tail_s: float = 1.0) -> dict:
-    """rows/s of ``threads`` threads running the model on one session before, during and after another
-    thread pins ``n`` fresh regions of ``mb`` MB one after another (as the worker's pinning thread does)."""
+def under_load(model_path: Path, disturb: Callable[[], dict], provider: str = "cuda", threads: int = 4,
+               batch: int = 256, width: int = 4096, lead_s: float = 1.0, tail_s: float = 1.0) -> dict:
+    """rows/s of ``threads`` threads running the model on one session before, while and after
+    ``disturb()`` runs on another thread (what it returns is kept in the result)."""
     import threading
 
     from workers.engines.onnxruntime import OnnxRuntimeEngine
@@ -118,7 +120,6 @@ def under_load(model_path: Path, pinner, n: int, mb: int, provider: str = "cuda"
             engine.run(feeds)
             done[i].append(time.perf_counter())
 
-    regions = _fresh(n, mb << 20)
     runners = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
     try:
         engine.run(feeds)
@@ -126,27 +127,57 @@ def under_load(model_path: Path, pinner, n: int, mb: int, provider: str = "cuda"
         for r in runners:
             r.start()
         time.sleep(lead_s)
-        pins_began = time.perf_counter()
-        each, _ = _pin_all(regions, pinner, 1)
-        pins_ended = time.perf_counter()
+        began = time.perf_counter()
+        said = disturb()
+        ended = time.perf_counter()
         time.sleep(tail_s)
+    finally:
         stop.set()
         for r in runners:
             r.join()
-        ended = time.perf_counter()
-    finally:
-        stop.set()
-        _release(regions, pinner, pinned=True)
         engine.deactivate()
+    last = time.perf_counter()
     ends = sorted(t for runs in done for t in runs)
 
     def rate(a: float, b: float) -> float:
         return round(batch * sum(a <= t < b for t in ends) / max(b - a, 1e-9))
 
     warm = begin + min(0.3, lead_s / 2)  # the threads' first runs left out
-    return {"threads": threads, "batch": batch, "pin_ms_each": [round(1000 * s, 1) for s in each],
-            "pins_ms": round(1000 * (pins_ended - pins_began), 1), "rows_per_s_before": rate(warm, pins_began),
-            "rows_per_s_during": rate(pins_began, pins_ended), "rows_per_s_after": rate(pins_ended, ended)}
+    return {"threads": threads, "batch": batch, "disturbed_ms": round(1000 * (ended - began), 1), **said,
+            "rows_per_s_before": rate(warm, began), "rows_per_s_during": rate(began, ended),
+            "rows_per_s_after": rate(ended, last)}
+
+
+def pinning(pinner, n: int, mb: int) -> Callable[[], dict]:
+    """Pin ``n`` fresh regions one after another, as the worker's pinning thread does."""
+    def disturb() -> dict:
+        regions = _fresh(n, mb << 20)
+        try:
+            each, _ = _pin_all(regions, pinner, 1)
+        finally:
+            _release(regions, pinner, pinned=True)
+        return {"pin_ms_each": [round(1000 * s, 1) for s in each]}
+
+    return disturb
+
+
+def copying(threads: int, seconds: float, mb: int = 64) -> Callable[[], dict]:
+    """``threads`` threads copying ``mb`` MB between their own buffers for ``seconds``: a batch job's
+    process beside the worker (decoding its input, filling regions, writing parts) moves about as much."""
+    def disturb() -> dict:
+        def copy(_: int) -> int:
+            source, target = np.ones(mb << 18, np.float32), np.empty(mb << 18, np.float32)
+            n, end = 0, time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                np.copyto(target, source)
+                n += 1
+            return n
+
+        with ThreadPoolExecutor(threads) as pool:
+            copies = sum(pool.map(copy, range(threads)))
+        return {"copy_threads": threads, "copied_gb_per_s": round(copies * mb / 1024 / seconds, 1)}
+
+    return disturb
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     from workers.devices import CudaHostPinner
 
     with tempfile.TemporaryDirectory(prefix="gpu-pin-") as tmp:
-        result["under_load"] = loaded = under_load(make_big_mlp(Path(tmp) / "big-mlp.onnx", 4096, 4), CudaHostPinner(),
-                                                   args.regions, args.mb)
+        model = make_big_mlp(Path(tmp) / "big-mlp.onnx", 4096, 4)
+        result["under_load"] = loaded = under_load(model, pinning(CudaHostPinner(), args.regions, args.mb))
+        result["copies_under_load"] = [under_load(model, copying(n, 1.5)) for n in (4, 8)]
     for label in ("one after another", f"{args.regions} threads"):
         each = result[label]["pin_ms_each"]
         print(f"{label}: {args.regions} x {args.mb} MB pinned in {result[label]['wall_ms']:.0f} ms "
@@ -172,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['copy_mb']} MB copied into a pinned region: {result['copy_into_pinned_ms']} ms; into fresh "
           f"unpinned pages: {result['copy_into_fresh_unpinned_ms']} ms")
     print(f"the big MLP, batch 256, {loaded['threads']} threads: {loaded['rows_per_s_before']:,} rows/s before, "
-          f"{loaded['rows_per_s_during']:,} while {args.regions} regions were pinned ({loaded['pins_ms']:.0f} ms), "
+          f"{loaded['rows_per_s_during']:,} while {args.regions} regions were pinned ({loaded['disturbed_ms']:.0f} ms), "
           f"{loaded['rows_per_s_after']:,} after")
+    for c in result["copies_under_load"]:
+        print(f"  ... {c['rows_per_s_before']:,} before, {c['rows_per_s_during']:,} while {c['copy_threads']} threads "
+              f"copied {c['copied_gb_per_s']} GB/s in host memory, {c['rows_per_s_after']:,} after")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu-pin-{dt.datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}.json"
