@@ -19,6 +19,13 @@ def plane_with(*workers: FakeWorker, manifests=None):
     return controller, DataPlane(controller)
 
 
+def two_holders_of_m75() -> tuple[FakeWorker, FakeWorker]:
+    a, b = FakeWorker("t4-a"), FakeWorker("t4-b")
+    for w in (a, b):
+        w.loaded[manifest("m75").engine_key] = manifest("m75")
+    return a, b
+
+
 def serve(plane, model, request=None, version=None):
     return asyncio.run(plane.serve(model, version, request or InferRequest({"input": X})))
 
@@ -57,9 +64,7 @@ def test_bad_input_is_refused_before_anything_loads_for_it():
 
 
 def test_an_engine_evicted_under_the_call_is_reported_and_tried_again():
-    a, b = FakeWorker("t4-a"), FakeWorker("t4-b")
-    for w in (a, b):
-        w.loaded[manifest("m75").engine_key] = manifest("m75")
+    a, b = two_holders_of_m75()
     a.evicted_under_caller = b.evicted_under_caller = True
     controller, plane = plane_with(a, b)
     assert serve(plane, "m75").parameters["fleet_worker"] in {"t4-a", "t4-b"}
@@ -67,9 +72,7 @@ def test_an_engine_evicted_under_the_call_is_reported_and_tried_again():
 
 
 def test_a_worker_that_died_is_routed_around_and_reported():
-    a, b = FakeWorker("t4-a"), FakeWorker("t4-b")
-    for w in (a, b):
-        w.loaded[manifest("m75").engine_key] = manifest("m75")
+    a, b = two_holders_of_m75()
     controller, plane = plane_with(a, b)
     asyncio.run(plane.refresh(force=True))
     a.dead = True
@@ -107,9 +110,7 @@ def test_every_holder_dead_ends_in_a_clear_worker_lost():
 
 
 def test_shared_memory_requests_go_only_to_workers_that_mapped_the_region():
-    a, b = FakeWorker("t4-a"), FakeWorker("t4-b")
-    for w in (a, b):
-        w.loaded[manifest("m75").engine_key] = manifest("m75")
+    a, b = two_holders_of_m75()
     controller, plane = plane_with(a, b)
     request = InferRequest({"input": X}, outputs=[RequestedOutput("input", False, ShmRef("r1", 32))])
     with pytest.raises(SharedMemoryError, match="'r1' is not registered"):
@@ -121,9 +122,7 @@ def test_shared_memory_requests_go_only_to_workers_that_mapped_the_region():
 
 
 def test_a_region_this_process_registered_routes_without_reading_the_inventory_again():
-    a, b = FakeWorker("t4-a"), FakeWorker("t4-b")
-    for w in (a, b):
-        w.loaded[manifest("m75").engine_key] = manifest("m75")
+    a, b = two_holders_of_m75()
     controller, plane = plane_with(a, b)
     asyncio.run(plane.refresh(force=True))
     controller.inventory.calls.clear()
