@@ -310,3 +310,39 @@ def test_large_bodies_pipelined_or_trickled_are_read_whole(served, demo_models, 
         assert status == 200, content[:300]
         _, outputs = decode_response(content, headers.get("inference-header-content-length"))
         np.testing.assert_array_equal(outputs["label"], want)
+
+
+def test_a_large_binary_bodys_tensors_are_read_onto_a_64_byte_boundary():
+    """Whatever the length of a binary body's JSON header (149 bytes here), the kernel reads the body so that
+    its tensors begin on a 64-byte boundary: the inputs decoded in place are aligned, as fresh arrays are,
+    also in the buffer the connection uses again for its next body of the same size."""
+    import asyncio
+
+    from workers.httpwire import HttpConnection
+    from workers.kserve.codec import decode_request
+    from workers.kserve.handler import json_answer
+
+    seen = []
+
+    async def handler(request):
+        decoded = decode_request(request.body, request.headers["inference-header-content-length"])
+        seen.append((decoded.inputs["input"].ctypes.data % 64, decoded.inputs["input"].sum()))
+        return json_answer(200, {})
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(loop.create_server(lambda: HttpConnection(handler, 64 << 20), "127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        X = np.ones((300, 64), np.float32)  # 75 KiB: read into a buffer of its own
+        body, headers = encode_request({"input": X})
+        assert int(headers["inference-header-content-length"]) % 4  # the tensor would sit at an odd offset
+        port = server.sockets[0].getsockname()[1]
+        with requests.Session() as session:
+            for _ in range(3):
+                assert session.post(f"http://127.0.0.1:{port}/", data=body, headers=headers, timeout=30).status_code == 200
+        assert seen == [(0, X.sum())] * 3
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        server.close()
