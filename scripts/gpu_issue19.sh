@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 19's measurements on a lent GPU host, one step per `run` call (each must end within 10 minutes).
+# The packages come first, made here and carried one part per call (the GPU host has no internet):
+#   bash ../shared/tools/pack-wheels.sh onnxruntime-gpu "ray[serve,data]==2.60.0" "numpy>=1.26,<3" "onnx>=1.17" \
+#     "nvidia-ml-py>=12.535" "cuda-python>=12.6" "pydantic>=2.5,<3" "pyyaml>=6" "requests>=2.31" "aiohttp>=3.9" \
+#     skl2onnx py-spy httptools onnxconverter-common        # .wheelparts/p0..p6 -> /tmp/site
+#   bash scripts/pack_triton_env.sh                         # .wheelparts/t0..t1 -> /tmp/triton-venv (PyTriton)
+#   wrk and its libraries (apt-get download wrk libluajit-5.1-2) -> .wheelparts/wrk, with an env.sh for PATH
+# Then, from the repository root:
+#
+#   bash scripts/gpu_issue19.sh pin     # benchmarks.gpu_pin: pinning's cost, alone and under load (~20 s)
+#   bash scripts/gpu_issue19.sh full    # gpu_bench: bare at its best, every fleet path, the 2M-row job, Triton (~6 min)
+#   bash scripts/gpu_issue19.sh job MODE   # the 2M-row job alone, client_shm_pinning MODE (~1 min)
+#   bash scripts/gpu_issue19.sh cnn     # cnn-small over HTTP, fleet and wrk on separate cores (~2 min)
+#   bash scripts/gpu_issue19.sh tests   # pytest -m gpu (~3 min)
+#
+# Results go under $OUT (the device call's output folder), or bench-results/.
+set -euo pipefail
+export PYTHONPATH="/tmp/site:.${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-bench-results}"
+mkdir -p "$OUT"
+scratch=/dev/shm/b  # the job's 2 GB input and 32 GB of outputs: the host's memory, not its 64 GB disk
+rm -rf "$scratch" && mkdir -p "$scratch"
+triton=(--triton-python /tmp/triton-venv/bin/python3
+        --triton-pythonpath /tmp/triton-venv/lib/python3.12/site-packages:/tmp/site)
+job=(--batch-job-rows 2000000 --batch-job-repeat 1024 --batch-job-in-flight 16)
+
+case "${1:-}" in
+  pin)   python3 -m benchmarks.gpu_pin --out "$OUT" ;;
+  full)  TMPDIR=$scratch python3 scripts/gpu_bench.py --duration 3 --batches 1,256 --levels 1:64/256:8,16 \
+           --loadgen wrk "${job[@]}" "${triton[@]}" --out "$OUT" ;;
+  job)   TMPDIR=$scratch python3 scripts/gpu_bench.py --bare-threads 4 --systems "" --batches 256 "${job[@]}" \
+           --shm-pinning "${2:-background}" --out "$OUT" ;;
+  cnn)   CUDA_VISIBLE_DEVICES= timeout 300 python3 scripts/bench.py --phases bare,fleet-http --models cnn-small \
+           --pin 0-7:8-15 --loadgen wrk --out "$OUT" --no-chart ;;
+  tests) python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider ;;
+  *)     sed -n 2,17p "$0"; exit 2 ;;
+esac
