@@ -12,7 +12,8 @@ pinning holds up the GPU's work meanwhile (a worker pins in the background while
 ``client_shm_pinning``): the big MLP at batch 256 from 4 threads on one session, its rows/s before,
 during and after pinning the same number of fresh regions on another thread; and the same while 4, then
 8 threads copy memory, as a batch job's process beside the worker does (do its copies slow the GPU's
-DMA from host memory?). Results: a table, and DIR/gpu-pin-<time>.json.
+DMA from host memory?), then as many threads as cores, at nice 0 and at nice 10 (does taking CPU time
+from the GPU's feeding threads slow it, and does a lower priority for the copies undo that?). Results: a table, and DIR/gpu-pin-<time>.json.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import mmap
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -106,7 +108,6 @@ def under_load(model_path: Path, disturb: Callable[[], dict], provider: str = "c
                batch: int = 256, width: int = 4096, lead_s: float = 1.0, tail_s: float = 1.0) -> dict:
     """rows/s of ``threads`` threads running the model on one session before, while and after
     ``disturb()`` runs on another thread (what it returns is kept in the result)."""
-    import threading
 
     from workers.engines.onnxruntime import OnnxRuntimeEngine
 
@@ -161,11 +162,15 @@ def pinning(pinner, n: int, mb: int) -> Callable[[], dict]:
     return disturb
 
 
-def copying(threads: int, seconds: float, mb: int = 64) -> Callable[[], dict]:
+def copying(threads: int, seconds: float, mb: int = 64, nice: int = 0) -> Callable[[], dict]:
     """``threads`` threads copying ``mb`` MB between their own buffers for ``seconds``: a batch job's
-    process beside the worker (decoding its input, filling regions, writing parts) moves about as much."""
+    process beside the worker (decoding its input, filling regions, writing parts) moves about as much.
+    More threads than the host has cores free also takes CPU time from the threads that feed the GPU;
+    ``nice``: the copying threads' niceness (a job's IO threads could lower theirs)."""
     def disturb() -> dict:
         def copy(_: int) -> int:
+            if nice:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
             source, target = np.ones(mb << 18, np.float32), np.empty(mb << 18, np.float32)
             n, end = 0, time.perf_counter() + seconds
             while time.perf_counter() < end:
@@ -175,7 +180,7 @@ def copying(threads: int, seconds: float, mb: int = 64) -> Callable[[], dict]:
 
         with ThreadPoolExecutor(threads) as pool:
             copies = sum(pool.map(copy, range(threads)))
-        return {"copy_threads": threads, "copied_gb_per_s": round(copies * mb / 1024 / seconds, 1)}
+        return {"copy_threads": threads, "nice": nice, "copied_gb_per_s": round(copies * mb / 1024 / seconds, 1)}
 
     return disturb
 
@@ -196,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-pin-") as tmp:
         model = make_big_mlp(Path(tmp) / "big-mlp.onnx", 4096, 4)
         result["under_load"] = loaded = under_load(model, pinning(CudaHostPinner(), args.regions, args.mb))
-        result["copies_under_load"] = [under_load(model, copying(n, 1.5)) for n in (4, 8)]
+        cores = len(os.sched_getaffinity(0))  # 4 and 8: memory traffic; as many as the cores: CPU time too
+        result["copies_under_load"] = [under_load(model, copying(n, 1.5, nice=nice))
+                                       for n, nice in ((4, 0), (8, 0), (cores, 0), (cores, 10))]
     for label in ("one after another", f"{args.regions} threads"):
         each = result[label]["pin_ms_each"]
         print(f"{label}: {args.regions} x {args.mb} MB pinned in {result[label]['wall_ms']:.0f} ms "
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{loaded['rows_per_s_after']:,} after")
     for c in result["copies_under_load"]:
         print(f"  ... {c['rows_per_s_before']:,} before, {c['rows_per_s_during']:,} while {c['copy_threads']} threads "
-              f"copied {c['copied_gb_per_s']} GB/s in host memory, {c['rows_per_s_after']:,} after")
+              f"(nice {c['nice']}) copied {c['copied_gb_per_s']} GB/s in host memory, {c['rows_per_s_after']:,} after")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu-pin-{dt.datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}.json"
