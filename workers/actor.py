@@ -171,8 +171,8 @@ class FleetWorker:
         self.baseline_used_bytes = self._memory_probe() if self._memory_probe else None  # after the context
         self._gpu_health = _gpu_health_probe(uuid) if real_gpu else None
         # regions registered by clients on this host; pinned for the GPU, so copies are DMA
-        self.shm = SharedMemoryRegistry(pinner=CudaHostPinner() if real_gpu and spec.shm_pinning != "off" else None,
-                                        pin_in_background=spec.shm_pinning == "background")
+        pinner = CudaHostPinner(self.device.cuda_ordinal or 0) if real_gpu and spec.shm_pinning != "off" else None
+        self.shm = SharedMemoryRegistry(pinner=pinner, pin_in_background=spec.shm_pinning == "background")
         self.runner = EngineRunner(self.caps, _budget(spec, self.device), slots=spec.slots,
                                    intra_op_threads=spec.intra_op_threads, shm=self.shm,
                                    memory_probe=self._memory_probe)

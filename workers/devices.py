@@ -194,7 +194,13 @@ def nvml_used_bytes(uuid: str) -> int | None:
 class CudaHostPinner:
     """Page-locks host memory for this process's CUDA device (``cudaHostRegister``): copies
     between it and the GPU then go by DMA, with no staging through the driver's own pinned
-    buffers (and no CPU copy). Used for client shared memory regions on GPU workers."""
+    buffers (and no CPU copy). Used for client shared memory regions on GPU workers.
+
+    ``device``: the CUDA ordinal whose context registers it. The calling thread may be any (a pool's):
+    one that never chose a device would use, and create a context on, device 0."""
+
+    def __init__(self, device: int = 0) -> None:
+        self.device = device
 
     def pin(self, address: int, size: int) -> bool:
         try:
@@ -202,6 +208,7 @@ class CudaHostPinner:
         except ImportError:
             return False
         try:
+            runtime.cudaSetDevice(self.device)
             (err,) = runtime.cudaHostRegister(address, size, runtime.cudaHostRegisterPortable)
         except Exception as exc:  # a broken CUDA setup must not make the region unusable
             err = exc
@@ -213,4 +220,5 @@ class CudaHostPinner:
     def unpin(self, address: int) -> None:
         from cuda.bindings import runtime
 
+        runtime.cudaSetDevice(self.device)
         runtime.cudaHostUnregister(address)
