@@ -36,7 +36,7 @@ import numpy as np
 
 from benchmarks.common import REPO_ROOT
 from benchmarks.gpu import cuda_gpus_or_say
-from workers.shm import mapping_address
+from workers.shm import buffer_address
 
 
 def _fresh(n: int, nbytes: int) -> list[tuple[shared_memory.SharedMemory, mmap.mmap]]:
@@ -56,7 +56,7 @@ def _pin_all(regions, pinner, threads: int) -> tuple[list[float], float]:
     """Seconds each pin took, and the wall time for all of them."""
     def pin(mapped: mmap.mmap) -> float:
         t0 = time.perf_counter()
-        if not pinner.pin(mapping_address(mapped), len(mapped)):
+        if not pinner.pin(buffer_address(mapped), len(mapped)):
             raise RuntimeError("cudaHostRegister refused a region")
         return time.perf_counter() - t0
 
@@ -69,7 +69,7 @@ def _pin_all(regions, pinner, threads: int) -> tuple[list[float], float]:
 def _release(regions, pinner, pinned: bool) -> None:
     for shm, mapped in regions:
         if pinned:
-            pinner.unpin(mapping_address(mapped))
+            pinner.unpin(buffer_address(mapped))
         mapped.close()
         shm.close()
         shm.unlink()

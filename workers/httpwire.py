@@ -10,7 +10,6 @@ coroutine that answers with a ``workers.kserve.handler.HttpAnswer``.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 
 from workers.errors import PayloadTooLarge
 from workers.kserve.handler import HttpAnswer, error_answer, internal_error_answer, json_answer
+from workers.shm import buffer_address
 
 log = logging.getLogger("forward-fleet.worker-http")
 
@@ -145,7 +145,7 @@ class HttpConnection(asyncio.BufferedProtocol):
             spare, self.spare = self.spare, None
             # A client sends bodies of one size, mostly: the last one's buffer again is no new
             # memory to fault in (a fresh 4 MB buffer, zeroed, cost as much as reading into it).
-            fits = spare is not None and len(spare) == size and _address(spare, tensors_at) % ALIGN == 0
+            fits = spare is not None and len(spare) == size and (buffer_address(spare) + tensors_at) % ALIGN == 0
             self.direct = spare if fits else _aligned_buffer(size, tensors_at)
 
     def on_body(self, body: bytes) -> None:
@@ -240,21 +240,13 @@ class HttpConnection(asyncio.BufferedProtocol):
             self._close()
 
 
-def _address(buffer: bytearray, offset: int = 0) -> int:
-    view = (ctypes.c_char * 1).from_buffer(buffer)
-    try:
-        return ctypes.addressof(view) + offset
-    finally:
-        del view  # an export: the buffer could not be resized while it lives
-
-
 def _aligned_buffer(size: int, tensors_at: int) -> bytearray:
     """A body buffer of ``size`` bytes whose byte ``tensors_at`` (where a binary body's tensors begin,
     after its JSON header) is on a 64-byte boundary: the inputs decoded in place are then aligned as
     a fresh array is (ONNX Runtime on the CPU ran 2-3 % slower on tensors at an odd offset). Deleting
     from the front of a bytearray moves its start, without a copy."""
     buffer = bytearray(size + ALIGN)
-    del buffer[:-_address(buffer, tensors_at) % ALIGN]
+    del buffer[:-(buffer_address(buffer) + tensors_at) % ALIGN]
     del buffer[size:]
     return buffer
 

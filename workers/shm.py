@@ -123,11 +123,11 @@ class RegionInfo:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
 
 
-def mapping_address(mapped: mmap.mmap) -> int:
-    """Where ``mapped`` starts in this process's memory (for ``HostPinner.pin``)."""
-    anchor = ctypes.c_char.from_buffer(mapped)
+def buffer_address(buffer: "mmap.mmap | bytearray") -> int:
+    """Where a writable buffer starts in this process's memory (for ``HostPinner.pin``, or alignment)."""
+    anchor = ctypes.c_char.from_buffer(buffer)
     address = ctypes.addressof(anchor)
-    del anchor  # holds the mapping open otherwise
+    del anchor  # an export: it holds a mapping open, and a bytearray at its size, while it lives
     return address
 
 
@@ -179,7 +179,7 @@ class _Mapped:
         with self._pin_lock:
             if self._closed or self._pinner is None:
                 return
-            address = mapping_address(self._map)
+            address = buffer_address(self._map)
             if self._pinner.pin(address, len(self._map)):
                 self._pinned_at = address
 
