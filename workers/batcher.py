@@ -171,6 +171,7 @@ class DynamicBatcher:
                     self._cond.wait(deadline - self._clock())
             self._free.get()  # while we wait for a free slot, the next batch keeps filling
             self._batches.put(batch)
+            batch = item = None  # type: ignore[assignment]  # not held while waiting: see _serve
 
     def _serve(self) -> None:
         """One slot: run the batches it is handed until close()."""
@@ -179,6 +180,9 @@ class DynamicBatcher:
                 self._execute(batch)
             except BaseException:  # e.g. a caller cancelled its future: the slot lives on
                 log.exception("a batch's results could not be handed back")
+            # Not held while this slot waits for the next: the requests' inputs view their HTTP bodies,
+            # and a body still viewed cannot be read into again (a new one, 4 MB zeroed, holding the GIL).
+            batch = None
 
     def _execute(self, batch: list[_Pending]) -> None:
         try:
