@@ -160,3 +160,26 @@ def test_slots_bound_the_runs_at_once_and_a_cancelled_request_costs_no_slot(mlp,
     np.testing.assert_array_equal(np.concatenate([o["label"] for o in outputs]), expected[:56])
     np.testing.assert_array_equal(np.concatenate([o["label"] for o in later]), expected[:16])
     assert not any(t.is_alive() for t in batcher._runners)  # close() ended every slot's thread
+
+
+def test_a_request_done_leaves_no_reference_to_its_inputs_in_the_batcher():
+    """A binary HTTP body is read into a buffer that its inputs then view; the worker reads the next body
+    into the same buffer once nothing views it (workers/httpwire.py). A slot or the collector keeping its
+    last batch while it waits would keep every such buffer from being used again."""
+    import time
+
+    from workers.httpwire import _unviewed
+
+    batcher = DynamicBatcher(lambda feeds: {"y": feeds["x"] * 2}, BatchingOptions(max_batch=8), slots=2)
+    try:
+        for _ in range(3):
+            body = bytearray(4 * 4 * 8)
+            feeds = {"x": np.frombuffer(body, np.float32).reshape(4, 8)}
+            assert batcher.submit(feeds)["y"].shape == (4, 8)
+            del feeds
+            deadline = time.monotonic() + 5
+            while not _unviewed(body) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _unviewed(body)
+    finally:
+        batcher.close()
