@@ -11,7 +11,7 @@
 #   bash scripts/gpu_issue19.sh pin     # benchmarks.gpu_pin: pinning's cost, alone and under load (~20 s)
 #   bash scripts/gpu_issue19.sh full    # gpu_bench: bare at its best, every fleet path, the 2M-row job, Triton (~6 min)
 #   bash scripts/gpu_issue19.sh job MODE   # the 2M-row job alone, client_shm_pinning MODE (~1 min)
-#   bash scripts/gpu_issue19.sh binary [MS]  # binary HTTP bodies alone, GIL switch interval MS, py-spy on the worker (~1 min)
+#   [LOOPS=4] bash scripts/gpu_issue19.sh binary [MS]  # binary bodies alone, GIL switch MS, py-spy on the worker (~1 min)
 #   bash scripts/gpu_issue19.sh cnn     # cnn-small over HTTP, fleet and wrk on separate cores (~2 min)
 #   bash scripts/gpu_issue19.sh tests   # pytest -m gpu (~3 min)
 #
@@ -33,7 +33,7 @@ case "${1:-}" in
   job)   TMPDIR=$scratch python3 scripts/gpu_bench.py --bare-threads 4 --systems "" --batches 256 "${job[@]}" \
            --shm-pinning "${2:-background}" --out "$OUT" ;;
   binary) python3 scripts/gpu_bench.py --bare-threads 4 --systems fleet-http-binary --batches 256 --levels 256:8,16 \
-           --loadgen wrk --profile ${2:+--gil-switch-ms "$2"} --out "$OUT" ;;
+           --loadgen wrk --profile ${2:+--gil-switch-ms "$2"} ${LOOPS:+--worker-http-loops "$LOOPS"} --out "$OUT" ;;
   cnn)   CUDA_VISIBLE_DEVICES= timeout 300 python3 scripts/bench.py --phases bare,fleet-http --models cnn-small \
            --pin 0-7:8-15 --loadgen wrk --out "$OUT" --no-chart ;;
   tests) python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider ;;
