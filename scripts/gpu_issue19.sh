@@ -29,7 +29,7 @@ job=(--batch-job-rows 2000000 --batch-job-repeat 1024 --batch-job-in-flight 16)
 case "${1:-}" in
   pin)   python3 -m benchmarks.gpu_pin --out "$OUT" ;;
   full)  TMPDIR=$scratch python3 scripts/gpu_bench.py --duration 3 --batches 1,256 --levels 1:64/256:8,16 \
-           --loadgen wrk "${job[@]}" "${triton[@]}" --out "$OUT" ;;
+           --loadgen wrk "${job[@]}" "${triton[@]}" ${LOOPS:+--worker-http-loops "$LOOPS"} --out "$OUT" ;;
   job)   TMPDIR=$scratch python3 scripts/gpu_bench.py --bare-threads 4 --systems "" --batches 256 "${job[@]}" \
            --shm-pinning "${2:-background}" --out "$OUT" ;;
   binary) python3 scripts/gpu_bench.py --bare-threads 4 --systems fleet-http-binary --batches 256 --levels 256:8,16 \
