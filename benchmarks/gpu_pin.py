@@ -7,13 +7,14 @@ A batch job holds a region per part in flight and per part waiting to be written
 (``workers.devices.CudaHostPinner``, as ``workers/shm.py`` does). This measures how long that takes
 for fresh POSIX shared memory objects: one after another, then from as many threads as regions (if
 the driver serialises the calls, the threads take as long in total). Then how long a copy of 64 MB (at most the region) into
-a region takes once it is pinned, against one into fresh pages of an object that is not. Last, whether
-pinning holds up the GPU's work meanwhile (a worker pins in the background while it serves: the fleet's
-``client_shm_pinning``): the big MLP at batch 256 from 4 threads on one session, its rows/s before,
-during and after pinning the same number of fresh regions on another thread; and the same while 4, then
-8 threads copy memory, as a batch job's process beside the worker does (do its copies slow the GPU's
-DMA from host memory?), then as many threads as cores, at nice 0 and at nice 10 (does taking CPU time
-from the GPU's feeding threads slow it, and does a lower priority for the copies undo that?). Results: a table, and DIR/gpu-pin-<time>.json.
+a region takes once it is pinned, against one into fresh pages of an object that is not. Then the big
+MLP at batch 256 from 4 threads on one session, its rows/s before, during and after a disturbance on
+another thread: 4, then 8 threads copying memory, as a batch job's process beside the worker does (do its
+copies slow the GPU's DMA from host memory?), then as many threads as cores, at nice 0 and at nice 10
+(does taking CPU time from the GPU's feeding threads slow it, and does a lower priority for the copies
+undo that?). Last, pinning the same number of fresh regions while the runs go on (a worker pins in the
+background while it serves: the fleet's ``client_shm_pinning``): how many pins end within 10 s, and how
+long the rest take once the runs stop. Results: a table, and DIR/gpu-pin-<time>.json.
 """
 
 from __future__ import annotations
@@ -149,17 +150,43 @@ def under_load(model_path: Path, disturb: Callable[[], dict], provider: str = "c
             "rows_per_s_after": rate(ended, last)}
 
 
-def pinning(pinner, n: int, mb: int) -> Callable[[], dict]:
-    """Pin ``n`` fresh regions one after another, as the worker's pinning thread does."""
-    def disturb() -> dict:
-        regions = _fresh(n, mb << 20)
-        try:
-            each, _ = _pin_all(regions, pinner, 1)
-        finally:
-            _release(regions, pinner, pinned=True)
-        return {"pin_ms_each": [round(1000 * s, 1) for s in each]}
+class PinningUnderLoad:
+    """The disturbance: pin ``n`` fresh regions one after another, as the worker's pinning thread does,
+    waiting at most ``bound_s`` while the runs go on. CUDA's page-locking is an implicit synchronisation
+    (it waits for the device's work in flight): on an H200, one pin of 32 MB had not returned after
+    30 s of 4 threads running the big MLP back to back. Those left then end in ``finish()``, once the
+    runs have stopped."""
 
-    return disturb
+    def __init__(self, pinner, n: int, mb: int, bound_s: float = 10.0) -> None:
+        self.pinner, self.n, self.mb, self.bound_s = pinner, n, mb, bound_s
+        self.each: list[float] = []
+        self.regions: list = []
+        self.thread: threading.Thread | None = None
+
+    def _pin_in_turn(self) -> None:
+        for _, mapped in self.regions:
+            t0 = time.perf_counter()
+            if not self.pinner.pin(buffer_address(mapped), len(mapped)):
+                raise RuntimeError("cudaHostRegister refused a region")
+            self.each.append(time.perf_counter() - t0)
+
+    def __call__(self) -> dict:
+        self.regions = _fresh(self.n, self.mb << 20)
+        self.thread = threading.Thread(target=self._pin_in_turn, name="pin-under-load")
+        self.thread.start()
+        self.thread.join(self.bound_s)
+        return {"pins_ended_under_load": len(self.each), "pins": self.n, "bound_s": self.bound_s,
+                "pin_ms_each": [round(1000 * s, 1) for s in self.each]}
+
+    def finish(self) -> dict:
+        """After the runs stopped: the pins left end; how long the last of them took then."""
+        under_load = len(self.each)
+        if self.thread is not None:
+            self.thread.join()
+        pinned = len(self.each)
+        _release(self.regions[:pinned], self.pinner, pinned=True)
+        _release(self.regions[pinned:], self.pinner, pinned=False)
+        return {"pin_ms_each_after_the_runs": [round(1000 * s, 1) for s in self.each[under_load:]]}
 
 
 def copying(threads: int, seconds: float, mb: int = 64, nice: int = 0) -> Callable[[], dict]:
@@ -200,22 +227,28 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gpu-pin-") as tmp:
         model = make_big_mlp(Path(tmp) / "big-mlp.onnx", 4096, 4)
-        result["under_load"] = loaded = under_load(model, pinning(CudaHostPinner(), args.regions, args.mb))
         cores = len(os.sched_getaffinity(0))  # 4 and 8: memory traffic; as many as the cores: CPU time too
         result["copies_under_load"] = [under_load(model, copying(n, 1.5, nice=nice))
                                        for n, nice in ((4, 0), (8, 0), (cores, 0), (cores, 10))]
+        pins = PinningUnderLoad(CudaHostPinner(), args.regions, args.mb)
+        try:
+            result["under_load"] = loaded = under_load(model, pins)
+        finally:
+            result["under_load_after"] = pins.finish()
     for label in ("one after another", f"{args.regions} threads"):
         each = result[label]["pin_ms_each"]
         print(f"{label}: {args.regions} x {args.mb} MB pinned in {result[label]['wall_ms']:.0f} ms "
               f"(each {min(each):.0f}-{max(each):.0f} ms, median {sorted(each)[len(each) // 2]:.0f})")
     print(f"{result['copy_mb']} MB copied into a pinned region: {result['copy_into_pinned_ms']} ms; into fresh "
           f"unpinned pages: {result['copy_into_fresh_unpinned_ms']} ms")
-    print(f"the big MLP, batch 256, {loaded['threads']} threads: {loaded['rows_per_s_before']:,} rows/s before, "
-          f"{loaded['rows_per_s_during']:,} while {args.regions} regions were pinned ({loaded['disturbed_ms']:.0f} ms), "
-          f"{loaded['rows_per_s_after']:,} after")
     for c in result["copies_under_load"]:
         print(f"  ... {c['rows_per_s_before']:,} before, {c['rows_per_s_during']:,} while {c['copy_threads']} threads "
               f"(nice {c['nice']}) copied {c['copied_gb_per_s']} GB/s in host memory, {c['rows_per_s_after']:,} after")
+    print(f"the big MLP, batch 256, {loaded['threads']} threads: {loaded['rows_per_s_before']:,} rows/s before, "
+          f"{loaded['rows_per_s_during']:,} while pinning ({loaded['disturbed_ms']:.0f} ms: "
+          f"{loaded['pins_ended_under_load']} of {args.regions} pins of {args.mb} MB ended meanwhile), "
+          f"{loaded['rows_per_s_after']:,} after; once the runs stopped, the rest took "
+          f"{sum(result['under_load_after']['pin_ms_each_after_the_runs']):.0f} ms")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu-pin-{dt.datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}.json"

@@ -34,16 +34,14 @@ apply_ray_env()  # this module is a job's entry point: Ray reads RAY_AUTH_MODE w
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from workers.errors import FleetError, InvalidInput, NoCompatibleWorker, NotReady, SharedMemoryError  # noqa: E402
-from workers.manifest import Manifest  # noqa: E402
+from workers.errors import FleetError, InvalidInput, NotReady, SharedMemoryError  # noqa: E402
 from workers.tensors import TensorSpec  # noqa: E402
 
 from cluster.batch_io import TMP_GLOB, InputRows, PartsOutput, io_threads  # noqa: E402,F401  (TMP_GLOB: for callers)
 from cluster.batch_report import PROGRESS_EVERY_S, Progress, Summary, region_costs, worker_time  # noqa: E402
-from cluster.batch_send import RayParts, ShmParts  # noqa: E402
+from cluster.batch_send import FleetWorkers, RayParts, ShmParts  # noqa: E402
 from cluster.calls import Failure, classify, get  # noqa: E402
 from cluster.names import CONTROLLER_NAME, NAMESPACE  # noqa: E402
-from cluster.router import Router  # noqa: E402
 from cluster.tensor_columns import ENCODINGS, as_input  # noqa: E402
 
 MAX_RETRIES_PER_PART = 5
@@ -93,31 +91,6 @@ def column_map(job: BatchJob, spec_inputs: tuple[TensorSpec, ...], columns: list
 
 
 # ---- dispatching -------------------------------------------------------------------
-class FleetWorkers:
-    """The live workers that hold the model, from the controller's inventory."""
-
-    def __init__(self, controller, model: str, version: str | None) -> None:
-        self.controller = controller
-        self.model = model
-        self.version = version
-        self.workers: dict[str, tuple[object, str]] = {}  # id -> (handle, device)
-        self.manifest: Manifest | None = None
-
-    def refresh(self) -> None:
-        """Load the model where it fits (the controller decides) and take the workers holding it."""
-        placement = get(self.controller.ensure_loaded.remote(self.model, self.version))
-        inventory = get(self.controller.inventory.remote())
-        router = Router.from_inventory(inventory)
-        self.version = placement.version
-        self.workers = {}
-        for worker_id, manifest in router.compatible(self.model, placement.version):
-            if manifest.engine_key in router.workers[worker_id].loaded:
-                self.manifest = manifest
-                self.workers[worker_id] = (inventory.handles[worker_id], router.workers[worker_id].caps.device.describe())
-        if not self.workers:
-            raise NoCompatibleWorker(f"no live worker holds model '{self.model}' version {placement.version}")
-
-
 @dataclass
 class _Part:
     index: int
@@ -142,6 +115,7 @@ class Dispatcher:
         self.shm = shm  # until it fails before its first answer (then the object store, for good)
         self.shm_sender = shm  # closed when the job ends
         self.shm_answered = False
+        self.shm_prepared = False  # the job's regions, made before its first part (_prepare_regions)
         self.in_flight: dict[Future, _Part] = {}
         self.load: Counter = Counter()
         # Parts are written on threads (Parquet encoding releases the GIL) while the next parts go out.
@@ -153,8 +127,10 @@ class Dispatcher:
         return (self.shm or self.ray).name
 
     def submit(self, part: _Part) -> None:
+        if self.shm is not None and not self.shm_prepared:
+            self._prepare_regions(part)
         if self.shm is not None:  # the client routes: bound the parts in flight over all workers
-            while len(self.in_flight) >= self.job.in_flight_per_worker * max(1, len(self.fleet.workers)):
+            while len(self.in_flight) >= self._shm_in_flight():
                 self.collect(block=True)
             if self.shm is not None:
                 part.worker, part.sent = "", time.monotonic()
@@ -173,6 +149,22 @@ class Dispatcher:
         self.summary.mark("first sent")
         self.in_flight[self.ray.send(handle, worker, self.fleet.version, part.feeds)] = part
         self.load[worker] += 1
+
+    def _shm_in_flight(self) -> int:
+        return self.job.in_flight_per_worker * max(1, len(self.fleet.workers))
+
+    def _prepare_regions(self, part: _Part) -> None:
+        """Before the first part goes out, a region for each part in flight and each being written:
+        GPU workers page-lock them while their devices are idle (a region first registered while the
+        job's parts run there served unpinned for a while: docs/gpu-results.md, 2026-12-05)."""
+        self.shm_prepared = True
+        assert self.shm is not None
+        try:
+            self.shm.prepare(part.feeds, min(self.summary.parts, self._shm_in_flight() + WRITER_THREADS), self.fleet.version)
+        except (SharedMemoryError, NotReady) as exc:
+            if not self._shm_unusable(exc):
+                raise
+        self.summary.mark("regions ready")
 
     def collect(self, block: bool) -> None:
         if not self.in_flight:

@@ -39,7 +39,7 @@ class Summary:
     started: float = field(default_factory=time.monotonic, repr=False)
 
     def mark(self, event: str, first_only: bool = True) -> None:
-        """When ``event`` (first sent, first answered, last answered) happened, from the job's start."""
+        """When ``event`` (regions ready, first sent, first answered, last answered) happened, from the job's start."""
         if not (first_only and event in self.timeline):
             self.timeline[event] = round(time.monotonic() - self.started, 3)
 
@@ -69,7 +69,8 @@ class Summary:
         t = self.timeline
         if {"first sent", "first answered", "last answered"} <= set(t):
             written = f", all written at {t['all written']:.1f} s" if "all written" in t else ""
-            lines.insert(3, f"timeline: first part sent at {t['first sent']:.1f} s, first answered at {t['first answered']:.1f} s, "
+            ready = f"regions ready at {t['regions ready']:.1f} s, " if "regions ready" in t else ""
+            lines.insert(3, f"timeline: {ready}first part sent at {t['first sent']:.1f} s, first answered at {t['first answered']:.1f} s, "
                             f"last answered at {t['last answered']:.1f} s{written}, done at {self.seconds:.1f} s")
         if self.regions.get("count"):
             r = self.regions

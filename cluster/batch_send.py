@@ -1,4 +1,5 @@
-"""How a batch job's parts reach the workers: through Ray's object store, or in shared memory.
+"""The workers a batch job sends its parts to (``FleetWorkers``), and how the parts reach them: through
+Ray's object store, or in shared memory.
 
 * ``RayParts``: the part goes with the actor call to the worker the job chose; Ray copies it into
   its object store and the outputs back. Works on any fleet, any host.
@@ -24,9 +25,13 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from workers.errors import NoCompatibleWorker
 from workers.kserve.codec import InferRequest
+from workers.manifest import Manifest
 
+from cluster.calls import get
 from cluster.incluster import InClusterClient
+from cluster.router import Router
 
 
 class RayParts:
@@ -77,6 +82,12 @@ class ShmParts:
 
         return asyncio.run_coroutine_threadsafe(call(), self.loop)
 
+    def prepare(self, feeds: dict[str, np.ndarray], regions: int, version: str | None) -> None:
+        """``regions`` regions for parts like this one, registered (and on GPU workers page-locked)
+        before any part goes out: see ``InClusterClient.prepare``."""
+        asyncio.run_coroutine_threadsafe(
+            self.client.prepare(self.model, feeds, regions, version=version, outputs=self.wanted), self.loop).result()
+
     def close(self) -> None:
         """Cancel the parts still in flight (a job that failed leaves some), unregister and unlink the
         regions, stop the loop."""
@@ -95,3 +106,28 @@ class ShmParts:
             self.thread.join(timeout=10)
             if not self.thread.is_alive():
                 self.loop.close()
+
+
+class FleetWorkers:
+    """The live workers that hold the model, from the controller's inventory."""
+
+    def __init__(self, controller, model: str, version: str | None) -> None:
+        self.controller = controller
+        self.model = model
+        self.version = version
+        self.workers: dict[str, tuple[object, str]] = {}  # id -> (handle, device)
+        self.manifest: Manifest | None = None
+
+    def refresh(self) -> None:
+        """Load the model where it fits (the controller decides) and take the workers holding it."""
+        placement = get(self.controller.ensure_loaded.remote(self.model, self.version))
+        inventory = get(self.controller.inventory.remote())
+        router = Router.from_inventory(inventory)
+        self.version = placement.version
+        self.workers = {}
+        for worker_id, manifest in router.compatible(self.model, placement.version):
+            if manifest.engine_key in router.workers[worker_id].loaded:
+                self.manifest = manifest
+                self.workers[worker_id] = (inventory.handles[worker_id], router.workers[worker_id].caps.device.describe())
+        if not self.workers:
+            raise NoCompatibleWorker(f"no live worker holds model '{self.model}' version {placement.version}")

@@ -17,7 +17,8 @@ travel one of two ways:
   registered with the fleet (Triton's system shared memory, as ``FleetClient(shared_memory=True)``
   does over HTTP); the worker reads them in place (a GPU worker page-locks the region, so the copies
   to and from the device are DMA) and writes the outputs there. One region per call in flight, reused
-  by later calls. It needs ``allow_client_shm: true`` in the fleet's config. Such a call goes to the
+  by later calls (``prepare`` makes them ahead of the calls: a GPU worker then page-locks them while
+  its device is idle). It needs ``allow_client_shm: true`` in the fleet's config. Such a call goes to the
   chosen worker's own KServe v2 endpoint, as the front door's requests do: only the tensors'
   descriptions travel, and neither side pays Ray's per-call work (on one H200 that work, not the
   copies, held the in-cluster path near 0.6x of the GPU's limit). Where that endpoint cannot answer
@@ -50,9 +51,10 @@ from cluster.calls import get
 from cluster.client import infer_path, raise_for_answer
 from cluster.dataplane import DataPlane
 from cluster.names import CONTROLLER_NAME, NAMESPACE
-from cluster.shm_arena import RegionSetup, ShmArena, ShmPlan, written_outputs
+from cluster.shm_arena import RegionSetup, ShmArena, ShmPlan, plan_request, written_outputs
 
 SHM_FROM_BYTES = 1 << 16  # smaller inputs travel inside the Ray call itself (Ray inlines them)
+PREPARE_PIN_WAIT_S = 5.0  # a prepared region's pin: seconds on an idle GPU; longer means the device is busy anyway
 
 
 def _nothing() -> None:
@@ -135,11 +137,36 @@ class InClusterClient:
 
         return release
 
-    def _new_arena(self) -> ShmArena:
+    async def prepare(self, model: str, inputs: dict[str, np.ndarray], count: int, *, version: str | None = None,
+                      outputs: list[str] | None = None, pin_wait_s: float = PREPARE_PIN_WAIT_S) -> None:
+        """``count`` regions, each large enough for a call with ``inputs``, made and registered now, for
+        the calls to come. A GPU worker page-locks each while its device is idle: CUDA's page-locking waits
+        for the work in flight on the device, so a region first registered under load serves from pageable
+        memory until a gap in the device's work (on an H200 a batch job's runs took 5.8 ms against 8 ms
+        unpinned and 4.2-4.8 ms on the shared-memory paths). Each registration waits up to ``pin_wait_s``."""
+        arrays = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
+        specs = await self._specs(model, version)
+        wanted = outputs or [s["name"] for s in specs]
+        nbytes = plan_request("", arrays, [s for s in specs if s["name"] in wanted], batch_rows(arrays)).byte_size
+        arenas = [self._new_arena(pin_wait_s) for _ in range(count)]
+        made = await asyncio.gather(*(asyncio.to_thread(arena.ensure, nbytes) for arena in arenas), return_exceptions=True)
+        for arena in arenas:
+            if arena.region:
+                self._free.append(arena)
+            else:  # its registration failed: nothing to release
+                self._arenas.remove(arena)
+        failed = [m for m in made if isinstance(m, BaseException)]
+        if failed:
+            raise failed[0]
+
+    def _new_arena(self, pin_wait_s: float = 0.0) -> ShmArena:
+        """``pin_wait_s``: for its first registration (a prepared region), not for a larger one later."""
         controller = self.plane.controller
+        waits = [pin_wait_s]
 
         def register(name: str, key: str, size: int) -> None:
-            self.plane.region_mapped(name, get(controller.register_shm.remote(name, key, 0, size)))
+            wait_s = waits.pop() if waits else 0.0
+            self.plane.region_mapped(name, get(controller.register_shm.remote(name, key, 0, size, wait_s)))
 
         def unregister(name: str) -> None:
             self.plane.region_gone(name)

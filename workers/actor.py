@@ -276,10 +276,11 @@ class FleetWorker:
         return self._grpc.address
 
     # ---- system shared memory ------------------------------------------------
-    def register_shm(self, name: str, key: str, offset: int, byte_size: int) -> bool:
-        """Map a client's region; False when its object does not exist on this host."""
+    def register_shm(self, name: str, key: str, offset: int, byte_size: int, pin_wait_s: float = 0.0) -> bool:
+        """Map a client's region; False when its object does not exist on this host. ``pin_wait_s``:
+        see ``SharedMemoryRegistry.register``."""
         try:
-            self.shm.register(name, key, offset, byte_size)
+            self.shm.register(name, key, offset, byte_size, pin_wait_s)
         except RegionNotHere:
             return False
         return True

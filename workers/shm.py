@@ -22,7 +22,8 @@ import os
 import re
 import stat
 import threading
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -167,11 +168,18 @@ class _Mapped:
         finally:
             os.close(fd)
         self.view = memoryview(self._map)[self._base:self._base + info.byte_size]
+        self._pinning: Future | None = None
         if pinner is not None:
             if pin_on is None:
                 self._pin()
             else:
-                pin_on.submit(self._pin)
+                self._pinning = pin_on.submit(self._pin)
+
+    def wait_pinned(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a pin in the background to end; whether the region is pinned."""
+        if self._pinning is not None:
+            futures_wait([self._pinning], timeout_s)
+        return self.pinned
 
     def _pin(self) -> None:
         # The copies of a request that uses the region meanwhile are staged by the driver, as for any
@@ -213,8 +221,13 @@ class SharedMemoryRegistry:
         self._regions: dict[str, _Mapped] = {}
         self._lock = threading.Lock()
 
-    def register(self, name: str, key: str, offset: int = 0, byte_size: int = 0) -> RegionInfo:
+    def register(self, name: str, key: str, offset: int = 0, byte_size: int = 0, pin_wait_s: float = 0.0) -> RegionInfo:
         """Map ``byte_size`` bytes at ``offset`` of the object ``key`` as region ``name``.
+
+        ``pin_wait_s``: when pinning in the background, wait up to this long for this region's pin.
+        A client that registers its regions before it sends work (a batch job) gets them page-locked
+        while the device is idle: CUDA's page-locking waits for the device's work in flight (an implicit
+        synchronisation), so on a busy GPU a pin can wait for seconds and the region serves pageable.
 
         RegionNotHere when the object does not exist on this host; SharedMemoryError for
         everything else that is wrong with the request."""
@@ -233,6 +246,8 @@ class SharedMemoryRegistry:
                 mapped.close()
         if taken:
             raise SharedMemoryError(f"shared memory region '{name}' is already registered; unregister it first")
+        if pin_wait_s > 0:
+            mapped.wait_pinned(pin_wait_s)
         return info
 
     def unregister(self, name: str | None = None) -> list[str]:

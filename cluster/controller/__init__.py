@@ -377,8 +377,9 @@ class FleetController(RepositoryVerbs, RolloutVerbs, UpgradeVerbs):
                                 f"not supported here ({where}); use system shared memory (/v2/systemsharedmemory)")
 
     # ---- system shared memory ------------------------------------------------
-    async def register_shm(self, name: str, key: str, offset: int = 0, byte_size: int = 0) -> list[str]:
-        return await self.regions.register(name, key, offset, byte_size)
+    async def register_shm(self, name: str, key: str, offset: int = 0, byte_size: int = 0,
+                           pin_wait_s: float = 0.0) -> list[str]:
+        return await self.regions.register(name, key, offset, byte_size, pin_wait_s)
 
     async def unregister_shm(self, name: str | None = None) -> list[str]:
         return await self.regions.unregister(name)

@@ -29,9 +29,10 @@ class ShmRegions:
     def holders(self) -> dict[str, frozenset[str]]:
         return {name: frozenset(workers) for name, (_, workers) in self._regions.items()}
 
-    async def register(self, name: str, key: str, offset: int = 0, byte_size: int = 0) -> list[str]:
+    async def register(self, name: str, key: str, offset: int = 0, byte_size: int = 0, pin_wait_s: float = 0.0) -> list[str]:
         """Register a client's region on every worker of the host that has the object.
-        Returns the workers that mapped it."""
+        Returns the workers that mapped it. ``pin_wait_s``: how long each may wait for its pin
+        (``workers.shm.SharedMemoryRegistry.register``)."""
         if not self.allowed:
             raise SharedMemoryError(
                 "system shared memory is off on this fleet: set allow_client_shm: true in the fleet config "
@@ -42,7 +43,7 @@ class ShmRegions:
             raise SharedMemoryError(f"shared memory region '{name}' is already registered; unregister it first")
         live = self.pool.live()
         results = await asyncio.gather(
-            *(self.pool.handle(w).register_shm.remote(name, key, offset, byte_size) for w in live),
+            *(self.pool.handle(w).register_shm.remote(name, key, offset, byte_size, pin_wait_s) for w in live),
             return_exceptions=True)
         mapped = {w for w, r in zip(live, results) if r is True}
         if not mapped:

@@ -4,6 +4,7 @@ against real POSIX shared memory objects (no Ray)."""
 import json
 import os
 import threading
+import time
 import uuid
 from multiprocessing import shared_memory
 
@@ -314,6 +315,30 @@ def test_pinned_in_the_background_a_region_serves_at_once_and_is_unpinned_on_unr
         pinner.go_on.set()
         registry.close()
     assert not pinner.pinned
+
+
+def test_a_registration_can_wait_for_its_pin_in_the_background_for_a_while(shm_object):
+    """A batch job registers its regions before its first part, and waits for each pin (the device is
+    idle then: CUDA's page-locking waits for the work in flight), but not for ever."""
+    pinner = SlowPinner()
+    registry = SharedMemoryRegistry(pinner=pinner, pin_in_background=True)
+    first, second = shm_object(4096), shm_object(4096)
+    try:
+        waiting = threading.Thread(target=registry.register, args=("a", "/" + first.name, 0, 4096, 10.0))
+        waiting.start()
+        assert pinner.pinning.wait(10)
+        waiting.join(0.2)
+        assert waiting.is_alive()  # waits for its pin...
+        pinner.go_on.set()
+        waiting.join(10)
+        assert not waiting.is_alive() and registry.status("a")[0]["pinned"] is True  # ...which is done
+        pinner.go_on.clear()
+        started = time.monotonic()
+        registry.register("b", "/" + second.name, 0, 4096, 0.3)  # a pin that does not end: given up on
+        assert 0.3 <= time.monotonic() - started < 5 and registry.status("b")[0]["pinned"] is False
+    finally:
+        pinner.go_on.set()
+        registry.close()
 
 
 def test_engine_writes_outputs_straight_into_shared_memory(shm_object, registry, demo_models):

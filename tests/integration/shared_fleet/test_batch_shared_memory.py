@@ -35,6 +35,8 @@ def test_parts_in_shared_memory_and_bytes_tensors_match_onnx_runtime(fleet, tmp_
     summary = run_job(BatchJob("digits-mlp", str(data), str(tmp_path / "out"), batch_size=1000, shared_memory=True),
                       controller)
     assert summary.transport == "shared memory" and summary.rows_written == ROWS and summary.retries == 0
+    # a region per part (5 parts, fewer than in flight), all made before the first part went out
+    assert summary.regions["count"] == 5 and summary.timeline["regions ready"] <= summary.timeline["first sent"]
     # what the engines did meanwhile, from the fleet's statistics: every row, in runs of at most 256
     assert summary.workers["rows"] >= ROWS and summary.workers["runs"] >= ROWS / 256 and summary.workers["compute_s"] > 0
 
