@@ -12,10 +12,12 @@ requests join the engine's dynamic batcher without blocking the loop, and the ba
 the batcher's threads (ONNX Runtime releases the GIL). ``HttpOptions.loops`` runs more loops,
 all accepting on one listening socket. A loop spends about a millisecond of kernel time
 reading each 4 MB body and another writing it, and reads run without the GIL, so more loops
-read large bodies in parallel: on one H200 host, four loops took 4 MB bodies from 0.30x to
-0.38x of bare ONNX Runtime, but cost batch-1 requests a fifth of their rate (3,613 against
-4,617 requests/s; docs/gpu-results.md, 2026-12-04): the loops and the batcher's threads hand
-the GIL to each other more often. So one loop by default; more for a fleet of large bodies.
+read large bodies in parallel. On one H200 host, once the loop's own GIL use under large bodies was
+cut (``httpwire``: bodies read into reused buffers, large answers written with ``os.writev``), four
+loops took 4 MB bodies from 0.32-0.35x to 0.78-0.81x of bare ONNX Runtime; batch-1 requests ran at
+3,897 requests/s against one loop's 7,097 in a run a few minutes earlier (docs/gpu-results.md,
+2026-12-05): the loops and the batcher's threads hand the GIL to each other more often. So one loop
+by default; four for a fleet of large bodies (``worker_http_loops``).
 """
 
 from __future__ import annotations
