@@ -1,7 +1,9 @@
 """The fleet on real GPUs through Ray: one worker per GPU on the device Ray gave it, HTTP
 requests served by ONNX Runtime CUDA and spread over every GPU."""
 
+import asyncio
 import collections
+import os
 import time
 
 import numpy as np
@@ -14,6 +16,7 @@ from cluster import deploy
 from cluster.buildfarm import build_on_fleet
 from cluster.client import FleetClient
 from cluster.config import load_config
+from cluster.incluster import InClusterClient
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from cluster.repository import Repository
 from tests.integration.fleet_fixtures import free_port, worker_handles
@@ -102,3 +105,27 @@ def test_shared_memory_client_on_gpus_equals_http(gpu_fleet):
                 time.sleep(0.1)
             assert mine and mine[0]["pinned"], mine
     assert len(served) == gpu_fleet["gpus"], served
+
+
+def test_regions_prepared_before_a_job_are_pinned_when_prepare_returns(gpu_fleet):
+    """A batch job makes its regions before its first part (``InClusterClient.prepare``): every GPU
+    worker has page-locked them by the time it returns, while the devices were idle, rather than later
+    under the job's own load (CUDA's page-locking waits for the work in flight)."""
+    x = np.zeros((256, 4096), np.float32)
+
+    async def prepare() -> tuple[set[str], float]:
+        client = InClusterClient(gpu_fleet["controller"], shared_memory=True)
+        started = time.monotonic()
+        await client.prepare("big-mlp", {"input": x}, 4)
+        took = time.monotonic() - started
+        names = {r["name"] for r in ray.get(gpu_fleet["controller"].shm_status.remote())
+                 if r["name"].startswith(f"ff_{os.getpid()}_")}  # this process's regions
+        pinned = {w: {r["name"] for r in ray.get(h.stats.remote())["shm"] if r["pinned"]}
+                  for w, h in worker_handles(gpu_fleet["controller"]).items()}
+        await client.close()
+        assert len(names) == 4 and all(names <= on_worker for on_worker in pinned.values()), (names, pinned)
+        return names, took
+
+    names, took = asyncio.run(prepare())
+    print(f"4 regions of 8 MB prepared and pinned in {took:.2f} s")
+    assert not {r["name"] for r in ray.get(gpu_fleet["controller"].shm_status.remote())} & names  # given back
