@@ -8,8 +8,8 @@
 #   wrk and its libraries (apt-get download wrk libluajit-5.1-2) -> .wheelparts/wrk, with an env.sh for PATH
 # Then, from the repository root:
 #
-#   bash scripts/gpu_issue19.sh pin     # benchmarks.gpu_pin: pinning's cost, alone and under load (~20 s)
-#   bash scripts/gpu_issue19.sh full    # gpu_bench: bare at its best, every fleet path, the 2M-row job, Triton (~6 min)
+#   bash scripts/gpu_issue19.sh pin     # benchmarks.gpu_pin: pinning's cost, alone and under load (~40 s)
+#   [LOOPS=4] bash scripts/gpu_issue19.sh full  # gpu_bench: bare at its best, every fleet path, the 2M-row job, Triton (~3 min)
 #   bash scripts/gpu_issue19.sh job MODE   # the 2M-row job alone, client_shm_pinning MODE (~1 min)
 #   [LOOPS=4] bash scripts/gpu_issue19.sh binary [MS]  # binary bodies alone, GIL switch MS, py-spy on the worker (~1 min)
 #   bash scripts/gpu_issue19.sh cnn     # cnn-small over HTTP, fleet and wrk on separate cores (~2 min)
