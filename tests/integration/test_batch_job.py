@@ -49,6 +49,7 @@ def test_ray_job_submit_scores_rows_like_onnxruntime(fleet):
     assert f"rows: {ROWS}" in job.stdout + job.stderr  # the job's summary, streamed back
     # this fleet does not allow system shared memory: the job says so, and its parts take Ray's object store
     assert "shared memory unusable (system shared memory is off on this fleet" in job.stdout + job.stderr
+    assert "timeline: first part sent" in job.stdout + job.stderr  # no regions were made: none were ready
     row_ids, labels = read_parts(out)
     order = np.argsort(row_ids)
     assert np.array_equal(row_ids[order], np.arange(ROWS))
