@@ -144,8 +144,10 @@ def test_a_part_whose_engine_was_evicted_is_retried_and_no_row_is_lost(sim):
     placement = ray.get(sim["controller"].ensure_loaded.remote("digits-t4-v100"))
     key = placement.engines["v100-node-gpu0"]  # it fits everywhere: every compatible worker holds it
     v100 = worker_handles(sim["controller"])["v100-node-gpu0"]
-    thread = after_parts(out, 3, lambda: ray.get(v100.unload.remote(key)))
-    summary = run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out), batch_size=500), sim["controller"])
+    # Small parts (200): the job is still sending when the eviction comes, so parts reach the V100 after
+    # it (with 40 parts the whole job took 0.3 s, and at times ended before the watcher saw 3 parts).
+    thread = after_parts(out, 1, lambda: ray.get(v100.unload.remote(key)))
+    summary = run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out), batch_size=100), sim["controller"])
     thread.join()
     check_exactly_once(out, sim["expected"])
     assert summary.rows_written == ROWS and summary.retries >= 1  # the eviction did hit parts in flight
