@@ -53,17 +53,19 @@ def _fresh(n: int, nbytes: int) -> list[tuple[shared_memory.SharedMemory, mmap.m
     return made
 
 
+def _timed_pin(pinner, mapped: mmap.mmap) -> float:
+    """Seconds one pin took."""
+    t0 = time.perf_counter()
+    if not pinner.pin(buffer_address(mapped), len(mapped)):
+        raise RuntimeError("cudaHostRegister refused a region")
+    return time.perf_counter() - t0
+
+
 def _pin_all(regions, pinner, threads: int) -> tuple[list[float], float]:
     """Seconds each pin took, and the wall time for all of them."""
-    def pin(mapped: mmap.mmap) -> float:
-        t0 = time.perf_counter()
-        if not pinner.pin(buffer_address(mapped), len(mapped)):
-            raise RuntimeError("cudaHostRegister refused a region")
-        return time.perf_counter() - t0
-
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        each = list(pool.map(pin, [m for _, m in regions]))
+        each = list(pool.map(lambda mapped: _timed_pin(pinner, mapped), [m for _, m in regions]))
     return each, time.perf_counter() - t0
 
 
@@ -165,10 +167,7 @@ class PinningUnderLoad:
 
     def _pin_in_turn(self) -> None:
         for _, mapped in self.regions:
-            t0 = time.perf_counter()
-            if not self.pinner.pin(buffer_address(mapped), len(mapped)):
-                raise RuntimeError("cudaHostRegister refused a region")
-            self.each.append(time.perf_counter() - t0)
+            self.each.append(_timed_pin(self.pinner, mapped))
 
     def __call__(self) -> dict:
         self.regions = _fresh(self.n, self.mb << 20)
