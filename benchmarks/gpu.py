@@ -244,6 +244,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "Python's 5 ms; benchmarks.batcher_gil says why it may matter)")
     p.add_argument("--shm-pinning", choices=("background", "registration", "off"), default="background",
                    help="when the GPU worker page-locks a client's region (the fleet config's client_shm_pinning)")
+    p.add_argument("--shm-pin-threads", type=int, default=None,
+                   help="threads that page-lock regions in the background (the fleet config's client_shm_pin_threads)")
     p.add_argument("--profile", action="store_true",
                    help="py-spy the GPU worker during every fleet row (GPU utilization and CPU per process are always "
                         "recorded, under each row's 'observed')")
@@ -290,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict = {"schema": "forward-fleet-gpu-bench/1", "started": dt.datetime.now().isoformat(timespec="seconds"),
                  "gpus": names, "model": f"{args.layers} x Gemm {args.width}x{args.width} + Relu (FP32)", "loadgen": tool,
                  "duration_s": args.duration, "rows": [],
-                 "fleet_settings": {k: getattr(args, k) for k in ("slots", "worker_http_loops", "gil_switch_ms", "shm_pinning")}}
+                 "fleet_settings": {k: getattr(args, k) for k in ("slots", "worker_http_loops", "gil_switch_ms", "shm_pinning",
+                                                                        "shm_pin_threads")}}
     progress(f"{len(names)} GPU(s): {', '.join(names)}; model {doc['model']}")
     doc["rows"] += bench_bare(model_path, args.batches, args.width, args.duration, args.bare_threads,
                               BARE_SESSIONS if args.bare_threads == BARE_THREADS else ())

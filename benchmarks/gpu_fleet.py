@@ -36,7 +36,8 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
                          models={model: {"max_batch": max(args.batches)}}, allow_client_shm=True,
                          worker_http_loops=args.worker_http_loops, gil_switch_interval_ms=args.gil_switch_ms,
                          client_shm_pinning=args.shm_pinning,
-                         **({"slots": args.slots} if args.slots else {}))
+                         **({"slots": args.slots} if args.slots else {}),
+                         **({"client_shm_pin_threads": args.shm_pin_threads} if args.shm_pin_threads else {}))
     if args.ray_address:  # a running cluster (e.g. one Ray node per GPU); it decides how many GPUs there are
         ray.init(address=args.ray_address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
     else:

@@ -40,13 +40,16 @@ from benchmarks.gpu import cuda_gpus_or_say
 from workers.shm import buffer_address
 
 
-def _fresh(n: int, nbytes: int) -> list[tuple[shared_memory.SharedMemory, mmap.mmap]]:
-    """``n`` new objects, each mapped as a worker maps a region (pages not yet touched)."""
+def _fresh(n: int, nbytes: int, allocated: bool = False) -> list[tuple[shared_memory.SharedMemory, mmap.mmap]]:
+    """``n`` new objects, each mapped as a worker maps a region: pages not yet touched, or with
+    ``allocated`` made by ``posix_fallocate`` first, as the Python client does (``cluster/shm_arena.py``)."""
     made = []
     for _ in range(n):
         shm = shared_memory.SharedMemory(name=f"ffpin_{uuid.uuid4().hex[:10]}", create=True, size=nbytes)
         fd = os.open(f"/dev/shm/{shm.name}", os.O_RDWR)
         try:
+            if allocated:
+                os.posix_fallocate(fd, 0, nbytes)
             made.append((shm, mmap.mmap(fd, nbytes)))
         finally:
             os.close(fd)
@@ -88,17 +91,27 @@ def _copy_ms(mapped: mmap.mmap, nbytes: int) -> float:
     return 1000 * elapsed
 
 
+def pin_variants(n: int) -> list[tuple[str, int, bool]]:
+    """(label, threads pinning, pages allocated before the pins): does the driver serialise pins, and how
+    much of a pin is the kernel allocating and zeroing the object's pages?"""
+    return [("one after another", 1, False), (f"{n} threads", n, False), ("allocated, one after another", 1, True),
+            ("allocated, 4 threads", 4, True), (f"allocated, {n} threads", n, True)]
+
+
 def measure(n: int, mb: int) -> dict:
     from workers.devices import CudaHostPinner
 
     pinner, nbytes, result = CudaHostPinner(), mb << 20, {}
     copied = min(nbytes, 64 << 20)  # what a part's input needs (4,096 x 4,096 floats), or the whole region
     result["copy_mb"] = copied >> 20
-    for label, threads in (("one after another", 1), (f"{n} threads", n)):
-        regions = _fresh(n, nbytes)
+    for label, threads, allocated in pin_variants(n):
+        t0 = time.perf_counter()
+        regions = _fresh(n, nbytes, allocated)
+        made_s = time.perf_counter() - t0
         each, wall = _pin_all(regions, pinner, threads)
-        result[label] = {"pin_ms_each": [round(1000 * s, 1) for s in each], "wall_ms": round(1000 * wall, 1)}
-        if threads == 1:
+        result[label] = {"pin_ms_each": [round(1000 * s, 1) for s in each], "wall_ms": round(1000 * wall, 1),
+                         "made_ms": round(1000 * made_s, 1)}
+        if label == "one after another":
             result["copy_into_pinned_ms"] = round(_copy_ms(regions[0][1], copied), 1)
         _release(regions, pinner, pinned=True)
     unpinned = _fresh(1, nbytes)
@@ -216,44 +229,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--regions", type=int, default=24)
     p.add_argument("--mb", type=int, default=128, help="MB per region (a part of 4,096 x 4,096 floats in and out: 128)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO_ROOT / "bench-results"))
+    p.add_argument("--idle-only", action="store_true", help="only the pins on an idle GPU (a few seconds)")
     args = p.parse_args(argv)
     names = cuda_gpus_or_say("gpu_pin")
     if names is None:
         return 2
     result = measure(args.regions, args.mb)
-    from cluster.demo import make_big_mlp
-    from workers.devices import CudaHostPinner
-
-    with tempfile.TemporaryDirectory(prefix="gpu-pin-") as tmp:
-        model = make_big_mlp(Path(tmp) / "big-mlp.onnx", 4096, 4)
-        cores = len(os.sched_getaffinity(0))  # 4 and 8: memory traffic; as many as the cores: CPU time too
-        result["copies_under_load"] = [under_load(model, copying(n, 1.5, nice=nice))
-                                       for n, nice in ((4, 0), (8, 0), (cores, 0), (cores, 10))]
-        pins = PinningUnderLoad(CudaHostPinner(), args.regions, args.mb)
-        try:
-            result["under_load"] = loaded = under_load(model, pins)
-        finally:
-            result["under_load_after"] = pins.finish()
-    for label in ("one after another", f"{args.regions} threads"):
-        each = result[label]["pin_ms_each"]
-        print(f"{label}: {args.regions} x {args.mb} MB pinned in {result[label]['wall_ms']:.0f} ms "
-              f"(each {min(each):.0f}-{max(each):.0f} ms, median {sorted(each)[len(each) // 2]:.0f})")
-    print(f"{result['copy_mb']} MB copied into a pinned region: {result['copy_into_pinned_ms']} ms; into fresh "
-          f"unpinned pages: {result['copy_into_fresh_unpinned_ms']} ms")
-    for c in result["copies_under_load"]:
-        print(f"  ... {c['rows_per_s_before']:,} before, {c['rows_per_s_during']:,} while {c['copy_threads']} threads "
-              f"(nice {c['nice']}) copied {c['copied_gb_per_s']} GB/s in host memory, {c['rows_per_s_after']:,} after")
-    print(f"the big MLP, batch 256, {loaded['threads']} threads: {loaded['rows_per_s_before']:,} rows/s before, "
-          f"{loaded['rows_per_s_during']:,} while pinning ({loaded['disturbed_ms']:.0f} ms: "
-          f"{loaded['pins_ended_under_load']} of {args.regions} pins of {args.mb} MB ended meanwhile), "
-          f"{loaded['rows_per_s_after']:,} after; once the runs stopped, the rest took "
-          f"{sum(result['under_load_after']['pin_ms_each_after_the_runs']):.0f} ms")
+    _say_pins(result, args.regions, args.mb)
+    if not args.idle_only:
+        _under_load(result, args.regions, args.mb)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu-pin-{dt.datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}.json"
     path.write_text(json.dumps({"gpus": names, "regions": args.regions, "mb": args.mb, **result}, indent=2))
     print(f"results: {path}")
     return 0
+
+
+def _say_pins(result: dict, n: int, mb: int) -> None:
+    for label, _, _ in pin_variants(n):
+        each = result[label]["pin_ms_each"]
+        print(f"{label}: {n} x {mb} MB made in {result[label]['made_ms']:.0f} ms, pinned in "
+              f"{result[label]['wall_ms']:.0f} ms (each {min(each):.0f}-{max(each):.0f} ms, "
+              f"median {sorted(each)[len(each) // 2]:.0f})")
+    print(f"{result['copy_mb']} MB copied into a pinned region: {result['copy_into_pinned_ms']} ms; into fresh "
+          f"unpinned pages: {result['copy_into_fresh_unpinned_ms']} ms")
+
+
+def _under_load(result: dict, n: int, mb: int) -> None:
+    """The big MLP's runs while host memory is copied, then while regions are pinned (into ``result``)."""
+    from cluster.demo import make_big_mlp
+    from workers.devices import CudaHostPinner
+
+    with tempfile.TemporaryDirectory(prefix="gpu-pin-") as tmp:
+        model = make_big_mlp(Path(tmp) / "big-mlp.onnx", 4096, 4)
+        cores = len(os.sched_getaffinity(0))  # 4 and 8: memory traffic; as many as the cores: CPU time too
+        result["copies_under_load"] = [under_load(model, copying(threads, 1.5, nice=nice))
+                                       for threads, nice in ((4, 0), (8, 0), (cores, 0), (cores, 10))]
+        pins = PinningUnderLoad(CudaHostPinner(), n, mb)
+        try:
+            result["under_load"] = loaded = under_load(model, pins)
+        finally:
+            result["under_load_after"] = pins.finish()
+    for c in result["copies_under_load"]:
+        print(f"  ... {c['rows_per_s_before']:,} before, {c['rows_per_s_during']:,} while {c['copy_threads']} threads "
+              f"(nice {c['nice']}) copied {c['copied_gb_per_s']} GB/s in host memory, {c['rows_per_s_after']:,} after")
+    print(f"the big MLP, batch 256, {loaded['threads']} threads: {loaded['rows_per_s_before']:,} rows/s before, "
+          f"{loaded['rows_per_s_during']:,} while pinning ({loaded['disturbed_ms']:.0f} ms: "
+          f"{loaded['pins_ended_under_load']} of {n} pins of {mb} MB ended meanwhile), "
+          f"{loaded['rows_per_s_after']:,} after; once the runs stopped, the rest took "
+          f"{sum(result['under_load_after']['pin_ms_each_after_the_runs']):.0f} ms")
 
 
 if __name__ == "__main__":

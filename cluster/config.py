@@ -311,6 +311,7 @@ class FleetConfig(_Strict):
     # it is mapped), at registration, or off (copies staged by the driver, as Triton does).
     allow_client_shm: bool = False
     client_shm_pinning: Literal["background", "registration", "off"] = "background"
+    client_shm_pin_threads: int = Field(4, ge=1, le=32)  # in the background (a batch job registers 16-24 at once)
     gcs_fault_tolerance: GcsFaultTolerance = Field(default_factory=GcsFaultTolerance)
     tls: TlsOptions = Field(default_factory=TlsOptions)
     models: dict[str, ModelConfig] = Field(default_factory=dict)

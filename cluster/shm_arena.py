@@ -13,8 +13,10 @@ whose size is not known before the answer (a dynamic dimension other than the ba
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,8 +25,9 @@ from typing import Callable
 
 import numpy as np
 
+from workers.errors import SharedMemoryError
 from workers.kserve.codec import ShmInput
-from workers.shm import ShmRef
+from workers.shm import SHM_ROOT, ShmRef
 from workers.tensors import DATATYPE_TO_NUMPY, batch_shape, numpy_to_datatype
 
 ALIGN = 64  # each tensor starts on a cache line
@@ -79,6 +82,29 @@ def plan_request(region: str, inputs: dict[str, np.ndarray], output_specs: list[
     return ShmPlan(shm_inputs, shm_outputs, offset)
 
 
+def allocate_pages(name: str, size: int, root=SHM_ROOT) -> None:
+    """Make the pages of the new object ``name`` now (``posix_fallocate``), on the caller's thread. A GPU
+    worker page-locks a region on one thread, for all the regions a job registers at once; pages made
+    here are not made (allocated and zeroed) there. And a host short of shared memory says so here,
+    not with a SIGBUS at the first write into a page the kernel cannot give."""
+    try:
+        fd = os.open(os.path.join(root, name), os.O_RDWR)
+    except FileNotFoundError:
+        return  # shared memory objects live elsewhere on this OS: their pages come with the first writes
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            return  # the file system cannot allocate ahead (EOPNOTSUPP, EINVAL): as above
+        free = shutil.disk_usage(root).free
+        raise SharedMemoryError(
+            f"{root} has no room for a shared memory region of {size / 2**20:,.0f} MiB ({free / 2**20:,.0f} MiB "
+            f"free): give this host (or its container: docker --shm-size) more shared memory, or send tensors "
+            f"without shared memory") from exc
+    finally:
+        os.close(fd)
+
+
 def written_outputs(header: dict, received: dict) -> list[tuple[str, str, list[int]]]:
     """(name, datatype, shape) of the outputs an answer's JSON header describes but does not carry:
     the ones the server wrote into the region."""
@@ -109,6 +135,7 @@ class ShmArena:
         name = f"ff_{os.getpid()}_{uuid.uuid4().hex[:12]}"
         shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         try:
+            allocate_pages(name, shm.size)
             self._register(name, "/" + name, shm.size)
         except BaseException:
             shm.close()

@@ -8,9 +8,10 @@
 #   wrk and its libraries (apt-get download wrk libluajit-5.1-2) -> .wheelparts/wrk, with an env.sh for PATH
 # Then, from the repository root:
 #
-#   bash scripts/gpu_issue19.sh pin     # benchmarks.gpu_pin: pinning's cost, alone and under load (~40 s)
+#   bash scripts/gpu_issue19.sh pin [--idle-only]  # benchmarks.gpu_pin: pinning's cost, alone and under load (~40 s)
 #   [LOOPS=4] bash scripts/gpu_issue19.sh full  # gpu_bench: bare at its best, every fleet path, the 2M-row job, Triton (~3 min)
 #   bash scripts/gpu_issue19.sh job MODE   # the 2M-row job alone, client_shm_pinning MODE (~1 min)
+#   (full and job: IN_FLIGHT=8,16 sets the job's parts in flight, one run each; PIN_THREADS=N the workers' pin threads)
 #   [LOOPS=4] bash scripts/gpu_issue19.sh binary [MS]  # binary bodies alone, GIL switch MS, py-spy on the worker (~1 min)
 #   bash scripts/gpu_issue19.sh cnn     # cnn-small over HTTP, fleet and wrk on separate cores (~2 min)
 #   bash scripts/gpu_issue19.sh tests   # pytest -m gpu (~3 min)
@@ -24,10 +25,11 @@ scratch=/dev/shm/b  # the job's 2 GB input and 32 GB of outputs: the host's memo
 rm -rf "$scratch" && mkdir -p "$scratch"
 triton=(--triton-python /tmp/triton-venv/bin/python3
         --triton-pythonpath /tmp/triton-venv/lib/python3.12/site-packages:/tmp/site)
-job=(--batch-job-rows 2000000 --batch-job-repeat 1024 --batch-job-in-flight 16)
+job=(--batch-job-rows 2000000 --batch-job-repeat 1024 --batch-job-in-flight "${IN_FLIGHT:-16}"
+     ${PIN_THREADS:+--shm-pin-threads "$PIN_THREADS"})
 
 case "${1:-}" in
-  pin)   python3 -m benchmarks.gpu_pin --out "$OUT" ;;
+  pin)   python3 -m benchmarks.gpu_pin --out "$OUT" ${2:+"$2"} ;;
   full)  TMPDIR=$scratch python3 scripts/gpu_bench.py --duration 3 --batches 1,256 --levels 1:64/256:8,16 \
            --loadgen wrk "${job[@]}" "${triton[@]}" ${LOOPS:+--worker-http-loops "$LOOPS"} --out "$OUT" ;;
   job)   TMPDIR=$scratch python3 scripts/gpu_bench.py --bare-threads 4 --systems "" --batches 256 "${job[@]}" \
@@ -37,5 +39,5 @@ case "${1:-}" in
   cnn)   CUDA_VISIBLE_DEVICES= timeout 300 python3 scripts/bench.py --phases bare,fleet-http --models cnn-small \
            --pin 0-7:8-15 --loadgen wrk --out "$OUT" --no-chart ;;
   tests) python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider ;;
-  *)     sed -n 2,18p "$0"; exit 2 ;;
+  *)     sed -n 2,19p "$0"; exit 2 ;;
 esac

@@ -73,6 +73,7 @@ class WorkerSpec:
     gil_switch_interval_ms: float | None = None
     # When a GPU worker page-locks a client's shared memory region: "background", "registration" or "off".
     shm_pinning: str = "background"
+    shm_pin_threads: int = 4  # threads that page-lock regions in the background
 
     def __post_init__(self) -> None:
         if not 0 < self.memory_fraction <= 1:
@@ -172,7 +173,8 @@ class FleetWorker:
         self._gpu_health = _gpu_health_probe(uuid) if real_gpu else None
         # regions registered by clients on this host; pinned for the GPU, so copies are DMA
         pinner = CudaHostPinner(self.device.cuda_ordinal or 0) if real_gpu and spec.shm_pinning != "off" else None
-        self.shm = SharedMemoryRegistry(pinner=pinner, pin_in_background=spec.shm_pinning == "background")
+        self.shm = SharedMemoryRegistry(pinner=pinner, pin_in_background=spec.shm_pinning == "background",
+                                        pin_threads=spec.shm_pin_threads)
         self.runner = EngineRunner(self.caps, _budget(spec, self.device), slots=spec.slots,
                                    intra_op_threads=spec.intra_op_threads, shm=self.shm,
                                    memory_probe=self._memory_probe)

@@ -211,13 +211,15 @@ class _Mapped:
 class SharedMemoryRegistry:
     """The regions registered in this process, by name. Thread-safe."""
 
-    def __init__(self, root: Path = SHM_ROOT, pinner: HostPinner | None = None, pin_in_background: bool = False) -> None:
+    def __init__(self, root: Path = SHM_ROOT, pinner: HostPinner | None = None, pin_in_background: bool = False,
+                 pin_threads: int = 1) -> None:
         """``pinner``: page-lock each region for the device. ``pin_in_background``: registration returns
-        once the region is mapped, and one thread pins the regions in the order they came (a batch job
-        registers 24 regions of 128 MB as it starts; each pin takes tens of ms on an H200 host)."""
+        once the region is mapped, and ``pin_threads`` threads pin the regions in the order they came (a
+        batch job registers 24 regions of 128 MB as it starts; each pin takes tens of ms on an H200 host)."""
         self.root = Path(root)
         self.pinner = pinner
-        self._pin_on = ThreadPoolExecutor(1, thread_name_prefix="shm-pin") if pinner and pin_in_background else None
+        self._pin_on = (ThreadPoolExecutor(pin_threads, thread_name_prefix="shm-pin")
+                        if pinner and pin_in_background else None)
         self._regions: dict[str, _Mapped] = {}
         self._lock = threading.Lock()
 

@@ -72,7 +72,8 @@ def _common(config: FleetConfig) -> dict:
     return dict(memory_fraction=config.memory_fraction, reserve_bytes=config.reserve_bytes, slots=config.slots,
                 intra_op_threads=config.intra_op_threads, cache_bytes=config.artifact_cache_bytes,
                 build_workspace_bytes=config.build_workspace_bytes, build_wait_s=config.build_wait_s,
-                gil_switch_interval_ms=config.gil_switch_interval_ms, shm_pinning=config.client_shm_pinning)
+                gil_switch_interval_ms=config.gil_switch_interval_ms, shm_pinning=config.client_shm_pinning,
+                shm_pin_threads=config.client_shm_pin_threads)
 
 
 _BASE = {"num_cpus": 0, "max_concurrency": WORKER_MAX_CONCURRENCY}

@@ -341,6 +341,75 @@ def test_a_registration_can_wait_for_its_pin_in_the_background_for_a_while(shm_o
         registry.close()
 
 
+class MeetingPinner(RecordingPinner):
+    """Each pin waits until ``n`` pins are under way at once (so ``n`` threads must be pinning)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.meeting = threading.Barrier(n, timeout=10)
+
+    def pin(self, address: int, size: int) -> bool:
+        self.meeting.wait()
+        return super().pin(address, size)
+
+
+def test_regions_are_pinned_in_the_background_on_as_many_threads_as_asked(shm_object):
+    """client_shm_pin_threads: a batch job registers a region per part in flight at once; with 4 threads
+    4 of them are page-locked together (with one thread, the barrier would break: BrokenBarrierError)."""
+    pinner = MeetingPinner(4)
+    registry = SharedMemoryRegistry(pinner=pinner, pin_in_background=True, pin_threads=4)
+    objects = [shm_object(4096) for _ in range(4)]
+    try:
+        waiting = [threading.Thread(target=registry.register, args=(f"r{i}", "/" + o.name, 0, 4096, 10.0))
+                   for i, o in enumerate(objects)]
+        for thread in waiting:
+            thread.start()
+        for thread in waiting:
+            thread.join(20)
+        assert [r["pinned"] for r in registry.status()] == [True] * 4 and len(pinner.pinned) == 4
+    finally:
+        registry.close()
+    assert not pinner.pinned
+
+
+def test_client_arena_makes_a_regions_pages_before_registering_it():
+    """The pages are allocated (and zeroed) by the client, not by the GPU worker's page-locking, which
+    would make them on its pinning thread, one region after another."""
+    from cluster.shm_arena import ShmArena
+
+    allocated: dict[str, int] = {}
+
+    def register(name: str, key: str, size: int) -> None:
+        allocated[name] = os.stat(f"/dev/shm/{name}").st_blocks * 512
+
+    arena = ShmArena(register, lambda name: None)
+    try:
+        name = arena.ensure(3 << 20)
+        assert allocated == {name: 3 << 20}
+    finally:
+        arena.release()
+
+
+def test_a_host_without_room_for_a_region_says_so_before_registering_it(monkeypatch):
+    """/dev/shm full: the object's pages cannot be made. Without allocating them up front the client
+    would get a SIGBUS at its first write; now a SharedMemoryError that says what to do, nothing is
+    registered, and no object is left behind. (A full /dev/shm is not made here: the kernel's answer is.)"""
+    import errno
+
+    from cluster.shm_arena import ShmArena
+
+    def no_room(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    before = set(os.listdir("/dev/shm"))
+    registered: list[str] = []
+    arena = ShmArena(lambda name, key, size: registered.append(name), lambda name: None)
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    with pytest.raises(SharedMemoryError, match=r"/dev/shm has no room for a shared memory region of 2 MiB .*--shm-size"):
+        arena.ensure(2 << 20)
+    assert registered == [] and set(os.listdir("/dev/shm")) <= before
+
+
 def test_engine_writes_outputs_straight_into_shared_memory(shm_object, registry, demo_models):
     from workers.engines.onnxruntime import OnnxRuntimeEngine
 
