@@ -11,7 +11,8 @@
 #   bash scripts/gpu_issue19.sh pin [--idle-only]  # benchmarks.gpu_pin: pinning's cost, alone and under load (~40 s)
 #   [LOOPS=4] bash scripts/gpu_issue19.sh full  # gpu_bench: bare at its best, every fleet path, the 2M-row job, Triton (~3 min)
 #   bash scripts/gpu_issue19.sh job MODE   # the 2M-row job alone, client_shm_pinning MODE (~1 min)
-#   (full and job: IN_FLIGHT=8,16 sets the job's parts in flight, one run each; PIN_THREADS=N the workers' pin threads)
+#   (full and job: the job runs once per PART_ROWS (rows per part, default 1024,2048,4096) and IN_FLIGHT (parts in
+#   flight per worker, default 16); PIN_THREADS=N: the workers' pin threads)
 #   [LOOPS=4] bash scripts/gpu_issue19.sh binary [MS]  # binary bodies alone, GIL switch MS, py-spy on the worker (~1 min)
 #   bash scripts/gpu_issue19.sh cnn     # cnn-small over HTTP, fleet and wrk on separate cores (~2 min)
 #   bash scripts/gpu_issue19.sh tests   # pytest -m gpu (~3 min)
@@ -26,6 +27,7 @@ rm -rf "$scratch" && mkdir -p "$scratch"
 triton=(--triton-python /tmp/triton-venv/bin/python3
         --triton-pythonpath /tmp/triton-venv/lib/python3.12/site-packages:/tmp/site)
 job=(--batch-job-rows 2000000 --batch-job-repeat 1024 --batch-job-in-flight "${IN_FLIGHT:-16}"
+     --batch-job-part-rows "${PART_ROWS:-1024,2048,4096}"
      ${PIN_THREADS:+--shm-pin-threads "$PIN_THREADS"})
 
 case "${1:-}" in
@@ -38,6 +40,8 @@ case "${1:-}" in
            --loadgen wrk --profile ${2:+--gil-switch-ms "$2"} ${LOOPS:+--worker-http-loops "$LOOPS"} --out "$OUT" ;;
   cnn)   CUDA_VISIBLE_DEVICES= timeout 300 python3 scripts/bench.py --phases bare,fleet-http --models cnn-small \
            --pin 0-7:8-15 --loadgen wrk --out "$OUT" --no-chart ;;
-  tests) python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider ;;
-  *)     sed -n 2,19p "$0"; exit 2 ;;
+  tests) # the tests write a JSON each: one archive of them comes back (a device call returns at most 8 files)
+         rc=0; mkdir -p /tmp/gpu-tests; OUT=/tmp/gpu-tests python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider || rc=$?
+         tar czf "$OUT/gpu-tests.tgz" -C /tmp/gpu-tests . ; exit $rc ;;
+  *)     sed -n 2,20p "$0"; exit 2 ;;
 esac
