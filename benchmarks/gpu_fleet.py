@@ -89,9 +89,10 @@ def batch_job_rows(controller, model: str, n_rows: int, n_gpus: int, work: Path,
     """The batch job (what `ray job submit ... python -m cluster.batch` runs, here in this driver) over a
     Parquet file of ``n_rows`` random rows, tensors stored as bytes (``cluster/tensor_columns.py``), so
     the outputs are written as bytes too, once per part size (``--batch-size``; none: 4,096 rows) and
-    parts-in-flight setting (none: the job's default): rows/s from the job's start to the last part written. ``repeat``: each row group repeats that many
-    distinct rows, dictionary-encoded, so that 2 million rows of 16 KB (32 GB) fit the lent machine
-    beside their outputs; the job still reads, sends and scores every row."""
+    parts-in-flight setting (none: the job's default): rows/s from the job's start to the last part
+    written. ``repeat``: each row group repeats that many distinct rows, dictionary-encoded, so that
+    2 million rows of 16 KB (32 GB) fit the lent machine beside their outputs; the job still reads,
+    sends and scores every row."""
     import shutil
 
     import numpy as np

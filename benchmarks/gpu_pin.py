@@ -37,19 +37,20 @@ import numpy as np
 
 from benchmarks.common import REPO_ROOT
 from benchmarks.gpu import cuda_gpus_or_say
+from cluster.shm_arena import allocate_pages
 from workers.shm import buffer_address
 
 
 def _fresh(n: int, nbytes: int, allocated: bool = False) -> list[tuple[shared_memory.SharedMemory, mmap.mmap]]:
     """``n`` new objects, each mapped as a worker maps a region: pages not yet touched, or with
-    ``allocated`` made by ``posix_fallocate`` first, as the Python client does (``cluster/shm_arena.py``)."""
+    ``allocated`` made first, as the Python client makes them (``cluster.shm_arena.allocate_pages``)."""
     made = []
     for _ in range(n):
         shm = shared_memory.SharedMemory(name=f"ffpin_{uuid.uuid4().hex[:10]}", create=True, size=nbytes)
         fd = os.open(f"/dev/shm/{shm.name}", os.O_RDWR)
         try:
             if allocated:
-                os.posix_fallocate(fd, 0, nbytes)
+                allocate_pages(shm.name, nbytes)
             made.append((shm, mmap.mmap(fd, nbytes)))
         finally:
             os.close(fd)
