@@ -79,7 +79,7 @@ def bare(model: Path, data: Path, batch_size: int) -> float:
     return rows / (time.perf_counter() - started)
 
 
-def fleet(model: Path, name: str, data: Path, out: Path, batch_size: int, max_batch: int, shared_memory: bool) -> dict:
+def fleet(model: Path, name: str, data: Path, out: Path, batch_size: int | None, max_batch: int, shared_memory: bool) -> dict:
     import ray
 
     from cluster.batch import BatchJob, run_job
@@ -113,7 +113,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=50_000)
     p.add_argument("--width", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, help="rows per part (default: the job's own; bare reads 4,096 at a time)")
     p.add_argument("--row-group", type=int, default=16384, help="rows per row group of the input file (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=256, help="the wide model's max batch (the GPU run's big MLP: 256)")
     p.add_argument("--digits", action="store_true", help="the digits-mlp demo model (width 64) instead of a wide Mul")
@@ -143,11 +143,12 @@ def main() -> None:
                   "tensors": args.tensors, "shared_memory": not args.no_shm,
                   "input_mb": round(data.stat().st_size / 1e6, 1)}
         if not args.skip_bare:
-            result["bare_rows_per_s"] = round(bare(model, data, args.batch_size))
+            result["bare_rows_per_s"] = round(bare(model, data, args.batch_size or 4096))
         if not args.skip_fleet:
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
             summary = fleet(model, name, data, out, args.batch_size, max_batch, not args.no_shm)
+            result["batch_size"] = summary["part_rows"]
             result["job_rows_per_s"] = round(summary["rows_per_s"])
             result["job_seconds"] = round(summary["seconds"], 2)
             result["transport"] = summary["transport"]

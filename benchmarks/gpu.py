@@ -229,10 +229,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also score a Parquet file of this many rows with the batch job (0: skip; 200000 is 3.3 GB)")
     p.add_argument("--batch-job-in-flight", default="", help="parts in flight per worker for the batch job, "
                    "comma-separated: one job run each (default: the job's own default)")
-    p.add_argument("--batch-job-part-rows", default="4096",
-                   help="rows per part for the batch job (its --batch-size), comma-separated: one job run each, and "
-                        "each in-flight setting (a part's region, 32 KB a row on the big MLP, is page-locked as the "
-                        "job starts: a smaller part is pinned sooner)")
+    p.add_argument("--batch-job-part-rows", default="auto",
+                   help="rows per part for the batch job (its --batch-size; auto: the job's own default, 1,024 rows "
+                        "on the big MLP), comma-separated: one job run each, and each in-flight setting (a part's "
+                        "region, 32 KB a row on the big MLP, is page-locked as the job starts: a smaller part is "
+                        "pinned sooner)")
     p.add_argument("--batch-job-repeat", type=int, default=0,
                    help="the batch job's input repeats this many distinct rows in each row group of 16,384, "
                         "dictionary-encoded (2,000,000 rows of 16 KB fit the lent disk; 0: every row distinct)")
@@ -264,7 +265,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.batches = [int(b) for b in args.batches.split(",")]
     args.bare_threads = tuple(int(t) for t in args.bare_threads.split(","))
     args.batch_job_in_flight = [int(n) for n in args.batch_job_in_flight.split(",") if n]
-    args.batch_job_part_rows = [int(n) for n in args.batch_job_part_rows.split(",") if n]
+    args.batch_job_part_rows = [None if n == "auto" else int(n) for n in args.batch_job_part_rows.split(",") if n]
     args.levels = parse_levels(args.levels, args.batches)
     return args
 

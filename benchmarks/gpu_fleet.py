@@ -85,10 +85,10 @@ def bench_fleet(model_path: Path, n_gpus: int, args, tool: str, work: Path, feed
 
 
 def batch_job_rows(controller, model: str, n_rows: int, n_gpus: int, work: Path, width: int, profile: bool,
-                   in_flight: list[int], repeat: int = 0, part_rows: list[int] | None = None) -> Iterator[dict]:
+                   in_flight: list[int], repeat: int = 0, part_rows: list[int | None] | None = None) -> Iterator[dict]:
     """The batch job (what `ray job submit ... python -m cluster.batch` runs, here in this driver) over a
     Parquet file of ``n_rows`` random rows, tensors stored as bytes (``cluster/tensor_columns.py``), so
-    the outputs are written as bytes too, once per part size (``--batch-size``; none: 4,096 rows) and
+    the outputs are written as bytes too, once per part size (``--batch-size``; None: the job's default) and
     parts-in-flight setting (none: the job's default): rows/s from the job's start to the last part
     written. ``repeat``: each row group repeats that many distinct rows, dictionary-encoded, so that
     2 million rows of 16 KB (32 GB) fit the lent machine beside their outputs; the job still reads,
@@ -105,13 +105,14 @@ def batch_job_rows(controller, model: str, n_rows: int, n_gpus: int, work: Path,
     write_tensor_rows(data, (chunk[:min(len(chunk), n_rows - start)] for start in range(0, n_rows, len(chunk))), "bytes",
                       dictionary=bool(repeat))
     stored = f"input {data.stat().st_size / 1e9:.1f} GB" + (f", {repeat} distinct rows a row group, dictionary-encoded" if repeat else "")
-    for rows, n in [(rows, n) for rows in part_rows or [4096] for n in in_flight or [BatchJob.in_flight_per_worker]]:
-        out = work / f"batch-output-{rows}-{n}"
+    for rows, n in [(rows, n) for rows in part_rows or [None] for n in in_flight or [BatchJob.in_flight_per_worker]]:
+        out = work / f"batch-output-{rows or 'auto'}-{n}"
         with observe(profile, min(10.0, max(2.0, n_rows / 100_000)), this_process="batch job (the bench's driver)") as observed:
             summary = run_job(BatchJob(model, str(data), str(out), batch_size=rows, in_flight_per_worker=n), controller)
         shutil.rmtree(out, ignore_errors=True)  # 16 KB a row: the next run's room
         seconds = max(summary.seconds, 1e-9)
-        yield {"system": "batch-job", "variant": f"cluster.batch, {n_rows:,} rows in parts of {rows:,}, {n} in flight, "
+        yield {"system": "batch-job", "variant": f"cluster.batch, {n_rows:,} rows in parts of {summary.part_rows:,}"
+               f"{'' if rows else ' (its default)'}, {n} in flight, "
                f"tensors as bytes ({stored}), parts through {summary.transport}", "gpus": n_gpus,
                "batch": 256, "concurrency": n, "requests": summary.parts, "errors": 0, "duration_s": seconds,
                "req_per_s": summary.parts / seconds, "rows_per_s": summary.rows_written / seconds, "p50_ms": 0.0,

@@ -4,7 +4,7 @@
         --model digits-mlp --input rows.parquet --output out/
 
 Reads Parquet, .npy or .npz (a file or a directory of them) in this process, cuts the rows
-into numbered parts of ``--batch-size`` rows, sends each part to a fleet worker
+into numbered parts of ``--batch-size`` rows (about 32 MB of tensors each unless told), sends each part to a fleet worker
 that holds the model (every compatible worker takes parts as fast as it finishes
 them, so faster GPUs serve more), and writes ``part-NNNNN.parquet`` with the input
 row ids and the outputs. Each part is written once, atomically; a rerun into the
@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from cluster.env import apply_ray_env
 
@@ -37,7 +37,7 @@ import ray  # noqa: E402
 from workers.errors import FleetError, InvalidInput, NotReady, SharedMemoryError  # noqa: E402
 from workers.tensors import TensorSpec  # noqa: E402
 
-from cluster.batch_io import TMP_GLOB, InputRows, PartsOutput, io_threads  # noqa: E402,F401  (TMP_GLOB: for callers)
+from cluster.batch_io import TMP_GLOB, InputRows, PartsOutput, io_threads, part_rows  # noqa: E402,F401  (TMP_GLOB: for callers)
 from cluster.batch_report import PROGRESS_EVERY_S, Progress, Summary, region_costs, worker_time  # noqa: E402
 from cluster.batch_send import FleetWorkers, RayParts, ShmParts  # noqa: E402
 from cluster.calls import Failure, classify, get  # noqa: E402
@@ -58,7 +58,7 @@ class BatchJob:
     input: str
     output: str
     version: str | None = None
-    batch_size: int = 4096
+    batch_size: int | None = None  # rows per part; None: batch_io.part_rows (parts of about 32 MB of tensors)
     input_columns: dict[str, str] = field(default_factory=dict)  # model input -> dataset column
     output_columns: tuple[str, ...] = ()  # empty: every output
     in_flight_per_worker: int = 8  # a part is copied in, scored and copied out: 8 keep a GPU busy meanwhile
@@ -313,22 +313,25 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
     if unknown:
         raise InvalidInput(f"--output-columns {', '.join(unknown)}: the model's outputs are {', '.join(s.name for s in manifest.outputs)}")
     data = InputRows(job.input)
+    specs = {s.name: s for s in manifest.inputs}
     mapping = column_map(job, manifest.inputs, data.columns)
     rows = data.rows
     tensors = job.output_tensors
     if tensors == "auto":  # as the input holds them: bytes in, bytes out
         tensors = "bytes" if set(mapping.values()) <= data.bytes_columns else "lists"
     out = PartsOutput(job.output, tensors)
+    # A rerun resumes in the parts it began with; a new job's parts are sized by the model's tensors.
+    job = replace(job, batch_size=job.batch_size or (out.recorded() or {}).get("batch_size") or part_rows(
+        [specs[name] for name in mapping], [o for o in manifest.outputs if o.name in wanted], manifest.max_batch))
     out.prepare({"model": job.model, "version": job.version, "input": job.input, "batch_size": job.batch_size,
                  "rows": rows})
-    summary = Summary(rows=rows, parts=-(-rows // job.batch_size), started=t0)
+    summary = Summary(rows=rows, parts=-(-rows // job.batch_size), part_rows=job.batch_size, started=t0)
     shm = ShmParts(controller, job.model, wanted) if job.shared_memory is not False else None
     dispatcher = Dispatcher(job, fleet, out, wanted, summary, say, shm)
     summary.transport = dispatcher.transport
     say(f"batch: {job.model} v{fleet.version} over {rows} rows in {summary.parts} parts of {job.batch_size}, "
         f"on {len(fleet.workers)} worker(s): {', '.join(sorted(fleet.workers))}; parts through {summary.transport}, "
         f"output tensors as {tensors}")
-    specs = {s.name: s for s in manifest.inputs}
     columns = sorted(set(mapping.values()))
     parts = data.batches(job.batch_size, columns, wanted=lambda i: not out.has_part(i))
     with engines_during(controller, job.model, fleet.version) as engines:
@@ -343,6 +346,7 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
                     summary.parts_skipped += 1
                     summary.rows_skipped += min(job.batch_size, rows - start)
                     continue
+                summary.mark("first read")
                 row_ids = np.arange(start, start + len(batch[columns[0]]), dtype=np.int64)
                 dispatcher.submit(_Part(index, row_ids, {name: as_input(batch[col], specs[name], col) for name, col in mapping.items()}))
                 dispatcher.collect(block=False)
@@ -366,7 +370,9 @@ def parse_args(argv: list[str] | None = None) -> BatchJob:
     parser.add_argument("--version")
     parser.add_argument("--input", required=True, help="Parquet / .npy / .npz file or directory, or a URI pyarrow.fs opens (s3://...)")
     parser.add_argument("--output", required=True, help="output directory (or URI) for part-NNNNN.parquet")
-    parser.add_argument("--batch-size", type=int, default=4096, help="rows per part (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, help="rows per part (default: parts of about 32 MB of tensors, in "
+                        "and out, in whole batches of the model: 1,024 rows of 4,096 floats in and out; 4,096 rows "
+                        "where a row's size shows only in the data; a rerun keeps its first run's)")
     parser.add_argument("--input-column", action="append", default=[], metavar="[INPUT=]COLUMN",
                         help="dataset column for a model input (repeat for several inputs)")
     parser.add_argument("--output-columns", default="", help="comma-separated outputs to write (default: all)")
@@ -384,7 +390,7 @@ def parse_args(argv: list[str] | None = None) -> BatchJob:
     parser.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S, metavar="SECONDS",
                         help="a progress line this often, 0 for none (default %(default)s)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     if args.max_retries < 0:
         parser.error("--max-retries must be >= 0")

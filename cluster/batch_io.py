@@ -25,6 +25,8 @@ from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -33,18 +35,48 @@ import pyarrow.parquet as pq
 from workers.cpus import usable_cpus
 from workers.errors import InvalidInput
 from workers.storage import Store, StoreSpec
+from workers.tensors import TensorSpec
 
 from cluster.tensor_columns import column_to_numpy, tensor_column
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 TMP_GLOB = ".part-*.tmp"
+# Rows per part where the job is not told (``part_rows``). A part's tensors, in and out, are its shared
+# memory region, which a GPU worker page-locks as the job starts (about 0.3 ms a MB on an H200 host, one
+# region after another): 24 regions of 128 MB held a job's first part back by 1.2-1.6 s. On the CPU
+# machine, parts of 1,024 rows of 16 KB were no slower than parts of 4,096, and parts of 4,096 rows of
+# 256 bytes (1 MB) ran at two thirds the rate of parts of 16,384 rows or more (docs/performance.md).
+PART_BYTES = 32 << 20
+MAX_PART_ROWS = 65_536
+UNSIZED_PART_ROWS = 4096  # a row whose size is known only from the data (strings, dynamic dimensions)
 
 
 def io_threads(cores: int | None = None) -> int:
     """Threads for one direction of a job's IO (decoding the input, encoding parts): half the usable
     cores each, at least 2, at most 16 (each thread holds a row group or a part in memory)."""
     return max(2, min(16, (cores or usable_cpus()) // 2))
+
+
+def row_bytes(spec: TensorSpec) -> int | None:
+    """Bytes of one row of a tensor whose first dimension is the batch; None where only the data can say."""
+    if spec.datatype == "BYTES" or not spec.shape or spec.shape[0] != -1 or any(d < 0 for d in spec.shape[1:]):
+        return None
+    return math.prod(spec.shape[1:]) * spec.numpy_dtype.itemsize
+
+
+def part_rows(inputs: list[TensorSpec], outputs: list[TensorSpec], max_batch: int) -> int:
+    """Rows per part for a model's ``inputs`` and the ``outputs`` the job writes, where the job is not told:
+    about ``PART_BYTES`` of tensors (the outputs whose size the metadata gives count too), in whole runs of
+    the model's ``max_batch``, at most ``MAX_PART_ROWS``; ``UNSIZED_PART_ROWS`` where an input's row size
+    is not known. The big MLP's rows of 4,096 floats in and out: 1,024 rows a part; digits-mlp's: 65,536."""
+    sizes = [row_bytes(spec) for spec in inputs]
+    if not sizes or None in sizes:
+        return UNSIZED_PART_ROWS
+    per_row = sum(s for s in sizes if s) + sum(s for s in map(row_bytes, outputs) if s)
+    step = max(1, max_batch)
+    rows = min(MAX_PART_ROWS, PART_BYTES // max(1, per_row))
+    return max(step, rows // step * step)
 
 
 def open_location(where: str) -> Store:
@@ -339,18 +371,23 @@ class PartsOutput:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def recorded(self) -> dict | None:
+        """The record of the job whose parts the output holds (``prepare``), if any."""
+        try:
+            return json.loads(self.store.read_bytes(JOB_FILE))
+        except FileNotFoundError:
+            return None
+
     def prepare(self, record: dict) -> None:
         """Create the output, refuse one holding another job's parts, clear half-written parts."""
         if self.local:
             self.directory.mkdir(parents=True, exist_ok=True)
-        try:
-            previous = json.loads(self.store.read_bytes(JOB_FILE))
-        except FileNotFoundError:
+        previous = self.recorded()
+        if previous is None:
             self.store.write_bytes(JOB_FILE, json.dumps(record, indent=2).encode())
-        else:
-            if previous != record:
-                raise InvalidInput(f"--output {self.where} holds parts of a different job ({previous}); "
-                                   f"use another directory or remove it")
+        elif previous != record:
+            raise InvalidInput(f"--output {self.where} holds parts of a different job ({previous}); "
+                               f"use another directory or remove it")
         if self.local:
             for stale in self.directory.glob(TMP_GLOB):  # half-written by a run that was killed: never a part
                 stale.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ class Summary:
     rows: int = 0
     rows_written: int = 0
     parts: int = 0
+    part_rows: int = 0  # rows per part (the last may have fewer)
     parts_skipped: int = 0
     rows_skipped: int = 0  # in parts an earlier run wrote
     retries: int = 0
@@ -31,8 +32,9 @@ class Summary:
     waited_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("input", "workers", "writes"), 0.0))
     part_seconds: float = 0.0  # sum over parts of the time from sent to answered (mean = this / parts)
     workers: dict = field(default_factory=dict)  # what the model's engines did meanwhile (worker_time)
-    # Seconds from the job's start to its first part sent, first answered, last answered and all parts
-    # written: before the first and after the last is the job's own start and end (opening, regions, writes).
+    # Seconds from the job's start to its first part read, regions ready, first part sent, first answered,
+    # last answered and all parts written: before the first sent and after the last answered is the job's
+    # own start and end (opening, reading, regions, writes).
     timeline: dict[str, float] = field(default_factory=dict)
     # The shared memory regions the job created (region_costs): what they cost before they served.
     regions: dict = field(default_factory=dict)
@@ -69,7 +71,8 @@ class Summary:
         t = self.timeline
         if {"first sent", "first answered", "last answered"} <= set(t):
             written = f", all written at {t['all written']:.1f} s" if "all written" in t else ""
-            ready = f"regions ready at {t['regions ready']:.1f} s, " if "regions ready" in t else ""
+            ready = "".join(f"{what} at {t[mark]:.1f} s, " for mark, what in (("first read", "first part read"), ("regions ready", "regions ready"))
+                            if "regions ready" in t and mark in t)  # (regions are sized by the first part)
             lines.insert(3, f"timeline: {ready}first part sent at {t['first sent']:.1f} s, first answered at {t['first answered']:.1f} s, "
                             f"last answered at {t['last answered']:.1f} s{written}, done at {self.seconds:.1f} s")
         if self.regions.get("count"):

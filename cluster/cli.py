@@ -278,9 +278,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from cluster.nodes import ray_cli_path
 
     job = [sys.executable, "-m", "cluster.batch", "--model", args.model, "--input", _abs(args.input),
-           "--output", _abs(args.output), "--batch-size", str(args.batch_size)]
+           "--output", _abs(args.output)]
     job += [arg for column in args.input_column for arg in ("--input-column", column)]
-    for name in ("version", "output_columns", "output_tensors", "shared_memory", "in_flight", "progress_every"):
+    for name in ("version", "batch_size", "output_columns", "output_tensors", "shared_memory", "in_flight", "progress_every"):
         if getattr(args, name) is not None:
             job += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     cmd = [ray_cli_path(), "job", "submit", "--address", _dashboard(args)]
@@ -389,7 +389,7 @@ def _add_serving_commands(sub) -> None:
     p.add_argument("--version")
     p.add_argument("--input", required=True, help="Parquet / .npy / .npz file or directory, or a URI pyarrow.fs opens (s3://...)")
     p.add_argument("--output", required=True, help="output directory (a rerun resumes into it)")
-    p.add_argument("--batch-size", type=int, default=4096, help="rows per output part (default %(default)s)")
+    p.add_argument("--batch-size", type=int, help="rows per output part (default: about 32 MB of tensors a part)")
     p.add_argument("--input-column", action="append", default=[], metavar="[INPUT=]COLUMN")
     p.add_argument("--output-columns", help="comma-separated outputs to write (default: all)")
     p.add_argument("--output-tensors", choices=("auto", "lists", "bytes"), help="output tensors as lists or bytes (default auto: as the input's)")

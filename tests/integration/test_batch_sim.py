@@ -1,5 +1,6 @@
 """Batch inference on the simulated fleet: sharing by architecture, lost workers, resume."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import ray
 
 from cluster.batch import TMP_GLOB, BatchJob, run_job
+from cluster.batch_io import MAX_PART_ROWS
 from cluster.buildfarm import build_on_fleet
 from cluster.names import CONTROLLER_NAME, NAMESPACE
 from tests.integration.fleet_fixtures import (
@@ -160,9 +162,21 @@ def test_a_job_gives_up_after_its_retry_limit_with_a_clear_error(sim):
         run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out), batch_size=250, max_retries=0), sim["controller"])
     thread.join()
     assert not list(out.glob(TMP_GLOB))
-    # the parts written stay; a rerun (retries allowed) finishes the job with every row once
-    run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out), batch_size=250), sim["controller"])
+    # the parts written stay; a rerun (retries allowed, no part size given: its first run's) finishes the job
+    # with every row once
+    summary = run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out)), sim["controller"])
     check_exactly_once(out, sim["expected"])
+    assert summary.parts == ROWS // 250 and summary.parts_skipped >= 2
+    assert json.loads((out / "_job.json").read_text())["batch_size"] == 250
+
+
+def test_a_job_not_told_its_part_size_sizes_parts_by_the_models_tensors(sim):
+    """digits-mlp's rows are 64 floats in and 10 out: parts of 32 MB would hold 110,000 of them; at most 65,536."""
+    out = sim["work"] / "out-sized"
+    summary = run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out)), sim["controller"])
+    check_exactly_once(out, sim["expected"])
+    assert json.loads((out / "_job.json").read_text())["batch_size"] == MAX_PART_ROWS
+    assert summary.parts == 1 and len(list(out.glob("part-*.parquet"))) == 1
 
 
 def test_another_job_into_the_same_output_is_refused(sim):

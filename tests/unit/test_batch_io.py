@@ -6,8 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.batch_io import InputRows
+from cluster.batch_io import MAX_PART_ROWS, PART_BYTES, UNSIZED_PART_ROWS, InputRows, part_rows
 from workers.errors import InvalidInput
+from workers.tensors import TensorSpec
 
 X = np.arange(1000 * 6, dtype=np.float32).reshape(1000, 6)
 
@@ -172,3 +173,28 @@ def test_a_part_is_plain_parquet_with_the_outputs_schema(tmp_path):
     np.testing.assert_array_equal(table["row_id"].to_numpy(), np.arange(300, 400))
     np.testing.assert_array_equal(np.stack(table["output"].to_numpy(zero_copy_only=False)), X[:100])
     assert not list((tmp_path / "out").glob(".part-*"))
+
+
+def spec(name: str, shape: tuple[int, ...], datatype: str = "FP32") -> TensorSpec:
+    return TensorSpec(name, datatype, shape)
+
+
+def test_parts_are_sized_by_their_tensors_in_whole_batches_of_the_model():
+    wide = [spec("x", (-1, 4096))]
+    assert part_rows(wide, [spec("y", (-1, 4096))], max_batch=256) == 1024  # 32 KB a row, in and out: 32 MB
+    assert part_rows(wide, [], max_batch=256) == 2048  # only the outputs the job writes count
+    assert part_rows(wide, [spec("y", (-1, 4096))], max_batch=48) == 1008  # 1,024 rows, cut to whole runs of 48
+    images = [spec("image", (-1, 3, 224, 224))]  # 602,112 bytes a row
+    assert part_rows(images, [spec("logits", (-1, 1000))], max_batch=32) == 32  # 55 rows: one run of 32
+    assert part_rows(images, [], max_batch=64) == 64  # never less than one full run
+    assert part_rows([spec("x", (-1, 64)), spec("mask", (-1, 64), "BOOL")], [spec("p", (-1, 10))], max_batch=64) == MAX_PART_ROWS
+    assert part_rows(wide, [spec("y", (-1, 4096), "FP16")], max_batch=1) == PART_BYTES // (16384 + 8192)
+
+
+def test_parts_of_rows_whose_size_only_the_data_knows_keep_the_old_default():
+    assert part_rows([spec("text", (-1,), "BYTES")], [spec("y", (-1, 4))], max_batch=8) == UNSIZED_PART_ROWS
+    assert part_rows([spec("tokens", (-1, -1), "INT64")], [], max_batch=8) == UNSIZED_PART_ROWS
+    assert part_rows([spec("x", (8, 4))], [], max_batch=8) == UNSIZED_PART_ROWS  # no batch dimension
+    assert part_rows([], [], max_batch=8) == UNSIZED_PART_ROWS
+    # an output of unknown size (a dynamic dimension) is not in the region: it does not count
+    assert part_rows([spec("x", (-1, 4096))], [spec("boxes", (-1, -1, 4))], max_batch=256) == 2048

@@ -1,6 +1,7 @@
 """The batch job's progress lines and summary (cluster/batch_report.py): pure, driven by a clock we step."""
 
 import threading
+import time
 
 from cluster.batch_report import Progress, Summary, region_costs, worker_time
 from cluster.controller.views import model_statistics
@@ -121,3 +122,10 @@ def test_the_regions_line_says_what_setting_up_and_first_filling_them_cost():
     text = Summary(rows=1, parts=1, regions=costs).render()
     assert ("shared memory: 3 regions of 128 MB (one per part in flight or being written), each created and "
             "registered in 20 ms (median; at most 90), its first inputs copied in 50 ms (at most 50)") in text
+
+
+def test_the_timeline_says_when_the_first_part_was_read_where_regions_were_made_for_it():
+    summary = Summary(rows=10, parts=1, started=time.monotonic())
+    for mark in ("first read", "regions ready", "first sent", "first answered", "last answered"):
+        summary.mark(mark)
+    assert "timeline: first part read at 0.0 s, regions ready at 0.0 s, first part sent at 0.0 s" in summary.render()
