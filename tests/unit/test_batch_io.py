@@ -175,6 +175,21 @@ def test_a_part_is_plain_parquet_with_the_outputs_schema(tmp_path):
     assert not list((tmp_path / "out").glob(".part-*"))
 
 
+def test_the_parts_a_rerun_skips_are_those_there_when_it_began(tmp_path):
+    from cluster.batch_io import PartsOutput
+    first = PartsOutput(str(tmp_path / "out"))
+    first.prepare({"job": 1})
+    first.write_part(0, np.arange(2), {"output": X[:2]})
+    first.write_part(2, np.arange(4, 6), {"output": X[4:6]})
+    (tmp_path / "out" / ".part-00001.123.tmp").write_bytes(b"half")  # a run killed mid-write
+    rerun = PartsOutput(str(tmp_path / "out"))
+    rerun.prepare({"job": 1})
+    assert [i for i in range(4) if rerun.has_part(i)] == [0, 2]
+    rerun.write_part(1, np.arange(2, 4), {"output": X[2:4]})
+    assert not rerun.has_part(1)  # written by this run: not one to skip (it is asked once, before)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_job.json", *(f"part-0000{i}.parquet" for i in range(3))]
+
+
 def spec(name: str, shape: tuple[int, ...], datatype: str = "FP32") -> TensorSpec:
     return TensorSpec(name, datatype, shape)
 
