@@ -17,6 +17,7 @@
 #   [LOOPS=4] bash scripts/gpu_issue19.sh binary [MS]  # binary bodies alone, GIL switch MS, py-spy on the worker (~1 min)
 #   bash scripts/gpu_issue19.sh cnn     # cnn-small over HTTP, fleet and wrk on separate cores (~2 min)
 #   bash scripts/gpu_issue19.sh tests   # pytest -m gpu (~3 min)
+#   [LOOPS=4] bash scripts/gpu_issue19.sh all  # full, cnn and tests, one archive (~7 min: one device call)
 #
 # Results go under $OUT (the device call's output folder), or bench-results/.
 set -euo pipefail
@@ -44,5 +45,16 @@ case "${1:-}" in
   tests) # the tests write a JSON each: one archive of them comes back (a device call returns at most 8 files)
          rc=0; mkdir -p /tmp/gpu-tests; OUT=/tmp/gpu-tests python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider || rc=$?
          tar czf "$OUT/gpu-tests.tgz" -C /tmp/gpu-tests . ; exit $rc ;;
-  *)     sed -n 2,20p "$0"; exit 2 ;;
+  all)   # every Done-when item from one call on one machine (~7 min): full, cnn and tests, each bounded,
+         # their logs and results in one archive; the lines that carry the numbers on stdout
+         rc=0; steps=/tmp/issue19; rm -rf "$steps"
+         for step in full:300 cnn:120 tests:170; do
+           mkdir -p "$steps/${step%%:*}"
+           OUT="$steps/${step%%:*}" timeout "${step##*:}" bash "$0" "${step%%:*}" > "$steps/${step%%:*}.log" 2>&1 || rc=$?
+           echo "== ${step%%:*}: exit $rc"; rc=0
+         done
+         grep -h "^| \|^time:\|^parts\|^timeline\|^shared memory\|^the model\|issue 19\|vs bare\|passed\|failed" \
+           "$steps"/*.log | cut -c1-400 || true
+         tar czf "$OUT/issue19.tgz" -C "$steps" . ;;
+  *)     sed -n 2,21p "$0"; exit 2 ;;
 esac
