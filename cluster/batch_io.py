@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import queue
 import threading
@@ -24,8 +25,6 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import math
 
 import numpy as np
 import pyarrow as pa
@@ -73,7 +72,7 @@ def part_rows(inputs: list[TensorSpec], outputs: list[TensorSpec], max_batch: in
     sizes = [row_bytes(spec) for spec in inputs]
     if not sizes or None in sizes:
         return UNSIZED_PART_ROWS
-    per_row = sum(s for s in sizes if s) + sum(s for s in map(row_bytes, outputs) if s)
+    per_row = sum(sizes) + sum(s for s in map(row_bytes, outputs) if s)
     step = max(1, max_batch)
     rows = min(MAX_PART_ROWS, PART_BYTES // max(1, per_row))
     return max(step, rows // step * step)
