@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from workers.cpus import usable_cpus
 from workers.errors import InvalidInput
 from workers.storage import Store, StoreSpec
-from workers.tensors import TensorSpec
+from workers.tensors import TensorSpec, batch_shape
 
 from cluster.tensor_columns import column_to_numpy, tensor_column
 
@@ -59,9 +59,8 @@ def io_threads(cores: int | None = None) -> int:
 
 def row_bytes(spec: TensorSpec) -> int | None:
     """Bytes of one row of a tensor whose first dimension is the batch; None where only the data can say."""
-    if spec.datatype == "BYTES" or not spec.shape or spec.shape[0] != -1 or any(d < 0 for d in spec.shape[1:]):
-        return None
-    return math.prod(spec.shape[1:]) * spec.numpy_dtype.itemsize
+    one_row = batch_shape(spec.shape, 1) if spec.shape and spec.shape[0] == -1 and spec.datatype != "BYTES" else None
+    return None if one_row is None else math.prod(one_row) * spec.numpy_dtype.itemsize
 
 
 def part_rows(inputs: list[TensorSpec], outputs: list[TensorSpec], max_batch: int) -> int:
