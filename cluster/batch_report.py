@@ -71,8 +71,10 @@ class Summary:
         t = self.timeline
         if {"first sent", "first answered", "last answered"} <= set(t):
             written = f", all written at {t['all written']:.1f} s" if "all written" in t else ""
-            ready = "".join(f"{what} at {t[mark]:.1f} s, " for mark, what in (("first read", "first part read"), ("regions ready", "regions ready"))
-                            if "regions ready" in t and mark in t)  # (regions are sized by the first part)
+            ready = ""
+            if "regions ready" in t:  # made for (and sized by) the first part read
+                read = f"first part read at {t['first read']:.1f} s, " if "first read" in t else ""
+                ready = f"{read}regions ready at {t['regions ready']:.1f} s, "
             lines.insert(3, f"timeline: {ready}first part sent at {t['first sent']:.1f} s, first answered at {t['first answered']:.1f} s, "
                             f"last answered at {t['last answered']:.1f} s{written}, done at {self.seconds:.1f} s")
         if self.regions.get("count"):
