@@ -321,10 +321,11 @@ def run_job(job: BatchJob, controller, progress=None) -> Summary:
         tensors = "bytes" if set(mapping.values()) <= data.bytes_columns else "lists"
     out = PartsOutput(job.output, tensors)
     # A rerun resumes in the parts it began with; a new job's parts are sized by the model's tensors.
-    job = replace(job, batch_size=job.batch_size or (out.recorded() or {}).get("batch_size") or part_rows(
+    previous = out.recorded()
+    job = replace(job, batch_size=job.batch_size or (previous or {}).get("batch_size") or part_rows(
         [specs[name] for name in mapping], [o for o in manifest.outputs if o.name in wanted], manifest.max_batch))
     out.prepare({"model": job.model, "version": job.version, "input": job.input, "batch_size": job.batch_size,
-                 "rows": rows})
+                 "rows": rows}, previous)
     summary = Summary(rows=rows, parts=-(-rows // job.batch_size), part_rows=job.batch_size, started=t0)
     shm = ShmParts(controller, job.model, wanted) if job.shared_memory is not False else None
     dispatcher = Dispatcher(job, fleet, out, wanted, summary, say, shm)

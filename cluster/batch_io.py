@@ -381,11 +381,11 @@ class PartsOutput:
         except FileNotFoundError:
             return None
 
-    def prepare(self, record: dict) -> None:
-        """Create the output, refuse one holding another job's parts, clear half-written parts."""
+    def prepare(self, record: dict, previous: dict | None) -> None:
+        """Create the output, refuse one holding another job's parts (``previous``: what ``recorded``
+        read), clear half-written parts."""
         if self.local:
             self.directory.mkdir(parents=True, exist_ok=True)
-        previous = self.recorded()
         if previous is None:
             self.store.write_bytes(JOB_FILE, json.dumps(record, indent=2).encode())
         elif previous != record:

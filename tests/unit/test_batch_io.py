@@ -166,7 +166,7 @@ def test_a_broken_row_group_fails_the_job_in_order(tmp_path):
 def test_a_part_is_plain_parquet_with_the_outputs_schema(tmp_path):
     from cluster.batch_io import PartsOutput
     out = PartsOutput(str(tmp_path / "out"))
-    out.prepare({"job": 1})
+    out.prepare({"job": 1}, None)
     out.write_part(3, np.arange(300, 400, dtype=np.int64), {"output": X[:100], "label": np.arange(100)})
     table = pq.read_table(tmp_path / "out" / "part-00003.parquet")
     assert table.schema == pa.schema([("row_id", pa.int64()), ("output", pa.list_(pa.float32(), 6)), ("label", pa.int64())])
@@ -178,12 +178,12 @@ def test_a_part_is_plain_parquet_with_the_outputs_schema(tmp_path):
 def test_the_parts_a_rerun_skips_are_those_there_when_it_began(tmp_path):
     from cluster.batch_io import PartsOutput
     first = PartsOutput(str(tmp_path / "out"))
-    first.prepare({"job": 1})
+    first.prepare({"job": 1}, None)
     first.write_part(0, np.arange(2), {"output": X[:2]})
     first.write_part(2, np.arange(4, 6), {"output": X[4:6]})
     (tmp_path / "out" / ".part-00001.123.tmp").write_bytes(b"half")  # a run killed mid-write
     rerun = PartsOutput(str(tmp_path / "out"))
-    rerun.prepare({"job": 1})
+    rerun.prepare({"job": 1}, rerun.recorded())
     assert [i for i in range(4) if rerun.has_part(i)] == [0, 2]
     rerun.write_part(1, np.arange(2, 4), {"output": X[2:4]})
     assert not rerun.has_part(1)  # written by this run: not one to skip (it is asked once, before)

@@ -70,7 +70,7 @@ def test_a_slice_of_a_bytes_column_is_its_own_rows():
 
 def test_parts_written_as_bytes_read_back_with_the_reader(tmp_path):
     out = PartsOutput(str(tmp_path / "out"), tensors="bytes")
-    out.prepare({"job": 1})
+    out.prepare({"job": 1}, None)
     out.write_part(0, np.arange(100, dtype=np.int64), {"output": X[:100], "label": np.arange(100)})
     schema = pq.read_schema(tmp_path / "out" / "part-00000.parquet")
     assert schema.field("output").type == pa.binary(24) and schema.field("label").type == pa.int64()
