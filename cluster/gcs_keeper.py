@@ -31,6 +31,10 @@ def keeper_pid_file(port: int) -> Path:
     return STATE_DIR / f"gcs-keeper-{port}.pid"
 
 
+def keeper_log_file(port: int) -> Path:
+    return STATE_DIR / f"gcs-keeper-{port}.log"
+
+
 @dataclass(frozen=True)
 class GcsProcess:
     pid: int
@@ -146,7 +150,7 @@ def stop_keepers() -> list[int]:
 def start_keeper(port: int, delay_s: float) -> Path:
     """Start a detached keeper for the GCS on ``port``; returns its log file."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
-    log = STATE_DIR / f"gcs-keeper-{port}.log"
+    log = keeper_log_file(port)
     with open(log, "a") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cluster.gcs_keeper", "--port", str(port), "--delay", str(delay_s),
                                  "--log", str(log)], stdin=subprocess.DEVNULL, stdout=out, stderr=out,

@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from cluster.client import FleetClient
-from cluster.gcs_keeper import STATE_DIR, find_gcs, keeper_pid_file
+from cluster.gcs_keeper import find_gcs, keeper_log_file, keeper_pid_file
 from tests.integration.fleet_fixtures import checkout_env, free_port
 from tests.needs import skip_unless
 
@@ -211,7 +211,7 @@ def keeper_paused(port, dead_pid):
     mid-check, 15 s after its death, once made a load during the "outage" answer 200). The keeper
     goes on from where it was: it starts the GCS 15 s after the death, or at once if that has passed."""
     keeper = int(keeper_pid_file(port).read_text())
-    log = STATE_DIR / f"gcs-keeper-{port}.log"
+    log = keeper_log_file(port)
     deadline = time.monotonic() + 10
     while f"gcs_server pid {dead_pid} died" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
