@@ -230,10 +230,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-job-in-flight", default="", help="parts in flight per worker for the batch job, "
                    "comma-separated: one job run each (default: the job's own default)")
     p.add_argument("--batch-job-part-rows", default="auto",
-                   help="rows per part for the batch job (its --batch-size; auto: the job's own default, 1,024 rows "
+                   help="rows per part for the batch job (its --batch-size; auto: the job's own default, 4,096 rows "
                         "on the big MLP), comma-separated: one job run each, and each in-flight setting (a part's "
                         "region, 32 KB a row on the big MLP, is page-locked as the job starts: a smaller part is "
-                        "pinned sooner)")
+                        "pinned sooner, a larger one costs the job's threads less a row)")
     p.add_argument("--batch-job-repeat", type=int, default=0,
                    help="the batch job's input repeats this many distinct rows in each row group of 16,384, "
                         "dictionary-encoded (2,000,000 rows of 16 KB fit the lent disk; 0: every row distinct)")

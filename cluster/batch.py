@@ -4,7 +4,7 @@
         --model digits-mlp --input rows.parquet --output out/
 
 Reads Parquet, .npy or .npz (a file or a directory of them) in this process, cuts the rows
-into numbered parts of ``--batch-size`` rows (about 32 MB of tensors each unless told), sends each part to a fleet worker
+into numbered parts of ``--batch-size`` rows (about 128 MB of tensors each unless told), sends each part to a fleet worker
 that holds the model (every compatible worker takes parts as fast as it finishes
 them, so faster GPUs serve more), and writes ``part-NNNNN.parquet`` with the input
 row ids and the outputs. Each part is written once, atomically; a rerun into the
@@ -58,7 +58,7 @@ class BatchJob:
     input: str
     output: str
     version: str | None = None
-    batch_size: int | None = None  # rows per part; None: batch_io.part_rows (parts of about 32 MB of tensors)
+    batch_size: int | None = None  # rows per part; None: batch_io.part_rows (parts of about 128 MB of tensors)
     input_columns: dict[str, str] = field(default_factory=dict)  # model input -> dataset column
     output_columns: tuple[str, ...] = ()  # empty: every output
     in_flight_per_worker: int = 8  # a part is copied in, scored and copied out: 8 keep a GPU busy meanwhile
@@ -371,8 +371,8 @@ def parse_args(argv: list[str] | None = None) -> BatchJob:
     parser.add_argument("--version")
     parser.add_argument("--input", required=True, help="Parquet / .npy / .npz file or directory, or a URI pyarrow.fs opens (s3://...)")
     parser.add_argument("--output", required=True, help="output directory (or URI) for part-NNNNN.parquet")
-    parser.add_argument("--batch-size", type=int, help="rows per part (default: parts of about 32 MB of tensors, in "
-                        "and out, in whole batches of the model: 1,024 rows of 4,096 floats in and out; 4,096 rows "
+    parser.add_argument("--batch-size", type=int, help="rows per part (default: parts of about 128 MB of tensors, in "
+                        "and out, in whole batches of the model: 4,096 rows of 4,096 floats in and out; 4,096 rows "
                         "where a row's size shows only in the data; a rerun keeps its first run's)")
     parser.add_argument("--input-column", action="append", default=[], metavar="[INPUT=]COLUMN",
                         help="dataset column for a model input (repeat for several inputs)")

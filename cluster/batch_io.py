@@ -42,11 +42,13 @@ JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 TMP_GLOB = ".part-*.tmp"
 # Rows per part where the job is not told (``part_rows``). A part's tensors, in and out, are its shared
-# memory region, which a GPU worker page-locks as the job starts (about 0.3 ms a MB on an H200 host, one
-# region after another): 24 regions of 128 MB held a job's first part back by 1.2-1.6 s. On the CPU
-# machine, parts of 1,024 rows of 16 KB were no slower than parts of 4,096, and parts of 4,096 rows of
-# 256 bytes (1 MB) ran at two thirds the rate of parts of 16,384 rows or more (docs/performance.md).
-PART_BYTES = 32 << 20
+# memory region, which a GPU worker page-locks as the job starts (about 0.3 ms a MB on an H200 host), so
+# a large part holds the first part back; and each part costs the job's own threads a few ms (read,
+# convert, send, write), so a small part caps the job's parts per second. On an H200, 2M rows of the big
+# MLP (32 KB a row in and out, 8 in flight): parts of 32 MB ran 0.65x bare (the job waited on its own
+# input), of 128 MB 0.92x (16 regions ready in 0.8 s), of 256 MB 0.82x (1.6 s); docs/gpu-results.md.
+# Parts of 4,096 rows of 256 bytes (1 MB) ran at two thirds the rate of parts of 16,384 rows or more.
+PART_BYTES = 128 << 20
 MAX_PART_ROWS = 65_536
 UNSIZED_PART_ROWS = 4096  # a row whose size is known only from the data (strings, dynamic dimensions)
 
@@ -67,7 +69,7 @@ def part_rows(inputs: list[TensorSpec], outputs: list[TensorSpec], max_batch: in
     """Rows per part for a model's ``inputs`` and the ``outputs`` the job writes, where the job is not told:
     about ``PART_BYTES`` of tensors (the outputs whose size the metadata gives count too), in whole runs of
     the model's ``max_batch``, at most ``MAX_PART_ROWS``; ``UNSIZED_PART_ROWS`` where an input's row size
-    is not known. The big MLP's rows of 4,096 floats in and out: 1,024 rows a part; digits-mlp's: 65,536."""
+    is not known. The big MLP's rows of 4,096 floats in and out: 4,096 rows a part; digits-mlp's: 65,536."""
     sizes = [row_bytes(spec) for spec in inputs]
     if not sizes or None in sizes:
         return UNSIZED_PART_ROWS

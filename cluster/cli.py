@@ -389,7 +389,7 @@ def _add_serving_commands(sub) -> None:
     p.add_argument("--version")
     p.add_argument("--input", required=True, help="Parquet / .npy / .npz file or directory, or a URI pyarrow.fs opens (s3://...)")
     p.add_argument("--output", required=True, help="output directory (a rerun resumes into it)")
-    p.add_argument("--batch-size", type=int, help="rows per output part (default: about 32 MB of tensors a part)")
+    p.add_argument("--batch-size", type=int, help="rows per output part (default: about 128 MB of tensors a part)")
     p.add_argument("--input-column", action="append", default=[], metavar="[INPUT=]COLUMN")
     p.add_argument("--output-columns", help="comma-separated outputs to write (default: all)")
     p.add_argument("--output-tensors", choices=("auto", "lists", "bytes"), help="output tensors as lists or bytes (default auto: as the input's)")

@@ -11,8 +11,8 @@
 #   bash scripts/gpu_issue19.sh pin [--idle-only]  # benchmarks.gpu_pin: pinning's cost, alone and under load (~40 s)
 #   [LOOPS=4] bash scripts/gpu_issue19.sh full  # gpu_bench: bare at its best, every fleet path, the 2M-row job, Triton (~3 min)
 #   bash scripts/gpu_issue19.sh job MODE   # the 2M-row job alone, client_shm_pinning MODE (~1 min)
-#   (full and job: the job runs once per PART_ROWS (rows per part, default auto,2048,4096; auto: the job's
-#   default, 1,024 on the big MLP) and IN_FLIGHT (parts in flight per worker, default 16); PIN_THREADS=N:
+#   (full and job: the job runs once per PART_ROWS (rows per part, comma-separated, default auto: the job's
+#   default, 4,096 on the big MLP) and IN_FLIGHT (parts in flight per worker, default the job's: 8); PIN_THREADS=N:
 #   the workers' pin threads)
 #   [LOOPS=4] bash scripts/gpu_issue19.sh binary [MS]  # binary bodies alone, GIL switch MS, py-spy on the worker (~1 min)
 #   bash scripts/gpu_issue19.sh cnn     # cnn-small over HTTP, fleet and wrk on separate cores (~2 min)
@@ -28,8 +28,8 @@ scratch=/dev/shm/b  # the job's 2 GB input and 32 GB of outputs: the host's memo
 rm -rf "$scratch" && mkdir -p "$scratch"
 triton=(--triton-python /tmp/triton-venv/bin/python3
         --triton-pythonpath /tmp/triton-venv/lib/python3.12/site-packages:/tmp/site)
-job=(--batch-job-rows 2000000 --batch-job-repeat 1024 --batch-job-in-flight "${IN_FLIGHT:-16}"
-     --batch-job-part-rows "${PART_ROWS:-auto,2048,4096}"
+job=(--batch-job-rows 2000000 --batch-job-repeat 1024 --batch-job-in-flight "${IN_FLIGHT:-}"
+     --batch-job-part-rows "${PART_ROWS:-auto}"
      ${PIN_THREADS:+--shm-pin-threads "$PIN_THREADS"})
 
 case "${1:-}" in

@@ -171,7 +171,7 @@ def test_a_job_gives_up_after_its_retry_limit_with_a_clear_error(sim):
 
 
 def test_a_job_not_told_its_part_size_sizes_parts_by_the_models_tensors(sim):
-    """digits-mlp's rows are 64 floats in and 10 out: parts of 32 MB would hold 110,000 of them; at most 65,536."""
+    """digits-mlp's rows are 64 floats in and 10 out: parts of 128 MB would hold 450,000 of them; at most 65,536."""
     out = sim["work"] / "out-sized"
     summary = run_job(BatchJob("digits-t4-v100", str(sim["data"]), str(out)), sim["controller"])
     check_exactly_once(out, sim["expected"])

@@ -196,12 +196,12 @@ def spec(name: str, shape: tuple[int, ...], datatype: str = "FP32") -> TensorSpe
 
 def test_parts_are_sized_by_their_tensors_in_whole_batches_of_the_model():
     wide = [spec("x", (-1, 4096))]
-    assert part_rows(wide, [spec("y", (-1, 4096))], max_batch=256) == 1024  # 32 KB a row, in and out: 32 MB
-    assert part_rows(wide, [], max_batch=256) == 2048  # only the outputs the job writes count
-    assert part_rows(wide, [spec("y", (-1, 4096))], max_batch=48) == 1008  # 1,024 rows, cut to whole runs of 48
+    assert part_rows(wide, [spec("y", (-1, 4096))], max_batch=256) == 4096  # 32 KB a row, in and out: 128 MB
+    assert part_rows(wide, [], max_batch=256) == 8192  # only the outputs the job writes count
+    assert part_rows(wide, [spec("y", (-1, 4096))], max_batch=48) == 4080  # 4,096 rows, cut to whole runs of 48
     images = [spec("image", (-1, 3, 224, 224))]  # 602,112 bytes a row
-    assert part_rows(images, [spec("logits", (-1, 1000))], max_batch=32) == 32  # 55 rows: one run of 32
-    assert part_rows(images, [], max_batch=64) == 64  # never less than one full run
+    assert part_rows(images, [spec("logits", (-1, 1000))], max_batch=32) == 192  # 221 rows: six runs of 32
+    assert part_rows(images, [], max_batch=256) == 256  # never less than one full run
     assert part_rows([spec("x", (-1, 64)), spec("mask", (-1, 64), "BOOL")], [spec("p", (-1, 10))], max_batch=64) == MAX_PART_ROWS
     assert part_rows(wide, [spec("y", (-1, 4096), "FP16")], max_batch=1) == PART_BYTES // (16384 + 8192)
 
@@ -212,4 +212,4 @@ def test_parts_of_rows_whose_size_only_the_data_knows_keep_the_old_default():
     assert part_rows([spec("x", (8, 4))], [], max_batch=8) == UNSIZED_PART_ROWS  # no batch dimension
     assert part_rows([], [], max_batch=8) == UNSIZED_PART_ROWS
     # an output of unknown size (a dynamic dimension) is not in the region: it does not count
-    assert part_rows([spec("x", (-1, 4096))], [spec("boxes", (-1, -1, 4))], max_batch=256) == 2048
+    assert part_rows([spec("x", (-1, 4096))], [spec("boxes", (-1, -1, 4))], max_batch=256) == 8192
